@@ -1,0 +1,82 @@
+-- The job table of the SQLite background worker: the only place it is defined.
+--
+-- The worker applies this file at start.  Each "-- version N" section runs once,
+-- in order, inside one transaction, and PRAGMA user_version records the last
+-- section applied.  Sections only ever ADD (columns, indexes), so a database
+-- written by an older worker keeps working; never edit a released section.
+--
+-- One row per invocation of a job.  A retry or the next run of a cron job is a
+-- NEW row whose rescheduled_from_job points back, so every attempt keeps its
+-- own result or error.  All times are integer Unix epoch milliseconds (UTC),
+-- durations are integer milliseconds.  Every column but `type` has a default
+-- that works on SQLite 3.37+, so another program can insert just (type, data).
+--
+-- status and its transitions:
+--   pending   -> running    claimed by a worker (owner, lease_until set)
+--   running   -> succeeded  the job returned; its return value is in `result`
+--   running   -> failed     it raised, timed out, or its worker's lease expired;
+--                           message and traceback in `error`; a retry row may follow
+--   running   -> pending    given back by a worker shutting down before it finished
+--   pending   -> cancelled  cancelled, or replaced by a newer job with the same tag
+
+-- version 1
+CREATE TABLE IF NOT EXISTS worker_jobs (
+    id                   INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after pruning
+    type                 TEXT    NOT NULL,                   -- name of a registered job
+    data                 TEXT    NOT NULL DEFAULT '{}'       -- JSON object: the job's keyword arguments
+                         CHECK (json_valid(data) AND json_type(data) = 'object'),
+    status               TEXT    NOT NULL DEFAULT 'pending'
+                         CHECK (status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')),
+    queue                TEXT    NOT NULL DEFAULT 'default',
+    priority             INTEGER NOT NULL DEFAULT 0,         -- higher runs first among due jobs
+    due                  INTEGER NOT NULL                    -- not run before this time
+                         DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)),
+    tag                  TEXT,                               -- at most one pending row per tag
+    attempt              INTEGER NOT NULL DEFAULT 1 CHECK (attempt >= 1),
+    cron_schedule        TEXT,                               -- set on rows of a recurring job
+    rescheduled_from_job INTEGER,                            -- the row this retry / cron run came from
+    started              INTEGER,
+    finished             INTEGER,
+    result               TEXT CHECK (result IS NULL OR json_valid(result)),
+    error                TEXT,                               -- message and traceback of a failure
+
+    -- Engine bookkeeping; free to grow in later versions.
+    created_at           INTEGER NOT NULL
+                         DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)),
+    worker               TEXT,                               -- "host:pid" of the worker that ran it
+    owner                TEXT,                               -- claim token: fences every write that ends the job
+    lease_until          INTEGER,                            -- a running row past this is rescued
+    deaths               INTEGER NOT NULL DEFAULT 0,         -- worker deaths so far in this chain
+    max_attempts         INTEGER CHECK (max_attempts IS NULL OR max_attempts >= 1),
+    retry_delay_ms       INTEGER CHECK (retry_delay_ms IS NULL OR retry_delay_ms >= 0),
+    backoff              REAL    CHECK (backoff IS NULL OR backoff >= 1),
+    timeout_ms           INTEGER CHECK (timeout_ms IS NULL OR timeout_ms > 0),
+    keep_ms              INTEGER CHECK (keep_ms IS NULL OR keep_ms >= 0),  -- retention after it ends
+    remove_at            INTEGER,                            -- a finished row may be deleted after this
+    persistent           INTEGER NOT NULL DEFAULT 0 CHECK (persistent IN (0, 1))  -- never removed
+) STRICT;
+
+-- Shaped like the claim: due pending rows, highest priority first, oldest first.
+-- Partial, so its size follows the backlog, not the history.
+CREATE INDEX IF NOT EXISTS worker_jobs_claim
+    ON worker_jobs (priority DESC, due) WHERE status = 'pending';
+
+-- When is the next pending row due (how long an idle worker may sleep).
+CREATE INDEX IF NOT EXISTS worker_jobs_next_due
+    ON worker_jobs (due) WHERE status = 'pending';
+
+-- Rescue of running rows whose worker stopped renewing the lease.
+CREATE INDEX IF NOT EXISTS worker_jobs_lease
+    ON worker_jobs (lease_until) WHERE status = 'running';
+
+-- At most one pending row per tag, enforced for every writer.
+CREATE UNIQUE INDEX IF NOT EXISTS worker_jobs_pending_tag
+    ON worker_jobs (tag) WHERE status = 'pending' AND tag IS NOT NULL;
+
+-- Retention: finished rows whose time is up.
+CREATE INDEX IF NOT EXISTS worker_jobs_remove_at
+    ON worker_jobs (remove_at) WHERE remove_at IS NOT NULL;
+
+-- Following a chain of retries / cron runs forward.
+CREATE INDEX IF NOT EXISTS worker_jobs_chain
+    ON worker_jobs (rescheduled_from_job) WHERE rescheduled_from_job IS NOT NULL;

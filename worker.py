@@ -1,0 +1,1631 @@
+"""A SQLite-first background job worker.
+
+A web app schedules jobs by inserting rows into the table ``worker_jobs`` of a
+local SQLite database (WAL mode); ``worker run`` claims due rows in a
+transaction, runs the registered Python function and stores what it returned
+(as JSON), or the error and its traceback, in that same row.  A retry or the
+next run of a recurring job is a new row pointing back to the old one.
+
+    # jobs.py -- what the worker runs
+    from worker import job
+
+    @job(max_attempts=3, retry_delay=30)
+    def send_welcome(ctx, email):
+        ctx.logger.info("mailing %s", email)
+        return {"sent_to": email}
+
+    # the web app -- how it asks for it
+    from worker import Queue
+    Queue("app.db").enqueue("send_welcome", {"email": "ada@example.com"})
+
+    $ worker run --db app.db --jobs jobs
+
+Delivery is at least once: a job runs again only when the worker running it
+died or stalled past its lease.  The row id and attempt are in ``ctx.job`` so a
+job can make its side effects idempotent.  See README.md for the table contract.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":
+    # `python worker.py` runs this file as __main__; job modules then do `from
+    # worker import job`, which must reach this same module and registry, not
+    # import a second copy of it.
+    sys.modules.setdefault("worker", sys.modules[__name__])
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import queue as queue_module
+import random
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any, TypeVar, overload
+
+import apsw
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("worker")
+
+# --- Defaults (seconds at the Python surface, milliseconds in the table) ------
+
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+BUSY_TIMEOUT_MS = 5_000
+DEFAULT_DB = "worker.db"
+DEFAULT_JOBS_MODULE = "jobs"
+DEFAULT_CONCURRENCY = 4
+DEFAULT_LEASE = 60.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_MAX_DEATHS = 3
+DEFAULT_RETRY_DELAY = 10.0
+DEFAULT_BACKOFF = 2.0
+RETRY_JITTER = 0.1  # +-10 %, so a burst of failures does not retry in lockstep
+MAX_RETRY_DELAY = 3600.0  # backoff growth stops at an hour
+KEEP_SUCCEEDED = 7 * 86400.0
+KEEP_FAILED = 30 * 86400.0
+POLL_INTERVAL = 0.005  # how often an idle worker looks for commits by others
+MAX_BUSY_BACKOFF = 2.0
+
+STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
+
+Seconds = float | int | timedelta
+
+
+# --- Errors ---------------------------------------------------------------------
+
+
+class WorkerError(Exception):
+    """Something the worker cannot do."""
+
+
+class UnknownJobType(WorkerError, LookupError):
+    """No job of that type is registered."""
+
+
+class InvalidJobData(WorkerError, ValueError):
+    """Job data must be a JSON object with string keys."""
+
+
+class ConfigError(WorkerError):
+    """The worker's configuration is invalid."""
+
+
+class DatabaseUnusable(WorkerError):
+    """The database cannot be opened, written, or has a schema newer than this code."""
+
+
+class ForkedConnection(WorkerError):
+    """A database connection opened in another process was used after fork()."""
+
+
+# --- Time -------------------------------------------------------------------------
+
+
+def to_ms(duration: Seconds) -> int:
+    """Seconds (float or timedelta) as integer milliseconds."""
+    if isinstance(duration, timedelta):
+        duration = duration.total_seconds()
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)):
+        raise TypeError(f"a duration must be seconds or a timedelta, not {duration!r}")
+    return round(duration * 1000)
+
+
+def epoch_ms(moment: datetime | float) -> int:
+    """A datetime (naive means UTC) or epoch seconds as epoch milliseconds."""
+    if isinstance(moment, datetime):
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return round(moment.timestamp() * 1000)
+    return round(moment * 1000)
+
+
+def _optional_ms(duration: Seconds | None, name: str) -> int | None:
+    if duration is None:
+        return None
+    ms = to_ms(duration)
+    if ms < 0:
+        raise ValueError(f"{name} must not be negative, got {duration!r}")
+    return ms
+
+
+# --- The row --------------------------------------------------------------------
+
+COLUMNS = (
+    "id",
+    "type",
+    "data",
+    "status",
+    "queue",
+    "priority",
+    "due",
+    "tag",
+    "attempt",
+    "cron_schedule",
+    "rescheduled_from_job",
+    "started",
+    "finished",
+    "result",
+    "error",
+    "created_at",
+    "worker",
+    "owner",
+    "lease_until",
+    "deaths",
+    "max_attempts",
+    "retry_delay_ms",
+    "backoff",
+    "timeout_ms",
+    "keep_ms",
+    "remove_at",
+    "persistent",
+)
+SELECT_COLUMNS = ", ".join(COLUMNS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One row of worker_jobs: one invocation of a job.  Times are epoch ms."""
+
+    id: int
+    type: str
+    data: dict[str, Any]
+    status: str = "pending"
+    queue: str = "default"
+    priority: int = 0
+    due: int = 0
+    tag: str | None = None
+    attempt: int = 1
+    cron_schedule: str | None = None
+    rescheduled_from_job: int | None = None
+    started: int | None = None
+    finished: int | None = None
+    result: Any = None
+    error: str | None = None
+    created_at: int = 0
+    worker: str | None = None
+    owner: str | None = None
+    lease_until: int | None = None
+    deaths: int = 0
+    max_attempts: int | None = None
+    retry_delay_ms: int | None = None
+    backoff: float | None = None
+    timeout_ms: int | None = None
+    keep_ms: int | None = None
+    remove_at: int | None = None
+    persistent: bool = False
+
+    @classmethod
+    def from_row(cls, row: Iterable[Any]) -> Job:
+        """Build a Job from a row selected as SELECT_COLUMNS."""
+        values = dict(zip(COLUMNS, row, strict=True))
+        values["data"] = json.loads(values["data"])
+        if values["result"] is not None:
+            values["result"] = json.loads(values["result"])
+        values["persistent"] = bool(values["persistent"])
+        return cls(**values)
+
+
+# --- The registry ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class JobType:
+    """A registered job function and its defaults for rows that leave them NULL."""
+
+    name: str
+    fn: Callable[..., Any]
+    max_attempts: int | None = None
+    retry_delay_ms: int | None = None
+    backoff: float | None = None
+    timeout_ms: int | None = None
+    queue: str | None = None
+
+
+REGISTRY: dict[str, JobType] = {}
+STARTUP_HOOKS: list[Callable[[SimpleNamespace], Any]] = []
+SHUTDOWN_HOOKS: list[Callable[[SimpleNamespace], Any]] = []
+
+
+JobFunction = TypeVar("JobFunction", bound=Callable[..., Any])
+
+
+@overload
+def job(fn: JobFunction) -> JobFunction: ...
+
+
+@overload
+def job(
+    *,
+    name: str | None = None,
+    max_attempts: int | None = None,
+    retry_delay: Seconds | None = None,
+    backoff: float | None = None,
+    timeout: Seconds | None = None,
+    queue: str | None = None,
+) -> Callable[[JobFunction], JobFunction]: ...
+
+
+def job(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    max_attempts: int | None = None,
+    retry_delay: Seconds | None = None,
+    backoff: float | None = None,
+    timeout: Seconds | None = None,
+    queue: str | None = None,
+) -> Any:
+    """Register a function as a job type: ``@job`` or ``@job(max_attempts=5, ...)``.
+
+    The worker calls it as ``fn(ctx, **data)``; called directly it just runs.
+    """
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        job_name = name or fn.__name__
+        if max_attempts is not None and max_attempts < 1:
+            raise ConfigError(f"job {job_name!r}: max_attempts must be at least 1")
+        if backoff is not None and backoff < 1:
+            raise ConfigError(f"job {job_name!r}: backoff must be at least 1")
+        if timeout is not None and to_ms(timeout) <= 0:
+            raise ConfigError(f"job {job_name!r}: timeout must be positive")
+        existing = REGISTRY.get(job_name)
+        if existing and _qualname(existing.fn) != _qualname(fn):
+            raise ConfigError(f"job {job_name!r} is already registered by {_qualname(existing.fn)}")
+        REGISTRY[job_name] = JobType(
+            name=job_name,
+            fn=fn,
+            max_attempts=max_attempts,
+            retry_delay_ms=_optional_ms(retry_delay, "retry_delay"),
+            backoff=backoff,
+            timeout_ms=_optional_ms(timeout, "timeout"),
+            queue=queue,
+        )
+        return fn
+
+    return register(fn) if fn is not None else register
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def on_startup(fn: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
+    """Run ``fn(app)`` once per worker process before it claims; jobs see ``ctx.app``."""
+    STARTUP_HOOKS.append(fn)
+    return fn
+
+
+def on_shutdown(fn: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
+    """Run ``fn(app)`` once when a worker process stops (close what on_startup opened)."""
+    SHUTDOWN_HOOKS.append(fn)
+    return fn
+
+
+def load_jobs(spec: str) -> ModuleType:
+    """Import the module (dotted name or path to a .py file) that registers the jobs."""
+    try:
+        if spec.endswith(".py") or os.sep in spec:
+            path = Path(spec).resolve()
+            if not path.is_file():
+                raise ConfigError(f"jobs module {spec!r} not found")
+            sys.path.insert(0, str(path.parent))
+            return importlib.import_module(path.stem)
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # console scripts do not put cwd on the path
+        return importlib.import_module(spec)
+    except ConfigError:
+        raise
+    except ModuleNotFoundError as e:
+        if e.name and spec.startswith(e.name):
+            raise ConfigError(f"cannot import jobs module {spec!r}: no module named {e.name!r}") from e
+        raise ConfigError(f"jobs module {spec!r} failed to import: {e}") from e
+    except Exception as e:
+        raise ConfigError(f"jobs module {spec!r} failed to import: {type(e).__name__}: {e}") from e
+
+
+# --- The database ---------------------------------------------------------------
+
+
+def connect(path: str | os.PathLike[str]) -> apsw.Connection:
+    """Open the database for writing in WAL mode; DatabaseUnusable if it can't be."""
+    path = os.fspath(path)
+    if path != ":memory:" and not path.startswith("file:"):
+        directory = Path(path).resolve().parent
+        if not directory.is_dir():
+            raise DatabaseUnusable(f"cannot open database {path}: directory {directory} does not exist")
+    try:
+        conn = apsw.Connection(
+            path,
+            flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI,
+        )
+        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+        if conn.readonly("main"):
+            raise DatabaseUnusable(f"cannot use database {path}: it is read-only")
+        mode = _scalar(conn, "PRAGMA journal_mode = WAL")
+        if mode != "wal" and path != ":memory:":
+            raise DatabaseUnusable(f"cannot use database {path}: WAL mode refused (journal mode {mode})")
+        # NORMAL in WAL mode: a power cut may lose the last commits, never corrupts.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except apsw.Error as e:
+        raise DatabaseUnusable(f"cannot use database {path}: {_sqlite_message(e)}") from e
+    return conn
+
+
+def _sqlite_message(error: BaseException) -> str:
+    text = str(error)
+    return text.split(": ", 1)[1] if ": " in text and text.split(": ", 1)[0].endswith("Error") else text
+
+
+def schema_sections() -> list[tuple[int, str]]:
+    """The ``-- version N`` sections of schema.sql, in order."""
+    text = SCHEMA_PATH.read_text()
+    parts = re.split(r"^-- version (\d+)\s*$", text, flags=re.MULTILINE)
+    return [(int(version), sql) for version, sql in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def schema_version() -> int:
+    """The schema version this code writes."""
+    return schema_sections()[-1][0]
+
+
+def apply_schema(conn: apsw.Connection) -> int:
+    """Create or upgrade the table to this code's version; idempotent.  Returns it."""
+    sections = schema_sections()
+    latest = sections[-1][0]
+    try:
+        if _user_version(conn) == latest:
+            return latest  # the common case needs no write lock
+        with immediate(conn):
+            current = _user_version(conn)
+            if current > latest:
+                raise DatabaseUnusable(
+                    f"database schema version {current} is newer than this worker's ({latest}); upgrade the worker"
+                )
+            for version, sql in sections:
+                if version > current:
+                    conn.execute(sql)
+            conn.execute(f"PRAGMA user_version = {int(latest)}")
+    except apsw.ReadOnlyError as e:
+        raise DatabaseUnusable(f"cannot create the schema: {_sqlite_message(e)}") from e
+    except (apsw.NotADBError, apsw.CorruptError, apsw.CantOpenError, apsw.IOError) as e:
+        raise DatabaseUnusable(f"cannot use database: {_sqlite_message(e)}") from e
+    return latest
+
+
+def _user_version(conn: apsw.Connection) -> int:
+    version = int(_scalar(conn, "PRAGMA user_version"))
+    latest = schema_version()
+    if version > latest:
+        raise DatabaseUnusable(
+            f"database schema version {version} is newer than this worker's ({latest}); upgrade the worker"
+        )
+    return version
+
+
+@contextlib.contextmanager
+def immediate(conn: apsw.Connection) -> Iterator[apsw.Connection]:
+    """A write transaction taken at once (BEGIN IMMEDIATE); rolled back on any error.
+
+    Taking the write lock up front means a read-then-write can never fail with
+    SQLITE_BUSY_SNAPSHOT halfway; waiting for the lock is bounded by busy_timeout.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _scalar(conn: apsw.Connection, sql: str, params: Any = None) -> Any:
+    """The first column of the first row (None when there is no row)."""
+    row = conn.execute(sql, params).fetchone()
+    return None if row is None else row[0]
+
+
+def _changes(conn: Any, cursor: Any) -> int:
+    """Rows changed by the last statement, for apsw and stdlib sqlite3 alike."""
+    return int(conn.changes() if isinstance(conn, apsw.Connection) else cursor.rowcount)
+
+
+def _last_rowid(conn: Any, cursor: Any) -> int:
+    return conn.last_insert_rowid() if isinstance(conn, apsw.Connection) else cursor.lastrowid
+
+
+def resolve_db_path(environ: Mapping[str, str] | None = None) -> str:
+    """WORKER_DB, else DATABASE_URL when it is a sqlite: URL, else ./worker.db."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WORKER_DB"):
+        return environ["WORKER_DB"]
+    url = environ.get("DATABASE_URL", "")
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://") :]
+        # sqlite:///relative.db and sqlite:////absolute.db, as SQLAlchemy reads them
+        return path[1:] if path.startswith("/") else path
+    return DEFAULT_DB
+
+
+# --- Enqueue --------------------------------------------------------------------
+
+INSERT_SQL = """
+INSERT INTO worker_jobs (type, data, queue, priority, due, tag, created_at, max_attempts,
+                         retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
+VALUES (:type, :data, :queue, :priority, :due, :tag, :created_at, :max_attempts,
+        :retry_delay_ms, :backoff, :timeout_ms, :keep_ms, :persistent)
+"""
+
+CANCEL_SQL = """
+UPDATE worker_jobs
+   SET status = 'cancelled', finished = :now, error = :reason,
+       remove_at = CASE WHEN persistent THEN NULL ELSE :now + coalesce(keep_ms, :keep_ms) END
+ WHERE id = :id AND status = 'pending'
+"""
+
+
+class Queue:
+    """The producer side: enqueue, look up and cancel jobs.
+
+    ``Queue(path)`` opens its own connection per thread (and per process: after
+    fork the child opens a new one) and creates the schema if needed.
+    ``Queue(connection)`` writes on the caller's open apsw or stdlib sqlite3
+    connection, inside the caller's transaction, so a job commits or rolls back
+    together with the app's own writes.
+    """
+
+    def __init__(
+        self,
+        db: str | os.PathLike[str] | apsw.Connection | sqlite3.Connection,
+        *,
+        check_types: bool = True,
+    ) -> None:
+        self.check_types = check_types
+        if isinstance(db, (apsw.Connection, sqlite3.Connection)):
+            self.path: str | None = None
+            self._caller_conn: Any = db
+        else:
+            self.path = os.fspath(db)
+            self._caller_conn = None
+            self._local = threading.local()
+            self._schema_ready_pid = 0
+
+    @classmethod
+    def from_env(cls, **options: Any) -> Queue:
+        """A Queue on WORKER_DB (or DATABASE_URL's sqlite file, or ./worker.db)."""
+        return cls(resolve_db_path(), **options)
+
+    def _conn(self) -> Any:
+        if self._caller_conn is not None:
+            return self._caller_conn
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            # A connection must never cross fork(): the child opens its own and
+            # leaves the parent's untouched.
+            assert self.path is not None
+            local.conn = connect(self.path)
+            local.pid = os.getpid()
+            if self._schema_ready_pid != os.getpid():
+                apply_schema(local.conn)
+                self._schema_ready_pid = os.getpid()
+        return local.conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        conn = self._conn()
+        if self._caller_conn is None:
+            with immediate(conn):
+                yield conn
+        elif isinstance(conn, apsw.Connection):
+            with conn:  # a savepoint: nests inside the caller's transaction
+                yield conn
+        else:
+            yield conn  # stdlib sqlite3 opens (or joins) a transaction on its own
+
+    def close(self) -> None:
+        """Close this thread's own connection (a caller's connection is left open)."""
+        if self._caller_conn is None and getattr(self._local, "pid", None) == os.getpid():
+            self._local.conn.close()
+            del self._local.conn, self._local.pid
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def enqueue(
+        self,
+        type: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        delay: Seconds | None = None,
+        at: datetime | float | None = None,
+        priority: int = 0,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        retry_delay: Seconds | None = None,
+        backoff: float | None = None,
+        timeout: Seconds | None = None,
+        keep: Seconds | None = None,
+        persistent: bool = False,
+        now: int | None = None,
+    ) -> Job:
+        """Schedule one job; returns its row.  Nothing is written if anything is invalid.
+
+        ``delay`` (seconds) or ``at`` (a datetime; naive means UTC) sets when it
+        is due; the policy options override the job type's for this row only.
+        """
+        row = self._new_row(
+            type,
+            data,
+            delay=delay,
+            at=at,
+            priority=priority,
+            queue=queue,
+            max_attempts=max_attempts,
+            retry_delay=retry_delay,
+            backoff=backoff,
+            timeout=timeout,
+            keep=keep,
+            persistent=persistent,
+            now=now,
+        )
+        with self._transaction() as conn:
+            return self._insert(conn, row)
+
+    def enqueue_many(
+        self, jobs: Iterable[tuple[str, Mapping[str, Any] | None] | Mapping[str, Any]], **options: Any
+    ) -> list[Job]:
+        """Schedule many jobs in one transaction: all or none.
+
+        Each item is ``(type, data)`` or a mapping of ``enqueue`` arguments
+        (``{"type": ..., "data": ..., "delay": ...}``); ``options`` apply to all.
+        """
+        rows = []
+        for item in jobs:
+            arguments = dict(options)
+            if isinstance(item, Mapping):
+                arguments.update(item)
+            else:
+                arguments["type"], arguments["data"] = item
+            rows.append(self._new_row(arguments.pop("type"), arguments.pop("data", None), **arguments))
+        with self._transaction() as conn:
+            return [self._insert(conn, row) for row in rows]
+
+    def get(self, id: int) -> Job | None:
+        """The row with this id, or None."""
+        row = self._conn().execute(f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE id = ?", (id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def cancel(self, id: int, *, reason: str = "cancelled", now: int | None = None) -> bool:
+        """Cancel a pending job; False when it is not pending (running or finished)."""
+        now = now_ms() if now is None else now
+        params = {"id": id, "now": now, "reason": reason, "keep_ms": to_ms(KEEP_FAILED)}
+        with self._transaction() as conn:
+            return _changes(conn, conn.execute(CANCEL_SQL, params)) == 1
+
+    def _insert(self, conn: Any, row: dict[str, Any]) -> Job:
+        cursor = conn.execute(INSERT_SQL, row)
+        return Job(id=_last_rowid(conn, cursor), **_row_as_job_fields(row))
+
+    def _new_row(
+        self,
+        type: str,
+        data: Mapping[str, Any] | None,
+        *,
+        delay: Seconds | None = None,
+        at: datetime | float | None = None,
+        priority: int = 0,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        retry_delay: Seconds | None = None,
+        backoff: float | None = None,
+        timeout: Seconds | None = None,
+        keep: Seconds | None = None,
+        persistent: bool = False,
+        now: int | None = None,
+    ) -> dict[str, Any]:
+        job_type = REGISTRY.get(type)
+        if not isinstance(type, str) or not type:
+            raise UnknownJobType(f"job type must be a non-empty string, not {type!r}")
+        if job_type is None and self.check_types:
+            raise UnknownJobType(
+                f"unknown job type {type!r} (registered: {', '.join(sorted(REGISTRY)) or 'none'};"
+                " import the module that defines it, or pass check_types=False)"
+            )
+        if delay is not None and at is not None:
+            raise ValueError("give delay or at, not both")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, not {priority!r}")
+        if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
+            raise ValueError(f"max_attempts must be an integer of at least 1, not {max_attempts!r}")
+        if backoff is not None and backoff < 1:
+            raise ValueError(f"backoff must be at least 1, not {backoff!r}")
+        timeout_ms = _optional_ms(timeout, "timeout")
+        if timeout_ms == 0:
+            raise ValueError("timeout must be positive")
+        now = now_ms() if now is None else now
+        due = epoch_ms(at) if at is not None else now + (_optional_ms(delay, "delay") or 0)
+        return {
+            "type": type,
+            "data": encode_data(data),
+            "queue": queue or (job_type and job_type.queue) or "default",
+            "priority": priority,
+            "due": due,
+            "tag": None,
+            "created_at": now,
+            "max_attempts": max_attempts,
+            "retry_delay_ms": _optional_ms(retry_delay, "retry_delay"),
+            "backoff": None if backoff is None else float(backoff),
+            "timeout_ms": timeout_ms,
+            "keep_ms": _optional_ms(keep, "keep"),
+            "persistent": int(bool(persistent)),
+        }
+
+
+def _row_as_job_fields(row: dict[str, Any]) -> dict[str, Any]:
+    fields = dict(row, data=json.loads(row["data"]), persistent=bool(row["persistent"]))
+    return fields
+
+
+def now_ms() -> int:
+    """The current time as integer epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def encode_data(data: Mapping[str, Any] | None) -> str:
+    """Job data as JSON text; InvalidJobData unless it is a JSON object."""
+    if data is None:
+        return "{}"
+    if not isinstance(data, Mapping):
+        raise InvalidJobData(f"job data must be a JSON object (a dict), not {type(data).__name__}")
+    bad_keys = [key for key in data if not isinstance(key, str)]
+    if bad_keys:
+        raise InvalidJobData(f"job data keys must be strings, got {bad_keys[0]!r}")
+    try:
+        return json.dumps(dict(data), allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise InvalidJobData(f"job data is not JSON-serialisable: {e}") from e
+
+
+def encode_result(value: Any) -> str:
+    """A job's return value as JSON text (TypeError/ValueError if it has none)."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+# --- The worker -----------------------------------------------------------------
+
+
+class JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A job's own logger: every line names the job and carries its fields."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        assert self.extra is not None
+        kwargs["extra"] = {**self.extra, **kwargs.get("extra", {})}
+        return f"job {self.extra['job_id']} {self.extra['job_type']}: {msg}", kwargs
+
+
+class JobContext:
+    """What a job function receives first: its row, a logger, app resources, enqueue."""
+
+    def __init__(self, job: Job, *, app: SimpleNamespace, producer: Queue, worker_name: str) -> None:
+        self.job = job
+        self.app = app
+        self.worker = worker_name
+        self.logger = JobLogger(
+            logging.getLogger(f"worker.job.{job.type}"),
+            {"job_id": job.id, "job_type": job.type, "attempt": job.attempt},
+        )
+        self._producer = producer
+
+    @property
+    def id(self) -> int:
+        return self.job.id
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempt
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.job.data
+
+    def enqueue(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
+        """Schedule a follow-up job (committed at once, on this thread's connection)."""
+        return self._producer.enqueue(type, data, **options)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How one run of a job ended, waiting to be recorded in its row."""
+
+    job: Job
+    succeeded: bool
+    result: str | None = None  # JSON text
+    error: str | None = None
+    seconds: float = 0.0
+    kind: str = "ok"  # ok | error | timeout | unknown
+
+
+@dataclasses.dataclass
+class _Running:
+    job: Job
+    deadline: int | None  # epoch ms by the worker's clock
+
+
+CLAIM_SQL = """
+UPDATE worker_jobs
+   SET status = 'running', started = :now, worker = :worker, owner = :owner,
+       lease_until = :lease_until
+ WHERE id IN (SELECT id FROM worker_jobs
+               WHERE status = 'pending' AND due <= :now {queue_filter}
+               ORDER BY priority DESC, due, id
+               LIMIT :limit)
+RETURNING {columns}
+"""
+
+NEXT_DUE_SQL = "SELECT min(due) FROM worker_jobs WHERE status = 'pending' {queue_filter}"
+
+# Every write that ends a job is fenced on status and owner: a worker that lost
+# its lease (its job was rescued, given back, or timed out) changes nothing.
+FINISH_SQL = """
+UPDATE worker_jobs
+   SET status = :status, finished = :now, result = :result, error = :error, lease_until = NULL,
+       remove_at = CASE WHEN persistent THEN NULL ELSE :now + coalesce(keep_ms, :keep_ms) END
+ WHERE id = :id AND status = 'running' AND owner = :owner
+"""
+
+# OR IGNORE: a newer pending job with the same tag supersedes the retry.
+RETRY_SQL = """
+INSERT OR IGNORE INTO worker_jobs
+       (type, data, queue, priority, due, tag, attempt, cron_schedule, rescheduled_from_job,
+        created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
+SELECT type, data, queue, priority, :due, tag, attempt + 1, cron_schedule, id,
+       :now, :deaths, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent
+  FROM worker_jobs WHERE id = :id
+"""
+
+HEARTBEAT_SQL = """
+UPDATE worker_jobs SET lease_until = :lease_until
+ WHERE status = 'running' AND owner = :owner
+"""
+
+EXPIRED_LEASES_SQL = f"""
+SELECT {SELECT_COLUMNS} FROM worker_jobs
+ WHERE status = 'running' AND lease_until < :now
+"""
+
+RESCUE_SQL = """
+UPDATE worker_jobs
+   SET status = 'failed', finished = :now, error = :error, lease_until = NULL,
+       remove_at = CASE WHEN persistent THEN NULL ELSE :now + coalesce(keep_ms, :keep_ms) END
+ WHERE id = :id AND status = 'running' AND lease_until < :now
+"""
+
+GIVE_BACK_SQL = """
+UPDATE worker_jobs
+   SET status = 'pending', started = NULL, worker = NULL, owner = NULL, lease_until = NULL
+ WHERE id = :id AND status = 'running' AND owner = :owner
+"""
+
+
+class Worker:
+    """Claims due jobs, runs them on ``concurrency`` threads, records every outcome.
+
+    ``run()`` is the long-running loop of ``worker run``; ``work()`` is one
+    synchronous step (claim, run here, record) that tests drive with a fake
+    ``clock`` (a callable returning epoch seconds).
+    """
+
+    def __init__(
+        self,
+        db: str | os.PathLike[str],
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        queues: Iterable[str] | None = None,
+        lease: Seconds = DEFAULT_LEASE,
+        shutdown_timeout: Seconds = DEFAULT_SHUTDOWN_TIMEOUT,
+        burst: bool = False,
+        max_deaths: int = DEFAULT_MAX_DEATHS,
+        poll_interval: float = POLL_INTERVAL,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigError("concurrency must be at least 1")
+        if to_ms(lease) < 100:
+            raise ConfigError("lease must be at least 0.1 s")
+        if max_deaths < 1:
+            raise ConfigError("max_deaths must be at least 1")
+        self.db = os.fspath(db)
+        self.concurrency = concurrency
+        self.queues = sorted(set(queues)) if queues else None
+        self.lease_ms = to_ms(lease)
+        self.shutdown_timeout = to_ms(shutdown_timeout) / 1000
+        self.burst = burst
+        self.max_deaths = max_deaths
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = secrets.token_hex(8)
+        self.app = SimpleNamespace()
+        self.producer = Queue(self.db)
+
+        queue_filter = "AND queue IN (SELECT value FROM json_each(:queues))" if self.queues else ""
+        self._claim_sql = CLAIM_SQL.format(queue_filter=queue_filter, columns=SELECT_COLUMNS)
+        self._next_due_sql = NEXT_DUE_SQL.format(queue_filter=queue_filter)
+        self._queues_json = json.dumps(self.queues)
+
+        self._conn: apsw.Connection | None = None
+        self._pid = 0
+        self._started_up = False
+        self._running: dict[int, _Running] = {}
+        self._unrecorded: list[Outcome] = []
+        self._todo: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
+        self._done: queue_module.SimpleQueue[Outcome] = queue_module.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._threads_lock = threading.Lock()
+        self._surplus_threads = 0  # replacements started for threads stuck in timed-out jobs
+        self._data_version: int | None = None
+        self._next_due = 0
+        self._last_claim_full = True
+        self._nothing_due = False
+        self._next_heartbeat = 0
+        self._next_rescue = 0
+        self._busy_backoff = 0.0
+
+    # -- connection ---------------------------------------------------------------
+
+    @property
+    def conn(self) -> apsw.Connection:
+        """This worker's own connection, opened (and the schema applied) on first use."""
+        if self._conn is None:
+            self._conn = connect(self.db)
+            self._pid = os.getpid()
+            apply_schema(self._conn)
+        elif self._pid != os.getpid():
+            raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {os.getpid()}")
+        return self._conn
+
+    def now(self) -> int:
+        """The worker's clock in epoch milliseconds."""
+        return int(self.clock() * 1000)
+
+    def start_up(self) -> None:
+        """Open the database and run the @on_startup hooks (once)."""
+        if self._started_up:
+            return
+        self.conn  # noqa: B018 -- fail early, before any hook runs, if the database is unusable
+        for hook in STARTUP_HOOKS:
+            hook(self.app)
+        self._started_up = True
+
+    def close(self) -> None:
+        """Run the @on_shutdown hooks and close the connections."""
+        if self._started_up:
+            for hook in SHUTDOWN_HOOKS:
+                try:
+                    hook(self.app)
+                except Exception:
+                    logger.exception("shutdown hook %s failed", _qualname(hook))
+            self._started_up = False
+        self.producer.close()
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+    # -- the steps ----------------------------------------------------------------
+
+    def claim(self, limit: int, now: int | None = None) -> list[Job]:
+        """Claim up to ``limit`` due jobs in one write transaction."""
+        now = self.now() if now is None else now
+        with immediate(self.conn):
+            return self._claim(limit, now)
+
+    def _claim(self, limit: int, now: int) -> list[Job]:
+        rows = self.conn.execute(
+            self._claim_sql,
+            {
+                "now": now,
+                "worker": self.name,
+                "owner": self.owner,
+                "lease_until": now + self.lease_ms,
+                "limit": limit,
+                "queues": self._queues_json,
+            },
+        ).fetchall()
+        jobs = sorted((Job.from_row(row) for row in rows), key=lambda j: (-j.priority, j.due, j.id))
+        self._last_claim_full = len(jobs) == limit
+        if len(jobs) < limit:
+            next_due = _scalar(self.conn, self._next_due_sql, {"queues": self._queues_json})
+            self._next_due = next_due if next_due is not None else 2**62
+        for claimed in jobs:
+            logger.debug(
+                "job %d %s started (attempt %d)",
+                claimed.id,
+                claimed.type,
+                claimed.attempt,
+                extra={"action": "start", "job_id": claimed.id, "job_type": claimed.type},
+            )
+        return jobs
+
+    def execute(self, job: Job) -> Outcome:
+        """Run one claimed job's function and capture how it ended (never raises)."""
+        job_type = REGISTRY.get(job.type)
+        if job_type is None:
+            return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
+        ctx = JobContext(job, app=self.app, producer=self.producer, worker_name=self.name)
+        started = time.perf_counter()
+        try:
+            value = job_type.fn(ctx, **job.data)
+        except (Exception, SystemExit) as e:
+            return Outcome(
+                job, False, error=_describe_exception(e), seconds=time.perf_counter() - started, kind="error"
+            )
+        seconds = time.perf_counter() - started
+        try:
+            return Outcome(job, True, result=encode_result(value), seconds=seconds)
+        except (TypeError, ValueError) as e:
+            error = f"result is not JSON-serialisable: {type(e).__name__}: {e}"
+            return Outcome(job, False, error=error, seconds=seconds, kind="error")
+
+    def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
+        """Write outcomes (and any retries) in one write transaction."""
+        now = self.now() if now is None else now
+        with immediate(self.conn):
+            notes = self._record(outcomes, now)
+        _emit(notes)
+
+    def _record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
+        notes: list[_Note] = []
+        for outcome in outcomes:
+            notes.extend(self._finish(outcome, now))
+        return notes
+
+    def _finish(self, outcome: Outcome, now: int) -> list[_Note]:
+        job = outcome.job
+        extra = {"job_id": job.id, "job_type": job.type, "attempt": job.attempt}
+        status = "succeeded" if outcome.succeeded else "failed"
+        keep = KEEP_SUCCEEDED if outcome.succeeded else KEEP_FAILED
+        params = {
+            "id": job.id,
+            "owner": self.owner,
+            "status": status,
+            "now": now,
+            "result": outcome.result,
+            "error": outcome.error,
+            "keep_ms": to_ms(keep),
+        }
+        self.conn.execute(FINISH_SQL, params)
+        if self.conn.changes() == 0:
+            return [
+                _Note(
+                    logging.WARNING,
+                    "job %d %s: result discarded, this worker no longer holds it "
+                    "(its lease expired and it was rescued, or it was given back)",
+                    (job.id, job.type),
+                    dict(extra, action="discarded"),
+                )
+            ]
+        if outcome.succeeded:
+            return [
+                _Note(
+                    logging.INFO,
+                    "job %d %s succeeded in %.1f ms (attempt %d)",
+                    (job.id, job.type, outcome.seconds * 1000, job.attempt),
+                    dict(extra, action="succeeded"),
+                )
+            ]
+        retry = self._schedule_retry(job, now, deaths=job.deaths)
+        level = logging.ERROR if outcome.kind in ("timeout", "unknown") else logging.WARNING
+        summary = outcome.error.splitlines()[0] if outcome.error else "failed"
+        then = f"retry {retry[0]} due in {retry[1] / 1000:.1f} s" if retry else "no retry left"
+        return [
+            _Note(
+                level,
+                "job %d %s failed (attempt %d): %s; %s\n%s",
+                (job.id, job.type, job.attempt, summary, then, outcome.error),
+                dict(extra, action="failed"),
+            )
+        ]
+
+    def _schedule_retry(self, job: Job, now: int, *, deaths: int, at_once: bool = False) -> tuple[int, int] | None:
+        """Insert the next attempt if the policy allows; returns (its id, delay ms)."""
+        if not at_once:
+            max_attempts = _first(job.max_attempts, _job_type(job).max_attempts, 1)
+            if job.attempt >= max_attempts:
+                return None
+        delay = 0 if at_once else self.retry_delay_ms(job)
+        self.conn.execute(RETRY_SQL, {"id": job.id, "due": now + delay, "now": now, "deaths": deaths})
+        if self.conn.changes() == 0:
+            return None
+        self._next_due = min(self._next_due, now + delay)
+        return self.conn.last_insert_rowid(), delay
+
+    def retry_delay_ms(self, job: Job) -> int:
+        """How long after a failure of ``job`` its next attempt is due."""
+        job_type = _job_type(job)
+        base: int = _first(job.retry_delay_ms, job_type.retry_delay_ms, to_ms(DEFAULT_RETRY_DELAY))
+        backoff: float = _first(job.backoff, job_type.backoff, DEFAULT_BACKOFF)
+        cap = max(to_ms(MAX_RETRY_DELAY), base)
+        delay = min(base * backoff ** (job.attempt - 1), cap)
+        return round(delay * self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
+
+    def heartbeat(self, now: int | None = None) -> None:
+        """Extend the lease of every job this worker is running."""
+        now = self.now() if now is None else now
+        self.conn.execute(HEARTBEAT_SQL, {"lease_until": now + self.lease_ms, "owner": self.owner})
+
+    def rescue(self, now: int | None = None) -> int:
+        """Fail running rows whose lease expired (their worker died) and retry them."""
+        now = self.now() if now is None else now
+        with immediate(self.conn):
+            notes = self._rescue(now)
+        _emit(notes)
+        return len(notes)
+
+    def _rescue(self, now: int) -> list[_Note]:
+        notes = []
+        lost = [Job.from_row(row) for row in self.conn.execute(EXPIRED_LEASES_SQL, {"now": now})]
+        for job in lost:
+            deaths = job.deaths + 1
+            if deaths >= self.max_deaths:
+                error = (
+                    f"worker died {deaths} times running this job; giving up "
+                    f"(last: lease of worker {job.worker} expired)"
+                )
+            else:
+                error = f"worker lost: lease expired (worker {job.worker})"
+            self.conn.execute(RESCUE_SQL, {"id": job.id, "now": now, "error": error, "keep_ms": to_ms(KEEP_FAILED)})
+            if self.conn.changes() == 0:
+                continue
+            # A worker's death is not the job's failure: retry at once, whatever
+            # max_attempts says, until the chain has killed max_deaths workers.
+            retry = self._schedule_retry(job, now, deaths=deaths, at_once=True) if deaths < self.max_deaths else None
+            then = f"retry {retry[0]} due now" if retry else "no retry"
+            notes.append(
+                _Note(
+                    logging.ERROR,
+                    "job %d %s failed (attempt %d): %s; %s",
+                    (job.id, job.type, job.attempt, error, then),
+                    {"job_id": job.id, "job_type": job.type, "action": "rescued"},
+                )
+            )
+        return notes
+
+    def give_back(self, jobs: Iterable[Job]) -> None:
+        """Return unfinished jobs to pending (at shutdown); fenced on our ownership."""
+        with immediate(self.conn):
+            for job in jobs:
+                self.conn.execute(GIVE_BACK_SQL, {"id": job.id, "owner": self.owner})
+                if self.conn.changes():
+                    logger.warning(
+                        "job %d %s given back: still running at shutdown",
+                        job.id,
+                        job.type,
+                        extra={"job_id": job.id, "job_type": job.type, "action": "given_back"},
+                    )
+
+    def work(self) -> int:
+        """One synchronous step: rescue if due, claim, run here, record.  Returns jobs run."""
+        self.start_up()
+        now = self.now()
+        if now >= self._next_rescue:
+            self.rescue(now)
+            self._next_rescue = now + self.lease_ms // 2
+        jobs = self.claim(self.concurrency, now)
+        outcomes = [self.execute(claimed) for claimed in jobs]
+        if outcomes:
+            self.record(outcomes)
+        return len(jobs)
+
+    # -- the loop -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming; ``run()`` returns once running jobs finish or the timeout passes."""
+        self._stopping.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        """Claim and run jobs until stop() (or, with burst, until nothing is due)."""
+        self.start_up()
+        for _ in range(self.concurrency):
+            self._start_thread()
+        logger.info(
+            "worker %s started: %s, concurrency %d, queues %s, lease %.1f s",
+            self.name,
+            self.db,
+            self.concurrency,
+            ",".join(self.queues or ["all"]),
+            self.lease_ms / 1000,
+        )
+        shutdown_deadline: float | None = None
+        try:
+            while True:
+                if self._stopping.is_set():
+                    if shutdown_deadline is None:
+                        shutdown_deadline = time.monotonic() + self.shutdown_timeout
+                        logger.info(
+                            "stopping: waiting up to %.1f s for %d running job(s)",
+                            self.shutdown_timeout,
+                            len(self._running),
+                        )
+                    if not self._running or time.monotonic() >= shutdown_deadline:
+                        break
+                elif self.burst and self._nothing_due and not self._running and not self._unrecorded:
+                    break
+                self._tick()
+                self._wake.wait(self._busy_backoff or self.poll_interval)
+                self._wake.clear()
+        finally:
+            self._shut_down()
+
+    def _start_thread(self) -> None:
+        threading.Thread(target=self._job_thread, name="worker-job", daemon=True).start()
+
+    def _job_thread(self) -> None:
+        while True:
+            claimed = self._todo.get()
+            if claimed is None:
+                return
+            self._done.put(self.execute(claimed))
+            self._wake.set()
+            with self._threads_lock:
+                if self._surplus_threads > 0:
+                    self._surplus_threads -= 1
+                    return
+
+    def _tick(self) -> None:
+        now = self.now()
+        self._collect_outcomes(now)
+        free = 0 if self._stopping.is_set() else self.concurrency - len(self._running)
+        want_claim = free > 0 and self._maybe_due(now)
+        claimed: list[Job] = []
+        if self._unrecorded or want_claim:
+            try:
+                with immediate(self.conn):
+                    notes = self._record(self._unrecorded, now)
+                    if want_claim:
+                        claimed = self._claim(free, now)
+            except (apsw.BusyError, apsw.FullError, apsw.IOError, apsw.LockedError) as e:
+                self._back_off(e)
+                return
+            except apsw.Error as e:
+                self._record_one_by_one(e, now)
+                return
+            self._busy_backoff = 0.0
+            self._unrecorded = []
+            _emit(notes)
+            self._nothing_due = want_claim and not claimed and self._next_due > now
+            for job in claimed:
+                deadline = self._deadline(job, now)
+                self._running[job.id] = _Running(job, deadline)
+                self._todo.put(job)
+        self._housekeeping(now)
+
+    def _collect_outcomes(self, now: int) -> None:
+        while True:
+            try:
+                outcome = self._done.get_nowait()
+            except queue_module.Empty:
+                break
+            if self._running.pop(outcome.job.id, None) is None:
+                logger.warning(
+                    "job %d %s: late result discarded (it had timed out)",
+                    outcome.job.id,
+                    outcome.job.type,
+                    extra={"job_id": outcome.job.id, "action": "discarded"},
+                )
+                continue
+            self._unrecorded.append(outcome)
+        for job_id, running in list(self._running.items()):
+            if running.deadline is not None and now >= running.deadline:
+                del self._running[job_id]
+                seconds = (running.deadline - (running.job.started or now)) / 1000
+                self._unrecorded.append(
+                    Outcome(running.job, False, error=f"timed out after {seconds:g} s", seconds=seconds, kind="timeout")
+                )
+                with self._threads_lock:  # its thread is stuck in the job: replace it
+                    self._surplus_threads += 1
+                self._start_thread()
+
+    def _deadline(self, job: Job, now: int) -> int | None:
+        timeout_ms = _first(job.timeout_ms, _job_type(job).timeout_ms)
+        return None if timeout_ms is None else now + timeout_ms
+
+    def _maybe_due(self, now: int) -> bool:
+        version = self.conn.data_version()
+        changed, self._data_version = version != self._data_version, version
+        return changed or self._last_claim_full or now >= self._next_due
+
+    def _back_off(self, error: apsw.Error) -> None:
+        self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
+        logger.warning(
+            "database busy or full (%s); %d outcome(s) kept, retrying in %.2f s",
+            _sqlite_message(error),
+            len(self._unrecorded),
+            self._busy_backoff,
+        )
+
+    def _record_one_by_one(self, error: apsw.Error, now: int) -> None:
+        """A batch failed for a reason other than busy/full: isolate the bad outcome."""
+        logger.error("recording a batch failed (%s); recording one by one", _sqlite_message(error))
+        kept = []
+        for outcome in self._unrecorded:
+            try:
+                self.record([outcome], now)
+            except (apsw.BusyError, apsw.FullError, apsw.IOError, apsw.LockedError):
+                kept.append(outcome)
+            except apsw.Error as e:
+                # Bookkeeping failure: the job fails with a clear error, never stays running.
+                failure = Outcome(
+                    outcome.job, False, error=f"could not record the outcome: {_sqlite_message(e)}", kind="error"
+                )
+                try:
+                    self.record([failure], now)
+                except apsw.Error:
+                    kept.append(outcome)
+        self._unrecorded = kept
+
+    def _housekeeping(self, now: int) -> None:
+        try:
+            if now >= self._next_heartbeat:
+                if self._running:
+                    self.heartbeat(now)
+                self._next_heartbeat = now + self.lease_ms // 3
+            if now >= self._next_rescue:
+                self.rescue(now)
+                # Jitter keeps several workers from sweeping in lockstep.
+                self._next_rescue = now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0))
+        except (apsw.BusyError, apsw.FullError, apsw.IOError, apsw.LockedError) as e:
+            logger.warning("heartbeat or rescue postponed: %s", _sqlite_message(e))
+
+    def _shut_down(self) -> None:
+        deadline = time.monotonic() + max(self.shutdown_timeout, 5.0)
+        self._collect_outcomes(self.now())
+        while time.monotonic() < deadline:
+            try:
+                if self._unrecorded:
+                    self.record(self._unrecorded)
+                    self._unrecorded = []
+                if self._running:
+                    self.give_back([running.job for running in self._running.values()])
+                    self._running.clear()
+                break
+            except apsw.Error as e:
+                logger.warning("could not write at shutdown (%s); retrying", _sqlite_message(e))
+                time.sleep(0.2)
+        for _ in range(self.concurrency):
+            self._todo.put(None)
+        logger.info("worker %s stopped", self.name)
+        self.close()
+
+
+@dataclasses.dataclass
+class _Note:
+    """A log line decided inside a transaction, written once it committed."""
+
+    level: int
+    message: str
+    args: tuple[Any, ...]
+    extra: dict[str, Any]
+
+
+def _emit(notes: list[_Note]) -> None:
+    for note in notes:
+        logger.log(note.level, note.message, *note.args, extra=note.extra)
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None: the row's setting, the job type's, the default."""
+    return next((value for value in values if value is not None), None)
+
+
+def _job_type(job: Job) -> JobType:
+    """The job's registered type, or one with no defaults (for an unknown type)."""
+    return REGISTRY.get(job.type) or JobType(name=job.type, fn=print)
+
+
+def _describe_exception(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error))
+
+
+# --- Process supervision --------------------------------------------------------
+
+
+def supervise(child_args: list[str], processes: int, shutdown_timeout: float) -> int:
+    """Run ``processes`` worker processes and restart any that dies; returns the exit code.
+
+    Each child is a fresh interpreter (fork + exec), so no connection or lock
+    can cross into it.  Children get a session of their own: a Ctrl-C reaches
+    only the supervisor, which passes one SIGTERM on.
+    """
+    command = [sys.executable, str(Path(__file__).resolve()), "run", *child_args]
+    stopping = threading.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, start_new_session=True)
+
+    children = [spawn() for _ in range(processes)]
+    logger.info(
+        "supervisor %d started %d worker processes: %s",
+        os.getpid(),
+        processes,
+        " ".join(str(child.pid) for child in children),
+    )
+    restarts: list[float] = []
+    exit_code = EXIT_OK
+    while not stopping.is_set():
+        for index, child in enumerate(children):
+            code = child.poll()
+            if code is None:
+                continue
+            if code in (EXIT_USAGE, EXIT_DATABASE):
+                logger.error("worker process %d exited with %d (configuration or database); stopping", child.pid, code)
+                exit_code = code
+                stopping.set()
+                break
+            # Restarting a process that dies at once in a tight loop would only burn CPU.
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 10] + [now]
+            delay = min(0.1 * 2 ** max(0, len(restarts) - processes), 5.0)
+            logger.warning("worker process %d exited with %d; restarting in %.1f s", child.pid, code, delay)
+            stopping.wait(delay)
+            children[index] = spawn()
+        stopping.wait(0.1)
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + shutdown_timeout + 5
+    for child in children:
+        while child.poll() is None:
+            if signals_seen > 1 or time.monotonic() > deadline:
+                child.kill()
+                exit_code = exit_code or EXIT_FAILURE
+            time.sleep(0.05)
+    return exit_code
+
+
+# --- CLI ------------------------------------------------------------------------
+
+ENVIRONMENT = {
+    "db": ("WORKER_DB", "database file (else DATABASE_URL if sqlite:///..., else ./worker.db)"),
+    "jobs": ("WORKER_JOBS", f"module name or .py path that registers the jobs (default {DEFAULT_JOBS_MODULE})"),
+    "concurrency": ("WORKER_CONCURRENCY", f"job threads per process (default {DEFAULT_CONCURRENCY})"),
+    "processes": ("WORKER_PROCESSES", "worker processes run by a supervisor (default 1)"),
+    "queues": ("WORKER_QUEUES", "comma-separated queues to take jobs from (default all)"),
+    "lease": ("WORKER_LEASE", f"seconds a claim holds without a heartbeat (default {DEFAULT_LEASE:g})"),
+    "shutdown_timeout": (
+        "WORKER_SHUTDOWN_TIMEOUT",
+        f"seconds to let running jobs finish on SIGTERM (default {DEFAULT_SHUTDOWN_TIMEOUT:g})",
+    ),
+    "max_deaths": (
+        "WORKER_MAX_DEATHS",
+        f"worker deaths before a job is failed as poison (default {DEFAULT_MAX_DEATHS})",
+    ),
+    "log_level": ("WORKER_LOG_LEVEL", "the worker's own log threshold: DEBUG, INFO, WARNING, ERROR (default INFO)"),
+    "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
+}
+
+
+def _option_help(dest: str) -> str:
+    variable, text = ENVIRONMENT[dest]
+    return f"{text} [env {variable}]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``worker`` command line."""
+    parser = argparse.ArgumentParser(
+        prog="worker",
+        description="A SQLite-first background job worker.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 3 database unusable.",
+    )
+    parser.add_argument("--version", action="version", version=f"worker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--db", help=_option_help("db"))
+        sub.add_argument("--jobs", help=_option_help("jobs"))
+        sub.add_argument("--log-level", help=_option_help("log_level"))
+        sub.add_argument("--log-format", help=_option_help("log_format"))
+
+    run = commands.add_parser("run", help="claim and run jobs until stopped")
+    common(run)
+    run.add_argument("--concurrency", type=int, help=_option_help("concurrency"))
+    run.add_argument("--processes", type=int, help=_option_help("processes"))
+    run.add_argument("--queues", help=_option_help("queues"))
+    run.add_argument("--lease", type=float, help=_option_help("lease"))
+    run.add_argument("--shutdown-timeout", type=float, help=_option_help("shutdown_timeout"))
+    run.add_argument("--max-deaths", type=int, help=_option_help("max_deaths"))
+    run.add_argument("--burst", action="store_true", help="exit 0 once no job is due and none is running")
+
+    enqueue = commands.add_parser("enqueue", help="schedule a job and print its id")
+    common(enqueue)
+    enqueue.add_argument("type", help="registered job type")
+    enqueue.add_argument("--data", default="{}", help="job data, a JSON object (default {})")
+    when = enqueue.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=float, help="seconds from now")
+    when.add_argument("--at", help="ISO 8601 time (naive means UTC)")
+    enqueue.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    enqueue.add_argument("--queue", help="queue name (default: the job type's, else 'default')")
+    return parser
+
+
+def _setting(args: argparse.Namespace, dest: str, parse: Callable[[str], Any], default: Any) -> Any:
+    """Flag > environment > default, with a usage error naming the bad source."""
+    value = getattr(args, dest, None)
+    if value is not None:
+        return value
+    variable = ENVIRONMENT[dest][0]
+    raw = os.environ.get(variable)
+    if raw in (None, ""):
+        return default
+    try:
+        return parse(raw)
+    except ValueError as e:
+        raise ConfigError(f"invalid {variable}={raw!r}: {e}") from e
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the job fields a record carries."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        for key in ("action", "job_id", "job_type", "attempt"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Send the ``worker`` logger (and the jobs' loggers under it) to stderr."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ConfigError(f"invalid log level {level!r} (use DEBUG, INFO, WARNING or ERROR)")
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"invalid log format {log_format!r} (use text or json)")
+    handler = logging.StreamHandler()
+    text = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s")
+    handler.setFormatter(JsonFormatter() if log_format == "json" else text)
+    logger.handlers[:] = [handler]
+    logger.setLevel(numeric)
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``worker`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        configure_logging(_setting(args, "log_level", str, "INFO"), _setting(args, "log_format", str, "text"))
+        db = args.db or resolve_db_path()
+        jobs_module = _setting(args, "jobs", str, DEFAULT_JOBS_MODULE)
+        load_jobs(jobs_module)
+        if args.command == "enqueue":
+            return _enqueue_command(args, db)
+        return _run_command(args, db, jobs_module)
+    except ConfigError as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DatabaseUnusable as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return EXIT_DATABASE
+    except (UnknownJobType, InvalidJobData, ValueError) as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # a runtime failure: one line, the traceback only at DEBUG
+        logger.debug("unexpected failure", exc_info=True)
+        print(f"worker: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _enqueue_command(args: argparse.Namespace, db: str) -> int:
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as e:
+        raise InvalidJobData(f"--data is not valid JSON: {e}") from e
+    at = datetime.fromisoformat(args.at) if args.at else None
+    with Queue(db) as producer:
+        new = producer.enqueue(args.type, data, delay=args.delay, at=at, priority=args.priority, queue=args.queue)
+    print(new.id)
+    return EXIT_OK
+
+
+def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse_positive(raw: str) -> Any:
+        value = parse(raw)
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    return parse_positive
+
+
+def _run_command(args: argparse.Namespace, db: str, jobs_module: str) -> int:
+    settings = {
+        "concurrency": _setting(args, "concurrency", _positive(int), DEFAULT_CONCURRENCY),
+        "queues": _setting(args, "queues", str, ""),
+        "lease": _setting(args, "lease", _positive(float), DEFAULT_LEASE),
+        "shutdown_timeout": _setting(args, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT),
+        "max_deaths": _setting(args, "max_deaths", _positive(int), DEFAULT_MAX_DEATHS),
+    }
+    worker = Worker(
+        db,
+        concurrency=settings["concurrency"],
+        queues=[q.strip() for q in settings["queues"].split(",") if q.strip()] or None,
+        lease=settings["lease"],
+        shutdown_timeout=settings["shutdown_timeout"],
+        max_deaths=settings["max_deaths"],
+        burst=args.burst,
+    )
+    processes = _setting(args, "processes", _positive(int), 1)
+    if processes > 1:
+        # Check the database once here, so a bad path is one clear error rather
+        # than P children dying; the connection is closed before any child starts.
+        check = connect(db)
+        apply_schema(check)
+        check.close()
+        child_args = ["--db", db, "--jobs", jobs_module]
+        for dest, value in settings.items():
+            child_args += [f"--{dest.replace('_', '-')}", str(value)]
+        if args.burst:
+            child_args.append("--burst")
+        return supervise(child_args, processes, worker.shutdown_timeout)
+
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            os._exit(EXIT_FAILURE)  # a second signal means now; leases cover the jobs left running
+        logger.info("received %s", signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.run()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
