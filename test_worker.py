@@ -1,9 +1,767 @@
-"""Specification of the worker, as tests.  Real database files under tmp_path."""
+"""The worker's specification, as tests.
+
+Real database files under tmp_path (WAL needs a file); time is a fake clock
+wherever time has to pass.  Tests that need real processes (several workers,
+kill -9, signals) live in test_processes.py.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+
 import worker
+from worker import Job, JobContext, Queue, Worker
+
+HERE = Path(__file__).parent
+START = 1_800_000_000.0  # the fake clock's epoch seconds
 
 
-def test_schema_version_is_the_last_section_of_schema_sql() -> None:
-    assert worker.schema_version() == 1
+class FakeClock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class NoJitter(random.Random):
+    """Retry jitter pinned to its middle, so delays are exact."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return (a + b) / 2
+
+
+@pytest.fixture(autouse=True)
+def registry() -> Iterator[dict[str, worker.JobType]]:
+    """Each test registers its own jobs; the global registry is restored after."""
+    saved = dict(worker.REGISTRY), list(worker.STARTUP_HOOKS), list(worker.SHUTDOWN_HOOKS)
+    yield worker.REGISTRY
+    worker.REGISTRY.clear()
+    worker.REGISTRY.update(saved[0])
+    worker.STARTUP_HOOKS[:] = saved[1]
+    worker.SHUTDOWN_HOOKS[:] = saved[2]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "jobs.db")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def queue(db: str) -> Iterator[Queue]:
+    with Queue(db) as q:
+        yield q
+
+
+@pytest.fixture
+def make_worker(db: str, clock: FakeClock) -> Iterator[Any]:
+    """Workers on the test database and the fake clock, closed after the test."""
+    made: list[Worker] = []
+
+    def make(**options: Any) -> Worker:
+        options.setdefault("clock", clock)
+        options.setdefault("rng", NoJitter())
+        made.append(Worker(db, **options))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def at(clock: FakeClock, seconds: float = 0) -> int:
+    """The fake clock's time, plus some seconds, in epoch ms."""
+    return int((clock.now + seconds) * 1000)
+
+
+def rows(db: str, where: str = "1") -> list[sqlite3.Row]:
+    """The table's rows, read by another program (stdlib sqlite3)."""
+    with sqlite3.connect(db, timeout=5) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(f"SELECT * FROM worker_jobs WHERE {where} ORDER BY id").fetchall()
+
+
+@pytest.fixture
+def ok_job() -> None:
+    @worker.job
+    def add(ctx: JobContext, a: int, b: int) -> int:
+        return a + b
+
+
+@pytest.fixture
+def failing_job() -> None:
+    @worker.job(max_attempts=3, retry_delay=10, backoff=3)
+    def explode(ctx: JobContext) -> None:
+        raise RuntimeError(f"boom on attempt {ctx.attempt}")
+
+
+# --- Running jobs ------------------------------------------------------------
+
+
+def test_enqueued_job_runs_and_stores_its_json_result(db: str, queue: Queue) -> None:
+    @worker.job
+    def describe(ctx: JobContext, name: str) -> dict[str, Any]:
+        return {"hello": name, "id": ctx.job.id, "attempt": ctx.attempt}
+
+    enqueued = queue.enqueue("describe", {"name": "ada"})
+    Worker(db, burst=True, concurrency=2).run()
+
+    finished = queue.get(enqueued.id)
+    assert finished is not None
+    assert finished.status == "succeeded"
+    assert finished.result == {"hello": "ada", "id": enqueued.id, "attempt": 1}
+    assert finished.started is not None and finished.finished is not None
+    assert finished.finished >= finished.started
+    assert finished.error is None
+
+
+def test_none_is_a_valid_result(queue: Queue, make_worker: Any, db: str) -> None:
+    @worker.job
+    def nothing(ctx: JobContext) -> None:
+        return None
+
+    enqueued = queue.enqueue("nothing")
+    make_worker().work()
+    assert rows(db)[0]["result"] == "null"
+    assert queue.get(enqueued.id).status == "succeeded"  # type: ignore[union-attr]
+
+
+def test_failing_job_stores_traceback_and_schedules_retry_that_points_back(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, failing_job: None
+) -> None:
+    first = queue.enqueue("explode", now=at(clock))
+    make_worker().work()
+
+    failed, retry = rows(db)
+    assert failed["id"] == first.id
+    assert failed["status"] == "failed"
+    assert failed["error"].startswith("RuntimeError: boom on attempt 1")
+    assert "Traceback (most recent call last)" in failed["error"]
+    assert failed["result"] is None
+    assert retry["status"] == "pending"
+    assert retry["attempt"] == 2
+    assert retry["rescheduled_from_job"] == first.id
+    assert retry["due"] == at(clock, 10)
+
+
+def test_retries_back_off_and_stop_at_max_attempts(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, failing_job: None
+) -> None:
+    queue.enqueue("explode", now=at(clock))
+    w = make_worker()
+    w.work()
+    assert w.work() == 0, "the retry is not due yet"
+    clock.advance(10)
+    assert w.work() == 1  # attempt 2, 10 s after attempt 1
+    clock.advance(29.9)
+    assert w.work() == 0
+    clock.advance(0.1)
+    assert w.work() == 1  # attempt 3, 10 * 3 = 30 s after attempt 2
+    clock.advance(3600)
+    assert w.work() == 0
+
+    chain = rows(db)
+    assert [r["attempt"] for r in chain] == [1, 2, 3]
+    assert [r["status"] for r in chain] == ["failed"] * 3
+    assert [r["rescheduled_from_job"] for r in chain] == [None, chain[0]["id"], chain[1]["id"]]
+
+
+def test_retry_delay_has_ten_percent_jitter_and_an_hour_cap(db: str) -> None:
+    w = Worker(db, rng=random.Random(7))
+    delays = {w.retry_delay_ms(Job(id=1, type="x", data={}, attempt=1)) for _ in range(200)}
+    assert min(delays) >= 9_000 and max(delays) <= 11_000
+    assert len(delays) > 50, "jitter spreads retries out"
+
+    steady = Worker(db, rng=NoJitter())
+    late = Job(id=1, type="x", data={}, attempt=30, retry_delay_ms=10_000, backoff=2.0)
+    assert steady.retry_delay_ms(late) == 3_600_000
+
+
+def test_bare_job_does_not_retry(queue: Queue, make_worker: Any, db: str) -> None:
+    @worker.job
+    def once(ctx: JobContext) -> None:
+        raise ValueError("no")
+
+    queue.enqueue("once")
+    make_worker().work()
+    assert [r["status"] for r in rows(db)] == ["failed"]
+
+
+def test_row_policy_overrides_the_job_types(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, failing_job: None
+) -> None:
+    queue.enqueue("explode", max_attempts=2, retry_delay=timedelta(seconds=1), backoff=1, now=at(clock))
+    w = make_worker()
+    for _ in range(5):
+        w.work()
+        clock.advance(1)
+    chain = rows(db)
+    assert [r["attempt"] for r in chain] == [1, 2]
+    assert chain[1]["due"] - chain[0]["finished"] == 1_000
+
+
+def test_row_from_another_program_gets_the_job_types_policy(
+    queue: Queue, make_worker: Any, db: str, failing_job: None
+) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO worker_jobs (type) VALUES ('explode')")
+    w = make_worker(clock=time.time)
+    w.work()
+    failed, retry = rows(db)
+    assert failed["max_attempts"] is None, "the row keeps NULL: the job type decides"
+    assert retry["attempt"] == 2
+
+
+def test_unknown_type_in_a_row_fails_that_row_only(queue: Queue, make_worker: Any, db: str, ok_job: None) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO worker_jobs (type, data) VALUES ('no_such_job', '{}')")
+    good = queue.enqueue("add", {"a": 1, "b": 2})
+    make_worker(clock=time.time).work()
+    unknown, done = rows(db)
+    assert unknown["status"] == "failed"
+    assert unknown["error"] == "unknown job type 'no_such_job'"
+    assert done["id"] == good.id and done["result"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("returned", "complaint"),
+    [({1, 2}, "not JSON serializable"), (float("nan"), "Out of range float"), ({"x": object()}, "not JSON")],
+)
+def test_result_that_is_not_json_fails_the_job_clearly(
+    queue: Queue, make_worker: Any, db: str, returned: Any, complaint: str
+) -> None:
+    @worker.job
+    def odd(ctx: JobContext) -> Any:
+        return returned
+
+    queue.enqueue("odd")
+    make_worker().work()
+    (row,) = rows(db)
+    assert row["status"] == "failed"
+    assert row["error"].startswith("result is not JSON-serialisable")
+    assert complaint in row["error"]
+
+
+def test_job_that_calls_sys_exit_fails_without_stopping_the_worker(queue: Queue, make_worker: Any, db: str) -> None:
+    @worker.job
+    def quitter(ctx: JobContext) -> None:
+        sys.exit(3)
+
+    queue.enqueue("quitter")
+    make_worker().work()
+    assert rows(db)[0]["error"].startswith("SystemExit: 3")
+
+
+def test_due_jobs_run_by_priority_then_due_time_then_id(queue: Queue, make_worker: Any, clock: FakeClock) -> None:
+    ran: list[str] = []
+
+    @worker.job
+    def note(ctx: JobContext, name: str) -> None:
+        ran.append(name)
+
+    queue.enqueue("note", {"name": "old"}, now=at(clock, -20))
+    queue.enqueue("note", {"name": "later"}, now=at(clock, -10))
+    queue.enqueue("note", {"name": "urgent"}, priority=5, now=at(clock, -5))
+    queue.enqueue("note", {"name": "future"}, delay=60, now=at(clock))
+    w = make_worker(concurrency=1)
+    while w.work():
+        pass
+    assert ran == ["urgent", "old", "later"]
+    clock.advance(60)
+    w.work()
+    assert ran[-1] == "future"
+
+
+def test_worker_takes_only_its_queues(queue: Queue, make_worker: Any, db: str, ok_job: None) -> None:
+    mail = queue.enqueue("add", {"a": 1, "b": 1}, queue="mail")
+    other = queue.enqueue("add", {"a": 2, "b": 2})
+    make_worker(queues=["mail"], clock=time.time).work()
+    assert queue.get(mail.id).status == "succeeded"  # type: ignore[union-attr]
+    assert queue.get(other.id).status == "pending"  # type: ignore[union-attr]
+
+
+def test_job_types_queue_is_the_default_queue_for_its_rows(queue: Queue) -> None:
+    @worker.job(queue="mail")
+    def send(ctx: JobContext) -> None:
+        pass
+
+    assert queue.enqueue("send").queue == "mail"
+    assert queue.enqueue("send", queue="bulk").queue == "bulk"
+
+
+def test_burst_run_does_not_wait_for_retries_due_later(queue: Queue, db: str, failing_job: None) -> None:
+    queue.enqueue("explode")
+    started = time.monotonic()
+    Worker(db, burst=True).run()
+    assert time.monotonic() - started < 5
+    assert [r["status"] for r in rows(db)] == ["failed", "pending"]
+
+
+def test_job_longer_than_its_timeout_fails_and_frees_its_slot(queue: Queue, db: str) -> None:
+    release = threading.Event()
+
+    @worker.job(timeout=0.2)
+    def hang(ctx: JobContext) -> str:
+        release.wait(10)
+        return "too late"
+
+    @worker.job
+    def quick(ctx: JobContext) -> str:
+        return "done"
+
+    hung = queue.enqueue("hang")
+    after = queue.enqueue("quick", delay=0.05)
+    try:
+        Worker(db, concurrency=1, burst=True).run()
+    finally:
+        release.set()
+    row = queue.get(hung.id)
+    assert row is not None and row.status == "failed"
+    assert row.error == "timed out after 0.2 s"
+    assert queue.get(after.id).status == "succeeded"  # type: ignore[union-attr]
+
+
+# --- Leases: a worker that dies or stalls ---------------------------------------
+
+
+def test_expired_lease_fails_the_row_and_retries_it_at_once(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, ok_job: None
+) -> None:
+    lost = queue.enqueue("add", {"a": 1, "b": 1}, now=at(clock))
+    dead = make_worker(lease=60)
+    (claimed,) = dead.claim(1)
+    clock.advance(59)
+    rescuer = make_worker(lease=60)
+    assert rescuer.rescue() == 0, "the lease has not expired yet"
+    clock.advance(2)
+    assert rescuer.rescue() == 1
+
+    failed, retry = rows(db)
+    assert failed["id"] == lost.id and failed["status"] == "failed"
+    assert failed["error"].startswith("worker lost: lease expired")
+    assert (retry["attempt"], retry["deaths"], retry["due"]) == (2, 1, at(clock))
+    assert retry["rescheduled_from_job"] == lost.id
+
+    # The presumed-dead worker finishes late: its result is discarded.
+    dead.record([dead.execute(claimed)])
+    assert rows(db, f"id = {lost.id}")[0]["status"] == "failed"
+    assert rows(db, f"id = {lost.id}")[0]["result"] is None
+
+
+def test_worker_death_retries_even_without_attempts_left_until_max_deaths(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, ok_job: None
+) -> None:
+    queue.enqueue("add", {"a": 1, "b": 1}, max_attempts=1, now=at(clock))
+    rescuer = make_worker(lease=1, max_deaths=3)
+    for _ in range(3):
+        make_worker(lease=1).claim(1)
+        clock.advance(2)
+        rescuer.rescue()
+    chain = rows(db)
+    assert [r["deaths"] for r in chain] == [0, 1, 2]
+    assert [r["status"] for r in chain] == ["failed"] * 3
+    assert chain[-1]["error"].startswith("worker died 3 times")
+
+
+def test_heartbeat_keeps_a_long_job_from_being_rescued(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, ok_job: None
+) -> None:
+    queue.enqueue("add", {"a": 1, "b": 1}, now=at(clock))
+    busy = make_worker(lease=60)
+    busy.claim(1)
+    for _ in range(5):
+        clock.advance(20)
+        busy.heartbeat()
+    assert make_worker(lease=60).rescue() == 0
+    assert rows(db)[0]["status"] == "running"
+
+
+def test_cancelled_or_given_back_job_is_not_finished_by_its_old_worker(
+    queue: Queue, make_worker: Any, db: str, ok_job: None
+) -> None:
+    enqueued = queue.enqueue("add", {"a": 1, "b": 1})
+    w = make_worker(clock=time.time)
+    (claimed,) = w.claim(1)
+    w.give_back([claimed])
+    row = queue.get(enqueued.id)
+    assert row is not None and (row.status, row.owner, row.started) == ("pending", None, None)
+    w.record([w.execute(claimed)])
+    assert queue.get(enqueued.id).status == "pending"  # type: ignore[union-attr]
+
+
+# --- Enqueue --------------------------------------------------------------------
+
+
+def test_enqueue_returns_the_row_as_written(queue: Queue, clock: FakeClock, ok_job: None) -> None:
+    new = queue.enqueue("add", {"a": 1, "b": 2}, delay=30, priority=3, max_attempts=4, timeout=5, now=at(clock))
+    assert new == queue.get(new.id)
+    assert (new.status, new.attempt, new.due, new.priority) == ("pending", 1, at(clock, 30), 3)
+    assert (new.max_attempts, new.timeout_ms, new.retry_delay_ms) == (4, 5_000, None)
+
+
+def test_enqueue_at_a_datetime(queue: Queue, ok_job: None) -> None:
+    moment = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    assert queue.enqueue("add", {"a": 1, "b": 2}, at=moment).due == int(moment.timestamp() * 1000)
+    naive_is_utc = queue.enqueue("add", {"a": 1, "b": 2}, at=moment.replace(tzinfo=None))
+    assert naive_is_utc.due == int(moment.timestamp() * 1000)
+
+
+@pytest.mark.parametrize(
+    ("type_", "data", "error"),
+    [
+        ("no_such_job", {}, worker.UnknownJobType),
+        ("add", [1, 2], worker.InvalidJobData),
+        ("add", "text", worker.InvalidJobData),
+        ("add", {"a": {1, 2}}, worker.InvalidJobData),
+        ("add", {"a": float("nan")}, worker.InvalidJobData),
+        ("add", {1: 2}, worker.InvalidJobData),
+    ],
+)
+def test_bad_enqueue_raises_and_writes_nothing(
+    queue: Queue, db: str, ok_job: None, type_: str, data: Any, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        queue.enqueue(type_, data)
+    assert rows(db) == []
+
+
+def test_unknown_type_can_be_allowed_for_producers_without_the_jobs_module(db: str) -> None:
+    assert Queue(db, check_types=False).enqueue("defined_elsewhere").type == "defined_elsewhere"
+
+
+def test_enqueue_many_is_all_or_nothing(queue: Queue, db: str, ok_job: None) -> None:
+    with pytest.raises(worker.InvalidJobData):
+        queue.enqueue_many([("add", {"a": 1, "b": 1}), ("add", [])])
+    assert rows(db) == []
+    made = queue.enqueue_many([("add", {"a": i, "b": i}) for i in range(3)] + [{"type": "add", "priority": 9}])
+    assert [j.id for j in made] == [r["id"] for r in rows(db)]
+    assert made[-1].priority == 9
+
+
+def test_enqueue_joins_the_callers_stdlib_sqlite3_transaction(db: str, queue: Queue, ok_job: None) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    app_queue = Queue(conn)
+
+    conn.execute("INSERT INTO orders DEFAULT VALUES")
+    app_queue.enqueue("add", {"a": 1, "b": 1})
+    conn.rollback()
+    assert rows(db) == []
+
+    conn.execute("INSERT INTO orders DEFAULT VALUES")
+    kept = app_queue.enqueue("add", {"a": 2, "b": 2})
+    assert rows(db) == [], "not visible before the app commits"
+    conn.commit()
+    assert [r["id"] for r in rows(db)] == [kept.id]
+    conn.close()
+
+
+def test_enqueue_joins_the_callers_apsw_transaction(db: str, queue: Queue, ok_job: None) -> None:
+    conn = apsw.Connection(db)
+    app_queue = Queue(conn)
+    with pytest.raises(ZeroDivisionError), conn:
+        app_queue.enqueue("add", {"a": 1, "b": 1})
+        1 / 0  # noqa: B018 -- the app's own work fails after the enqueue
+    assert rows(db) == []
+    with conn:
+        app_queue.enqueue("add", {"a": 1, "b": 1})
+    assert len(rows(db)) == 1
+
+
+def test_cancel_only_a_pending_job(queue: Queue, make_worker: Any, ok_job: None) -> None:
+    pending = queue.enqueue("add", {"a": 1, "b": 1})
+    running = queue.enqueue("add", {"a": 1, "b": 1})
+    assert queue.cancel(pending.id)
+    assert queue.get(pending.id).status == "cancelled"  # type: ignore[union-attr]
+    make_worker(clock=time.time).claim(1)
+    assert not queue.cancel(running.id)
+    assert not queue.cancel(pending.id), "already cancelled"
+    assert queue.get(running.id).status == "running"  # type: ignore[union-attr]
+
+
+# --- The table contract ---------------------------------------------------------
+
+
+def test_row_with_only_a_type_is_valid_and_due_now(queue: Queue, db: str) -> None:
+    before = int(time.time() * 1000)
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO worker_jobs (type) VALUES ('hello')")
+    (row,) = rows(db)
+    after = int(time.time() * 1000)
+    assert (row["status"], row["queue"], row["priority"], row["attempt"], row["data"]) == (
+        "pending",
+        "default",
+        0,
+        1,
+        "{}",
+    )
+    assert before - 5 <= row["due"] <= after + 5
+    assert before - 5 <= row["created_at"] <= after + 5
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "INSERT INTO worker_jobs (type, data) VALUES ('x', 'not json')",
+        "INSERT INTO worker_jobs (type, data) VALUES ('x', '[1, 2]')",
+        "INSERT INTO worker_jobs (type, status) VALUES ('x', 'done')",
+        "INSERT INTO worker_jobs (type, result) VALUES ('x', '{oops')",
+        "INSERT INTO worker_jobs (data) VALUES ('{}')",
+    ],
+)
+def test_table_refuses_invalid_rows_from_any_writer(queue: Queue, db: str, bad: str) -> None:
+    with sqlite3.connect(db) as conn, pytest.raises(sqlite3.IntegrityError):
+        conn.execute(bad)
+    assert rows(db) == []
+
+
+def test_ids_are_never_reused(queue: Queue, db: str, ok_job: None) -> None:
+    last = queue.enqueue("add", {"a": 1, "b": 1})
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM worker_jobs")
+    assert queue.enqueue("add", {"a": 1, "b": 1}).id == last.id + 1
+
+
+def test_schema_is_idempotent_and_versioned(db: str) -> None:
+    conn = worker.connect(db)
+    assert worker.apply_schema(conn) == worker.schema_version()
+    assert worker.apply_schema(conn) == worker.schema_version()
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == worker.schema_version()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_schema_newer_than_the_code_is_refused(db: str) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(worker.DatabaseUnusable, match="newer than this worker"):
+        Queue(db).enqueue("x")
+
+
+def test_claim_uses_the_partial_index_not_a_table_scan(queue: Queue) -> None:
+    conn = worker.connect(queue.path or "")
+    sql = worker.CLAIM_SQL.format(queue_filter="", columns="id")
+    plan = " | ".join(
+        row[3]
+        for row in conn.execute(
+            f"EXPLAIN QUERY PLAN {sql}", dict.fromkeys(("now", "worker", "owner", "lease_until", "limit"))
+        )
+    )
+    assert "worker_jobs_claim" in plan
+    assert "TEMP B-TREE" not in plan, plan
+    conn.close()
+
+
+def test_missing_directory_is_an_error_not_created(tmp_path: Path) -> None:
+    with pytest.raises(worker.DatabaseUnusable, match="does not exist"):
+        worker.connect(tmp_path / "nope" / "jobs.db")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_file_that_is_not_a_database_is_refused_and_left_unchanged(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(os.urandom(4096))
+    before = junk.read_bytes()
+    with pytest.raises(worker.DatabaseUnusable, match="not a database"):
+        Queue(str(junk)).enqueue("x")
+    assert junk.read_bytes() == before
+
+
+# --- The job function's view ------------------------------------------------------
+
+
+def test_context_carries_row_logger_app_and_follow_up_enqueue(queue: Queue, db: str) -> None:
+    seen: dict[str, Any] = {}
+
+    @worker.on_startup
+    def connect_services(app: Any) -> None:
+        app.greeting = "built once per process"
+
+    @worker.job
+    def parent(ctx: JobContext, n: int) -> int:
+        seen.update(app=ctx.app.greeting, id=ctx.id, attempt=ctx.attempt, data=ctx.data, due=ctx.job.due)
+        ctx.logger.info("spawning a child")
+        return ctx.enqueue("child", {"n": n + 1}).id
+
+    @worker.job
+    def child(ctx: JobContext, n: int) -> int:
+        return n
+
+    first = queue.enqueue("parent", {"n": 1})
+    Worker(db, burst=True).run()
+    assert seen == {"app": "built once per process", "id": first.id, "attempt": 1, "data": {"n": 1}, "due": first.due}
+    child_id = queue.get(first.id).result  # type: ignore[union-attr]
+    assert queue.get(child_id).result == 2  # type: ignore[union-attr]
+
+
+def test_decorated_function_called_directly_just_runs() -> None:
+    @worker.job(max_attempts=2)
+    def double(ctx: Any, x: int) -> int:
+        return 2 * x
+
+    assert double(None, x=4) == 8
+    assert worker.REGISTRY["double"].max_attempts == 2
+
+
+def test_job_name_can_be_given_and_clashes_are_refused() -> None:
+    @worker.job(name="emails.send")
+    def send(ctx: JobContext) -> None:
+        pass
+
+    assert worker.REGISTRY["emails.send"].fn is send
+    with pytest.raises(worker.ConfigError, match="already registered"):
+
+        @worker.job(name="emails.send")
+        def other(ctx: JobContext) -> None:
+            pass
+
+
+def test_job_logger_lines_name_the_job(
+    queue: Queue, make_worker: Any, caplog: pytest.LogCaptureFixture, db: str
+) -> None:
+    @worker.job
+    def chatty(ctx: JobContext) -> None:
+        ctx.logger.warning("halfway")
+
+    enqueued = queue.enqueue("chatty")
+    with caplog.at_level(logging.INFO, logger="worker"):
+        make_worker().work()
+    line = next(r for r in caplog.records if r.name == "worker.job.chatty")
+    assert line.getMessage() == f"job {enqueued.id} chatty: halfway"
+    assert getattr(line, "job_id") == enqueued.id  # noqa: B009 -- set through `extra`
+    assert any("succeeded" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+
+
+def test_failure_is_logged_at_warning_with_id_type_and_attempt(
+    queue: Queue, make_worker: Any, caplog: pytest.LogCaptureFixture, failing_job: None
+) -> None:
+    enqueued = queue.enqueue("explode")
+    with caplog.at_level(logging.INFO, logger="worker"):
+        make_worker().work()
+    (failure,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert failure.getMessage().startswith(f"job {enqueued.id} explode failed (attempt 1): RuntimeError: boom")
+    assert "Traceback" in failure.getMessage()
+
+
+# --- Processes and configuration ---------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_worker_connection_refuses_use_after_fork(db: str) -> None:
+    w = Worker(db)
+    w.conn  # noqa: B018 -- open it in the parent
+    pid = os.fork()
+    if pid == 0:  # the child: must refuse, then leave without cleanup
+        try:
+            w.conn  # noqa: B018
+        except worker.ForkedConnection:
+            os._exit(0)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    w.close()
+
+
+@pytest.mark.parametrize(
+    ("environ", "path"),
+    [
+        ({"WORKER_DB": "a.db", "DATABASE_URL": "sqlite:///b.db"}, "a.db"),
+        ({"DATABASE_URL": "sqlite:///b.db"}, "b.db"),
+        ({"DATABASE_URL": "sqlite:////var/b.db"}, "/var/b.db"),
+        ({"DATABASE_URL": "postgres://x/y"}, "worker.db"),
+        ({}, "worker.db"),
+    ],
+)
+def test_database_path_comes_from_the_environment(environ: dict[str, str], path: str) -> None:
+    assert worker.resolve_db_path(environ) == path
+
+
+def test_help_names_every_environment_variable() -> None:
+    help_text = worker.build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
+    for variable, _ in worker.ENVIRONMENT.values():
+        assert variable in help_text
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = HERE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "worker.py", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_python_worker_py_registers_jobs_in_the_same_registry(db: str) -> None:
+    """`python worker.py` is __main__; jobs.py's `from worker import job` must reach it."""
+    enqueued = run_cli("enqueue", "hello", "--db", db, "--data", '{"name": "cli"}')
+    assert enqueued.returncode == 0, enqueued.stderr
+    job_id = int(enqueued.stdout)
+    done = run_cli("run", "--db", db, "--burst")
+    assert done.returncode == 0, done.stderr
+    assert f"job {job_id} hello succeeded" in done.stderr
+    assert rows(db)[0]["result"] == '{"greeting":"hello, cli!"}'
+
+
+def test_json_log_format_writes_one_object_per_line(db: str) -> None:
+    run_cli("enqueue", "hello", "--db", db)
+    done = run_cli("run", "--db", db, "--burst", env={"WORKER_LOG_FORMAT": "json", "WORKER_LOG_LEVEL": "DEBUG"})
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    started = next(e for e in entries if e.get("action") == "start")
+    assert (started["level"], started["job_type"]) == ("DEBUG", "hello")
+    assert any(e.get("action") == "succeeded" and e["job_id"] == started["job_id"] for e in entries)
+
+
+def test_log_level_from_the_environment_sets_the_threshold(db: str) -> None:
+    run_cli("enqueue", "hello", "--db", db)
+    quiet = run_cli("run", "--db", db, "--burst", env={"WORKER_LOG_LEVEL": "WARNING"})
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert rows(db)[0]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "message"),
+    [
+        (["run", "--log-level", "LOUD"], {}, 2, "invalid log level"),
+        (["run", "--jobs", "no_such_module"], {}, 2, "cannot import jobs module"),
+        (["run"], {"WORKER_CONCURRENCY": "many"}, 2, "invalid WORKER_CONCURRENCY"),
+        (["enqueue", "no_such_type"], {}, 2, "unknown job type"),
+        (["enqueue", "hello", "--data", "{oops"], {}, 2, "not valid JSON"),
+        (["enqueue", "hello", "--data", "[1]"], {}, 2, "must be a JSON object"),
+    ],
+)
+def test_cli_errors_are_one_line_with_the_right_exit_code(
+    db: str, args: list[str], env: dict[str, str], code: int, message: str
+) -> None:
+    result = run_cli(*args, "--db", db, env=env)
+    assert result.returncode == code
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not Path(db).exists() or rows(db) == []

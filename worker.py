@@ -509,6 +509,7 @@ class Queue:
             self._caller_conn = None
             self._local = threading.local()
             self._schema_ready_pid = 0
+            self._conn()  # fail now, not at the first enqueue, if the file is unusable
 
     @classmethod
     def from_env(cls, **options: Any) -> Queue:
@@ -871,7 +872,7 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.owner = secrets.token_hex(8)
         self.app = SimpleNamespace()
-        self.producer = Queue(self.db)
+        self._producer: Queue | None = None
 
         queue_filter = "AND queue IN (SELECT value FROM json_each(:queues))" if self.queues else ""
         self._claim_sql = CLAIM_SQL.format(queue_filter=queue_filter, columns=SELECT_COLUMNS)
@@ -910,6 +911,13 @@ class Worker:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {os.getpid()}")
         return self._conn
 
+    @property
+    def producer(self) -> Queue:
+        """The Queue that jobs' ``ctx.enqueue`` writes through (a connection per thread)."""
+        if self._producer is None:
+            self._producer = Queue(self.db)
+        return self._producer
+
     def now(self) -> int:
         """The worker's clock in epoch milliseconds."""
         return int(self.clock() * 1000)
@@ -932,7 +940,8 @@ class Worker:
                 except Exception:
                     logger.exception("shutdown hook %s failed", _qualname(hook))
             self._started_up = False
-        self.producer.close()
+        if self._producer is not None:
+            self._producer.close()
         if self._conn is not None and self._pid == os.getpid():
             self._conn.close()
         self._conn = None
