@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS worker_jobs (
     owner                TEXT,                               -- claim token: fences every write that ends the job
     lease_until          INTEGER,                            -- a running row past this is rescued
     deaths               INTEGER NOT NULL DEFAULT 0,         -- worker deaths so far in this chain
+    cron_timezone        TEXT,                               -- of cron_schedule; NULL means UTC
+    cron_slot            INTEGER,                            -- the cron slot this run (and its retries) is for
     max_attempts         INTEGER CHECK (max_attempts IS NULL OR max_attempts >= 1),
     retry_delay_ms       INTEGER CHECK (retry_delay_ms IS NULL OR retry_delay_ms >= 0),
     backoff              REAL    CHECK (backoff IS NULL OR backoff >= 1),
@@ -72,6 +74,11 @@ CREATE INDEX IF NOT EXISTS worker_jobs_lease
 -- At most one pending row per tag, enforced for every writer.
 CREATE UNIQUE INDEX IF NOT EXISTS worker_jobs_pending_tag
     ON worker_jobs (tag) WHERE status = 'pending' AND tag IS NOT NULL;
+
+-- The last slot a recurring schedule (its tag) was given, so a new pending row
+-- never repeats a slot, even with the clock stepped back.
+CREATE INDEX IF NOT EXISTS worker_jobs_tag_slot
+    ON worker_jobs (tag, cron_slot) WHERE tag IS NOT NULL;
 
 -- Retention: finished rows whose time is up.
 CREATE INDEX IF NOT EXISTS worker_jobs_remove_at

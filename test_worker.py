@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -25,85 +24,10 @@ import apsw
 import pytest
 
 import worker
+from conftest import FakeClock, NoJitter, at, rows
 from worker import Job, JobContext, Queue, Worker
 
 HERE = Path(__file__).parent
-START = 1_800_000_000.0  # the fake clock's epoch seconds
-
-
-class FakeClock:
-    """A clock that moves only when the test says so."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class NoJitter(random.Random):
-    """Retry jitter pinned to its middle, so delays are exact."""
-
-    def uniform(self, a: float, b: float) -> float:
-        return (a + b) / 2
-
-
-@pytest.fixture(autouse=True)
-def registry() -> Iterator[dict[str, worker.JobType]]:
-    """Each test registers its own jobs; the global registry is restored after."""
-    saved = dict(worker.REGISTRY), list(worker.STARTUP_HOOKS), list(worker.SHUTDOWN_HOOKS)
-    yield worker.REGISTRY
-    worker.REGISTRY.clear()
-    worker.REGISTRY.update(saved[0])
-    worker.STARTUP_HOOKS[:] = saved[1]
-    worker.SHUTDOWN_HOOKS[:] = saved[2]
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> str:
-    return str(tmp_path / "jobs.db")
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def queue(db: str) -> Iterator[Queue]:
-    with Queue(db) as q:
-        yield q
-
-
-@pytest.fixture
-def make_worker(db: str, clock: FakeClock) -> Iterator[Any]:
-    """Workers on the test database and the fake clock, closed after the test."""
-    made: list[Worker] = []
-
-    def make(**options: Any) -> Worker:
-        options.setdefault("clock", clock)
-        options.setdefault("rng", NoJitter())
-        made.append(Worker(db, **options))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.close()
-
-
-def at(clock: FakeClock, seconds: float = 0) -> int:
-    """The fake clock's time, plus some seconds, in epoch ms."""
-    return int((clock.now + seconds) * 1000)
-
-
-def rows(db: str, where: str = "1") -> list[sqlite3.Row]:
-    """The table's rows, read by another program (stdlib sqlite3)."""
-    with sqlite3.connect(db, timeout=5) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute(f"SELECT * FROM worker_jobs WHERE {where} ORDER BY id").fetchall()
 
 
 @pytest.fixture
@@ -129,7 +53,7 @@ def test_enqueued_job_runs_and_stores_its_json_result(db: str, queue: Queue) -> 
         return {"hello": name, "id": ctx.job.id, "attempt": ctx.attempt}
 
     enqueued = queue.enqueue("describe", {"name": "ada"})
-    Worker(db, burst=True, concurrency=2).run()
+    Worker(db, cron=False, burst=True, concurrency=2).run()
 
     finished = queue.get(enqueued.id)
     assert finished is not None
@@ -317,7 +241,7 @@ def test_job_types_queue_is_the_default_queue_for_its_rows(queue: Queue) -> None
 def test_burst_run_does_not_wait_for_retries_due_later(queue: Queue, db: str, failing_job: None) -> None:
     queue.enqueue("explode")
     started = time.monotonic()
-    Worker(db, burst=True).run()
+    Worker(db, cron=False, burst=True).run()
     assert time.monotonic() - started < 5
     assert [r["status"] for r in rows(db)] == ["failed", "pending"]
 
@@ -337,7 +261,7 @@ def test_job_longer_than_its_timeout_fails_and_frees_its_slot(queue: Queue, db: 
     hung = queue.enqueue("hang")
     after = queue.enqueue("quick", delay=0.05)
     try:
-        Worker(db, concurrency=1, burst=True).run()
+        Worker(db, cron=False, concurrency=1, burst=True).run()
     finally:
         release.set()
     row = queue.get(hung.id)
@@ -613,7 +537,7 @@ def test_context_carries_row_logger_app_and_follow_up_enqueue(queue: Queue, db: 
         return n
 
     first = queue.enqueue("parent", {"n": 1})
-    Worker(db, burst=True).run()
+    Worker(db, cron=False, burst=True).run()
     assert seen == {"app": "built once per process", "id": first.id, "attempt": 1, "data": {"n": 1}, "due": first.due}
     child_id = queue.get(first.id).result  # type: ignore[union-attr]
     assert queue.get(child_id).result == 2  # type: ignore[union-attr]

@@ -53,6 +53,7 @@ import subprocess
 import threading
 import time
 import traceback
+import zoneinfo
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -60,6 +61,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any, TypeVar, overload
 
 import apsw
+from croniter import CroniterError, croniter
 
 __version__ = "0.1.0"
 
@@ -149,34 +151,12 @@ def _optional_ms(duration: Seconds | None, name: str) -> int | None:
 
 # --- The row --------------------------------------------------------------------
 
-COLUMNS = (
-    "id",
-    "type",
-    "data",
-    "status",
-    "queue",
-    "priority",
-    "due",
-    "tag",
-    "attempt",
-    "cron_schedule",
-    "rescheduled_from_job",
-    "started",
-    "finished",
-    "result",
-    "error",
-    "created_at",
-    "worker",
-    "owner",
-    "lease_until",
-    "deaths",
-    "max_attempts",
-    "retry_delay_ms",
-    "backoff",
-    "timeout_ms",
-    "keep_ms",
-    "remove_at",
-    "persistent",
+COLUMNS = tuple(
+    """
+    id type data status queue priority due tag attempt cron_schedule rescheduled_from_job
+    started finished result error created_at worker owner lease_until deaths cron_timezone
+    cron_slot max_attempts retry_delay_ms backoff timeout_ms keep_ms remove_at persistent
+    """.split()
 )
 SELECT_COLUMNS = ", ".join(COLUMNS)
 
@@ -205,6 +185,8 @@ class Job:
     owner: str | None = None
     lease_until: int | None = None
     deaths: int = 0
+    cron_timezone: str | None = None
+    cron_slot: int | None = None
     max_attempts: int | None = None
     retry_delay_ms: int | None = None
     backoff: float | None = None
@@ -238,6 +220,14 @@ class JobType:
     backoff: float | None = None
     timeout_ms: int | None = None
     queue: str | None = None
+    keep_ms: int | None = None
+    cron: str | None = None  # a recurring job: every worker keeps one pending row for it
+    timezone: str | None = None  # of `cron`; None means UTC
+
+    @property
+    def cron_tag(self) -> str:
+        """The tag of the declared recurring job's rows."""
+        return f"cron:{self.name}"
 
 
 REGISTRY: dict[str, JobType] = {}
@@ -261,6 +251,9 @@ def job(
     backoff: float | None = None,
     timeout: Seconds | None = None,
     queue: str | None = None,
+    keep: Seconds | None = None,
+    cron: str | None = None,
+    timezone: str | None = None,
 ) -> Callable[[JobFunction], JobFunction]: ...
 
 
@@ -273,10 +266,16 @@ def job(
     backoff: float | None = None,
     timeout: Seconds | None = None,
     queue: str | None = None,
+    keep: Seconds | None = None,
+    cron: str | None = None,
+    timezone: str | None = None,
 ) -> Any:
     """Register a function as a job type: ``@job`` or ``@job(max_attempts=5, ...)``.
 
     The worker calls it as ``fn(ctx, **data)``; called directly it just runs.
+    ``cron`` makes it recurring ("*/5 * * * *", or six fields with seconds
+    first, in ``timezone``, default UTC); ``keep`` is how long its finished rows
+    stay before pruning.
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -287,6 +286,11 @@ def job(
             raise ConfigError(f"job {job_name!r}: backoff must be at least 1")
         if timeout is not None and to_ms(timeout) <= 0:
             raise ConfigError(f"job {job_name!r}: timeout must be positive")
+        if cron is not None:
+            try:
+                check_cron(cron, timezone)
+            except ValueError as e:
+                raise ConfigError(f"job {job_name!r}: {e}") from e
         existing = REGISTRY.get(job_name)
         if existing and _qualname(existing.fn) != _qualname(fn):
             raise ConfigError(f"job {job_name!r} is already registered by {_qualname(existing.fn)}")
@@ -298,10 +302,66 @@ def job(
             backoff=backoff,
             timeout_ms=_optional_ms(timeout, "timeout"),
             queue=queue,
+            keep_ms=_optional_ms(keep, "keep"),
+            cron=cron,
+            timezone=timezone,
         )
         return fn
 
     return register(fn) if fn is not None else register
+
+
+def check_cron(expression: str, timezone: str | None = None) -> None:
+    """ValueError naming the expression unless it is a valid 5- or 6-field cron."""
+    _cron_iterator(expression, timezone, 0)
+
+
+def _cron_iterator(expression: str, timezone: str | None, after_ms: int) -> croniter:
+    fields = expression.split() if isinstance(expression, str) else []
+    if len(fields) not in (5, 6):
+        raise ValueError(
+            f"invalid cron expression {expression!r}: expected 5 fields (minute hour day month weekday)"
+            " or 6 with seconds first"
+        )
+    try:
+        zone = zoneinfo.ZoneInfo(timezone or "UTC")
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError(f"invalid cron timezone {timezone!r}") from e
+    start = datetime.fromtimestamp(after_ms / 1000, zone)
+    try:
+        # Six fields read seconds FIRST ("*/3 * * * * *" = every 3 seconds), as the
+        # cron library of the system we replace did.
+        return croniter(expression, start, second_at_beginning=len(fields) == 6)
+    except (CroniterError, ValueError, KeyError) as e:
+        raise ValueError(f"invalid cron expression {expression!r}: {e}") from e
+
+
+def next_cron_slot(expression: str, timezone: str | None, after_ms: int) -> int:
+    """The first slot of the schedule strictly after ``after_ms`` (epoch ms)."""
+    slot = _cron_iterator(expression, timezone, after_ms).get_next(datetime)
+    slot_ms: int = round(slot.timestamp() * 1000)
+    return slot_ms
+
+
+def first_free_cron_slot(conn: Any, tag: str, expression: str, timezone: str | None, now: int) -> int:
+    """The first slot from now on that no run of this schedule (tag) has had yet."""
+    row = conn.execute(LAST_CRON_SLOT_SQL, {"tag": tag}).fetchone()
+    last_slot = row[0] if row and row[0] is not None else -1
+    return next_cron_slot(expression, timezone, max(now - 1, last_slot))
+
+
+def next_cron_due(expression: str, timezone: str | None, previous_slot: int, now: int) -> tuple[int, bool]:
+    """The next run's slot: the first after ``previous_slot`` that is not already past.
+
+    Counting from the previous slot, not from when the run ended, keeps the
+    schedule from drifting; slots missed while nothing ran are skipped, not
+    run in a burst (the bool says whether any was).  A clock stepped back can
+    only delay a slot, never repeat one: slots only move forward.
+    """
+    following = next_cron_slot(expression, timezone, previous_slot)
+    if following >= now:
+        return following, False
+    return next_cron_slot(expression, timezone, now - 1), True
 
 
 def _qualname(fn: Callable[..., Any]) -> str:
@@ -470,18 +530,47 @@ def resolve_db_path(environ: Mapping[str, str] | None = None) -> str:
 # --- Enqueue --------------------------------------------------------------------
 
 INSERT_SQL = """
-INSERT INTO worker_jobs (type, data, queue, priority, due, tag, created_at, max_attempts,
-                         retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
-VALUES (:type, :data, :queue, :priority, :due, :tag, :created_at, :max_attempts,
-        :retry_delay_ms, :backoff, :timeout_ms, :keep_ms, :persistent)
+INSERT INTO worker_jobs (type, data, queue, priority, due, tag, cron_schedule, cron_timezone, cron_slot,
+                         created_at, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
+VALUES (:type, :data, :queue, :priority, :due, :tag, :cron_schedule, :cron_timezone, :cron_slot,
+        :created_at, :max_attempts, :retry_delay_ms, :backoff, :timeout_ms, :keep_ms, :persistent)
+"""
+
+# The partial unique index on pending tags is the arbiter, so a concurrent
+# writer cannot slip a second pending row in between a check and the insert.
+INSERT_UNLESS_TAGGED_SQL = (
+    INSERT_SQL.rstrip() + "\nON CONFLICT (tag) WHERE status = 'pending' AND tag IS NOT NULL DO NOTHING\n"
+)
+
+PENDING_WITH_TAG_SQL = f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE tag = :tag AND status = 'pending'"
+
+# The newest slot of a schedule that was (or is being) run; walks the tag index
+# backwards, so it stops after a row or two however long the history.
+LAST_CRON_SLOT_SQL = """
+SELECT cron_slot FROM worker_jobs
+ WHERE tag = :tag AND cron_slot IS NOT NULL AND status IN ('running', 'succeeded', 'failed')
+ ORDER BY cron_slot DESC LIMIT 1
 """
 
 CANCEL_SQL = """
 UPDATE worker_jobs
    SET status = 'cancelled', finished = :now, error = :reason,
        remove_at = CASE WHEN persistent THEN NULL ELSE :now + coalesce(keep_ms, :keep_ms) END
- WHERE id = :id AND status = 'pending'
+ WHERE {where} AND status = 'pending'
 """
+
+# Batches keep each write transaction short: others claim and finish in between.
+PRUNE_SQL = """
+DELETE FROM worker_jobs
+ WHERE id IN (SELECT id FROM worker_jobs
+               WHERE remove_at <= :now AND status IN ('succeeded', 'failed', 'cancelled') AND NOT persistent
+               LIMIT :batch_size)
+"""
+PRUNABLE_SQL = """
+SELECT count(*) FROM worker_jobs
+ WHERE remove_at <= :now AND status IN ('succeeded', 'failed', 'cancelled') AND NOT persistent
+"""
+PRUNE_BATCH_SIZE = 2_000
 
 
 class Queue:
@@ -570,12 +659,17 @@ class Queue:
         timeout: Seconds | None = None,
         keep: Seconds | None = None,
         persistent: bool = False,
+        tag: str | None = None,
+        on_conflict: str = "replace",
         now: int | None = None,
     ) -> Job:
         """Schedule one job; returns its row.  Nothing is written if anything is invalid.
 
         ``delay`` (seconds) or ``at`` (a datetime; naive means UTC) sets when it
         is due; the policy options override the job type's for this row only.
+        With a ``tag`` there is at most one pending job per tag: ``on_conflict=
+        "replace"`` cancels the pending one and inserts this, ``"ignore"`` keeps
+        it and returns it instead.
         """
         row = self._new_row(
             type,
@@ -590,10 +684,44 @@ class Queue:
             timeout=timeout,
             keep=keep,
             persistent=persistent,
+            tag=tag,
             now=now,
         )
         with self._transaction() as conn:
-            return self._insert(conn, row)
+            return self._insert(conn, row, on_conflict)
+
+    def schedule_cron(
+        self,
+        type: str,
+        cron: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        tag: str | None = None,
+        timezone: str | None = None,
+        now: int | None = None,
+        **options: Any,
+    ) -> Job:
+        """Make ``type`` recurring on ``cron`` (replacing its schedule); returns the next run.
+
+        Five fields, or six with seconds first; ``timezone`` defaults to UTC.  The
+        tag defaults to ``cron:<type>``: one pending row per schedule.
+        """
+        try:
+            check_cron(cron, timezone)
+        except ValueError as e:
+            raise ValueError(f"cannot schedule {type!r}: {e}") from e
+        now = now_ms() if now is None else now
+        tag = tag or f"cron:{type}"
+        with self._transaction() as conn:
+            due = first_free_cron_slot(conn, tag, cron, timezone, now)
+            row = self._new_row(type, data, at=due / 1000, tag=tag, cron=cron, timezone=timezone, now=now, **options)
+            return self._insert(conn, row, "replace")
+
+    def unschedule_cron(self, type: str, *, tag: str | None = None, now: int | None = None) -> bool:
+        """Stop a recurring job: cancel its pending row.  False if it had none."""
+        params = {"tag": tag or f"cron:{type}", "now": now_ms() if now is None else now}
+        with self._transaction() as conn:
+            return self._cancel(conn, "tag = :tag", params, "unscheduled") > 0
 
     def enqueue_many(
         self, jobs: Iterable[tuple[str, Mapping[str, Any] | None] | Mapping[str, Any]], **options: Any
@@ -621,13 +749,47 @@ class Queue:
 
     def cancel(self, id: int, *, reason: str = "cancelled", now: int | None = None) -> bool:
         """Cancel a pending job; False when it is not pending (running or finished)."""
-        now = now_ms() if now is None else now
-        params = {"id": id, "now": now, "reason": reason, "keep_ms": to_ms(KEEP_FAILED)}
+        params = {"id": id, "now": now_ms() if now is None else now}
         with self._transaction() as conn:
-            return _changes(conn, conn.execute(CANCEL_SQL, params)) == 1
+            return self._cancel(conn, "id = :id", params, reason) == 1
 
-    def _insert(self, conn: Any, row: dict[str, Any]) -> Job:
-        cursor = conn.execute(INSERT_SQL, row)
+    def prune(self, *, now: int | None = None, dry_run: bool = False, batch_size: int = PRUNE_BATCH_SIZE) -> int:
+        """Delete finished rows whose ``remove_at`` has passed; returns how many (would) go.
+
+        Pending, running and persistent rows are never removed.  Deletes run in
+        short transactions of ``batch_size`` rows, pausing between them at least
+        as long as each took, so workers keep claiming while a big prune runs.
+        """
+        params = {"now": now_ms() if now is None else now, "batch_size": batch_size}
+        if dry_run:
+            return int(_scalar(self._conn(), PRUNABLE_SQL, params))
+        removed = 0
+        while True:
+            started = time.monotonic()
+            with self._transaction() as conn:
+                deleted = _changes(conn, conn.execute(PRUNE_SQL, params))
+            removed += deleted
+            if deleted < batch_size:
+                return removed
+            time.sleep(max(0.001, time.monotonic() - started))
+
+    def _cancel(self, conn: Any, where: str, params: dict[str, Any], reason: str) -> int:
+        params = {**params, "reason": reason, "keep_ms": default_keep_ms(succeeded=False)}
+        return _changes(conn, conn.execute(CANCEL_SQL.format(where=where), params))
+
+    def _insert(self, conn: Any, row: dict[str, Any], on_conflict: str = "replace") -> Job:
+        if row["tag"] is None:
+            cursor = conn.execute(INSERT_SQL, row)
+        elif on_conflict == "replace":
+            reason = f"replaced by a newer job with tag {row['tag']!r}"
+            self._cancel(conn, "tag = :tag", {"tag": row["tag"], "now": row["created_at"]}, reason)
+            cursor = conn.execute(INSERT_SQL, row)
+        elif on_conflict == "ignore":
+            cursor = conn.execute(INSERT_UNLESS_TAGGED_SQL, row)
+            if _changes(conn, cursor) == 0:
+                return Job.from_row(conn.execute(PENDING_WITH_TAG_SQL, {"tag": row["tag"]}).fetchone())
+        else:
+            raise ValueError(f"on_conflict must be 'replace' or 'ignore', not {on_conflict!r}")
         return Job(id=_last_rowid(conn, cursor), **_row_as_job_fields(row))
 
     def _new_row(
@@ -645,6 +807,9 @@ class Queue:
         timeout: Seconds | None = None,
         keep: Seconds | None = None,
         persistent: bool = False,
+        tag: str | None = None,
+        cron: str | None = None,
+        timezone: str | None = None,
         now: int | None = None,
     ) -> dict[str, Any]:
         job_type = REGISTRY.get(type)
@@ -657,6 +822,8 @@ class Queue:
             )
         if delay is not None and at is not None:
             raise ValueError("give delay or at, not both")
+        if tag is not None and (not isinstance(tag, str) or not tag):
+            raise ValueError(f"tag must be a non-empty string, not {tag!r}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, not {priority!r}")
         if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
@@ -674,7 +841,10 @@ class Queue:
             "queue": queue or (job_type and job_type.queue) or "default",
             "priority": priority,
             "due": due,
-            "tag": None,
+            "tag": tag,
+            "cron_schedule": cron,
+            "cron_timezone": timezone,
+            "cron_slot": due if cron else None,
             "created_at": now,
             "max_attempts": max_attempts,
             "retry_delay_ms": _optional_ms(retry_delay, "retry_delay"),
@@ -688,6 +858,21 @@ class Queue:
 def _row_as_job_fields(row: dict[str, Any]) -> dict[str, Any]:
     fields = dict(row, data=json.loads(row["data"]), persistent=bool(row["persistent"]))
     return fields
+
+
+def default_keep_ms(*, succeeded: bool) -> int:
+    """How long finished rows stay: WORKER_KEEP_SUCCEEDED / WORKER_KEEP_FAILED seconds, else 7 / 30 days."""
+    variable, default = ("WORKER_KEEP_SUCCEEDED", KEEP_SUCCEEDED) if succeeded else ("WORKER_KEEP_FAILED", KEEP_FAILED)
+    raw = os.environ.get(variable)
+    if not raw:
+        return to_ms(default)
+    try:
+        keep = float(raw)
+    except ValueError:
+        keep = -1
+    if keep < 0:
+        raise ConfigError(f"invalid {variable}={raw!r}: must be seconds, 0 or more")
+    return to_ms(keep)
 
 
 def now_ms() -> int:
@@ -738,7 +923,7 @@ class JobContext:
             logging.getLogger(f"worker.job.{job.type}"),
             {"job_id": job.id, "job_type": job.type, "attempt": job.attempt},
         )
-        self._producer = producer
+        self.producer = producer
 
     @property
     def id(self) -> int:
@@ -754,7 +939,7 @@ class JobContext:
 
     def enqueue(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
         """Schedule a follow-up job (committed at once, on this thread's connection)."""
-        return self._producer.enqueue(type, data, **options)
+        return self.producer.enqueue(type, data, **options)
 
 
 @dataclasses.dataclass
@@ -797,13 +982,27 @@ UPDATE worker_jobs
  WHERE id = :id AND status = 'running' AND owner = :owner
 """
 
-# OR IGNORE: a newer pending job with the same tag supersedes the retry.
+# OR IGNORE: a newer pending job with the same tag supersedes the retry.  A
+# retry keeps the cron slot of the run it repeats.
 RETRY_SQL = """
 INSERT OR IGNORE INTO worker_jobs
-       (type, data, queue, priority, due, tag, attempt, cron_schedule, rescheduled_from_job,
-        created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
-SELECT type, data, queue, priority, :due, tag, attempt + 1, cron_schedule, id,
-       :now, :deaths, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent
+       (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
+        rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
+        keep_ms, persistent)
+SELECT type, data, queue, priority, :due, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
+       id, :now, :deaths, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent
+  FROM worker_jobs WHERE id = :id
+"""
+
+# The next run of a recurring job: a fresh chain (attempt 1, no deaths) for the
+# next slot.  OR IGNORE: when another writer already made the pending row for
+# this tag (a worker syncing a changed schedule), that one stands.
+NEXT_CRON_RUN_SQL = """
+INSERT OR IGNORE INTO worker_jobs
+       (type, data, queue, priority, due, tag, cron_schedule, cron_timezone, cron_slot,
+        rescheduled_from_job, created_at, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
+SELECT type, data, queue, priority, :due, tag, cron_schedule, cron_timezone, :due,
+       id, :now, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent
   FROM worker_jobs WHERE id = :id
 """
 
@@ -852,6 +1051,9 @@ class Worker:
         poll_interval: float = POLL_INTERVAL,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        cron: bool = True,
+        keep_succeeded: Seconds | None = None,
+        keep_failed: Seconds | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
@@ -869,6 +1071,9 @@ class Worker:
         self.poll_interval = poll_interval
         self.clock = clock
         self.rng = rng or random.Random()
+        self.cron = cron
+        self.keep_succeeded_ms = default_keep_ms(succeeded=True) if keep_succeeded is None else to_ms(keep_succeeded)
+        self.keep_failed_ms = default_keep_ms(succeeded=False) if keep_failed is None else to_ms(keep_failed)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.owner = secrets.token_hex(8)
         self.app = SimpleNamespace()
@@ -927,9 +1132,41 @@ class Worker:
         if self._started_up:
             return
         self.conn  # noqa: B018 -- fail early, before any hook runs, if the database is unusable
+        if self.cron:
+            self.sync_cron()
         for hook in STARTUP_HOOKS:
             hook(self.app)
         self._started_up = True
+
+    def sync_cron(self, now: int | None = None) -> None:
+        """Give every job declared with ``cron=`` exactly one pending row.
+
+        In one write transaction per job, so workers starting together create
+        one row between them; a row with another expression is replaced.
+        """
+        now = self.now() if now is None else now
+        for job_type in list(REGISTRY.values()):
+            if job_type.cron is None:
+                continue
+            tag = job_type.cron_tag
+            with immediate(self.conn):
+                row = self.conn.execute(PENDING_WITH_TAG_SQL, {"tag": tag}).fetchone()
+                pending = Job.from_row(row) if row else None
+                if pending and (pending.cron_schedule, pending.cron_timezone) == (job_type.cron, job_type.timezone):
+                    continue
+                due = first_free_cron_slot(self.conn, tag, job_type.cron, job_type.timezone, now)
+                row = self.producer._new_row(
+                    job_type.name, None, at=due / 1000, tag=tag, cron=job_type.cron, timezone=job_type.timezone, now=now
+                )
+                scheduled = self.producer._insert(self.conn, row, "replace")
+            logger.info(
+                "cron job %s (%s%s): next run %d due %s",
+                job_type.name,
+                job_type.cron,
+                f" {job_type.timezone}" if job_type.timezone else "",
+                scheduled.id,
+                _iso(scheduled.due),
+            )
 
     def close(self) -> None:
         """Run the @on_shutdown hooks and close the connections."""
@@ -1016,50 +1253,46 @@ class Worker:
 
     def _finish(self, outcome: Outcome, now: int) -> list[_Note]:
         job = outcome.job
-        extra = {"job_id": job.id, "job_type": job.type, "attempt": job.attempt}
         status = "succeeded" if outcome.succeeded else "failed"
-        keep = KEEP_SUCCEEDED if outcome.succeeded else KEEP_FAILED
-        params = {
-            "id": job.id,
-            "owner": self.owner,
-            "status": status,
-            "now": now,
-            "result": outcome.result,
-            "error": outcome.error,
-            "keep_ms": to_ms(keep),
-        }
+        default_keep = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
+        params = {"id": job.id, "owner": self.owner, "status": status, "now": now, "result": outcome.result,
+                  "error": outcome.error, "keep_ms": _first(_job_type(job).keep_ms, default_keep)}  # fmt: skip
         self.conn.execute(FINISH_SQL, params)
         if self.conn.changes() == 0:
-            return [
-                _Note(
-                    logging.WARNING,
-                    "job %d %s: result discarded, this worker no longer holds it "
-                    "(its lease expired and it was rescued, or it was given back)",
-                    (job.id, job.type),
-                    dict(extra, action="discarded"),
-                )
-            ]
+            message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
+            return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
         if outcome.succeeded:
-            return [
-                _Note(
-                    logging.INFO,
-                    "job %d %s succeeded in %.1f ms (attempt %d)",
-                    (job.id, job.type, outcome.seconds * 1000, job.attempt),
-                    dict(extra, action="succeeded"),
-                )
-            ]
+            message = "job %d %s succeeded in %.1f ms (attempt %d)"
+            notes = [_Note.about(job, "succeeded", logging.INFO, message, job.id, job.type, outcome.seconds * 1000,
+                                 job.attempt)]  # fmt: skip
+            return notes + self._schedule_next_cron_run(job, now)
         retry = self._schedule_retry(job, now, deaths=job.deaths)
         level = logging.ERROR if outcome.kind in ("timeout", "unknown") else logging.WARNING
         summary = outcome.error.splitlines()[0] if outcome.error else "failed"
         then = f"retry {retry[0]} due in {retry[1] / 1000:.1f} s" if retry else "no retry left"
-        return [
-            _Note(
-                level,
-                "job %d %s failed (attempt %d): %s; %s\n%s",
-                (job.id, job.type, job.attempt, summary, then, outcome.error),
-                dict(extra, action="failed"),
-            )
-        ]
+        message = "job %d %s failed (attempt %d): %s; %s\n%s"
+        notes = [_Note.about(job, "failed", level, message, job.id, job.type, job.attempt, summary, then,
+                             outcome.error)]  # fmt: skip
+        return notes + ([] if retry else self._schedule_next_cron_run(job, now))
+
+    def _schedule_next_cron_run(self, job: Job, now: int) -> list[_Note]:
+        """After the last attempt of a recurring job's run: insert the run for the next slot."""
+        if not job.cron_schedule:
+            return []
+        try:
+            due, skipped = next_cron_due(job.cron_schedule, job.cron_timezone, _first(job.cron_slot, job.due), now)
+        except ValueError as e:
+            return [_Note.about(job, "cron", logging.ERROR, "job %d %s: no next run: %s", job.id, job.type, e)]
+        self.conn.execute(NEXT_CRON_RUN_SQL, {"id": job.id, "due": due, "now": now})
+        if self.conn.changes() == 0:
+            return []  # another writer already holds the pending row of this schedule
+        self._next_due = min(self._next_due, due)
+        next_id = self.conn.last_insert_rowid()
+        if skipped:
+            message = "job %d %s: missed cron slots skipped (not run late); next run %d due %s"
+            return [_Note.about(job, "cron", logging.WARNING, message, job.id, job.type, next_id, _iso(due))]
+        message = "job %d %s: next run %d due %s"
+        return [_Note.about(job, "cron", logging.DEBUG, message, job.id, job.type, next_id, _iso(due))]
 
     def _schedule_retry(self, job: Job, now: int, *, deaths: int, at_once: bool = False) -> tuple[int, int] | None:
         """Insert the next attempt if the policy allows; returns (its id, delay ms)."""
@@ -1101,28 +1334,25 @@ class Worker:
         lost = [Job.from_row(row) for row in self.conn.execute(EXPIRED_LEASES_SQL, {"now": now})]
         for job in lost:
             deaths = job.deaths + 1
-            if deaths >= self.max_deaths:
-                error = (
-                    f"worker died {deaths} times running this job; giving up "
-                    f"(last: lease of worker {job.worker} expired)"
-                )
+            poisoned = deaths >= self.max_deaths
+            if poisoned:
+                error = f"worker died {deaths} times running this job; giving up (last: worker {job.worker})"
             else:
                 error = f"worker lost: lease expired (worker {job.worker})"
-            self.conn.execute(RESCUE_SQL, {"id": job.id, "now": now, "error": error, "keep_ms": to_ms(KEEP_FAILED)})
+            keep_ms = _first(_job_type(job).keep_ms, self.keep_failed_ms)
+            self.conn.execute(RESCUE_SQL, {"id": job.id, "now": now, "error": error, "keep_ms": keep_ms})
             if self.conn.changes() == 0:
                 continue
             # A worker's death is not the job's failure: retry at once, whatever
             # max_attempts says, until the chain has killed max_deaths workers.
-            retry = self._schedule_retry(job, now, deaths=deaths, at_once=True) if deaths < self.max_deaths else None
+            retry = None if poisoned else self._schedule_retry(job, now, deaths=deaths, at_once=True)
             then = f"retry {retry[0]} due now" if retry else "no retry"
+            message = "job %d %s failed (attempt %d): %s; %s"
             notes.append(
-                _Note(
-                    logging.ERROR,
-                    "job %d %s failed (attempt %d): %s; %s",
-                    (job.id, job.type, job.attempt, error, then),
-                    {"job_id": job.id, "job_type": job.type, "action": "rescued"},
-                )
+                _Note.about(job, "rescued", logging.ERROR, message, job.id, job.type, job.attempt, error, then)
             )
+            if not retry:
+                notes += self._schedule_next_cron_run(job, now)
         return notes
 
     def give_back(self, jobs: Iterable[Job]) -> None:
@@ -1131,12 +1361,8 @@ class Worker:
             for job in jobs:
                 self.conn.execute(GIVE_BACK_SQL, {"id": job.id, "owner": self.owner})
                 if self.conn.changes():
-                    logger.warning(
-                        "job %d %s given back: still running at shutdown",
-                        job.id,
-                        job.type,
-                        extra={"job_id": job.id, "job_type": job.type, "action": "given_back"},
-                    )
+                    message = "job %d %s given back: still running at shutdown"
+                    _emit([_Note.about(job, "given_back", logging.WARNING, message, job.id, job.type)])
 
     def work(self) -> int:
         """One synchronous step: rescue if due, claim, run here, record.  Returns jobs run."""
@@ -1342,6 +1568,15 @@ class _Note:
     args: tuple[Any, ...]
     extra: dict[str, Any]
 
+    @classmethod
+    def about(cls, job: Job, action: str, level: int, message: str, *args: Any) -> _Note:
+        return cls(level, message, args, {"job_id": job.id, "job_type": job.type, "attempt": job.attempt,
+                                          "action": action})  # fmt: skip
+
+
+def _iso(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+
 
 def _emit(notes: list[_Note]) -> None:
     for note in notes:
@@ -1360,6 +1595,17 @@ def _job_type(job: Job) -> JobType:
 
 def _describe_exception(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error))
+
+
+# --- Built-in jobs ----------------------------------------------------------------
+
+
+@job(cron="0 * * * *")
+def remove_old_jobs(ctx: JobContext) -> int:
+    """Hourly: delete finished rows whose retention ran out (``worker prune`` on demand)."""
+    removed = ctx.producer.prune()
+    ctx.logger.info("removed %d finished rows past their retention", removed)
+    return removed
 
 
 # --- Process supervision --------------------------------------------------------
@@ -1444,6 +1690,9 @@ ENVIRONMENT = {
         "WORKER_MAX_DEATHS",
         f"worker deaths before a job is failed as poison (default {DEFAULT_MAX_DEATHS})",
     ),
+    "no_cron": ("WORKER_NO_CRON", "do not create the pending rows of jobs declared with cron= (default: do)"),
+    "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
+    "keep_failed": ("WORKER_KEEP_FAILED", "seconds a failed or cancelled row is kept (default 30 days)"),
     "log_level": ("WORKER_LOG_LEVEL", "the worker's own log threshold: DEBUG, INFO, WARNING, ERROR (default INFO)"),
     "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
 }
@@ -1478,6 +1727,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lease", type=float, help=_option_help("lease"))
     run.add_argument("--shutdown-timeout", type=float, help=_option_help("shutdown_timeout"))
     run.add_argument("--max-deaths", type=int, help=_option_help("max_deaths"))
+    run.add_argument("--no-cron", action="store_const", const=True, help=_option_help("no_cron"))
+    run.add_argument("--keep-succeeded", type=float, help=_option_help("keep_succeeded"))
+    run.add_argument("--keep-failed", type=float, help=_option_help("keep_failed"))
     run.add_argument("--burst", action="store_true", help="exit 0 once no job is due and none is running")
 
     enqueue = commands.add_parser("enqueue", help="schedule a job and print its id")
@@ -1489,6 +1741,16 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--at", help="ISO 8601 time (naive means UTC)")
     enqueue.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     enqueue.add_argument("--queue", help="queue name (default: the job type's, else 'default')")
+    enqueue.add_argument("--tag", help="at most one pending job per tag")
+    enqueue.add_argument(
+        "--on-conflict", choices=("replace", "ignore"), default="replace", help="when the tag has a pending job"
+    )
+    enqueue.add_argument("--cron", help="make it recurring: 5 fields, or 6 with seconds first (tag: cron:TYPE)")
+    enqueue.add_argument("--timezone", help="of --cron (default UTC)")
+
+    prune = commands.add_parser("prune", help="delete finished rows past their retention; print how many")
+    common(prune)
+    prune.add_argument("--dry-run", action="store_true", help="only count them")
     return parser
 
 
@@ -1551,6 +1813,11 @@ def main(argv: list[str] | None = None) -> int:
         load_jobs(jobs_module)
         if args.command == "enqueue":
             return _enqueue_command(args, db)
+        if args.command == "prune":
+            with Queue(db) as producer:
+                count = producer.prune(dry_run=args.dry_run)
+            print(f"{'would remove' if args.dry_run else 'removed'} {count} rows")
+            return EXIT_OK
         return _run_command(args, db, jobs_module)
     except ConfigError as e:
         print(f"worker: {e}", file=sys.stderr)
@@ -1573,10 +1840,22 @@ def _enqueue_command(args: argparse.Namespace, db: str) -> int:
     except json.JSONDecodeError as e:
         raise InvalidJobData(f"--data is not valid JSON: {e}") from e
     at = datetime.fromisoformat(args.at) if args.at else None
+    options = {"priority": args.priority, "queue": args.queue, "tag": args.tag}
     with Queue(db) as producer:
-        new = producer.enqueue(args.type, data, delay=args.delay, at=at, priority=args.priority, queue=args.queue)
+        if args.cron:
+            new = producer.schedule_cron(args.type, args.cron, data, timezone=args.timezone, **options)
+        else:
+            new = producer.enqueue(args.type, data, delay=args.delay, at=at, on_conflict=args.on_conflict, **options)
     print(new.id)
     return EXIT_OK
+
+
+def _flag(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use 1/true/yes or 0/false/no")
 
 
 def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -1596,7 +1875,10 @@ def _run_command(args: argparse.Namespace, db: str, jobs_module: str) -> int:
         "lease": _setting(args, "lease", _positive(float), DEFAULT_LEASE),
         "shutdown_timeout": _setting(args, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT),
         "max_deaths": _setting(args, "max_deaths", _positive(int), DEFAULT_MAX_DEATHS),
+        "keep_succeeded": _setting(args, "keep_succeeded", float, None),
+        "keep_failed": _setting(args, "keep_failed", float, None),
     }
+    no_cron = _setting(args, "no_cron", _flag, False)
     worker = Worker(
         db,
         concurrency=settings["concurrency"],
@@ -1604,6 +1886,9 @@ def _run_command(args: argparse.Namespace, db: str, jobs_module: str) -> int:
         lease=settings["lease"],
         shutdown_timeout=settings["shutdown_timeout"],
         max_deaths=settings["max_deaths"],
+        keep_succeeded=settings["keep_succeeded"],
+        keep_failed=settings["keep_failed"],
+        cron=not no_cron,
         burst=args.burst,
     )
     processes = _setting(args, "processes", _positive(int), 1)
@@ -1615,9 +1900,9 @@ def _run_command(args: argparse.Namespace, db: str, jobs_module: str) -> int:
         check.close()
         child_args = ["--db", db, "--jobs", jobs_module]
         for dest, value in settings.items():
-            child_args += [f"--{dest.replace('_', '-')}", str(value)]
-        if args.burst:
-            child_args.append("--burst")
+            if value is not None:
+                child_args += [f"--{dest.replace('_', '-')}", str(value)]
+        child_args += ["--burst"] * args.burst + ["--no-cron"] * no_cron
         return supervise(child_args, processes, worker.shutdown_timeout)
 
     signals_seen = 0
