@@ -84,6 +84,26 @@ CREATE INDEX IF NOT EXISTS worker_jobs_tag_slot
 CREATE INDEX IF NOT EXISTS worker_jobs_remove_at
     ON worker_jobs (remove_at) WHERE remove_at IS NOT NULL;
 
+-- Finished in the last hour, for `worker status` without a full scan.
+CREATE INDEX IF NOT EXISTS worker_jobs_finished
+    ON worker_jobs (finished) WHERE finished IS NOT NULL;
+
 -- Following a chain of retries / cron runs forward.
 CREATE INDEX IF NOT EXISTS worker_jobs_chain
     ON worker_jobs (rescheduled_from_job) WHERE rescheduled_from_job IS NOT NULL;
+
+-- One row per live worker process: written at start, refreshed by its
+-- heartbeat, deleted on a clean exit.  A row whose last_seen is older than the
+-- lease belongs to a process that died; `worker status` shows it as stale.
+CREATE TABLE IF NOT EXISTS worker_processes (
+    id          TEXT    PRIMARY KEY,   -- the worker's owner token (worker_jobs.owner)
+    host        TEXT    NOT NULL,
+    pid         INTEGER NOT NULL,
+    started     INTEGER NOT NULL,      -- epoch ms
+    last_seen   INTEGER NOT NULL,      -- epoch ms of its last heartbeat
+    lease_ms    INTEGER NOT NULL,      -- its lease: last_seen older than this is stale
+    concurrency INTEGER NOT NULL,
+    running     INTEGER NOT NULL DEFAULT 0,
+    queues      TEXT,                  -- comma-separated, NULL for all
+    version     TEXT    NOT NULL
+) STRICT;

@@ -81,6 +81,7 @@ DEFAULT_RETRY_DELAY = 10.0
 DEFAULT_BACKOFF = 2.0
 RETRY_JITTER = 0.1  # +-10 %, so a burst of failures does not retry in lockstep
 MAX_RETRY_DELAY = 3600.0  # backoff growth stops at an hour
+DAY_MS = 86_400_000
 KEEP_SUCCEEDED = 7 * 86400.0
 KEEP_FAILED = 30 * 86400.0
 POLL_INTERVAL = 0.005  # how often an idle worker looks for commits by others
@@ -405,6 +406,22 @@ def load_jobs(spec: str) -> ModuleType:
 # --- The database ---------------------------------------------------------------
 
 
+def connect_readonly(path: str | os.PathLike[str]) -> apsw.Connection:
+    """Open an existing database only to read it (status, jobs, show, the dashboard)."""
+    path = os.fspath(path)
+    if not Path(path).is_file():
+        raise DatabaseUnusable(f"cannot open database {path}: no such file")
+    try:
+        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+        version = _user_version(conn)
+    except apsw.Error as e:
+        raise DatabaseUnusable(f"cannot use database {path}: {_sqlite_message(e)}") from e
+    if version != schema_version():
+        raise DatabaseUnusable(f"database {path} has schema version {version}, not {schema_version()}: run the worker")
+    return conn
+
+
 def connect(path: str | os.PathLike[str]) -> apsw.Connection:
     """Open the database for writing in WAL mode; DatabaseUnusable if it can't be."""
     path = os.fspath(path)
@@ -546,6 +563,27 @@ PENDING_WITH_TAG_SQL = f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE tag = :t
 
 # The newest slot of a schedule that was (or is being) run; walks the tag index
 # backwards, so it stops after a row or two however long the history.
+# A manual retry: the next attempt of a failed or cancelled row that no retry
+# followed (a retry has a higher attempt; the next cron run starts at 1).  A cron
+# run is retried without its schedule, which has its own pending row; OR IGNORE:
+# a tag that already has a pending row wins.
+MANUAL_RETRY_SQL = """
+INSERT OR IGNORE INTO worker_jobs
+       (type, data, queue, priority, due, tag, attempt, rescheduled_from_job, created_at, max_attempts,
+        retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
+SELECT type, data, queue, priority, :now, CASE WHEN cron_schedule IS NULL THEN tag END, attempt + 1, id, :now,
+       max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent
+  FROM worker_jobs AS old
+ WHERE id = :id AND status IN ('failed', 'cancelled')
+   AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+"""
+RETRYABLE_FAILED_SQL = """
+SELECT id FROM worker_jobs AS old
+ WHERE status = 'failed' AND (:type IS NULL OR type = :type)
+   AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+ ORDER BY id
+"""
+
 LAST_CRON_SLOT_SQL = """
 SELECT cron_slot FROM worker_jobs
  WHERE tag = :tag AND cron_slot IS NOT NULL AND status IN ('running', 'succeeded', 'failed')
@@ -752,6 +790,27 @@ class Queue:
         params = {"id": id, "now": now_ms() if now is None else now}
         with self._transaction() as conn:
             return self._cancel(conn, "id = :id", params, reason) == 1
+
+    def retry(self, id: int, *, now: int | None = None) -> Job | None:
+        """Run a failed or cancelled job again now, as a new row in its chain; None if it can't be.
+
+        Only the newest row of a chain is retried (one that nothing was
+        rescheduled from).  A recurring run is retried once, outside its schedule.
+        """
+        params = {"id": id, "now": now_ms() if now is None else now}
+        with self._transaction() as conn:
+            cursor = conn.execute(MANUAL_RETRY_SQL, params)
+            if _changes(conn, cursor) == 0:
+                return None
+            new_id = _last_rowid(conn, cursor)
+            return Job.from_row(
+                conn.execute(f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE id = ?", (new_id,)).fetchone()
+            )
+
+    def retry_failed(self, *, type: str | None = None, now: int | None = None) -> list[Job]:
+        """Retry every failed job (of one type) whose chain ended in failure."""
+        ids = [row[0] for row in self._conn().execute(RETRYABLE_FAILED_SQL, {"type": type})]
+        return [retried for id in ids if (retried := self.retry(id, now=now)) is not None]
 
     def prune(self, *, now: int | None = None, dry_run: bool = False, batch_size: int = PRUNE_BATCH_SIZE) -> int:
         """Delete finished rows whose ``remove_at`` has passed; returns how many (would) go.
@@ -1023,6 +1082,15 @@ UPDATE worker_jobs
  WHERE id = :id AND status = 'running' AND lease_until < :now
 """
 
+REGISTER_PROCESS_SQL = """
+INSERT OR REPLACE INTO worker_processes (id, host, pid, started, last_seen, lease_ms, concurrency, running, queues,
+                                         version)
+VALUES (:id, :host, :pid, :now, :now, :lease_ms, :concurrency, 0, :queues, :version)
+"""
+PROCESS_HEARTBEAT_SQL = "UPDATE worker_processes SET last_seen = :now, running = :running WHERE id = :id"
+# Rows of processes gone for a day are of no more use to anyone reading status.
+FORGET_PROCESSES_SQL = "DELETE FROM worker_processes WHERE id = :id OR last_seen < :long_ago"
+
 GIVE_BACK_SQL = """
 UPDATE worker_jobs
    SET status = 'pending', started = NULL, worker = NULL, owner = NULL, lease_until = NULL
@@ -1134,6 +1202,15 @@ class Worker:
         self.conn  # noqa: B018 -- fail early, before any hook runs, if the database is unusable
         if self.cron:
             self.sync_cron()
+        now = self.now()
+        with immediate(self.conn):
+            self.conn.execute(FORGET_PROCESSES_SQL, {"id": self.owner, "long_ago": now - DAY_MS})
+            self.conn.execute(
+                REGISTER_PROCESS_SQL,
+                {"id": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "now": now,
+                 "lease_ms": self.lease_ms, "concurrency": self.concurrency,
+                 "queues": ",".join(self.queues) if self.queues else None, "version": __version__},
+            )  # fmt: skip
         for hook in STARTUP_HOOKS:
             hook(self.app)
         self._started_up = True
@@ -1180,6 +1257,8 @@ class Worker:
         if self._producer is not None:
             self._producer.close()
         if self._conn is not None and self._pid == os.getpid():
+            with contextlib.suppress(apsw.Error):  # a stale row is harmless; status shows it as such
+                self._conn.execute(FORGET_PROCESSES_SQL, {"id": self.owner, "long_ago": 0})
             self._conn.close()
         self._conn = None
 
@@ -1317,9 +1396,11 @@ class Worker:
         return round(delay * self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
 
     def heartbeat(self, now: int | None = None) -> None:
-        """Extend the lease of every job this worker is running."""
+        """Extend the lease of every job this worker is running, and say it is alive."""
         now = self.now() if now is None else now
-        self.conn.execute(HEARTBEAT_SQL, {"lease_until": now + self.lease_ms, "owner": self.owner})
+        with immediate(self.conn):
+            self.conn.execute(HEARTBEAT_SQL, {"lease_until": now + self.lease_ms, "owner": self.owner})
+            self.conn.execute(PROCESS_HEARTBEAT_SQL, {"id": self.owner, "now": now, "running": len(self._running)})
 
     def rescue(self, now: int | None = None) -> int:
         """Fail running rows whose lease expired (their worker died) and retry them."""
@@ -1528,8 +1609,7 @@ class Worker:
     def _housekeeping(self, now: int) -> None:
         try:
             if now >= self._next_heartbeat:
-                if self._running:
-                    self.heartbeat(now)
+                self.heartbeat(now)
                 self._next_heartbeat = now + self.lease_ms // 3
             if now >= self._next_rescue:
                 self.rescue(now)
@@ -1595,6 +1675,241 @@ def _job_type(job: Job) -> JobType:
 
 def _describe_exception(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error))
+
+
+# --- Operating: what `worker status / jobs / show` and the dashboard read ---------
+
+PENDING_BY_QUEUE_SQL = """
+SELECT queue, sum(due <= :now), sum(due > :now), min(CASE WHEN due <= :now THEN due END)
+  FROM worker_jobs WHERE status = 'pending' GROUP BY queue
+"""
+RUNNING_BY_QUEUE_SQL = "SELECT queue, count(*) FROM worker_jobs WHERE status = 'running' GROUP BY queue"
+FINISHED_SINCE_SQL = """
+SELECT queue, status, count(*) FROM worker_jobs WHERE finished >= :since GROUP BY queue, status
+"""
+CRON_PENDING_SQL = f"""
+SELECT {SELECT_COLUMNS} FROM worker_jobs
+ WHERE status = 'pending' AND cron_schedule IS NOT NULL ORDER BY due
+"""
+LAST_CRON_RUN_SQL = f"""
+SELECT {SELECT_COLUMNS} FROM worker_jobs
+ WHERE tag = :tag AND cron_slot IS NOT NULL AND status IN ('running', 'succeeded', 'failed')
+ ORDER BY cron_slot DESC, id DESC LIMIT 1
+"""
+CHAIN_SQL = f"""
+WITH RECURSIVE
+  back(id, parent) AS (
+    SELECT id, rescheduled_from_job FROM worker_jobs WHERE id = :id
+    UNION SELECT w.id, w.rescheduled_from_job FROM worker_jobs w JOIN back ON w.id = back.parent),
+  forward(id) AS (
+    SELECT :id UNION SELECT w.id FROM worker_jobs w JOIN forward ON w.rescheduled_from_job = forward.id)
+SELECT {SELECT_COLUMNS} FROM worker_jobs
+ WHERE id IN (SELECT id FROM back UNION SELECT id FROM forward) ORDER BY id
+"""
+CHAIN_LIMIT = 1000
+
+
+def status(conn: apsw.Connection, *, now: int | None = None) -> dict[str, Any]:
+    """The state of the worker: queues, worker processes and cron jobs, from indexed queries only."""
+    now = now_ms() if now is None else now
+    path = conn.filename
+    queues: dict[str, dict[str, Any]] = {}
+
+    def of(name: str) -> dict[str, Any]:
+        counts = {"pending_due": 0, "pending_later": 0, "running": 0, "succeeded_last_hour": 0,
+                  "failed_last_hour": 0, "cancelled_last_hour": 0, "oldest_waiting_seconds": None}  # fmt: skip
+        return queues.setdefault(name, {"queue": name, **counts})
+
+    for name, due, later, oldest in conn.execute(PENDING_BY_QUEUE_SQL, {"now": now}):
+        entry = of(name)
+        entry.update(pending_due=due, pending_later=later)
+        entry["oldest_waiting_seconds"] = None if oldest is None else (now - oldest) / 1000
+    for name, count in conn.execute(RUNNING_BY_QUEUE_SQL):
+        of(name)["running"] = count
+    for name, state, count in conn.execute(FINISHED_SINCE_SQL, {"since": now - 3_600_000}):
+        of(name)[f"{state}_last_hour"] = count
+    workers = []
+    for row in conn.execute("SELECT * FROM worker_processes ORDER BY started"):
+        process = dict(zip(("id", "host", "pid", "started", "last_seen", "lease_ms", "concurrency", "running",
+                            "queues", "version"), row, strict=True))  # fmt: skip
+        process["heartbeat_age_seconds"] = (now - process["last_seen"]) / 1000
+        process["fresh"] = now - process["last_seen"] <= process["lease_ms"]
+        workers.append(process)
+    cron = []
+    for row in conn.execute(CRON_PENDING_SQL):
+        pending = Job.from_row(row)
+        last_row = conn.execute(LAST_CRON_RUN_SQL, {"tag": pending.tag}).fetchone() if pending.tag else None
+        last = Job.from_row(last_row) if last_row else None
+        cron.append({"type": pending.type, "tag": pending.tag, "schedule": pending.cron_schedule,
+                     "timezone": pending.cron_timezone or "UTC", "next_job": pending.id, "next_due": pending.due,
+                     "last_job": last and last.id, "last_status": last and last.status,
+                     "last_finished": last and last.finished})  # fmt: skip
+    wal = Path(f"{path}-wal")
+    return {
+        "database": path,
+        "schema_version": _user_version(conn),
+        "sqlite_version": apsw.sqlite_lib_version(),
+        "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+        "now": now,
+        "queues": sorted(queues.values(), key=lambda q: q["queue"]),
+        "workers": workers,
+        "cron": cron,
+        "healthy": any(process["fresh"] for process in workers),
+    }
+
+
+def list_jobs(
+    conn: apsw.Connection,
+    *,
+    status: str | None = None,
+    type: str | None = None,
+    queue: str | None = None,
+    limit: int = 50,
+) -> list[Job]:
+    """Rows, newest first, filtered by status, type and queue."""
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
+    sql = f"""
+        SELECT {SELECT_COLUMNS} FROM worker_jobs
+         WHERE (:status IS NULL OR status = :status) AND (:type IS NULL OR type = :type)
+           AND (:queue IS NULL OR queue = :queue)
+         ORDER BY id DESC LIMIT :limit
+    """
+    params = {"status": status, "type": type, "queue": queue, "limit": limit}
+    return [Job.from_row(row) for row in conn.execute(sql, params)]
+
+
+def job_chain(conn: apsw.Connection, id: int) -> list[Job]:
+    """The job's whole chain (retries and cron runs it came from and led to), oldest first."""
+    rows = conn.execute(CHAIN_SQL + f" LIMIT {CHAIN_LIMIT}", {"id": id}).fetchall()
+    return [Job.from_row(row) for row in rows]
+
+
+def job_as_dict(job: Job) -> dict[str, Any]:
+    """A row as plain JSON-ready data."""
+    return dataclasses.asdict(job)
+
+
+def _colour(text: str, state: str, enabled: bool) -> str:
+    codes = {"succeeded": "32", "failed": "31", "running": "36", "cancelled": "90", "pending": "33",
+             "stale": "31", "fresh": "32"}  # fmt: skip
+    return f"\033[{codes[state]}m{text}\033[0m" if enabled and state in codes else text
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[("" if value is None else str(value)) for value in row] for row in rows]
+    widths = [max([len(h)] + [len(_strip_ansi(row[i])) for row in cells]) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v + " " * (w - len(_strip_ansi(v))) for v, w in zip(values, widths, strict=True)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(row) for row in cells)])
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\033\[[0-9;]*m", "", text)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if abs(seconds) < 120:
+        return f"{seconds:.1f}s"
+    if abs(seconds) < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _when(epoch_ms: int | None) -> str:
+    return "-" if epoch_ms is None else _iso(epoch_ms).replace("+00:00", "Z")
+
+
+def format_status(report: dict[str, Any], colour: bool = False) -> str:
+    """``worker status`` for people."""
+    lines = [
+        f"database  {report['database']}  (schema {report['schema_version']}, SQLite {report['sqlite_version']}, "
+        f"WAL {report['wal_bytes'] / 1e6:.1f} MB)",
+        "",
+        _table(
+            ["queue", "due", "later", "running", "succeeded/1h", "failed/1h", "cancelled/1h", "oldest waiting"],
+            [
+                [
+                    q["queue"],
+                    q["pending_due"],
+                    q["pending_later"],
+                    q["running"],
+                    q["succeeded_last_hour"],
+                    q["failed_last_hour"],
+                    q["cancelled_last_hour"],
+                    _ago(q["oldest_waiting_seconds"]),
+                ]
+                for q in report["queues"]
+            ]
+            or [["(no jobs)", "", "", "", "", "", "", ""]],
+        ),
+        "",
+        _table(
+            ["worker", "pid", "started", "heartbeat", "state", "running", "concurrency", "queues"],
+            [
+                [
+                    w["host"],
+                    w["pid"],
+                    _when(w["started"]),
+                    _ago(w["heartbeat_age_seconds"]) + " ago",
+                    _colour("fresh" if w["fresh"] else "stale", "fresh" if w["fresh"] else "stale", colour),
+                    w["running"],
+                    w["concurrency"],
+                    w["queues"] or "all",
+                ]
+                for w in report["workers"]
+            ]
+            or [["(no workers)", "", "", "", "", "", "", ""]],
+        ),
+    ]
+    if report["cron"]:
+        lines += [
+            "",
+            _table(
+                ["cron job", "schedule", "timezone", "next run", "last run", "last status"],
+                [
+                    [
+                        c["type"],
+                        c["schedule"],
+                        c["timezone"],
+                        _when(c["next_due"]),
+                        _when(c["last_finished"]),
+                        _colour(c["last_status"] or "-", c["last_status"] or "", colour),
+                    ]
+                    for c in report["cron"]
+                ],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def format_jobs(jobs: list[Job], colour: bool = False) -> str:
+    """``worker jobs`` for people."""
+    rows = [[j.id, j.type, _colour(j.status, j.status, colour), j.queue, j.attempt, _when(j.due), _when(j.finished),
+             (j.error or "").split("\n", 1)[0][:60]] for j in jobs]  # fmt: skip
+    return _table(["id", "type", "status", "queue", "attempt", "due", "finished", "error"], rows)
+
+
+def format_job(job: Job, chain: list[Job], colour: bool = False) -> str:
+    """``worker show`` for people: the row, its data, result and error, and its chain."""
+    fields = [("id", job.id), ("type", job.type), ("status", _colour(job.status, job.status, colour)),
+              ("queue", job.queue), ("priority", job.priority), ("attempt", job.attempt), ("due", _when(job.due)),
+              ("started", _when(job.started)), ("finished", _when(job.finished)), ("worker", job.worker),
+              ("tag", job.tag), ("cron", job.cron_schedule and f"{job.cron_schedule} ({job.cron_timezone or 'UTC'})"),
+              ("from job", job.rescheduled_from_job), ("remove at", _when(job.remove_at))]  # fmt: skip
+    lines = [f"{name:<10} {value}" for name, value in fields if value is not None]
+    lines += ["", "data:", json.dumps(job.data, indent=2, sort_keys=True)]
+    if job.result is not None or job.status == "succeeded":
+        lines += ["", "result:", json.dumps(job.result, indent=2, sort_keys=True)]
+    if job.error:
+        lines += ["", "error:", job.error.rstrip()]
+    if len(chain) > 1:
+        lines += ["", "chain:", format_jobs(chain, colour)]
+    return "\n".join(lines)
 
 
 # --- Built-in jobs ----------------------------------------------------------------
@@ -1751,6 +2066,40 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="delete finished rows past their retention; print how many")
     common(prune)
     prune.add_argument("--dry-run", action="store_true", help="only count them")
+
+    state = commands.add_parser("status", help="queues, workers and cron jobs; exit 1 if no worker is alive")
+    state.add_argument("--db", help=_option_help("db"))
+    state.add_argument("--json", action="store_true", help="machine-readable output")
+    state.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+
+    listing = commands.add_parser("jobs", help="a table of rows, newest first")
+    listing.add_argument("--db", help=_option_help("db"))
+    listing.add_argument("--status", choices=STATUSES)
+    listing.add_argument("--type")
+    listing.add_argument("--queue")
+    listing.add_argument("--limit", type=int, default=50, help="default 50")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    show = commands.add_parser("show", help="one row with its data, result, error and chain")
+    show.add_argument("id", type=int)
+    show.add_argument("--db", help=_option_help("db"))
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+
+    retry = commands.add_parser("retry", help="run a failed job again as a new row of its chain")
+    retry.add_argument("id", type=int, nargs="?")
+    retry.add_argument("--failed", action="store_true", help="every failed job whose chain ended in failure")
+    retry.add_argument("--type", help="with --failed: only this type")
+    retry.add_argument("--db", help=_option_help("db"))
+
+    cancel = commands.add_parser("cancel", help="cancel a pending job")
+    cancel.add_argument("id", type=int)
+    cancel.add_argument("--db", help=_option_help("db"))
+
+    check = commands.add_parser("check", help="jobs module imports, cron expressions parse, schema is current")
+    check.add_argument("--db", help=_option_help("db"))
+    check.add_argument("--jobs", help=_option_help("jobs"))
+
+    commands.add_parser("schema", help="print the table definition (DDL) for other tools")
     return parser
 
 
@@ -1808,9 +2157,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         configure_logging(_setting(args, "log_level", str, "INFO"), _setting(args, "log_format", str, "text"))
-        db = args.db or resolve_db_path()
+        if args.command == "schema":
+            print(SCHEMA_PATH.read_text().rstrip() + f"\n\nPRAGMA user_version = {schema_version()};")
+            return EXIT_OK
+        db = getattr(args, "db", None) or resolve_db_path()
+        if args.command in OPERATING_COMMANDS:
+            return OPERATING_COMMANDS[args.command](args, db)
         jobs_module = _setting(args, "jobs", str, DEFAULT_JOBS_MODULE)
         load_jobs(jobs_module)
+        if args.command == "check":
+            return _check_command(db)
         if args.command == "enqueue":
             return _enqueue_command(args, db)
         if args.command == "prune":
@@ -1832,6 +2188,118 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("unexpected failure", exc_info=True)
         print(f"worker: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _colour_wanted() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _status_command(args: argparse.Namespace, db: str) -> int:
+    while True:
+        conn = connect_readonly(db)
+        try:
+            report = status(conn)
+        finally:
+            conn.close()
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[2J\033[H", end="")
+            print(format_status(report, _colour_wanted()))
+        if not args.watch:
+            return EXIT_OK if report["healthy"] else EXIT_FAILURE
+        sys.stdout.flush()
+        time.sleep(args.watch)
+
+
+def _jobs_command(args: argparse.Namespace, db: str) -> int:
+    conn = connect_readonly(db)
+    try:
+        found = list_jobs(conn, status=args.status, type=args.type, queue=args.queue, limit=args.limit)
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps([job_as_dict(j) for j in found], indent=2))
+    else:
+        print(format_jobs(found, _colour_wanted()))
+    return EXIT_OK
+
+
+def _show_command(args: argparse.Namespace, db: str) -> int:
+    conn = connect_readonly(db)
+    try:
+        chain = job_chain(conn, args.id)
+    finally:
+        conn.close()
+    found = next((j for j in chain if j.id == args.id), None)
+    if found is None:
+        print(f"worker: no job {args.id}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps({**job_as_dict(found), "chain": [job_as_dict(j) for j in chain]}, indent=2))
+    else:
+        print(format_job(found, chain, _colour_wanted()))
+    return EXIT_OK
+
+
+def _retry_command(args: argparse.Namespace, db: str) -> int:
+    if (args.id is None) == (not args.failed):
+        raise ConfigError("give a job id or --failed")
+    with Queue(db, check_types=False) as producer:
+        if args.failed:
+            retried = producer.retry_failed(type=args.type)
+            for each in retried:
+                print(f"job {each.rescheduled_from_job} retried as job {each.id}")
+            print(f"{len(retried)} jobs retried")
+            return EXIT_OK
+        new = producer.retry(args.id)
+        if new is None:
+            found = producer.get(args.id)
+            why = "no such job" if found is None else f"it is {found.status}"
+            if found is not None and found.status in ("failed", "cancelled"):
+                why = "it was already retried (retry the newest row of its chain)"
+            print(f"worker: cannot retry job {args.id}: {why}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"job {args.id} retried as job {new.id}")
+        return EXIT_OK
+
+
+def _cancel_command(args: argparse.Namespace, db: str) -> int:
+    with Queue(db, check_types=False) as producer:
+        if producer.cancel(args.id):
+            print(f"job {args.id} cancelled")
+            return EXIT_OK
+        found = producer.get(args.id)
+        why = "no such job" if found is None else f"it is {found.status}; only pending jobs can be cancelled"
+        print(f"worker: cannot cancel job {args.id}: {why}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _check_command(db: str) -> int:
+    """The jobs module imported (else we exited 2 already); now cron rows and the schema."""
+    conn = connect_readonly(db)
+    try:
+        for row in conn.execute("SELECT id, type, cron_schedule, cron_timezone FROM worker_jobs "
+                                "WHERE status = 'pending' AND cron_schedule IS NOT NULL"):  # fmt: skip
+            try:
+                check_cron(row[2], row[3])
+            except ValueError as e:
+                raise ConfigError(f"pending job {row[0]} {row[1]}: {e}") from e
+    finally:
+        conn.close()
+    declared = sorted(name for name, job_type in REGISTRY.items() if job_type.cron)
+    print(f"ok: {len(REGISTRY)} job types, {len(declared)} cron jobs, schema version {schema_version()}")
+    return EXIT_OK
+
+
+OPERATING_COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
+    "status": _status_command,
+    "jobs": _jobs_command,
+    "show": _show_command,
+    "retry": _retry_command,
+    "cancel": _cancel_command,
+}
 
 
 def _enqueue_command(args: argparse.Namespace, db: str) -> int:
