@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -349,7 +349,7 @@ def test_enqueue_returns_the_row_as_written(queue: Queue, clock: FakeClock, ok_j
 
 
 def test_enqueue_at_a_datetime(queue: Queue, ok_job: None) -> None:
-    moment = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    moment = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert queue.enqueue("add", {"a": 1, "b": 2}, at=moment).due == int(moment.timestamp() * 1000)
     naive_is_utc = queue.enqueue("add", {"a": 1, "b": 2}, at=moment.replace(tzinfo=None))
     assert naive_is_utc.due == int(moment.timestamp() * 1000)

@@ -55,12 +55,11 @@ import time
 import traceback
 import zoneinfo
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any, TypeVar, overload
 
-import apsw
 from croniter import CroniterError, croniter
 
 __version__ = "0.1.0"
@@ -136,7 +135,7 @@ def epoch_ms(moment: datetime | float) -> int:
     """A datetime (naive means UTC) or epoch seconds as epoch milliseconds."""
     if isinstance(moment, datetime):
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         return round(moment.timestamp() * 1000)
     return round(moment * 1000)
 
@@ -406,51 +405,74 @@ def load_jobs(spec: str) -> ModuleType:
 # --- The database ---------------------------------------------------------------
 
 
-def connect_readonly(path: str | os.PathLike[str]) -> apsw.Connection:
+def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     """Open an existing database only to read it (status, jobs, show, the dashboard)."""
     path = os.fspath(path)
     if not Path(path).is_file():
         raise DatabaseUnusable(f"cannot open database {path}: no such file")
     try:
-        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
-        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+        conn = _open(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
         version = _user_version(conn)
-    except apsw.Error as e:
-        raise DatabaseUnusable(f"cannot use database {path}: {_sqlite_message(e)}") from e
+    except sqlite3.Error as e:
+        raise DatabaseUnusable(f"cannot use database {path}: {e}") from e
     if version != schema_version():
         raise DatabaseUnusable(f"database {path} has schema version {version}, not {schema_version()}: run the worker")
     return conn
 
 
-def connect(path: str | os.PathLike[str]) -> apsw.Connection:
-    """Open the database for writing in WAL mode; DatabaseUnusable if it can't be."""
+def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """Open the database for writing in WAL mode; DatabaseUnusable if it can't be.
+
+    The engine uses the standard library's sqlite3, the same SQLite library the
+    app and its jobs use: two copies of SQLite in one process (say apsw's and
+    the stdlib's) each take POSIX locks on the file, and closing either one's
+    file drops the other's locks, which can corrupt the database.
+    """
     path = os.fspath(path)
     if path != ":memory:" and not path.startswith("file:"):
         directory = Path(path).resolve().parent
         if not directory.is_dir():
             raise DatabaseUnusable(f"cannot open database {path}: directory {directory} does not exist")
-    try:
-        conn = apsw.Connection(
-            path,
-            flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI,
-        )
-        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
-        if conn.readonly("main"):
+        # SQLite opens a file it may not write read-only and says so only at the
+        # first write (mid-job), so ask first.  access(), not open(): closing any
+        # descriptor of the file would drop the POSIX locks SQLite holds on it.
+        if Path(path).exists() and not os.access(path, os.W_OK):
             raise DatabaseUnusable(f"cannot use database {path}: it is read-only")
+    try:
+        conn = _open(path, uri=path.startswith("file:"))
         mode = _scalar(conn, "PRAGMA journal_mode = WAL")
         if mode != "wal" and path != ":memory:":
             raise DatabaseUnusable(f"cannot use database {path}: WAL mode refused (journal mode {mode})")
         # NORMAL in WAL mode: a power cut may lose the last commits, never corrupts.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
-    except apsw.Error as e:
-        raise DatabaseUnusable(f"cannot use database {path}: {_sqlite_message(e)}") from e
+    except sqlite3.Error as e:
+        raise DatabaseUnusable(f"cannot use database {path}: {e}") from e
     return conn
 
 
-def _sqlite_message(error: BaseException) -> str:
-    text = str(error)
-    return text.split(": ", 1)[1] if ": " in text and text.split(": ", 1)[0].endswith("Error") else text
+def _open(target: str, *, uri: bool) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; every write transaction
+    # here is an explicit BEGIN IMMEDIATE.  Each connection is used by one
+    # thread at a time (the worker's main loop, or one Queue thread).
+    return sqlite3.connect(
+        target,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        isolation_level=None,
+        check_same_thread=False,
+        uri=uri,
+        cached_statements=256,
+    )
+
+
+# SQLite's primary result codes that mean "try again later", not "this is wrong".
+TRANSIENT_ERRORS = {5: "busy", 6: "locked", 10: "I/O error", 13: "disk full"}
+
+
+def is_transient(error: BaseException) -> bool:
+    """A busy, locked, full or I/O-failing database: wait and retry, never give up the work."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in TRANSIENT_ERRORS
 
 
 def schema_sections() -> list[tuple[int, str]]:
@@ -465,7 +487,7 @@ def schema_version() -> int:
     return schema_sections()[-1][0]
 
 
-def apply_schema(conn: apsw.Connection) -> int:
+def apply_schema(conn: sqlite3.Connection) -> int:
     """Create or upgrade the table to this code's version; idempotent.  Returns it."""
     sections = schema_sections()
     latest = sections[-1][0]
@@ -480,16 +502,29 @@ def apply_schema(conn: apsw.Connection) -> int:
                 )
             for version, sql in sections:
                 if version > current:
-                    conn.execute(sql)
+                    for statement in _statements(sql):
+                        conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {int(latest)}")
-    except apsw.ReadOnlyError as e:
-        raise DatabaseUnusable(f"cannot create the schema: {_sqlite_message(e)}") from e
-    except (apsw.NotADBError, apsw.CorruptError, apsw.CantOpenError, apsw.IOError) as e:
-        raise DatabaseUnusable(f"cannot use database: {_sqlite_message(e)}") from e
+    except sqlite3.Error as e:
+        if is_transient(e):
+            raise
+        raise DatabaseUnusable(f"cannot create the schema: {e}") from e
     return latest
 
 
-def _user_version(conn: apsw.Connection) -> int:
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a SQL script, one at a time (executescript would COMMIT first)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip() and not all(line.strip().startswith("--") for line in pending.splitlines() if line.strip()):
+        raise ValueError(f"incomplete SQL statement in schema.sql: {pending.strip()[:80]}")
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
     version = int(_scalar(conn, "PRAGMA user_version"))
     latest = schema_version()
     if version > latest:
@@ -500,7 +535,7 @@ def _user_version(conn: apsw.Connection) -> int:
 
 
 @contextlib.contextmanager
-def immediate(conn: apsw.Connection) -> Iterator[apsw.Connection]:
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """A write transaction taken at once (BEGIN IMMEDIATE); rolled back on any error.
 
     Taking the write lock up front means a read-then-write can never fail with
@@ -516,19 +551,24 @@ def immediate(conn: apsw.Connection) -> Iterator[apsw.Connection]:
         raise
 
 
-def _scalar(conn: apsw.Connection, sql: str, params: Any = None) -> Any:
+def _scalar(conn: sqlite3.Connection, sql: str, params: Any = None) -> Any:
     """The first column of the first row (None when there is no row)."""
-    row = conn.execute(sql, params).fetchone()
+    row = conn.execute(sql, () if params is None else params).fetchone()
     return None if row is None else row[0]
 
 
+def _is_apsw(conn: Any) -> bool:
+    """A caller's apsw connection (accepted by Queue(conn); the engine itself uses sqlite3)."""
+    return type(conn).__module__ == "apsw"
+
+
 def _changes(conn: Any, cursor: Any) -> int:
-    """Rows changed by the last statement, for apsw and stdlib sqlite3 alike."""
-    return int(conn.changes() if isinstance(conn, apsw.Connection) else cursor.rowcount)
+    """Rows changed by the last statement, for stdlib sqlite3 and apsw alike."""
+    return int(conn.changes() if _is_apsw(conn) else cursor.rowcount)
 
 
 def _last_rowid(conn: Any, cursor: Any) -> int:
-    return conn.last_insert_rowid() if isinstance(conn, apsw.Connection) else cursor.lastrowid
+    return int(conn.last_insert_rowid() if _is_apsw(conn) else cursor.lastrowid)
 
 
 def resolve_db_path(environ: Mapping[str, str] | None = None) -> str:
@@ -623,12 +663,12 @@ class Queue:
 
     def __init__(
         self,
-        db: str | os.PathLike[str] | apsw.Connection | sqlite3.Connection,
+        db: str | os.PathLike[str] | sqlite3.Connection | Any,
         *,
         check_types: bool = True,
     ) -> None:
         self.check_types = check_types
-        if isinstance(db, (apsw.Connection, sqlite3.Connection)):
+        if isinstance(db, sqlite3.Connection) or _is_apsw(db):
             self.path: str | None = None
             self._caller_conn: Any = db
         else:
@@ -664,7 +704,7 @@ class Queue:
         if self._caller_conn is None:
             with immediate(conn):
                 yield conn
-        elif isinstance(conn, apsw.Connection):
+        elif _is_apsw(conn):
             with conn:  # a savepoint: nests inside the caller's transaction
                 yield conn
         else:
@@ -1152,7 +1192,7 @@ class Worker:
         self._next_due_sql = NEXT_DUE_SQL.format(queue_filter=queue_filter)
         self._queues_json = json.dumps(self.queues)
 
-        self._conn: apsw.Connection | None = None
+        self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._started_up = False
         self._running: dict[int, _Running] = {}
@@ -1174,7 +1214,7 @@ class Worker:
     # -- connection ---------------------------------------------------------------
 
     @property
-    def conn(self) -> apsw.Connection:
+    def conn(self) -> sqlite3.Connection:
         """This worker's own connection, opened (and the schema applied) on first use."""
         if self._conn is None:
             self._conn = connect(self.db)
@@ -1222,6 +1262,7 @@ class Worker:
         one row between them; a row with another expression is replaced.
         """
         now = self.now() if now is None else now
+        producer = self.producer  # opened before the transaction below, not inside it
         for job_type in list(REGISTRY.values()):
             if job_type.cron is None:
                 continue
@@ -1232,10 +1273,10 @@ class Worker:
                 if pending and (pending.cron_schedule, pending.cron_timezone) == (job_type.cron, job_type.timezone):
                     continue
                 due = first_free_cron_slot(self.conn, tag, job_type.cron, job_type.timezone, now)
-                row = self.producer._new_row(
+                row = producer._new_row(
                     job_type.name, None, at=due / 1000, tag=tag, cron=job_type.cron, timezone=job_type.timezone, now=now
                 )
-                scheduled = self.producer._insert(self.conn, row, "replace")
+                scheduled = producer._insert(self.conn, row, "replace")
             logger.info(
                 "cron job %s (%s%s): next run %d due %s",
                 job_type.name,
@@ -1257,7 +1298,7 @@ class Worker:
         if self._producer is not None:
             self._producer.close()
         if self._conn is not None and self._pid == os.getpid():
-            with contextlib.suppress(apsw.Error):  # a stale row is harmless; status shows it as such
+            with contextlib.suppress(sqlite3.Error):  # a stale row is harmless; status shows it as such
                 self._conn.execute(FORGET_PROCESSES_SQL, {"id": self.owner, "long_ago": 0})
             self._conn.close()
         self._conn = None
@@ -1336,8 +1377,7 @@ class Worker:
         default_keep = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
         params = {"id": job.id, "owner": self.owner, "status": status, "now": now, "result": outcome.result,
                   "error": outcome.error, "keep_ms": _first(_job_type(job).keep_ms, default_keep)}  # fmt: skip
-        self.conn.execute(FINISH_SQL, params)
-        if self.conn.changes() == 0:
+        if self.conn.execute(FINISH_SQL, params).rowcount == 0:
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
         if outcome.succeeded:
@@ -1362,11 +1402,11 @@ class Worker:
             due, skipped = next_cron_due(job.cron_schedule, job.cron_timezone, _first(job.cron_slot, job.due), now)
         except ValueError as e:
             return [_Note.about(job, "cron", logging.ERROR, "job %d %s: no next run: %s", job.id, job.type, e)]
-        self.conn.execute(NEXT_CRON_RUN_SQL, {"id": job.id, "due": due, "now": now})
-        if self.conn.changes() == 0:
+        cursor = self.conn.execute(NEXT_CRON_RUN_SQL, {"id": job.id, "due": due, "now": now})
+        if cursor.rowcount == 0:
             return []  # another writer already holds the pending row of this schedule
         self._next_due = min(self._next_due, due)
-        next_id = self.conn.last_insert_rowid()
+        next_id = cursor.lastrowid
         if skipped:
             message = "job %d %s: missed cron slots skipped (not run late); next run %d due %s"
             return [_Note.about(job, "cron", logging.WARNING, message, job.id, job.type, next_id, _iso(due))]
@@ -1380,11 +1420,11 @@ class Worker:
             if job.attempt >= max_attempts:
                 return None
         delay = 0 if at_once else self.retry_delay_ms(job)
-        self.conn.execute(RETRY_SQL, {"id": job.id, "due": now + delay, "now": now, "deaths": deaths})
-        if self.conn.changes() == 0:
+        cursor = self.conn.execute(RETRY_SQL, {"id": job.id, "due": now + delay, "now": now, "deaths": deaths})
+        if cursor.rowcount == 0:
             return None
         self._next_due = min(self._next_due, now + delay)
-        return self.conn.last_insert_rowid(), delay
+        return int(cursor.lastrowid or 0), delay
 
     def retry_delay_ms(self, job: Job) -> int:
         """How long after a failure of ``job`` its next attempt is due."""
@@ -1421,8 +1461,8 @@ class Worker:
             else:
                 error = f"worker lost: lease expired (worker {job.worker})"
             keep_ms = _first(_job_type(job).keep_ms, self.keep_failed_ms)
-            self.conn.execute(RESCUE_SQL, {"id": job.id, "now": now, "error": error, "keep_ms": keep_ms})
-            if self.conn.changes() == 0:
+            params = {"id": job.id, "now": now, "error": error, "keep_ms": keep_ms}
+            if self.conn.execute(RESCUE_SQL, params).rowcount == 0:
                 continue
             # A worker's death is not the job's failure: retry at once, whatever
             # max_attempts says, until the chain has killed max_deaths workers.
@@ -1440,8 +1480,7 @@ class Worker:
         """Return unfinished jobs to pending (at shutdown); fenced on our ownership."""
         with immediate(self.conn):
             for job in jobs:
-                self.conn.execute(GIVE_BACK_SQL, {"id": job.id, "owner": self.owner})
-                if self.conn.changes():
+                if self.conn.execute(GIVE_BACK_SQL, {"id": job.id, "owner": self.owner}).rowcount:
                     message = "job %d %s given back: still running at shutdown"
                     _emit([_Note.about(job, "given_back", logging.WARNING, message, job.id, job.type)])
 
@@ -1526,20 +1565,22 @@ class Worker:
                     notes = self._record(self._unrecorded, now)
                     if want_claim:
                         claimed = self._claim(free, now)
-            except (apsw.BusyError, apsw.FullError, apsw.IOError, apsw.LockedError) as e:
-                self._back_off(e)
-                return
-            except apsw.Error as e:
-                self._record_one_by_one(e, now)
+            except sqlite3.Error as e:
+                if is_transient(e):
+                    self._back_off(e)
+                else:
+                    self._record_one_by_one(e, now)
                 return
             self._busy_backoff = 0.0
             self._unrecorded = []
             _emit(notes)
-            self._nothing_due = want_claim and not claimed and self._next_due > now
             for job in claimed:
                 deadline = self._deadline(job, now)
                 self._running[job.id] = _Running(job, deadline)
                 self._todo.put(job)
+        # Nothing is due when a claim with room to spare found nothing (or nothing
+        # changed since one did) and the next pending row is due later.
+        self._nothing_due = free > 0 and not claimed and not self._last_claim_full and now < self._next_due
         self._housekeeping(now)
 
     def _collect_outcomes(self, now: int) -> None:
@@ -1573,36 +1614,35 @@ class Worker:
         return None if timeout_ms is None else now + timeout_ms
 
     def _maybe_due(self, now: int) -> bool:
-        version = self.conn.data_version()
+        version = _scalar(self.conn, "PRAGMA data_version")
         changed, self._data_version = version != self._data_version, version
         return changed or self._last_claim_full or now >= self._next_due
 
-    def _back_off(self, error: apsw.Error) -> None:
+    def _back_off(self, error: sqlite3.Error) -> None:
         self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
         logger.warning(
             "database busy or full (%s); %d outcome(s) kept, retrying in %.2f s",
-            _sqlite_message(error),
+            error,
             len(self._unrecorded),
             self._busy_backoff,
         )
 
-    def _record_one_by_one(self, error: apsw.Error, now: int) -> None:
+    def _record_one_by_one(self, error: sqlite3.Error, now: int) -> None:
         """A batch failed for a reason other than busy/full: isolate the bad outcome."""
-        logger.error("recording a batch failed (%s); recording one by one", _sqlite_message(error))
+        logger.error("recording a batch failed (%s); recording one by one", error)
         kept = []
         for outcome in self._unrecorded:
             try:
                 self.record([outcome], now)
-            except (apsw.BusyError, apsw.FullError, apsw.IOError, apsw.LockedError):
-                kept.append(outcome)
-            except apsw.Error as e:
+            except sqlite3.Error as e:
+                if is_transient(e):
+                    kept.append(outcome)
+                    continue
                 # Bookkeeping failure: the job fails with a clear error, never stays running.
-                failure = Outcome(
-                    outcome.job, False, error=f"could not record the outcome: {_sqlite_message(e)}", kind="error"
-                )
+                failure = Outcome(outcome.job, False, error=f"could not record the outcome: {e}", kind="error")
                 try:
                     self.record([failure], now)
-                except apsw.Error:
+                except sqlite3.Error:
                     kept.append(outcome)
         self._unrecorded = kept
 
@@ -1615,8 +1655,9 @@ class Worker:
                 self.rescue(now)
                 # Jitter keeps several workers from sweeping in lockstep.
                 self._next_rescue = now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0))
-        except (apsw.BusyError, apsw.FullError, apsw.IOError, apsw.LockedError) as e:
-            logger.warning("heartbeat or rescue postponed: %s", _sqlite_message(e))
+        except sqlite3.Error as e:
+            # Postponed, not given up: the next tick tries again.
+            logger.log(logging.WARNING if is_transient(e) else logging.ERROR, "heartbeat or rescue failed: %s", e)
 
     def _shut_down(self) -> None:
         deadline = time.monotonic() + max(self.shutdown_timeout, 5.0)
@@ -1630,8 +1671,8 @@ class Worker:
                     self.give_back([running.job for running in self._running.values()])
                     self._running.clear()
                 break
-            except apsw.Error as e:
-                logger.warning("could not write at shutdown (%s); retrying", _sqlite_message(e))
+            except sqlite3.Error as e:
+                logger.warning("could not write at shutdown (%s); retrying", e)
                 time.sleep(0.2)
         for _ in range(self.concurrency):
             self._todo.put(None)
@@ -1655,7 +1696,7 @@ class _Note:
 
 
 def _iso(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def _emit(notes: list[_Note]) -> None:
@@ -1709,10 +1750,10 @@ SELECT {SELECT_COLUMNS} FROM worker_jobs
 CHAIN_LIMIT = 1000
 
 
-def status(conn: apsw.Connection, *, now: int | None = None) -> dict[str, Any]:
+def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any]:
     """The state of the worker: queues, worker processes and cron jobs, from indexed queries only."""
     now = now_ms() if now is None else now
-    path = conn.filename
+    path = next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main")
     queues: dict[str, dict[str, Any]] = {}
 
     def of(name: str) -> dict[str, Any]:
@@ -1748,7 +1789,7 @@ def status(conn: apsw.Connection, *, now: int | None = None) -> dict[str, Any]:
     return {
         "database": path,
         "schema_version": _user_version(conn),
-        "sqlite_version": apsw.sqlite_lib_version(),
+        "sqlite_version": sqlite3.sqlite_version,
         "wal_bytes": wal.stat().st_size if wal.exists() else 0,
         "now": now,
         "queues": sorted(queues.values(), key=lambda q: q["queue"]),
@@ -1759,7 +1800,7 @@ def status(conn: apsw.Connection, *, now: int | None = None) -> dict[str, Any]:
 
 
 def list_jobs(
-    conn: apsw.Connection,
+    conn: sqlite3.Connection,
     *,
     status: str | None = None,
     type: str | None = None,
@@ -1779,7 +1820,7 @@ def list_jobs(
     return [Job.from_row(row) for row in conn.execute(sql, params)]
 
 
-def job_chain(conn: apsw.Connection, id: int) -> list[Job]:
+def job_chain(conn: sqlite3.Connection, id: int) -> list[Job]:
     """The job's whole chain (retries and cron runs it came from and led to), oldest first."""
     rows = conn.execute(CHAIN_SQL + f" LIMIT {CHAIN_LIMIT}", {"id": id}).fetchall()
     return [Job.from_row(row) for row in rows]
@@ -1926,8 +1967,11 @@ def remove_old_jobs(ctx: JobContext) -> int:
 # --- Process supervision --------------------------------------------------------
 
 
-def supervise(child_args: list[str], processes: int, shutdown_timeout: float) -> int:
+def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *, burst: bool = False) -> int:
     """Run ``processes`` worker processes and restart any that dies; returns the exit code.
+
+    With ``burst``, a child that exits 0 has finished, and the supervisor
+    returns once all have.
 
     Each child is a fresh interpreter (fork + exec), so no connection or lock
     can cross into it.  Children get a session of their own: a Ctrl-C reaches
@@ -1957,10 +2001,14 @@ def supervise(child_args: list[str], processes: int, shutdown_timeout: float) ->
     )
     restarts: list[float] = []
     exit_code = EXIT_OK
-    while not stopping.is_set():
+    finished: set[int] = set()
+    while not stopping.is_set() and len(finished) < len(children):
         for index, child in enumerate(children):
             code = child.poll()
-            if code is None:
+            if code is None or index in finished:
+                continue
+            if burst and code == EXIT_OK:
+                finished.add(index)
                 continue
             if code in (EXIT_USAGE, EXIT_DATABASE):
                 logger.error("worker process %d exited with %d (configuration or database); stopping", child.pid, code)
@@ -2123,7 +2171,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,
@@ -2156,7 +2204,8 @@ def main(argv: list[str] | None = None) -> int:
     """The ``worker`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        configure_logging(_setting(args, "log_level", str, "INFO"), _setting(args, "log_format", str, "text"))
+        log_level, log_format = _setting(args, "log_level", str, "INFO"), _setting(args, "log_format", str, "text")
+        configure_logging(log_level, log_format)
         if args.command == "schema":
             print(SCHEMA_PATH.read_text().rstrip() + f"\n\nPRAGMA user_version = {schema_version()};")
             return EXIT_OK
@@ -2174,12 +2223,15 @@ def main(argv: list[str] | None = None) -> int:
                 count = producer.prune(dry_run=args.dry_run)
             print(f"{'would remove' if args.dry_run else 'removed'} {count} rows")
             return EXIT_OK
-        return _run_command(args, db, jobs_module)
+        return _run_command(args, db, jobs_module, log_level, log_format)
     except ConfigError as e:
         print(f"worker: {e}", file=sys.stderr)
         return EXIT_USAGE
     except DatabaseUnusable as e:
         print(f"worker: {e}", file=sys.stderr)
+        return EXIT_DATABASE
+    except sqlite3.DatabaseError as e:
+        print(f"worker: database error: {e}", file=sys.stderr)
         return EXIT_DATABASE
     except (UnknownJobType, InvalidJobData, ValueError) as e:
         print(f"worker: {e}", file=sys.stderr)
@@ -2336,7 +2388,7 @@ def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse_positive
 
 
-def _run_command(args: argparse.Namespace, db: str, jobs_module: str) -> int:
+def _run_command(args: argparse.Namespace, db: str, jobs_module: str, log_level: str, log_format: str) -> int:
     settings = {
         "concurrency": _setting(args, "concurrency", _positive(int), DEFAULT_CONCURRENCY),
         "queues": _setting(args, "queues", str, ""),
@@ -2371,7 +2423,8 @@ def _run_command(args: argparse.Namespace, db: str, jobs_module: str) -> int:
             if value is not None:
                 child_args += [f"--{dest.replace('_', '-')}", str(value)]
         child_args += ["--burst"] * args.burst + ["--no-cron"] * no_cron
-        return supervise(child_args, processes, worker.shutdown_timeout)
+        child_args += ["--log-level", log_level, "--log-format", log_format]
+        return supervise(child_args, processes, worker.shutdown_timeout, burst=args.burst)
 
     signals_seen = 0
 
