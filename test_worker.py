@@ -312,6 +312,17 @@ def test_worker_death_retries_even_without_attempts_left_until_max_deaths(
     assert chain[-1]["error"].startswith("worker died 3 times")
 
 
+def test_worker_whose_clock_jumps_forward_does_not_rescue_its_own_jobs(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, ok_job: None
+) -> None:
+    queue.enqueue("add", {"a": 1, "b": 1}, now=at(clock))
+    alive = make_worker(lease=60)
+    alive.claim(1)
+    clock.advance(2 * 3600)
+    assert alive.rescue() == 0, "its own jobs are running, not lost"
+    assert make_worker(lease=60).rescue() == 1, "another worker sees an expired lease"
+
+
 def test_heartbeat_keeps_a_long_job_from_being_rescued(
     queue: Queue, make_worker: Any, clock: FakeClock, db: str, ok_job: None
 ) -> None:

@@ -83,6 +83,7 @@ MAX_RETRY_DELAY = 3600.0  # backoff growth stops at an hour
 DAY_MS = 86_400_000
 KEEP_SUCCEEDED = 7 * 86400.0
 KEEP_FAILED = 30 * 86400.0
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
 POLL_INTERVAL = 0.005  # how often an idle worker looks for commits by others
 MAX_BUSY_BACKOFF = 2.0
 
@@ -445,6 +446,9 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
             raise DatabaseUnusable(f"cannot use database {path}: WAL mode refused (journal mode {mode})")
         # NORMAL in WAL mode: a power cut may lose the last commits, never corrupts.
         conn.execute("PRAGMA synchronous = NORMAL")
+        # Once a checkpoint has caught up, cut the WAL file back to this size:
+        # otherwise it keeps the size a long-lived reader once made it grow to.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.Error as e:
         raise DatabaseUnusable(f"cannot use database {path}: {e}") from e
@@ -1110,9 +1114,11 @@ UPDATE worker_jobs SET lease_until = :lease_until
  WHERE status = 'running' AND owner = :owner
 """
 
+# A worker never rescues its own jobs: it is alive, so they are not lost (this
+# matters when its clock jumps forward past their leases).
 EXPIRED_LEASES_SQL = f"""
 SELECT {SELECT_COLUMNS} FROM worker_jobs
- WHERE status = 'running' AND lease_until < :now
+ WHERE status = 'running' AND lease_until < :now AND owner IS NOT :owner
 """
 
 RESCUE_SQL = """
@@ -1452,7 +1458,7 @@ class Worker:
 
     def _rescue(self, now: int) -> list[_Note]:
         notes = []
-        lost = [Job.from_row(row) for row in self.conn.execute(EXPIRED_LEASES_SQL, {"now": now})]
+        lost = [Job.from_row(row) for row in self.conn.execute(EXPIRED_LEASES_SQL, {"now": now, "owner": self.owner})]
         for job in lost:
             deaths = job.deaths + 1
             poisoned = deaths >= self.max_deaths
