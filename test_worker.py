@@ -442,6 +442,11 @@ def test_cancel_only_a_pending_job(queue: Queue, make_worker: Any, ok_job: None)
 # --- The table contract ---------------------------------------------------------
 
 
+def test_job_fields_are_the_columns_in_order() -> None:
+    """Job.from_row builds a Job positionally from SELECT_COLUMNS."""
+    assert [field.name for field in worker.dataclasses.fields(Job)] == list(worker.COLUMNS)
+
+
 def test_row_with_only_a_type_is_valid_and_due_now(queue: Queue, db: str) -> None:
     before = int(time.time() * 1000)
     with sqlite3.connect(db) as conn:

@@ -30,10 +30,12 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":
-    # `python worker.py` runs this file as __main__; job modules then do `from
-    # worker import job`, which must reach this same module and registry, not
-    # import a second copy of it.
-    sys.modules.setdefault("worker", sys.modules[__name__])
+    # `python worker.py` / `python -m worker` run this file as __main__.  Job
+    # modules do `from worker import job`, which must reach the one registry
+    # there is: hand over to the module `worker` proper and run its main().
+    import worker
+
+    sys.exit(worker.main())
 
 import argparse
 import contextlib
@@ -160,9 +162,10 @@ COLUMNS = tuple(
     """.split()
 )
 SELECT_COLUMNS = ", ".join(COLUMNS)
+_DATA, _RESULT, _PERSISTENT = COLUMNS.index("data"), COLUMNS.index("result"), COLUMNS.index("persistent")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Job:
     """One row of worker_jobs: one invocation of a job.  Times are epoch ms."""
 
@@ -198,13 +201,13 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Iterable[Any]) -> Job:
-        """Build a Job from a row selected as SELECT_COLUMNS."""
-        values = dict(zip(COLUMNS, row, strict=True))
-        values["data"] = json.loads(values["data"])
-        if values["result"] is not None:
-            values["result"] = json.loads(values["result"])
-        values["persistent"] = bool(values["persistent"])
-        return cls(**values)
+        """Build a Job from a row selected as SELECT_COLUMNS (the fields' own order)."""
+        values = list(row)
+        values[_DATA] = json.loads(values[_DATA])
+        if values[_RESULT] is not None:
+            values[_RESULT] = json.loads(values[_RESULT])
+        values[_PERSISTENT] = bool(values[_PERSISTENT])
+        return cls(*values)
 
 
 # --- The registry ---------------------------------------------------------------
@@ -1057,12 +1060,6 @@ class Outcome:
     kind: str = "ok"  # ok | error | timeout | unknown
 
 
-@dataclasses.dataclass
-class _Running:
-    job: Job
-    deadline: int | None  # epoch ms by the worker's clock
-
-
 CLAIM_SQL = """
 UPDATE worker_jobs
    SET status = 'running', started = :now, worker = :worker, owner = :owner,
@@ -1201,11 +1198,14 @@ class Worker:
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._started_up = False
-        self._running: dict[int, _Running] = {}
+        self._running: dict[int, Job] = {}
+        self._deadlines: dict[int, int] = {}  # job id -> epoch ms, for jobs with a timeout
         self._unrecorded: list[Outcome] = []
         self._todo: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
-        self._done: queue_module.SimpleQueue[Outcome] = queue_module.SimpleQueue()
-        self._wake = threading.Event()
+        # Job threads put outcomes here; the main loop sleeps on it, so a finished
+        # job wakes it at once (None only wakes it: stop() was called).
+        self._done: queue_module.SimpleQueue[Outcome | None] = queue_module.SimpleQueue()
+        self._arrived: list[Outcome] = []
         self._stopping = threading.Event()
         self._threads_lock = threading.Lock()
         self._surplus_threads = 0  # replacements started for threads stuck in timed-out jobs
@@ -1508,7 +1508,7 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; ``run()`` returns once running jobs finish or the timeout passes."""
         self._stopping.set()
-        self._wake.set()
+        self._done.put(None)
 
     def run(self) -> None:
         """Claim and run jobs until stop() (or, with burst, until nothing is due)."""
@@ -1539,10 +1539,18 @@ class Worker:
                 elif self.burst and self._nothing_due and not self._running and not self._unrecorded:
                     break
                 self._tick()
-                self._wake.wait(self._busy_backoff or self.poll_interval)
-                self._wake.clear()
+                self._sleep(self._busy_backoff or self.poll_interval)
         finally:
             self._shut_down()
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait until a job finishes, stop() is called, or ``seconds`` pass."""
+        try:
+            outcome = self._done.get(timeout=seconds)
+        except queue_module.Empty:
+            return
+        if outcome is not None:
+            self._arrived.append(outcome)
 
     def _start_thread(self) -> None:
         threading.Thread(target=self._job_thread, name="worker-job", daemon=True).start()
@@ -1553,11 +1561,11 @@ class Worker:
             if claimed is None:
                 return
             self._done.put(self.execute(claimed))
-            self._wake.set()
-            with self._threads_lock:
-                if self._surplus_threads > 0:
-                    self._surplus_threads -= 1
-                    return
+            if self._surplus_threads:  # a replacement took over while this thread was stuck
+                with self._threads_lock:
+                    if self._surplus_threads > 0:
+                        self._surplus_threads -= 1
+                        return
 
     def _tick(self) -> None:
         now = self.now()
@@ -1581,8 +1589,10 @@ class Worker:
             self._unrecorded = []
             _emit(notes)
             for job in claimed:
+                self._running[job.id] = job
                 deadline = self._deadline(job, now)
-                self._running[job.id] = _Running(job, deadline)
+                if deadline is not None:
+                    self._deadlines[job.id] = deadline
                 self._todo.put(job)
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
@@ -1590,26 +1600,30 @@ class Worker:
         self._housekeeping(now)
 
     def _collect_outcomes(self, now: int) -> None:
+        arrived, self._arrived = self._arrived, []
         while True:
             try:
                 outcome = self._done.get_nowait()
             except queue_module.Empty:
                 break
+            if outcome is not None:
+                arrived.append(outcome)
+        for outcome in arrived:
             if self._running.pop(outcome.job.id, None) is None:
-                logger.warning(
-                    "job %d %s: late result discarded (it had timed out)",
-                    outcome.job.id,
-                    outcome.job.type,
-                    extra={"job_id": outcome.job.id, "action": "discarded"},
+                message = "job %d %s: late result discarded (it had timed out)"
+                _emit(
+                    [_Note.about(outcome.job, "discarded", logging.WARNING, message, outcome.job.id, outcome.job.type)]
                 )
                 continue
+            self._deadlines.pop(outcome.job.id, None)
             self._unrecorded.append(outcome)
-        for job_id, running in list(self._running.items()):
-            if running.deadline is not None and now >= running.deadline:
-                del self._running[job_id]
-                seconds = (running.deadline - (running.job.started or now)) / 1000
+        for job_id, deadline in list(self._deadlines.items()):
+            if now >= deadline:
+                del self._deadlines[job_id]
+                running = self._running.pop(job_id)
+                seconds = (deadline - (running.started or now)) / 1000
                 self._unrecorded.append(
-                    Outcome(running.job, False, error=f"timed out after {seconds:g} s", seconds=seconds, kind="timeout")
+                    Outcome(running, False, error=f"timed out after {seconds:g} s", seconds=seconds, kind="timeout")
                 )
                 with self._threads_lock:  # its thread is stuck in the job: replace it
                     self._surplus_threads += 1
@@ -1620,9 +1634,12 @@ class Worker:
         return None if timeout_ms is None else now + timeout_ms
 
     def _maybe_due(self, now: int) -> bool:
+        if self._last_claim_full or now >= self._next_due:
+            return True
+        # Cheap (no disk read): changes whenever another connection commits.
         version = _scalar(self.conn, "PRAGMA data_version")
         changed, self._data_version = version != self._data_version, version
-        return changed or self._last_claim_full or now >= self._next_due
+        return changed
 
     def _back_off(self, error: sqlite3.Error) -> None:
         self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
@@ -1674,7 +1691,7 @@ class Worker:
                     self.record(self._unrecorded)
                     self._unrecorded = []
                 if self._running:
-                    self.give_back([running.job for running in self._running.values()])
+                    self.give_back(list(self._running.values()))
                     self._running.clear()
                 break
             except sqlite3.Error as e:
@@ -2446,7 +2463,3 @@ def _run_command(args: argparse.Namespace, db: str, jobs_module: str, log_level:
     signal.signal(signal.SIGINT, on_signal)
     worker.run()
     return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())
