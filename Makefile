@@ -24,6 +24,7 @@ lint: $(BIN)/worker
 	$(BIN)/mypy
 
 test: lint
+	bash .ci/browser-setup.sh
 	$(BIN)/pytest
 
 clean:

@@ -1637,7 +1637,7 @@ class Worker:
         if self._last_claim_full or now >= self._next_due:
             return True
         # Cheap (no disk read): changes whenever another connection commits.
-        version = _scalar(self.conn, "PRAGMA data_version")
+        version = int(_scalar(self.conn, "PRAGMA data_version"))
         changed, self._data_version = version != self._data_version, version
         return changed
 
@@ -1760,17 +1760,22 @@ SELECT {SELECT_COLUMNS} FROM worker_jobs
  WHERE tag = :tag AND cron_slot IS NOT NULL AND status IN ('running', 'succeeded', 'failed')
  ORDER BY cron_slot DESC, id DESC LIMIT 1
 """
+# The chain around a job, at most :reach rows each way (a cron job's chain has a
+# row per run: a minutely one keeps some 10,000 within the default retention).
 CHAIN_SQL = f"""
 WITH RECURSIVE
-  back(id, parent) AS (
-    SELECT id, rescheduled_from_job FROM worker_jobs WHERE id = :id
-    UNION SELECT w.id, w.rescheduled_from_job FROM worker_jobs w JOIN back ON w.id = back.parent),
-  forward(id) AS (
-    SELECT :id UNION SELECT w.id FROM worker_jobs w JOIN forward ON w.rescheduled_from_job = forward.id)
+  back(id, parent, depth) AS (
+    SELECT id, rescheduled_from_job, 0 FROM worker_jobs WHERE id = :id
+    UNION SELECT w.id, w.rescheduled_from_job, back.depth + 1
+            FROM worker_jobs w JOIN back ON w.id = back.parent WHERE back.depth < :reach),
+  forward(id, depth) AS (
+    SELECT :id, 0
+    UNION SELECT w.id, forward.depth + 1
+            FROM worker_jobs w JOIN forward ON w.rescheduled_from_job = forward.id WHERE forward.depth < :reach)
 SELECT {SELECT_COLUMNS} FROM worker_jobs
  WHERE id IN (SELECT id FROM back UNION SELECT id FROM forward) ORDER BY id
 """
-CHAIN_LIMIT = 1000
+CHAIN_REACH = 500
 
 
 def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any]:
@@ -1833,19 +1838,17 @@ def list_jobs(
     """Rows, newest first, filtered by status, type and queue."""
     if status is not None and status not in STATUSES:
         raise ValueError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
-    sql = f"""
-        SELECT {SELECT_COLUMNS} FROM worker_jobs
-         WHERE (:status IS NULL OR status = :status) AND (:type IS NULL OR type = :type)
-           AND (:queue IS NULL OR queue = :queue)
-         ORDER BY id DESC LIMIT :limit
-    """
-    params = {"status": status, "type": type, "queue": queue, "limit": limit}
-    return [Job.from_row(row) for row in conn.execute(sql, params)]
+    filters = {"status": status, "type": type, "queue": queue}
+    # Only the filters given, so SQLite can use an index for them (an
+    # "(:x IS NULL OR x = :x)" form would force a scan of the whole table).
+    where = " AND ".join(f"{column} = :{column}" for column, value in filters.items() if value is not None)
+    sql = f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE {where or '1'} ORDER BY id DESC LIMIT :limit"
+    return [Job.from_row(row) for row in conn.execute(sql, {**filters, "limit": limit})]
 
 
 def job_chain(conn: sqlite3.Connection, id: int) -> list[Job]:
-    """The job's whole chain (retries and cron runs it came from and led to), oldest first."""
-    rows = conn.execute(CHAIN_SQL + f" LIMIT {CHAIN_LIMIT}", {"id": id}).fetchall()
+    """The job's chain (the retries and cron runs it came from and led to), oldest first."""
+    rows = conn.execute(CHAIN_SQL, {"id": id, "reach": CHAIN_REACH}).fetchall()
     return [Job.from_row(row) for row in rows]
 
 
@@ -1860,7 +1863,17 @@ def _colour(text: str, state: str, enabled: bool) -> str:
     return f"\033[{codes[state]}m{text}\033[0m" if enabled and state in codes else text
 
 
+def printable(text: str) -> str:
+    """Text from the table made safe for a terminal: control characters shown as \\xNN."""
+    return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    # Cells were made printable by the caller where they come from the table;
+    # colour codes are added after that, so they survive.
     cells = [[("" if value is None else str(value)) for value in row] for row in rows]
     widths = [max([len(h)] + [len(_strip_ansi(row[i])) for row in cells]) for i, h in enumerate(headers)]
 
@@ -1890,87 +1903,59 @@ def _when(epoch_ms: int | None) -> str:
 
 def format_status(report: dict[str, Any], colour: bool = False) -> str:
     """``worker status`` for people."""
+    queues = [
+        [printable(q["queue"]), q["pending_due"], q["pending_later"], q["running"], q["succeeded_last_hour"],
+         q["failed_last_hour"], q["cancelled_last_hour"], _ago(q["oldest_waiting_seconds"])]
+        for q in report["queues"]
+    ]  # fmt: skip
+    workers = []
+    for w in report["workers"]:
+        state = "fresh" if w["fresh"] else "stale"
+        heartbeat = f"{_ago(w['heartbeat_age_seconds'])} ago"
+        workers.append([printable(w["host"]), w["pid"], _when(w["started"]), heartbeat, _colour(state, state, colour),
+                        w["running"], w["concurrency"], printable(w["queues"] or "all")])  # fmt: skip
+    cron = [
+        [printable(c["type"]), printable(c["schedule"]), printable(c["timezone"]), _when(c["next_due"]),
+         _when(c["last_finished"]), _colour(c["last_status"] or "-", c["last_status"] or "", colour)]
+        for c in report["cron"]
+    ]  # fmt: skip
     lines = [
-        f"database  {report['database']}  (schema {report['schema_version']}, SQLite {report['sqlite_version']}, "
-        f"WAL {report['wal_bytes'] / 1e6:.1f} MB)",
+        f"database  {printable(report['database'])}  (schema {report['schema_version']}, "
+        f"SQLite {report['sqlite_version']}, WAL {report['wal_bytes'] / 1e6:.1f} MB)",
         "",
-        _table(
-            ["queue", "due", "later", "running", "succeeded/1h", "failed/1h", "cancelled/1h", "oldest waiting"],
-            [
-                [
-                    q["queue"],
-                    q["pending_due"],
-                    q["pending_later"],
-                    q["running"],
-                    q["succeeded_last_hour"],
-                    q["failed_last_hour"],
-                    q["cancelled_last_hour"],
-                    _ago(q["oldest_waiting_seconds"]),
-                ]
-                for q in report["queues"]
-            ]
-            or [["(no jobs)", "", "", "", "", "", "", ""]],
-        ),
+        _table(["queue", "due", "later", "running", "succeeded/1h", "failed/1h", "cancelled/1h", "oldest waiting"],
+               queues or [["(no jobs)"] + [""] * 7]),
         "",
-        _table(
-            ["worker", "pid", "started", "heartbeat", "state", "running", "concurrency", "queues"],
-            [
-                [
-                    w["host"],
-                    w["pid"],
-                    _when(w["started"]),
-                    _ago(w["heartbeat_age_seconds"]) + " ago",
-                    _colour("fresh" if w["fresh"] else "stale", "fresh" if w["fresh"] else "stale", colour),
-                    w["running"],
-                    w["concurrency"],
-                    w["queues"] or "all",
-                ]
-                for w in report["workers"]
-            ]
-            or [["(no workers)", "", "", "", "", "", "", ""]],
-        ),
-    ]
-    if report["cron"]:
-        lines += [
-            "",
-            _table(
-                ["cron job", "schedule", "timezone", "next run", "last run", "last status"],
-                [
-                    [
-                        c["type"],
-                        c["schedule"],
-                        c["timezone"],
-                        _when(c["next_due"]),
-                        _when(c["last_finished"]),
-                        _colour(c["last_status"] or "-", c["last_status"] or "", colour),
-                    ]
-                    for c in report["cron"]
-                ],
-            ),
-        ]
+        _table(["worker", "pid", "started", "heartbeat", "state", "running", "concurrency", "queues"],
+               workers or [["(no workers)"] + [""] * 7]),
+    ]  # fmt: skip
+    if cron:
+        lines += ["", _table(["cron job", "schedule", "timezone", "next run", "last run", "last status"], cron)]
     return "\n".join(lines)
 
 
 def format_jobs(jobs: list[Job], colour: bool = False) -> str:
     """``worker jobs`` for people."""
-    rows = [[j.id, j.type, _colour(j.status, j.status, colour), j.queue, j.attempt, _when(j.due), _when(j.finished),
-             (j.error or "").split("\n", 1)[0][:60]] for j in jobs]  # fmt: skip
+    rows = [[j.id, printable(j.type), _colour(j.status, j.status, colour), printable(j.queue), j.attempt, _when(j.due),
+             _when(j.finished), printable((j.error or "").split("\n", 1)[0][:60])] for j in jobs]  # fmt: skip
     return _table(["id", "type", "status", "queue", "attempt", "due", "finished", "error"], rows)
 
 
 def format_job(job: Job, chain: list[Job], colour: bool = False) -> str:
     """``worker show`` for people: the row, its data, result and error, and its chain."""
-    fields = [("id", job.id), ("type", job.type), ("status", _colour(job.status, job.status, colour)),
-              ("queue", job.queue), ("priority", job.priority), ("attempt", job.attempt), ("due", _when(job.due)),
-              ("started", _when(job.started)), ("finished", _when(job.finished)), ("worker", job.worker),
-              ("tag", job.tag), ("cron", job.cron_schedule and f"{job.cron_schedule} ({job.cron_timezone or 'UTC'})"),
-              ("from job", job.rescheduled_from_job), ("remove at", _when(job.remove_at))]  # fmt: skip
+    cron = job.cron_schedule and f"{job.cron_schedule} ({job.cron_timezone or 'UTC'})"
+    fields = [("id", job.id), ("type", printable(job.type)), ("status", _colour(job.status, job.status, colour)),
+              ("queue", printable(job.queue)), ("priority", job.priority), ("attempt", job.attempt),
+              ("due", _when(job.due)), ("started", _when(job.started)), ("finished", _when(job.finished)),
+              ("worker", job.worker and printable(job.worker)), ("tag", job.tag and printable(job.tag)),
+              ("cron", cron and printable(cron)), ("from job", job.rescheduled_from_job),
+              ("remove at", _when(job.remove_at))]  # fmt: skip
     lines = [f"{name:<10} {value}" for name, value in fields if value is not None]
     lines += ["", "data:", json.dumps(job.data, indent=2, sort_keys=True)]
     if job.result is not None or job.status == "succeeded":
         lines += ["", "result:", json.dumps(job.result, indent=2, sort_keys=True)]
     if job.error:
-        lines += ["", "error:", job.error.rstrip()]
+        lines += ["", "error:", printable(job.error.rstrip())]
     if len(chain) > 1:
         lines += ["", "chain:", format_jobs(chain, colour)]
     return "\n".join(lines)
@@ -2148,7 +2133,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", choices=STATUSES)
     listing.add_argument("--type")
     listing.add_argument("--queue")
-    listing.add_argument("--limit", type=int, default=50, help="default 50")
+    listing.add_argument("--limit", type=_positive(int), default=50, help="default 50")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     show = commands.add_parser("show", help="one row with its data, result, error and chain")
@@ -2171,6 +2156,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--jobs", help=_option_help("jobs"))
 
     commands.add_parser("schema", help="print the table definition (DDL) for other tools")
+    # Parsed by dashboard.py itself (see main): listed here for `worker --help`.
+    commands.add_parser("dashboard", help="serve a read-only web page of queues, workers, cron jobs and failures")
     return parser
 
 
@@ -2225,6 +2212,9 @@ def configure_logging(level: str, log_format: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``worker`` command; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["dashboard"]:
+        return _dashboard_command(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         log_level, log_format = _setting(args, "log_level", str, "INFO"), _setting(args, "log_format", str, "text")
@@ -2263,6 +2253,18 @@ def main(argv: list[str] | None = None) -> int:
         logger.debug("unexpected failure", exc_info=True)
         print(f"worker: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _dashboard_command(argv: list[str]) -> int:
+    """`worker dashboard`: dashboard.py imports worker, never the reverse; the engine does not need it."""
+    try:
+        import dashboard
+    except ModuleNotFoundError as e:
+        if e.name != "dashboard":
+            raise
+        print("worker: `worker dashboard` needs dashboard.py beside worker.py", file=sys.stderr)
+        return EXIT_USAGE
+    return int(dashboard.main(argv))
 
 
 def _colour_wanted() -> bool:
