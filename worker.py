@@ -593,6 +593,10 @@ def resolve_db_path(environ: Mapping[str, str] | None = None) -> str:
 
 # --- Enqueue --------------------------------------------------------------------
 
+INSERT_COLUMNS = (
+    "type data queue priority due tag cron_schedule cron_timezone cron_slot created_at max_attempts retry_delay_ms "
+    "backoff timeout_ms keep_ms persistent"
+).split()
 INSERT_SQL = """
 INSERT INTO worker_jobs (type, data, queue, priority, due, tag, cron_schedule, cron_timezone, cron_slot,
                          created_at, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
@@ -825,7 +829,13 @@ class Queue:
                 arguments["type"], arguments["data"] = item
             rows.append(self._new_row(arguments.pop("type"), arguments.pop("data", None), **arguments))
         with self._transaction() as conn:
-            return [self._insert(conn, row) for row in rows]
+            if any(row["tag"] is not None for row in rows):
+                return [self._insert(conn, row) for row in rows]
+            # One statement for all: inside the write transaction the AUTOINCREMENT
+            # ids of these rows are consecutive, ending at last_insert_rowid().
+            conn.executemany(INSERT_SQL, rows)
+            last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+            return [_new_job(id, row) for id, row in zip(range(last - len(rows) + 1, last + 1), rows, strict=True)]
 
     def get(self, id: int) -> Job | None:
         """The row with this id, or None."""
@@ -896,7 +906,7 @@ class Queue:
                 return Job.from_row(conn.execute(PENDING_WITH_TAG_SQL, {"tag": row["tag"]}).fetchone())
         else:
             raise ValueError(f"on_conflict must be 'replace' or 'ignore', not {on_conflict!r}")
-        return Job(id=_last_rowid(conn, cursor), **_row_as_job_fields(row))
+        return _new_job(_last_rowid(conn, cursor), row)
 
     def _new_row(
         self,
@@ -944,6 +954,7 @@ class Queue:
         return {
             "type": type,
             "data": encode_data(data),
+            "data_object": dict(data or {}),  # for the returned Job; not a column
             "queue": queue or (job_type and job_type.queue) or "default",
             "priority": priority,
             "due": due,
@@ -961,9 +972,10 @@ class Queue:
         }
 
 
-def _row_as_job_fields(row: dict[str, Any]) -> dict[str, Any]:
-    fields = dict(row, data=json.loads(row["data"]), persistent=bool(row["persistent"]))
-    return fields
+def _new_job(id: int, row: dict[str, Any]) -> Job:
+    """The Job of a row just inserted (its data is the caller's, copied, not parsed back)."""
+    fields = {column: row[column] for column in INSERT_COLUMNS}
+    return Job(id=id, **dict(fields, data=row["data_object"], persistent=bool(row["persistent"])))
 
 
 def default_keep_ms(*, succeeded: bool) -> int:
@@ -986,6 +998,11 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# One encoder for all: json.dumps() with options builds a new encoder per call.
+# allow_nan=False: NaN and Infinity are not JSON, and SQLite would store null.
+JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def encode_data(data: Mapping[str, Any] | None) -> str:
     """Job data as JSON text; InvalidJobData unless it is a JSON object."""
     if data is None:
@@ -996,14 +1013,14 @@ def encode_data(data: Mapping[str, Any] | None) -> str:
     if bad_keys:
         raise InvalidJobData(f"job data keys must be strings, got {bad_keys[0]!r}")
     try:
-        return json.dumps(dict(data), allow_nan=False, separators=(",", ":"))
+        return JSON.encode(dict(data))
     except (TypeError, ValueError) as e:
         raise InvalidJobData(f"job data is not JSON-serialisable: {e}") from e
 
 
 def encode_result(value: Any) -> str:
     """A job's return value as JSON text (TypeError/ValueError if it has none)."""
-    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    return JSON.encode(value)
 
 
 # --- The worker -----------------------------------------------------------------
