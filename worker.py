@@ -203,7 +203,7 @@ class Job:
     def from_row(cls, row: Iterable[Any]) -> Job:
         """Build a Job from a row selected as SELECT_COLUMNS (the fields' own order)."""
         values = list(row)
-        values[_DATA] = json.loads(values[_DATA])
+        values[_DATA] = {} if values[_DATA] == "{}" else json.loads(values[_DATA])
         if values[_RESULT] is not None:
             values[_RESULT] = json.loads(values[_RESULT])
         values[_PERSISTENT] = bool(values[_PERSISTENT])
@@ -1346,7 +1346,9 @@ class Worker:
                 "queues": self._queues_json,
             },
         ).fetchall()
-        jobs = sorted((Job.from_row(row) for row in rows), key=lambda j: (-j.priority, j.due, j.id))
+        jobs = [Job.from_row(row) for row in rows]
+        if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
+            jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
         self._last_claim_full = len(jobs) == limit
         if len(jobs) < limit:
             next_due = _scalar(self.conn, self._next_due_sql, {"queues": self._queues_json})
