@@ -447,8 +447,9 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
         mode = _scalar(conn, "PRAGMA journal_mode = WAL")
         if mode != "wal" and path != ":memory:":
             raise DatabaseUnusable(f"cannot use database {path}: WAL mode refused (journal mode {mode})")
-        # NORMAL in WAL mode: a power cut may lose the last commits, never corrupts.
-        conn.execute("PRAGMA synchronous = NORMAL")
+        # NORMAL in WAL mode: a power cut may lose the last commits, never
+        # corrupts; FULL (WORKER_SYNCHRONOUS=FULL) syncs every commit instead.
+        conn.execute(f"PRAGMA synchronous = {synchronous_setting()}")
         # Once a checkpoint has caught up, cut the WAL file back to this size:
         # otherwise it keeps the size a long-lived reader once made it grow to.
         conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
@@ -456,6 +457,14 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
     except sqlite3.Error as e:
         raise DatabaseUnusable(f"cannot use database {path}: {e}") from e
     return conn
+
+
+def synchronous_setting() -> str:
+    """WORKER_SYNCHRONOUS: NORMAL (default) or FULL."""
+    value = os.environ.get("WORKER_SYNCHRONOUS", "NORMAL").upper() or "NORMAL"
+    if value not in ("NORMAL", "FULL"):
+        raise ConfigError(f"invalid WORKER_SYNCHRONOUS={value!r} (use NORMAL or FULL)")
+    return value
 
 
 def _open(target: str, *, uri: bool) -> sqlite3.Connection:
@@ -2083,6 +2092,7 @@ ENVIRONMENT = {
     "no_cron": ("WORKER_NO_CRON", "do not create the pending rows of jobs declared with cron= (default: do)"),
     "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
     "keep_failed": ("WORKER_KEEP_FAILED", "seconds a failed or cancelled row is kept (default 30 days)"),
+    "synchronous": ("WORKER_SYNCHRONOUS", "NORMAL (a power cut may lose the last commits) or FULL (default NORMAL)"),
     "log_level": ("WORKER_LOG_LEVEL", "the worker's own log threshold: DEBUG, INFO, WARNING, ERROR (default INFO)"),
     "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
 }
@@ -2109,7 +2119,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--log-level", help=_option_help("log_level"))
         sub.add_argument("--log-format", help=_option_help("log_format"))
 
-    run = commands.add_parser("run", help="claim and run jobs until stopped")
+    run = commands.add_parser(
+        "run", help="claim and run jobs until stopped", epilog=f"Environment only: {_option_help('synchronous')}"
+    )
     common(run)
     run.add_argument("--concurrency", type=int, help=_option_help("concurrency"))
     run.add_argument("--processes", type=int, help=_option_help("processes"))
