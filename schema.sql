@@ -63,6 +63,11 @@ CREATE TABLE IF NOT EXISTS worker_jobs (
 CREATE INDEX IF NOT EXISTS worker_jobs_claim
     ON worker_jobs (priority DESC, due) WHERE status = 'pending';
 
+-- Pending rows whose earlier attempt died with its worker: an idle worker runs
+-- such a job alone, so a job that kills its process takes no other job with it.
+CREATE INDEX IF NOT EXISTS worker_jobs_suspect
+    ON worker_jobs (priority DESC, due) WHERE status = 'pending' AND deaths > 0;
+
 -- When is the next pending row due (how long an idle worker may sleep).
 CREATE INDEX IF NOT EXISTS worker_jobs_next_due
     ON worker_jobs (due) WHERE status = 'pending';

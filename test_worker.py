@@ -323,6 +323,42 @@ def test_worker_whose_clock_jumps_forward_does_not_rescue_its_own_jobs(
     assert make_worker(lease=60).rescue() == 1, "another worker sees an expired lease"
 
 
+def test_job_whose_worker_died_runs_alone_on_an_idle_worker(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, ok_job: None
+) -> None:
+    """A job that may kill its process must not take innocent jobs down with it."""
+    suspect = queue.enqueue("add", {"a": 1, "b": 1}, now=at(clock))
+    make_worker(lease=1).claim(1)
+    clock.advance(2)
+    make_worker(lease=1).rescue()
+    for n in range(3):
+        queue.enqueue("add", {"a": n, "b": n}, now=at(clock, -10))  # due long before the retry
+    w = make_worker(concurrency=4)
+    (alone,) = w.claim(4)
+    assert (alone.rescheduled_from_job, alone.deaths) == (suspect.id, 1)
+    busy = make_worker(concurrency=4)
+    busy._running[0] = alone  # a worker with something running takes no suspect, only the others
+    assert all(job.deaths == 0 for job in busy.claim(4))
+
+
+def test_a_worker_death_uses_up_no_ordinary_attempt(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, failing_job: None
+) -> None:
+    queue.enqueue("explode", max_attempts=2, now=at(clock))
+    make_worker(lease=1).claim(1)
+    clock.advance(2)
+    make_worker(lease=1).rescue()  # attempt 1 died with its worker
+    w = make_worker()
+    w.work()  # attempt 2 raises: its first ordinary failure, so a retry follows
+    clock.advance(3600)
+    w.work()  # attempt 3 raises: the second, and last
+    assert [(r["attempt"], r["deaths"], r["status"]) for r in rows(db)] == [
+        (1, 0, "failed"),
+        (2, 1, "failed"),
+        (3, 1, "failed"),
+    ]
+
+
 def test_heartbeat_keeps_a_long_job_from_being_rescued(
     queue: Queue, make_worker: Any, clock: FakeClock, db: str, ok_job: None
 ) -> None:
@@ -505,7 +541,7 @@ def test_schema_newer_than_the_code_is_refused(db: str) -> None:
 
 def test_claim_uses_the_partial_index_not_a_table_scan(queue: Queue) -> None:
     conn = worker.connect(queue.path or "")
-    sql = worker.CLAIM_SQL.format(queue_filter="", columns="id")
+    sql = worker.CLAIM_SQL.format(queue_filter="", columns="id", deaths="deaths = 0")
     plan = " | ".join(
         row[3]
         for row in conn.execute(
@@ -514,6 +550,15 @@ def test_claim_uses_the_partial_index_not_a_table_scan(queue: Queue) -> None:
     )
     assert "worker_jobs_claim" in plan
     assert "TEMP B-TREE" not in plan, plan
+    conn.close()
+
+
+def test_claim_of_a_job_whose_worker_died_uses_its_own_small_index(queue: Queue) -> None:
+    conn = worker.connect(queue.path or "")
+    sql = worker.CLAIM_SQL.format(queue_filter="", columns="id", deaths="deaths > 0")
+    params = dict.fromkeys(("now", "worker", "owner", "lease_until", "limit"))
+    plan = " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+    assert "worker_jobs_suspect" in plan, plan
     conn.close()
 
 

@@ -1091,7 +1091,7 @@ UPDATE worker_jobs
    SET status = 'running', started = :now, worker = :worker, owner = :owner,
        lease_until = :lease_until
  WHERE id IN (SELECT id FROM worker_jobs
-               WHERE status = 'pending' AND due <= :now {queue_filter}
+               WHERE status = 'pending' AND due <= :now AND {deaths} {queue_filter}
                ORDER BY priority DESC, due, id
                LIMIT :limit)
 RETURNING {columns}
@@ -1217,7 +1217,10 @@ class Worker:
         self._producer: Queue | None = None
 
         queue_filter = "AND queue IN (SELECT value FROM json_each(:queues))" if self.queues else ""
-        self._claim_sql = CLAIM_SQL.format(queue_filter=queue_filter, columns=SELECT_COLUMNS)
+        self._claim_sql = CLAIM_SQL.format(queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths = 0")
+        self._claim_suspect_sql = CLAIM_SQL.format(
+            queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths > 0"
+        )
         self._next_due_sql = NEXT_DUE_SQL.format(queue_filter=queue_filter)
         self._queues_json = json.dumps(self.queues)
 
@@ -1225,7 +1228,11 @@ class Worker:
         self._pid = 0
         self._started_up = False
         self._running: dict[int, Job] = {}
-        self._deadlines: dict[int, int] = {}  # job id -> epoch ms, for jobs with a timeout
+        # job id -> (time.monotonic() deadline, timeout ms), for jobs with a timeout;
+        # monotonic, so a wall clock stepped forward does not time jobs out.
+        self._deadlines: dict[int, tuple[float, int]] = {}
+        self._alone: int | None = None  # a job run alone (see _claim)
+        self._last_now = 0
         self._unrecorded: list[Outcome] = []
         self._todo: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
         # Job threads put outcomes here; the main loop sleeps on it, so a finished
@@ -1344,17 +1351,19 @@ class Worker:
             return self._claim(limit, now)
 
     def _claim(self, limit: int, now: int) -> list[Job]:
-        rows = self.conn.execute(
-            self._claim_sql,
-            {
-                "now": now,
-                "worker": self.name,
-                "owner": self.owner,
-                "lease_until": now + self.lease_ms,
-                "limit": limit,
-                "queues": self._queues_json,
-            },
-        ).fetchall()
+        params = {"now": now, "worker": self.name, "owner": self.owner, "lease_until": now + self.lease_ms,
+                  "limit": 1, "queues": self._queues_json}  # fmt: skip
+        if not self._running:
+            # A job whose worker died may have killed it: an idle worker runs it
+            # alone, so it takes no innocent job down with it (and the deaths it
+            # adds up are its own).
+            suspect = self.conn.execute(self._claim_suspect_sql, params).fetchall()
+            if suspect:
+                job = Job.from_row(suspect[0])
+                self._alone = job.id
+                self._last_claim_full = True
+                return [job]
+        rows = self.conn.execute(self._claim_sql, {**params, "limit": limit}).fetchall()
         jobs = [Job.from_row(row) for row in rows]
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
             jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
@@ -1451,7 +1460,7 @@ class Worker:
         """Insert the next attempt if the policy allows; returns (its id, delay ms)."""
         if not at_once:
             max_attempts = _first(job.max_attempts, _job_type(job).max_attempts, 1)
-            if job.attempt >= max_attempts:
+            if job.attempt - job.deaths >= max_attempts:  # a worker's death used up no attempt
                 return None
         delay = 0 if at_once else self.retry_delay_ms(job)
         cursor = self.conn.execute(RETRY_SQL, {"id": job.id, "due": now + delay, "now": now, "deaths": deaths})
@@ -1466,7 +1475,8 @@ class Worker:
         base: int = _first(job.retry_delay_ms, job_type.retry_delay_ms, to_ms(DEFAULT_RETRY_DELAY))
         backoff: float = _first(job.backoff, job_type.backoff, DEFAULT_BACKOFF)
         cap = max(to_ms(MAX_RETRY_DELAY), base)
-        delay = min(base * backoff ** (job.attempt - 1), cap)
+        failures_before = max(0, job.attempt - job.deaths - 1)
+        delay = min(base * backoff**failures_before, cap)
         return round(delay * self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
 
     def heartbeat(self, now: int | None = None) -> None:
@@ -1598,7 +1608,8 @@ class Worker:
     def _tick(self) -> None:
         now = self.now()
         self._collect_outcomes(now)
-        free = 0 if self._stopping.is_set() else self.concurrency - len(self._running)
+        busy = self._stopping.is_set() or self._alone in self._running  # nothing beside a job run alone
+        free = 0 if busy else self.concurrency - len(self._running)
         want_claim = free > 0 and self._maybe_due(now)
         claimed: list[Job] = []
         if self._unrecorded or want_claim:
@@ -1618,9 +1629,9 @@ class Worker:
             _emit(notes)
             for job in claimed:
                 self._running[job.id] = job
-                deadline = self._deadline(job, now)
-                if deadline is not None:
-                    self._deadlines[job.id] = deadline
+                timeout_ms = _first(job.timeout_ms, _job_type(job).timeout_ms)
+                if timeout_ms is not None:
+                    self._deadlines[job.id] = (time.monotonic() + timeout_ms / 1000, timeout_ms)
                 self._todo.put(job)
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
@@ -1645,21 +1656,17 @@ class Worker:
                 continue
             self._deadlines.pop(outcome.job.id, None)
             self._unrecorded.append(outcome)
-        for job_id, deadline in list(self._deadlines.items()):
-            if now >= deadline:
+        for job_id, (deadline, timeout_ms) in list(self._deadlines.items()):
+            if time.monotonic() >= deadline:
                 del self._deadlines[job_id]
                 running = self._running.pop(job_id)
-                seconds = (deadline - (running.started or now)) / 1000
+                seconds = timeout_ms / 1000
                 self._unrecorded.append(
                     Outcome(running, False, error=f"timed out after {seconds:g} s", seconds=seconds, kind="timeout")
                 )
                 with self._threads_lock:  # its thread is stuck in the job: replace it
                     self._surplus_threads += 1
                 self._start_thread()
-
-    def _deadline(self, job: Job, now: int) -> int | None:
-        timeout_ms = _first(job.timeout_ms, _job_type(job).timeout_ms)
-        return None if timeout_ms is None else now + timeout_ms
 
     def _maybe_due(self, now: int) -> bool:
         if self._last_claim_full or now >= self._next_due:
@@ -1699,6 +1706,11 @@ class Worker:
 
     def _housekeeping(self, now: int) -> None:
         try:
+            if now < self._last_now:
+                # The wall clock stepped back: the next heartbeat and sweep would
+                # wait as long, and the leases of our jobs would lapse meanwhile.
+                self._next_heartbeat = self._next_rescue = now
+            self._last_now = now
             if now >= self._next_heartbeat:
                 self.heartbeat(now)
                 self._next_heartbeat = now + self.lease_ms // 3
