@@ -90,17 +90,6 @@ def when(epoch_ms: int | None) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def ago(seconds: float | None) -> str:
-    """A duration as 4.2s, 3.5m or 2.0h."""
-    if seconds is None:
-        return "-"
-    if abs(seconds) < 120:
-        return f"{seconds:.1f}s"
-    if abs(seconds) < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
 def job_link(id: int | None) -> Html:
     """A link to a job's own page."""
     return Html("-") if id is None else Html(f'<a href="/jobs/{int(id)}">{int(id)}</a>')
@@ -226,7 +215,7 @@ def render_index(
                     q["succeeded_last_hour"],
                     q["failed_last_hour"],
                     q["cancelled_last_hour"],
-                    ago(q["oldest_waiting_seconds"]),
+                    worker.ago(q["oldest_waiting_seconds"]),
                 ]
                 for q in report["queues"]
             ],
@@ -241,7 +230,7 @@ def render_index(
                     w["host"],
                     w["pid"],
                     when(w["started"]),
-                    f"{ago(w['heartbeat_age_seconds'])} ago",
+                    f"{worker.ago(w['heartbeat_age_seconds'])} ago",
                     badge("fresh" if w["fresh"] else "stale"),
                     f"{w['running']} of {w['concurrency']}",
                     w["queues"] or "all",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -22,11 +21,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 import worker
+from conftest import alive, child_pids, is_worker_process, process_state, wait_for, without_file_permission_override
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and POSIX signals")
 
@@ -84,22 +84,8 @@ def peek(ctx, db):
         return conn.execute("SELECT count(*) FROM worker_jobs").fetchone()[0]
 '''
 
-T = TypeVar("T")
-
 
 # --- Helpers ----------------------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(POLL)
 
 
 def rows(db: Path, where: str = "1", params: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -135,41 +121,6 @@ def clean_env(log_level: str = "INFO") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}
     env["WORKER_LOG_LEVEL"] = log_level
     return env
-
-
-def process_state(pid: int) -> str | None:
-    """The state letter of a process (R, S, T, Z, ...), None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()[0]
-
-
-def alive(pid: int) -> bool:
-    return process_state(pid) not in (None, "Z")
-
-
-def child_pids(parent: int) -> set[int]:
-    """The live (not zombie) children of a process, from /proc."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        state, ppid = text[text.rindex(")") + 2 :].split()[:2]
-        if int(ppid) == parent and state != "Z":
-            found.add(int(stat.parent.name))
-    return found
-
-
-def is_worker_process(pid: int) -> bool:
-    """Guard against pid reuse before killing a pid we did not start directly."""
-    try:
-        return b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def write_lock_free(db: Path) -> bool:
@@ -635,32 +586,19 @@ def test_database_in_missing_directory_exits_3(tmp_path: Path) -> None:
     assert not missing.exists()
 
 
-def _without_file_permission_override() -> None:
-    """In the child before exec: drop the capabilities that let root ignore file modes.
-
-    The interpreter lives under /root (mode 700), so the child cannot simply
-    become an unprivileged user; root without CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-    and CAP_FOWNER is held to the owner bits of a file it owns, like anyone else.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_capbset_drop = 24
-    for capability in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
-        libc.prctl(pr_capbset_drop, capability, 0, 0, 0)  # fails harmlessly when not root
-
-
 def test_read_only_database_exits_3(db: Path, tmp_path: Path) -> None:
     """A worker that could not record outcomes must not start."""
     db.chmod(0o444)
     probe = subprocess.run(
         [sys.executable, "-c", f"open({str(db)!r}, 'r+b')"],
-        preexec_fn=_without_file_permission_override,
+        preexec_fn=without_file_permission_override,
         capture_output=True,
         timeout=30,
         check=False,
     )
     if probe.returncode == 0:
         pytest.skip("the database file stays writable (file modes are not enforced here)")
-    result = run_cli("run", "--burst", "--db", str(db), cwd=tmp_path, preexec_fn=_without_file_permission_override)
+    result = run_cli("run", "--burst", "--db", str(db), cwd=tmp_path, preexec_fn=without_file_permission_override)
     assert result.returncode == 3
     assert_one_line_error(result.stderr)
     assert "read-only" in result.stderr

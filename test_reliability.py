@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -48,12 +47,20 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 import worker
-from conftest import FakeClock
+from conftest import (
+    FakeClock,
+    alive,
+    child_pids,
+    is_worker_process,
+    process_state,
+    wait_for,
+    without_file_permission_override,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc, POSIX signals and mounts")
 
@@ -244,22 +251,8 @@ for i in range(holds):
     print(f"{taken:.3f} {time.time():.3f}", flush=True)
 """
 
-T = TypeVar("T")
-
 
 # --- Reading the table and the ledger -----------------------------------------------
-
-
-def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(POLL)
 
 
 def read(db: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -501,41 +494,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["WORKER_LOG_LEVEL"] = "INFO"
     env.update(extra)
     return env
-
-
-def process_state(pid: int) -> str | None:
-    """The state letter of a process (R, S, T, Z, ...), None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()[0]
-
-
-def alive(pid: int) -> bool:
-    return process_state(pid) not in (None, "Z")
-
-
-def child_pids(parent: int) -> set[int]:
-    """The live (not zombie) children of a process, from /proc."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        state, ppid = text[text.rindex(")") + 2 :].split()[:2]
-        if int(ppid) == parent and state != "Z":
-            found.add(int(stat.parent.name))
-    return found
-
-
-def is_worker_process(pid: int) -> bool:
-    """Guard against pid reuse before killing a pid we did not start directly."""
-    try:
-        return b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 def open_database_files(pid: int, db: Path) -> list[str]:
@@ -1218,24 +1176,12 @@ def test_connection_used_across_fork_raises_and_a_queue_opens_its_own(db: Path, 
 # --- 8. Hostile files -----------------------------------------------------------------------------
 
 
-def _without_file_permission_override() -> None:
-    """In the child before exec: drop the capabilities that let root ignore file modes.
-
-    Root without CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER is held to
-    the owner bits of a file it owns, like anyone else.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_capbset_drop = 24
-    for capability in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
-        libc.prctl(pr_capbset_drop, capability, 0, 0, 0)  # fails harmlessly when not root
-
-
 def _modes_are_enforced(path: Path) -> bool:
     """Whether a process without the override capabilities is refused writing ``path`` (or into it)."""
     target = path / "probe" if path.is_dir() else path
     probe = subprocess.run(
         [sys.executable, "-c", f"open({str(target)!r}, 'ab')"],
-        preexec_fn=_without_file_permission_override,
+        preexec_fn=without_file_permission_override,
         capture_output=True,
         timeout=30,
         check=False,
@@ -1315,7 +1261,7 @@ def test_hostile_database_file_exits_3_in_one_line_and_is_left_untouched(
         cwd=HERE,
         env=clean_env(),
         timeout=30,
-        preexec_fn=_without_file_permission_override,
+        preexec_fn=without_file_permission_override,
         check=False,
     )
     elapsed = time.monotonic() - started

@@ -86,7 +86,7 @@ DAY_MS = 86_400_000
 KEEP_SUCCEEDED = 7 * 86400.0
 KEEP_FAILED = 30 * 86400.0
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
-POLL_INTERVAL = 0.005  # how often an idle worker looks for commits by others
+POLL_INTERVAL = 0.006  # how often an idle worker looks for commits by others
 MAX_BUSY_BACKOFF = 2.0
 
 STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
@@ -1243,6 +1243,7 @@ class Worker:
         self._threads_lock = threading.Lock()
         self._surplus_threads = 0  # replacements started for threads stuck in timed-out jobs
         self._data_version: int | None = None
+        self._version_cursor: sqlite3.Cursor | None = None
         self._next_due = 0
         self._last_claim_full = True
         self._nothing_due = False
@@ -1340,7 +1341,7 @@ class Worker:
             with contextlib.suppress(sqlite3.Error):  # a stale row is harmless; status shows it as such
                 self._conn.execute(FORGET_PROCESSES_SQL, {"id": self.owner, "long_ago": 0})
             self._conn.close()
-        self._conn = None
+        self._conn = self._version_cursor = None
 
     # -- the steps ----------------------------------------------------------------
 
@@ -1639,6 +1640,8 @@ class Worker:
         self._housekeeping(now)
 
     def _collect_outcomes(self, now: int) -> None:
+        if not self._arrived and not self._deadlines and self._done.empty():
+            return  # the idle case, 200 times a second: keep it cheap
         arrived, self._arrived = self._arrived, []
         while True:
             try:
@@ -1672,7 +1675,9 @@ class Worker:
         if self._last_claim_full or now >= self._next_due:
             return True
         # Cheap (no disk read): changes whenever another connection commits.
-        version = int(_scalar(self.conn, "PRAGMA data_version"))
+        if self._version_cursor is None:
+            self._version_cursor = self.conn.cursor()
+        version = int(self._version_cursor.execute("PRAGMA data_version").fetchone()[0])
         changed, self._data_version = version != self._data_version, version
         return changed
 
@@ -1927,7 +1932,8 @@ def _strip_ansi(text: str) -> str:
     return re.sub(r"\033\[[0-9;]*m", "", text)
 
 
-def _ago(seconds: float | None) -> str:
+def ago(seconds: float | None) -> str:
+    """A duration as 4.2s, 3.5m or 2.0h."""
     if seconds is None:
         return "-"
     if abs(seconds) < 120:
@@ -1945,13 +1951,13 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
     """``worker status`` for people."""
     queues = [
         [printable(q["queue"]), q["pending_due"], q["pending_later"], q["running"], q["succeeded_last_hour"],
-         q["failed_last_hour"], q["cancelled_last_hour"], _ago(q["oldest_waiting_seconds"])]
+         q["failed_last_hour"], q["cancelled_last_hour"], ago(q["oldest_waiting_seconds"])]
         for q in report["queues"]
     ]  # fmt: skip
     workers = []
     for w in report["workers"]:
         state = "fresh" if w["fresh"] else "stale"
-        heartbeat = f"{_ago(w['heartbeat_age_seconds'])} ago"
+        heartbeat = f"{ago(w['heartbeat_age_seconds'])} ago"
         workers.append([printable(w["host"]), w["pid"], _when(w["started"]), heartbeat, _colour(state, state, colour),
                         w["running"], w["concurrency"], printable(w["queues"] or "all")])  # fmt: skip
     cron = [
