@@ -464,6 +464,23 @@ def test_enqueue_joins_the_callers_apsw_transaction(db: str, queue: Queue, ok_jo
     assert len(rows(db)) == 1
 
 
+def test_enqueue_on_an_autocommit_connection_is_still_all_or_nothing(db: str, queue: Queue) -> None:
+    @worker.job
+    def tagged(ctx: JobContext) -> None:
+        pass
+
+    conn = sqlite3.connect(db, isolation_level=None)
+    app_queue = Queue(conn)
+    first = app_queue.enqueue("tagged", tag="t")
+    conn.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON worker_jobs WHEN NEW.tag = 't' BEGIN SELECT RAISE(ABORT, 'no'); END"
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        app_queue.enqueue("tagged", tag="t")  # cancels the pending row, then the insert fails
+    assert [(r["id"], r["status"]) for r in rows(db)] == [(first.id, "pending")], "the cancel was rolled back too"
+    conn.close()
+
+
 def test_cancel_only_a_pending_job(queue: Queue, make_worker: Any, ok_job: None) -> None:
     pending = queue.enqueue("add", {"a": 1, "b": 1})
     running = queue.enqueue("add", {"a": 1, "b": 1})

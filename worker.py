@@ -724,11 +724,17 @@ class Queue:
         if self._caller_conn is None:
             with immediate(conn):
                 yield conn
-        elif _is_apsw(conn):
-            with conn:  # a savepoint: nests inside the caller's transaction
-                yield conn
-        else:
-            yield conn  # stdlib sqlite3 opens (or joins) a transaction on its own
+            return
+        # A savepoint nests inside the caller's transaction (and is one of its
+        # own when there is none), so several statements are all or nothing.
+        conn.execute("SAVEPOINT worker_enqueue")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK TO worker_enqueue")
+            conn.execute("RELEASE worker_enqueue")
+            raise
+        conn.execute("RELEASE worker_enqueue")
 
     def close(self) -> None:
         """Close this thread's own connection (a caller's connection is left open)."""
