@@ -670,6 +670,55 @@ def test_failure_is_logged_at_warning_with_id_type_and_attempt(
     assert "Traceback" in failure.getMessage()
 
 
+def test_commit_watcher_wakes_on_a_write_to_the_wal_file_only_when_armed(tmp_path: Path) -> None:
+    wal = tmp_path / "jobs.db-wal"
+    wal.write_bytes(b"")
+    woken = threading.Event()
+    watcher = worker.CommitWatcher.start(str(wal), woken.set)
+    if watcher is None:
+        pytest.skip("no inotify here: the worker polls instead")
+    try:
+        with wal.open("ab") as f:
+            f.write(b"x")
+        assert not woken.wait(0.2), "a disarmed watcher wakes no one"
+        watcher.armed.set()
+        woken.clear()
+        with wal.open("ab") as f:
+            f.write(b"y")
+        assert woken.wait(5)
+    finally:
+        watcher.stop()
+
+
+def test_idle_worker_is_woken_by_a_commit_not_by_its_safety_poll(
+    db: str, queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the -wal watched, an idle worker needs no fast polling to start a new job at once."""
+
+    @worker.job
+    def prompt(ctx: JobContext) -> None:
+        pass
+
+    monkeypatch.setattr(worker, "WATCHED_POLL_INTERVAL", 30.0)
+    w = Worker(db, cron=False)
+    runner = threading.Thread(target=w.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while w._watcher is None or not w._watcher.armed.is_set():
+            assert time.monotonic() < deadline, "the worker never went idle with its watcher armed"
+            time.sleep(0.01)
+        other = sqlite3.connect(db, isolation_level=None)
+        enqueued = Queue(other).enqueue("prompt")
+        other.close()
+        while (found := queue.get(enqueued.id)) is None or found.status != "succeeded":
+            assert time.monotonic() < deadline, "a commit by another connection did not wake the idle worker"
+            time.sleep(0.01)
+    finally:
+        w.stop()
+        runner.join(10)
+
+
 # --- Processes and configuration ---------------------------------------------------
 
 

@@ -39,6 +39,7 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import importlib
 import json
@@ -86,7 +87,9 @@ DAY_MS = 86_400_000
 KEEP_SUCCEEDED = 7 * 86400.0
 KEEP_FAILED = 30 * 86400.0
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
-POLL_INTERVAL = 0.006  # how often an idle worker looks for commits by others
+POLL_INTERVAL = 0.006  # how often an idle worker looks for commits by others, without inotify
+WATCHED_POLL_INTERVAL = 0.025  # ... and with it: only a safety net for a missed event
+COMMIT_SETTLE_SECONDS, COMMIT_SETTLE_POLL = 0.05, 0.002  # after a -wal event, look every 2 ms for 50 ms
 MAX_BUSY_BACKOFF = 2.0
 
 STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
@@ -1173,6 +1176,61 @@ UPDATE worker_jobs
 """
 
 
+class CommitWatcher:
+    """Wakes an idle worker when any process commits: inotify on the ``-wal`` file.
+
+    In WAL mode every commit writes to the -wal file, so a modify event there
+    means "look again" (the worker then reads PRAGMA data_version).  An idle
+    worker can then sleep instead of polling every few milliseconds.  Linux
+    only; ``start`` returns None elsewhere, and the worker polls.
+    """
+
+    IN_MODIFY, IN_CLOEXEC = 0x2, 0o2000000
+
+    def __init__(self, libc: Any, fd: int, watch: int, wake: Callable[[], None]) -> None:
+        self._libc, self._fd, self._watch, self._wake = libc, fd, watch, wake
+        self._stopped = False
+        # Disarmed (a busy worker), the thread reads nothing: the kernel merges the
+        # queued events into one, and no thread wakes per commit.
+        self.armed = threading.Event()
+        self._thread = threading.Thread(target=self._watch_loop, name="worker-commit-watcher", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, wal_path: str, wake: Callable[[], None]) -> CommitWatcher | None:
+        """Watch ``wal_path``; None if inotify is not available here."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(cls.IN_CLOEXEC)
+        except (OSError, AttributeError):
+            return None
+        if fd < 0:
+            return None
+        watch = libc.inotify_add_watch(fd, os.fsencode(wal_path), cls.IN_MODIFY)
+        if watch < 0:
+            os.close(fd)
+            return None
+        return cls(libc, fd, watch, wake)
+
+    def _watch_loop(self) -> None:
+        while not self._stopped:
+            self.armed.wait()
+            try:
+                os.read(self._fd, 4096)  # one read takes every event queued so far
+            except OSError:
+                return
+            if not self._stopped and self.armed.is_set():
+                self._wake()
+
+    def stop(self) -> None:
+        """End the watch; removing it queues an event that ends the blocked read."""
+        self._stopped = True
+        self.armed.set()
+        self._libc.inotify_rm_watch(self._fd, self._watch)
+        self._thread.join(timeout=1)
+        os.close(self._fd)
+
+
 class Worker:
     """Claims due jobs, runs them on ``concurrency`` threads, records every outcome.
 
@@ -1238,6 +1296,9 @@ class Worker:
         # monotonic, so a wall clock stepped forward does not time jobs out.
         self._deadlines: dict[int, tuple[float, int]] = {}
         self._alone: int | None = None  # a job run alone (see _claim)
+        self._watcher: CommitWatcher | None = None
+        self._wants_commits = False  # idle: a commit by another process may bring work
+        self._woken_at = 0.0  # time.monotonic() of the watcher's last wake-up
         self._last_now = 0
         self._unrecorded: list[Outcome] = []
         self._todo: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
@@ -1560,6 +1621,8 @@ class Worker:
         self.start_up()
         for _ in range(self.concurrency):
             self._start_thread()
+        if not self.db.startswith(("file:", ":memory:")):
+            self._watcher = CommitWatcher.start(self.db + "-wal", self._wake_for_commit)
         logger.info(
             "worker %s started: %s, concurrency %d, queues %s, lease %.1f s",
             self.name,
@@ -1584,9 +1647,26 @@ class Worker:
                 elif self.burst and self._nothing_due and not self._running and not self._unrecorded:
                     break
                 self._tick()
-                self._sleep(self._busy_backoff or self.poll_interval)
+                self._sleep(self._busy_backoff or self._wait_seconds())
         finally:
             self._shut_down()
+
+    def _wake_for_commit(self) -> None:
+        # Called by the watcher's thread.
+        if self._wants_commits:
+            self._woken_at = time.monotonic()
+            self._done.put(None)
+
+    def _wait_seconds(self) -> float:
+        """How long the loop may sleep before it looks again (a finished job wakes it sooner)."""
+        if self._watcher is None or not self._wants_commits:
+            return self.poll_interval
+        if time.monotonic() - self._woken_at < COMMIT_SETTLE_SECONDS:
+            # The -wal is written before the commit is published: a look right
+            # after the event can miss it, so look again shortly.
+            return COMMIT_SETTLE_POLL
+        until_due = (self._next_due - self.now()) / 1000
+        return min(WATCHED_POLL_INTERVAL, max(until_due, 0.001))
 
     def _sleep(self, seconds: float) -> None:
         """Wait until a job finishes, stop() is called, or ``seconds`` pass."""
@@ -1643,6 +1723,12 @@ class Worker:
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
         self._nothing_due = free > 0 and not claimed and not self._last_claim_full and now < self._next_due
+        # Idle: nothing running and nothing claimed.  Only then do commits by
+        # others wake it (under load, every commit would, and the wake-ups would
+        # cost more than they save); a busy worker looks every poll_interval.
+        self._wants_commits = free > 0 and not claimed and not self._running
+        if self._watcher is not None:
+            (self._watcher.armed.set if self._wants_commits else self._watcher.armed.clear)()
         self._housekeeping(now)
 
     def _collect_outcomes(self, now: int) -> None:
@@ -1750,6 +1836,9 @@ class Worker:
                 time.sleep(0.2)
         for _ in range(self.concurrency):
             self._todo.put(None)
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         logger.info("worker %s stopped", self.name)
         self.close()
 
