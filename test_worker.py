@@ -752,6 +752,14 @@ def test_database_path_comes_from_the_environment(environ: dict[str, str], path:
     assert worker.resolve_db_path(environ) == path
 
 
+def test_queue_from_env_opens_worker_db(monkeypatch: pytest.MonkeyPatch, db: str) -> None:
+    monkeypatch.setenv("WORKER_DB", db)
+    with Queue.from_env(check_types=False) as from_env:
+        assert from_env.path == db
+        assert from_env.enqueue("anything").id == 1
+    assert len(rows(db)) == 1
+
+
 def test_help_names_every_environment_variable() -> None:
     help_text = worker.build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
     for variable, _ in worker.ENVIRONMENT.values():
