@@ -421,6 +421,17 @@ def test_bad_enqueue_raises_and_writes_nothing(
     assert rows(db) == []
 
 
+@pytest.mark.parametrize("policy", [{"max_attempts": 0}, {"backoff": 0.5}, {"timeout": 0}, {"timeout": -1}])
+def test_job_and_enqueue_refuse_the_same_bad_policies(
+    queue: Queue, db: str, ok_job: None, policy: dict[str, Any]
+) -> None:
+    with pytest.raises(worker.ConfigError):
+        worker.job(name="bad_policy", **policy)(lambda ctx: None)
+    with pytest.raises(ValueError):
+        queue.enqueue("add", {"a": 1, "b": 2}, **policy)
+    assert rows(db) == []
+
+
 def test_unknown_type_can_be_allowed_for_producers_without_the_jobs_module(db: str) -> None:
     assert Queue(db, check_types=False).enqueue("defined_elsewhere").type == "defined_elsewhere"
 

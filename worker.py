@@ -287,17 +287,12 @@ def job(
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         job_name = name or fn.__name__
-        if max_attempts is not None and max_attempts < 1:
-            raise ConfigError(f"job {job_name!r}: max_attempts must be at least 1")
-        if backoff is not None and backoff < 1:
-            raise ConfigError(f"job {job_name!r}: backoff must be at least 1")
-        if timeout is not None and to_ms(timeout) <= 0:
-            raise ConfigError(f"job {job_name!r}: timeout must be positive")
-        if cron is not None:
-            try:
+        try:
+            check_policy(max_attempts=max_attempts, backoff=backoff, timeout=timeout)
+            if cron is not None:
                 check_cron(cron, timezone)
-            except ValueError as e:
-                raise ConfigError(f"job {job_name!r}: {e}") from e
+        except ValueError as e:
+            raise ConfigError(f"job {job_name!r}: {e}") from e
         existing = REGISTRY.get(job_name)
         if existing and _qualname(existing.fn) != _qualname(fn):
             raise ConfigError(f"job {job_name!r} is already registered by {_qualname(existing.fn)}")
@@ -316,6 +311,18 @@ def job(
         return fn
 
     return register(fn) if fn is not None else register
+
+
+def check_policy(*, max_attempts: int | None, backoff: float | None, timeout: Seconds | None) -> None:
+    """ValueError unless a retry policy is usable: the same rules for @job and enqueue."""
+    if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int)):
+        raise ValueError(f"max_attempts must be an integer, not {max_attempts!r}")
+    if max_attempts is not None and max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, not {max_attempts!r}")
+    if backoff is not None and backoff < 1:
+        raise ValueError(f"backoff must be at least 1, not {backoff!r}")
+    if timeout is not None and to_ms(timeout) <= 0:
+        raise ValueError(f"timeout must be positive, not {timeout!r}")
 
 
 def check_cron(expression: str, timezone: str | None = None) -> None:
@@ -946,9 +953,9 @@ class Queue:
         timezone: str | None = None,
         now: int | None = None,
     ) -> dict[str, Any]:
-        job_type = REGISTRY.get(type)
         if not isinstance(type, str) or not type:
             raise UnknownJobType(f"job type must be a non-empty string, not {type!r}")
+        job_type = REGISTRY.get(type)
         if job_type is None and self.check_types:
             raise UnknownJobType(
                 f"unknown job type {type!r} (registered: {', '.join(sorted(REGISTRY)) or 'none'};"
@@ -960,13 +967,7 @@ class Queue:
             raise ValueError(f"tag must be a non-empty string, not {tag!r}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, not {priority!r}")
-        if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
-            raise ValueError(f"max_attempts must be an integer of at least 1, not {max_attempts!r}")
-        if backoff is not None and backoff < 1:
-            raise ValueError(f"backoff must be at least 1, not {backoff!r}")
-        timeout_ms = _optional_ms(timeout, "timeout")
-        if timeout_ms == 0:
-            raise ValueError("timeout must be positive")
+        check_policy(max_attempts=max_attempts, backoff=backoff, timeout=timeout)
         now = now_ms() if now is None else now
         due = epoch_ms(at) if at is not None else now + (_optional_ms(delay, "delay") or 0)
         return {
@@ -984,7 +985,7 @@ class Queue:
             "max_attempts": max_attempts,
             "retry_delay_ms": _optional_ms(retry_delay, "retry_delay"),
             "backoff": None if backoff is None else float(backoff),
-            "timeout_ms": timeout_ms,
+            "timeout_ms": _optional_ms(timeout, "timeout"),
             "keep_ms": _optional_ms(keep, "keep"),
             "persistent": int(bool(persistent)),
         }
