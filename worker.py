@@ -1598,12 +1598,10 @@ class Worker:
                     _emit([_Note.about(job, "given_back", logging.WARNING, message, job.id, job.type)])
 
     def work(self) -> int:
-        """One synchronous step: rescue if due, claim, run here, record.  Returns jobs run."""
+        """One synchronous step: housekeeping if due, claim, run here, record.  Returns jobs run."""
         self.start_up()
         now = self.now()
-        if now >= self._next_rescue:
-            self.rescue(now)
-            self._next_rescue = now + self.lease_ms // 2
+        self._housekeeping(now)  # heartbeat and rescue sweep when due, as in run()
         jobs = self.claim(self.concurrency, now)
         outcomes = [self.execute(claimed) for claimed in jobs]
         if outcomes:
