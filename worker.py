@@ -1591,11 +1591,14 @@ class Worker:
 
     def give_back(self, jobs: Iterable[Job]) -> None:
         """Return unfinished jobs to pending (at shutdown); fenced on our ownership."""
+        message = "job %d %s given back: still running at shutdown"
         with immediate(self.conn):
-            for job in jobs:
-                if self.conn.execute(GIVE_BACK_SQL, {"id": job.id, "owner": self.owner}).rowcount:
-                    message = "job %d %s given back: still running at shutdown"
-                    _emit([_Note.about(job, "given_back", logging.WARNING, message, job.id, job.type)])
+            notes = [
+                _Note.about(job, "given_back", logging.WARNING, message, job.id, job.type)
+                for job in jobs
+                if self.conn.execute(GIVE_BACK_SQL, {"id": job.id, "owner": self.owner}).rowcount
+            ]
+        _emit(notes)  # once committed, like every other outcome
 
     def work(self) -> int:
         """One synchronous step: housekeeping if due, claim, run here, record.  Returns jobs run."""
