@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
+import os
 import random
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +21,7 @@ import pytest
 import worker
 from worker import Queue, Worker
 
+HERE = Path(__file__).parent
 START = 1_800_000_000.0  # the fake clock's epoch seconds
 
 
@@ -158,3 +165,122 @@ def without_file_permission_override() -> None:
     pr_capbset_drop = 24
     for capability in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
         libc.prctl(pr_capbset_drop, capability, 0, 0, 0)  # fails harmlessly when not root
+
+
+def write_lock_free(db: Path) -> bool:
+    """Whether another connection could take the write lock now."""
+    conn = sqlite3.connect(db, timeout=0.3, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
+@dataclasses.dataclass
+class WorkerProcess:
+    """One ``python -m worker`` process started by a test, its stderr in a file."""
+
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def send(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def kill(self) -> int:
+        """kill -9; returns the epoch ms of the kill."""
+        killed = worker.now_ms()
+        self.popen.kill()
+        self.popen.wait(10)
+        return killed
+
+    def wait(self, timeout: float) -> int:
+        """Its exit code; fails the test if it is still running after ``timeout`` s."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker {self.pid} still running after {timeout:g} s:\n{self.log()[-4000:]}"
+            ) from None
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM once it has set up its signal handlers, and its exit code."""
+        wait_for(lambda: " started: " in self.log() or self.popen.poll() is not None, 10, f"worker {self.pid} to start")
+        self.send(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def stop_outside_write_lock(self, db: Path) -> None:
+        """SIGSTOP it, but never while it holds the write lock (which would block everyone)."""
+        for _ in range(50):
+            self.send(signal.SIGSTOP)
+            wait_for(lambda: process_state(self.pid) == "T", 5, "the worker to stop")
+            if write_lock_free(db):
+                return
+            self.send(signal.SIGCONT)
+            time.sleep(0.01)
+        raise AssertionError("could not stop the worker outside a write transaction")
+
+
+class Processes:
+    """Starts worker processes; at teardown kills every one still alive (and its children)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[WorkerProcess] = []
+        self.adopted: set[int] = set()
+
+    def start(self, *args: str, name: str, env: dict[str, str], cwd: Path = HERE) -> WorkerProcess:
+        log_path = self.directory / f"{name}.log"
+        with log_path.open("wb") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "worker", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd=cwd,
+                env=env,
+            )
+        started = WorkerProcess(popen, log_path)
+        self.started.append(started)
+        return started
+
+    def adopt(self, pids: set[int]) -> None:
+        """Grandchildren (a supervisor's workers) to kill at teardown too."""
+        self.adopted |= pids
+
+    def kill_all(self) -> None:
+        for started in self.started:
+            if started.popen.poll() is None:
+                # Frozen first, so that a supervisor cannot start a worker between the look and the kill.
+                started.send(signal.SIGSTOP)
+                with contextlib.suppress(AssertionError):
+                    wait_for(lambda: process_state(started.pid) in ("T", "Z", None), 2, "the process to stop")  # noqa: B023
+                self.adopted |= child_pids(started.pid)
+                started.popen.kill()
+                started.popen.wait(10)
+        for pid in self.adopted:
+            if alive(pid) and is_worker_process(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for started in self.started[-8:]:  # shown by pytest only when the test failed
+            print(f"--- {started.log_path.name} (pid {started.pid}) ---\n{started.log()[-4000:]}")
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Worker processes for one test, all killed at its end."""
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.kill_all()

@@ -9,8 +9,6 @@ every process a test starts is killed at teardown, whatever happened.
 from __future__ import annotations
 
 import collections
-import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -26,7 +24,14 @@ from typing import Any
 import pytest
 
 import worker
-from conftest import alive, child_pids, is_worker_process, process_state, wait_for, without_file_permission_override
+from conftest import (
+    Processes,
+    WorkerProcess,
+    alive,
+    child_pids,
+    wait_for,
+    without_file_permission_override,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and POSIX signals")
 
@@ -123,110 +128,7 @@ def clean_env(log_level: str = "INFO") -> dict[str, str]:
     return env
 
 
-def write_lock_free(db: Path) -> bool:
-    """Whether another connection could take the write lock now."""
-    conn = sqlite3.connect(db, timeout=0.3, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-        return True
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        conn.close()
-
-
-@dataclasses.dataclass
-class WorkerProcess:
-    """One ``python -m worker`` process started by a test, its stderr in a file."""
-
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def send(self, signum: int) -> None:
-        self.popen.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        """Its exit code; fails the test if it is still running after ``timeout`` s."""
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"worker {self.pid} still running after {timeout:g} s:\n{self.log()}") from None
-
-    def stop_outside_write_lock(self, db: Path) -> None:
-        """SIGSTOP it, but never while it holds the write lock (which would block everyone)."""
-        for _ in range(50):
-            self.send(signal.SIGSTOP)
-            wait_for(lambda: process_state(self.pid) == "T", 5, "the worker to stop")
-            if write_lock_free(db):
-                return
-            self.send(signal.SIGCONT)
-            time.sleep(0.01)
-        raise AssertionError("could not stop the worker outside a write transaction")
-
-
-class Processes:
-    """Starts worker processes; at teardown kills every one still alive (and its children)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.started: list[WorkerProcess] = []
-        self.adopted: set[int] = set()
-
-    def start(self, *args: str, name: str = "worker", log_level: str = "INFO") -> WorkerProcess:
-        log_path = self.directory / f"{name}.log"
-        with log_path.open("wb") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "worker", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                cwd=self.directory,
-                env=clean_env(log_level),
-            )
-        started = WorkerProcess(popen, log_path)
-        self.started.append(started)
-        return started
-
-    def adopt(self, pids: set[int]) -> None:
-        """Grandchildren (a supervisor's workers) to kill at teardown too."""
-        self.adopted |= pids
-
-    def kill_all(self) -> None:
-        for started in self.started:
-            if started.popen.poll() is None:
-                # Frozen first, so that a supervisor cannot start a worker between the look and the kill.
-                started.send(signal.SIGSTOP)
-                with contextlib.suppress(AssertionError):
-                    wait_for(lambda: process_state(started.pid) in ("T", "Z", None), 2, "the process to stop")  # noqa: B023
-                self.adopted |= child_pids(started.pid)
-                started.popen.kill()
-                started.popen.wait(10)
-        for pid in self.adopted:
-            if alive(pid) and is_worker_process(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for started in self.started:  # shown by pytest only when the test failed
-            print(f"--- {started.log_path.name} (pid {started.pid}) ---\n{started.log()[-4000:]}")
-
-
 # --- Fixtures ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path)
-    try:
-        yield started
-    finally:
-        started.kill_all()
 
 
 @pytest.fixture
@@ -259,7 +161,7 @@ def run_worker(processes: Processes, db: Path, jobs_file: Path) -> Callable[...,
 
     def start(*flags: str, name: str = "worker", log_level: str = "INFO") -> WorkerProcess:
         args = ["run", "--db", str(db), "--jobs", str(jobs_file), *flags]
-        return processes.start(*args, name=name, log_level=log_level)
+        return processes.start(*args, name=name, env=clean_env(log_level), cwd=processes.directory)
 
     return start
 

@@ -54,10 +54,9 @@ import pytest
 import worker
 from conftest import (
     FakeClock,
-    alive,
+    Processes,
+    WorkerProcess,
     child_pids,
-    is_worker_process,
-    process_state,
     wait_for,
     without_file_permission_override,
 )
@@ -507,101 +506,7 @@ def open_database_files(pid: int, db: Path) -> list[str]:
     return found
 
 
-@dataclasses.dataclass
-class WorkerProcess:
-    """One ``python -m worker`` process started by a test, its stderr in a file."""
-
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def send(self, signum: int) -> None:
-        self.popen.send_signal(signum)
-
-    def kill(self) -> int:
-        """kill -9; returns the epoch ms of the kill."""
-        killed = worker.now_ms()
-        self.popen.kill()
-        self.popen.wait(10)
-        return killed
-
-    def wait(self, timeout: float) -> int:
-        """Its exit code; fails the test if it is still running after ``timeout`` s."""
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"worker {self.pid} still running after {timeout:g} s:\n{self.log()[-3000:]}"
-            ) from None
-
-    def stop(self, timeout: float = 15) -> int:
-        """SIGTERM once it has set up its signal handlers, and its exit code."""
-        wait_for(lambda: " started: " in self.log() or self.popen.poll() is not None, 10, f"worker {self.pid} to start")
-        self.send(signal.SIGTERM)
-        return self.wait(timeout)
-
-
-class Processes:
-    """Starts worker processes; at teardown kills every one still alive (and its children)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.started: list[WorkerProcess] = []
-        self.adopted: set[int] = set()
-
-    def start(self, *args: str, name: str, env: dict[str, str]) -> WorkerProcess:
-        log_path = self.directory / f"{name}.log"
-        with log_path.open("wb") as log:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "worker", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                cwd=HERE,
-                env=env,
-            )
-        started = WorkerProcess(popen, log_path)
-        self.started.append(started)
-        return started
-
-    def adopt(self, pids: set[int]) -> None:
-        """Grandchildren (a supervisor's workers) to kill at teardown too."""
-        self.adopted |= pids
-
-    def kill_all(self) -> None:
-        for started in self.started:
-            if started.popen.poll() is None:
-                # Frozen first, so that a supervisor cannot start a worker between the look and the kill.
-                started.send(signal.SIGSTOP)
-                with contextlib.suppress(AssertionError):
-                    wait_for(lambda: process_state(started.pid) in ("T", "Z", None), 2, "the process to stop")  # noqa: B023
-                self.adopted |= child_pids(started.pid)
-                started.popen.kill()
-                started.popen.wait(10)
-        for pid in self.adopted:
-            if alive(pid) and is_worker_process(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for started in self.started[-8:]:  # shown by pytest only when the test failed
-            print(f"--- {started.log_path.name} (pid {started.pid}) ---\n{started.log()[-3000:]}")
-
-
 # --- Fixtures ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path)
-    try:
-        yield started
-    finally:
-        started.kill_all()
 
 
 def create_database(path: Path) -> Path:
