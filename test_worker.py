@@ -445,6 +445,31 @@ def test_enqueue_many_is_all_or_nothing(queue: Queue, db: str, ok_job: None) -> 
     assert made[-1].priority == 9
 
 
+def test_enqueue_many_returns_every_row_as_stored(queue: Queue, db: str, ok_job: None) -> None:
+    @worker.job(queue="mail")
+    def send(ctx: JobContext, **data: Any) -> None:
+        pass
+
+    data = [{"a": i, "b": -i} for i in range(5)] + [{"text": 'naïve ☃ "quoted"\n', "nested": {"x": [1.5, None, True]}}]
+    items = [("add" if i % 2 else "send", d) for i, d in enumerate(data)] + [("send", None)]
+    made = queue.enqueue_many(items, delay=30, priority=3, max_attempts=2, timeout=5, now=1_000_000)
+
+    assert [(job.type, job.data) for job in made] == [(t, d or {}) for t, d in items]
+    assert [job.queue for job in made] == ["mail", "default"] * 3 + ["mail"]
+    assert {(job.due, job.priority, job.max_attempts, job.timeout_ms) for job in made} == {(1_030_000, 3, 2, 5000)}
+    assert made == [queue.get(job.id) for job in made], "the returned jobs are the rows"
+
+
+def test_enqueue_many_names_the_item_whose_data_is_not_json(queue: Queue, db: str, ok_job: None) -> None:
+    with pytest.raises(worker.InvalidJobData, match=r"item 1: .*not JSON-serialisable"):
+        queue.enqueue_many([("add", {"a": 1}), ("add", {"a": object()})])
+    with pytest.raises(worker.InvalidJobData, match="keys must be strings"):
+        queue.enqueue_many([("add", {1: 1})])
+    with pytest.raises(worker.UnknownJobType):
+        queue.enqueue_many([("add", {}), ("nope", {})])
+    assert rows(db) == []
+
+
 def test_enqueue_joins_the_callers_stdlib_sqlite3_transaction(db: str, queue: Queue, ok_job: None) -> None:
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
