@@ -571,21 +571,47 @@ def _user_version(conn: sqlite3.Connection) -> int:
     return version
 
 
-@contextlib.contextmanager
-def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+# os.getpid() is a system call, and the worker checks its connection's process
+# several times per job; the id only changes in a forked child.
+_process_id = os.getpid()
+
+
+def _forked() -> None:
+    global _process_id  # one process-wide fact, reset only here
+    _process_id = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def immediate(conn: sqlite3.Connection) -> _Immediate:
     """A write transaction taken at once (BEGIN IMMEDIATE); rolled back on any error.
 
     Taking the write lock up front means a read-then-write can never fail with
     SQLITE_BUSY_SNAPSHOT halfway; waiting for the lock is bounded by busy_timeout.
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    return _Immediate(conn)
+
+
+class _Immediate:
+    # A class, not @contextlib.contextmanager: the worker takes one per job, and
+    # the generator machinery cost a tenth of a job thread's time.
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        try:
+            if kind is None:
+                self.conn.execute("COMMIT")
+        finally:
+            if self.conn.in_transaction:  # an error in the block, or COMMIT failed
+                self.conn.execute("ROLLBACK")
 
 
 def _scalar(conn: sqlite3.Connection, sql: str, params: Any = None) -> Any:
@@ -1421,7 +1447,7 @@ class Worker:
             self._conn = connect(self.db)
             self._pid = os.getpid()
             apply_schema(self._conn)
-        elif self._pid != os.getpid():
+        elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {os.getpid()}")
         return self._conn
 
@@ -1533,7 +1559,7 @@ class Worker:
         if len(jobs) < limit:
             next_due = _scalar(self.conn, self._next_due_sql, {"queues": self._queues_json})
             self._next_due = next_due if next_due is not None else 2**62
-        for claimed in jobs:
+        for claimed in jobs if logger.isEnabledFor(logging.DEBUG) else ():
             logger.debug(
                 "job %d %s started (attempt %d)",
                 claimed.id,
@@ -1586,9 +1612,11 @@ class Worker:
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
         if outcome.succeeded:
-            message = "job %d %s succeeded in %.1f ms (attempt %d)"
-            notes = [_Note.about(job, "succeeded", logging.INFO, message, job.id, job.type, outcome.seconds * 1000,
-                                 job.attempt)]  # fmt: skip
+            notes = []
+            if logger.isEnabledFor(logging.INFO):  # the one note of every job: skipped when it would not show
+                message = "job %d %s succeeded in %.1f ms (attempt %d)"
+                notes.append(_Note.about(job, "succeeded", logging.INFO, message, job.id, job.type,
+                                         outcome.seconds * 1000, job.attempt))  # fmt: skip
             return notes + self._schedule_next_cron_run(job, now)
         retry = self._schedule_retry(job, now, deaths=job.deaths)
         level = logging.ERROR if outcome.kind in ("timeout", "unknown") else logging.WARNING
@@ -1999,7 +2027,10 @@ def _emit(notes: list[_Note]) -> None:
 
 def _first(*values: Any) -> Any:
     """The first value that is not None: the row's setting, the job type's, the default."""
-    return next((value for value in values if value is not None), None)
+    for value in values:
+        if value is not None:
+            return value
+    return None
 
 
 def _job_type(job: Job) -> JobType:
