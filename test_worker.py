@@ -7,6 +7,7 @@ kill -9, signals) live in test_processes.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -270,6 +271,45 @@ def test_job_longer_than_its_timeout_fails_and_frees_its_slot(queue: Queue, db: 
     assert queue.get(after.id).status == "succeeded"  # type: ignore[union-attr]
 
 
+def test_at_concurrency_1_each_job_is_recorded_before_the_next_starts(queue: Queue, db: str) -> None:
+    @worker.job
+    def look_back(ctx: JobContext) -> str | None:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            before = conn.execute("SELECT status FROM worker_jobs WHERE id = ?", (ctx.id - 1,)).fetchone()
+        return before and before[0]
+
+    made = queue.enqueue_many([("look_back", None)] * 30)
+    Worker(db, cron=False, concurrency=1, burst=True).run()
+    assert [queue.get(job.id).result for job in made] == [None] + ["succeeded"] * 29  # type: ignore[union-attr]
+
+
+def test_at_concurrency_1_stop_gives_back_the_running_job_after_the_shutdown_timeout(queue: Queue, db: str) -> None:
+    release, started = threading.Event(), threading.Event()
+
+    @worker.job
+    def stuck(ctx: JobContext) -> None:
+        started.set()
+        release.wait(10)
+
+    @worker.job
+    def quick(ctx: JobContext) -> None:
+        pass
+
+    first, long, never = queue.enqueue_many([("quick", None), ("stuck", None), ("quick", {"n": 2})])
+    w = Worker(db, cron=False, concurrency=1, shutdown_timeout=0.3)
+    loop = threading.Thread(target=w.run)
+    loop.start()
+    try:
+        assert started.wait(10)
+        w.stop()
+        loop.join(10)
+        assert not loop.is_alive()
+    finally:
+        release.set()
+    statuses = {job.id: queue.get(job.id).status for job in (first, long, never)}  # type: ignore[union-attr]
+    assert statuses == {first.id: "succeeded", long.id: "pending", never.id: "pending"}
+
+
 # --- Leases: a worker that dies or stalls ---------------------------------------
 
 
@@ -468,6 +508,19 @@ def test_enqueue_many_names_the_item_whose_data_is_not_json(queue: Queue, db: st
     with pytest.raises(worker.UnknownJobType):
         queue.enqueue_many([("add", {}), ("nope", {})])
     assert rows(db) == []
+
+
+def test_enqueue_waits_for_another_writer_instead_of_failing(queue: Queue, db: str, ok_job: None) -> None:
+    queue.enqueue("add", {"a": 0, "b": 0})  # the connection is open and the schema made
+    blocker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    blocker.execute("INSERT INTO worker_jobs (type) VALUES ('add')")
+    threading.Timer(0.3, blocker.execute, ["COMMIT"]).start()
+    started = time.monotonic()
+    job = queue.enqueue("add", {"a": 1, "b": 1})
+    assert 0.2 < time.monotonic() - started < 4, "it waited for the lock, within busy_timeout"
+    assert [r["id"] for r in rows(db)][-1] == job.id
+    blocker.close()
 
 
 def test_enqueue_joins_the_callers_stdlib_sqlite3_transaction(db: str, queue: Queue, ok_job: None) -> None:

@@ -765,34 +765,21 @@ class Queue:
         if self._caller_conn is not None:
             return self._caller_conn
         local = self._local
-        if getattr(local, "pid", None) != os.getpid():
+        if getattr(local, "pid", None) != _process_id:
             # A connection must never cross fork(): the child opens its own and
             # leaves the parent's untouched.
             assert self.path is not None
             local.conn = connect(self.path)
-            local.pid = os.getpid()
-            if self._schema_ready_pid != os.getpid():
+            local.pid = _process_id
+            if self._schema_ready_pid != _process_id:
                 apply_schema(local.conn)
-                self._schema_ready_pid = os.getpid()
+                self._schema_ready_pid = _process_id
         return local.conn
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Any]:
+    def _transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """Our own write transaction, or a savepoint inside the caller's connection."""
         conn = self._conn()
-        if self._caller_conn is None:
-            with immediate(conn):
-                yield conn
-            return
-        # A savepoint nests inside the caller's transaction (and is one of its
-        # own when there is none), so several statements are all or nothing.
-        conn.execute("SAVEPOINT worker_enqueue")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK TO worker_enqueue")
-            conn.execute("RELEASE worker_enqueue")
-            raise
-        conn.execute("RELEASE worker_enqueue")
+        return immediate(conn) if self._caller_conn is None else _savepoint(conn)
 
     def close(self) -> None:
         """Close this thread's own connection (a caller's connection is left open)."""
@@ -849,6 +836,12 @@ class Queue:
             tag=tag,
             now=now,
         )
+        if row["tag"] is None and self._caller_conn is None:
+            # One INSERT is a transaction of its own, and (like BEGIN IMMEDIATE)
+            # SQLite takes the write lock before it reads anything, waiting up to
+            # busy_timeout: the same transaction without two more round trips.
+            cursor = self._conn().execute(INSERT_SQL, row)
+            return _new_job(int(cursor.lastrowid), row)
         with self._transaction() as conn:
             return self._insert(conn, row, on_conflict)
 
@@ -1089,10 +1082,41 @@ def _ids_just_inserted(conn: Any, count: int) -> range:
     return range(last - count + 1, last + 1)
 
 
+@contextlib.contextmanager
+def _savepoint(conn: Any) -> Iterator[Any]:
+    # A savepoint nests inside the caller's transaction (and is one of its own
+    # when there is none), so several statements are all or nothing.
+    conn.execute("SAVEPOINT worker_enqueue")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK TO worker_enqueue")
+        conn.execute("RELEASE worker_enqueue")
+        raise
+    conn.execute("RELEASE worker_enqueue")
+
+
 def _new_job(id: int, row: dict[str, Any]) -> Job:
     """The Job of a row just inserted (its data is the caller's, copied, not parsed back)."""
-    fields = {column: row[column] for column in INSERT_COLUMNS}
-    return Job(id=id, **dict(fields, data=row["data_object"], persistent=bool(row["persistent"])))
+    return Job(
+        id=id,
+        type=row["type"],
+        data=row["data_object"],
+        queue=row["queue"],
+        priority=row["priority"],
+        due=row["due"],
+        tag=row["tag"],
+        cron_schedule=row["cron_schedule"],
+        cron_timezone=row["cron_timezone"],
+        cron_slot=row["cron_slot"],
+        created_at=row["created_at"],
+        max_attempts=row["max_attempts"],
+        retry_delay_ms=row["retry_delay_ms"],
+        backoff=row["backoff"],
+        timeout_ms=row["timeout_ms"],
+        keep_ms=row["keep_ms"],
+        persistent=bool(row["persistent"]),
+    )
 
 
 def default_keep_ms(*, succeeded: bool) -> int:
