@@ -2,8 +2,9 @@
 --
 -- The worker applies this file at start.  Each "-- version N" section runs once,
 -- in order, inside one transaction, and PRAGMA user_version records the last
--- section applied.  Sections only ever ADD (columns, indexes), so a database
--- written by an older worker keeps working; never edit a released section.
+-- section applied.  Sections add columns and indexes, or drop an index the
+-- worker no longer reads; never a column, so a database written by an older
+-- worker keeps working.  Never edit a released section.
 --
 -- One row per invocation of a job.  A retry or the next run of a cron job is a
 -- NEW row whose rescheduled_from_job points back, so every attempt keeps its
@@ -112,3 +113,12 @@ CREATE TABLE IF NOT EXISTS worker_processes (
     queues      TEXT,                  -- comma-separated, NULL for all
     version     TEXT    NOT NULL
 ) STRICT;
+
+-- version 2
+
+-- The worker finds the earliest due time of the pending rows with one seek per
+-- priority level down worker_jobs_claim (see NEXT_DUE_SQL in worker.py), so
+-- this second index of every pending row was only a cost: one more B-tree
+-- entry for each enqueue to insert and each claim to delete.  Measured:
+-- 13-24 % more jobs/s at concurrency 1 without it.
+DROP INDEX IF EXISTS worker_jobs_next_due;

@@ -128,7 +128,7 @@ def test_status_for_people_is_a_set_of_plain_tables(db: str, prepared: dict[str,
     result = cli("status", db=db)
     assert result.returncode == 0, result.stderr
     assert "\033[" not in result.stdout  # no colour when stdout is not a terminal
-    for expected in ("schema 1", "default", "mail", "fresh", "remove_old_jobs", "0 * * * *"):
+    for expected in (f"schema {worker.schema_version()}", "default", "mail", "fresh", "remove_old_jobs", "0 * * * *"):
         assert expected in result.stdout
 
 

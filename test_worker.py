@@ -638,6 +638,22 @@ def test_schema_is_idempotent_and_versioned(db: str) -> None:
     conn.close()
 
 
+def test_a_version_1_database_is_upgraded_in_place(db: str, ok_job: None) -> None:
+    (version, first_section), *_ = worker.schema_sections()
+    assert version == 1
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as old:
+        old.executescript(first_section + "\nPRAGMA user_version = 1;")
+        old.execute("INSERT INTO worker_jobs (type, data) VALUES ('add', '{\"a\": 1, \"b\": 2}')")
+
+    w = Worker(db, cron=False)
+    assert w.work() == 1
+    indexes = {row[1] for row in w.conn.execute("PRAGMA index_list(worker_jobs)")}
+    assert w.conn.execute("PRAGMA user_version").fetchone()[0] == worker.schema_version() >= 2
+    assert "worker_jobs_next_due" not in indexes and "worker_jobs_claim" in indexes
+    w.close()
+    assert [(r["status"], r["result"]) for r in rows(db)] == [("succeeded", "3")]
+
+
 def test_schema_newer_than_the_code_is_refused(db: str) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA user_version = 99")
@@ -656,6 +672,30 @@ def test_claim_uses_the_partial_index_not_a_table_scan(queue: Queue) -> None:
     )
     assert "worker_jobs_claim" in plan
     assert "TEMP B-TREE" not in plan, plan
+    conn.close()
+
+
+def test_next_due_is_the_earliest_pending_due_across_priorities_and_queues(
+    queue: Queue, make_worker: Any, clock: FakeClock, ok_job: None
+) -> None:
+    now = at(clock)
+    for priority, seconds, queue_name in [(5, 300, "a"), (0, 200, "a"), (-3, 100, "b"), (0, 50, "b"), (9, 400, "b")]:
+        queue.enqueue("add", {"a": 1, "b": 1}, priority=priority, delay=seconds, queue=queue_name, now=now)
+    queue.cancel(queue.enqueue("add", {"a": 1, "b": 1}, delay=10, now=now).id)  # not pending: not counted
+
+    def next_due(w: Worker) -> int:
+        assert w.claim(1, now) == []  # a claim that finds nothing due looks up the next due time
+        return w._next_due
+
+    assert next_due(make_worker()) == now + 50_000
+    assert next_due(make_worker(queues=["a"])) == now + 200_000
+    assert next_due(make_worker(queues=["nothing-here"])) == 2**62
+
+    conn = worker.connect(queue.path or "")
+    plan = " | ".join(
+        row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + worker.NEXT_DUE_SQL.format(queue_filter=""))
+    )
+    assert "worker_jobs_claim" in plan and "SCAN worker_jobs" not in plan, plan
     conn.close()
 
 

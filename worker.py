@@ -1246,7 +1246,19 @@ ANY_SUSPECT_SQL = """
 SELECT EXISTS (SELECT 1 FROM worker_jobs INDEXED BY worker_jobs_suspect WHERE status = 'pending' AND deaths > 0)
 """
 
-NEXT_DUE_SQL = "SELECT min(due) FROM worker_jobs WHERE status = 'pending' {queue_filter}"
+# The earliest due time of a pending row, without an index on due alone: a
+# skip-scan of worker_jobs_claim (priority DESC, due), one seek per priority
+# level in use, highest first, taking each level's earliest due.
+NEXT_DUE_SQL = """
+WITH RECURSIVE level(priority) AS (
+    SELECT max(priority) FROM worker_jobs WHERE status = 'pending'
+    UNION ALL
+    SELECT (SELECT max(priority) FROM worker_jobs WHERE status = 'pending' AND priority < level.priority)
+      FROM level WHERE level.priority IS NOT NULL
+)
+SELECT min((SELECT min(due) FROM worker_jobs WHERE status = 'pending' AND priority = level.priority {queue_filter}))
+  FROM level WHERE level.priority IS NOT NULL
+"""
 
 # Every write that ends a job is fenced on status and owner: a worker that lost
 # its lease (its job was rescued, given back, or timed out) changes nothing.
