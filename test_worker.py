@@ -518,7 +518,7 @@ def test_enqueue_waits_for_another_writer_instead_of_failing(queue: Queue, db: s
     threading.Timer(0.3, blocker.execute, ["COMMIT"]).start()
     started = time.monotonic()
     job = queue.enqueue("add", {"a": 1, "b": 1})
-    assert 0.2 < time.monotonic() - started < 4, "it waited for the lock, within busy_timeout"
+    assert time.monotonic() - started > 0.2, "it waited for the other writer's commit"
     assert [r["id"] for r in rows(db)][-1] == job.id
     blocker.close()
 
