@@ -1,0 +1,115 @@
+"""Compare the worker at two revisions on this machine: turn-by-turn runs, medians, ratio.
+
+    bench/.venv/bin/python bench/ab.py HEAD~1 HEAD [--concurrency 1] [--n 10000] [--rounds 5]
+    bench/.venv/bin/python bench/ab.py HEAD WORKTREE          # against the files as they are now
+
+On a shared 2-core machine two full benchmark runs can differ by 15 %, more than
+most single changes gain.  Here the two revisions run turn by turn, so both see
+the same noise, and the ratio of their medians is the figure to trust.
+
+Each revision's worker.py and schema.sql are exported to a scratch directory.
+Every round and revision: a fresh file; N no-op jobs enqueued one per
+transaction (timed), then N more with enqueue_many in calls of 1,000 (timed),
+through that revision's Queue; then ``python -m worker run --burst
+--concurrency C`` of that revision (jobs/s from the first ``started`` to the
+last ``finished``, as in run.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BENCH_DIR, REPO_DIR
+
+FILES = ("worker.py", "schema.sql")
+JOBS = BENCH_DIR / "bench_jobs.py"
+
+# Runs in the revision's directory (first on sys.path), so `worker` is that revision's.
+ENQUEUE = """
+import json, sys, time
+import bench_jobs, worker
+db, n = sys.argv[1], int(sys.argv[2])
+queue = worker.Queue(db)
+started = time.perf_counter()
+for _ in range(n):
+    queue.enqueue("noop")
+single = n / (time.perf_counter() - started)
+started = time.perf_counter()
+for _ in range(0, n, 1000):
+    queue.enqueue_many([("noop", {})] * 1000)
+bulk = n // 1000 * 1000 / (time.perf_counter() - started)
+print(json.dumps({"single": single, "bulk": bulk}))
+"""
+
+
+def export(revision: str, into: Path) -> Path:
+    into.mkdir()
+    for name in FILES:
+        if revision == "WORKTREE":
+            text = (REPO_DIR / name).read_bytes()
+        else:
+            text = subprocess.run(
+                ["git", "-C", str(REPO_DIR), "show", f"{revision}:{name}"], check=True, capture_output=True
+            ).stdout
+        (into / name).write_bytes(text)
+    return into
+
+
+def one_round(code: Path, scratch: Path, n: int, concurrency: int) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{BENCH_DIR}", "WORKER_LOG_LEVEL": "WARNING"}
+    db = Path(tempfile.mkdtemp(dir=scratch)) / "ab.db"
+    enqueued = subprocess.run(
+        [sys.executable, "-c", ENQUEUE, str(db), str(n)], check=True, capture_output=True, env=env, cwd=code
+    )
+    rates: dict[str, float] = json.loads(enqueued.stdout)
+    command = [sys.executable, "-m", "worker", "run", "--burst", "--no-cron", "--db", str(db), "--jobs", str(JOBS)]
+    subprocess.run([*command, "--concurrency", str(concurrency)], check=True, env=env, cwd=code)
+    with sqlite3.connect(db) as conn:
+        first, last, done = conn.execute(
+            "SELECT min(started), max(finished), count(*) FROM worker_jobs WHERE status = 'succeeded'"
+        ).fetchone()
+    if done != n + n // 1000 * 1000:
+        raise SystemExit(f"{code}: only {done} jobs succeeded")
+    rates["processing"] = done / ((last - first) / 1000)
+    return rates
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("a", help="a git revision, or WORKTREE")
+    parser.add_argument("b", help="a git revision, or WORKTREE")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--n", type=int, default=10_000, help="jobs enqueued each way per round (default 10,000)")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="worker-ab-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        code = {name: export(name, scratch / f"rev{i}") for i, name in enumerate((args.a, args.b))}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in code}
+        for number in range(args.rounds):
+            for name, path in code.items() if number % 2 == 0 else reversed(code.items()):
+                runs[name].append(one_round(path, scratch, args.n, args.concurrency))
+            print(f"round {number + 1}/{args.rounds} done", file=sys.stderr)
+    print(f"{args.n:,} jobs each way, concurrency {args.concurrency}, medians of {args.rounds} rounds, jobs/s")
+    print(f"  {'':32}{args.a:>14}{args.b:>14}{'b / a':>9}")
+    for figure in ("single", "bulk", "processing"):
+        a, b = (statistics.median(run[figure] for run in runs[name]) for name in (args.a, args.b))
+        label = {"single": "enqueue, one per transaction", "bulk": "enqueue_many, 1,000 per call"}.get(
+            figure, "processing (worker run --burst)"
+        )
+        print(f"  {label:32}{a:>14,.0f}{b:>14,.0f}{b / a:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
