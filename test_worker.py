@@ -507,6 +507,8 @@ def test_enqueue_many_names_the_item_whose_data_is_not_json(queue: Queue, db: st
         queue.enqueue_many([("add", {1: 1})])
     with pytest.raises(worker.UnknownJobType):
         queue.enqueue_many([("add", {}), ("nope", {})])
+    with pytest.raises(worker.UnknownJobType, match="non-empty string"):
+        queue.enqueue_many([(["add"], {})])  # type: ignore[list-item]
     assert rows(db) == []
 
 

@@ -914,8 +914,8 @@ class Queue:
         shared: dict[str, dict[str, Any]] = {}  # job type -> its row, validated once per type
         batch = []
         for job_type, data in items:
-            row = shared.get(job_type)
-            if row is None:
+            row = shared.get(job_type) if isinstance(job_type, str) else None
+            if row is None:  # _new_row checks the type (and the options) once per type
                 row = shared[job_type] = self._new_row(job_type, None, **{**options, "now": now})
             batch.append((job_type, job_data(data), row["queue"]))
         if not batch:
