@@ -283,6 +283,26 @@ def test_at_concurrency_1_each_job_is_recorded_before_the_next_starts(queue: Que
     assert [queue.get(job.id).result for job in made] == [None] + ["succeeded"] * 29  # type: ignore[union-attr]
 
 
+def test_a_bug_met_in_a_job_threads_step_ends_run_as_it_would_in_the_main_thread(
+    queue: Queue, db: str, ok_job: None
+) -> None:
+    made = queue.enqueue_many([("add", {"a": 1, "b": 1})] * 3)
+    w = Worker(db, cron=False, concurrency=1, burst=True)
+    record = w._record
+
+    def record_but_not_in_a_job_thread(outcomes: list[worker.Outcome], now: int) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("a bug in the loop")
+        return record(outcomes, now)
+
+    w._record = record_but_not_in_a_job_thread  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        w.run()
+    statuses = [queue.get(job.id).status for job in made]  # type: ignore[union-attr]
+    assert statuses[0] == "succeeded", "the outcome in hand was recorded at shutdown"
+    assert "running" not in statuses and statuses[-1] == "pending", statuses
+
+
 def test_at_concurrency_1_stop_gives_back_the_running_job_after_the_shutdown_timeout(queue: Queue, db: str) -> None:
     release, started = threading.Event(), threading.Event()
 

@@ -1463,6 +1463,7 @@ class Worker:
         # that has just finished a job (see _job_thread).  It guards the
         # connection and the loop's state (_running, _unrecorded, ...).
         self._loop = threading.Lock()
+        self._step_failure: BaseException | None = None  # raised by a job thread's step, for run() to raise
         self._threads_lock = threading.Lock()
         self._surplus_threads = 0  # replacements started for threads stuck in timed-out jobs
         self._data_version: int | None = None
@@ -1797,6 +1798,8 @@ class Worker:
                 with self._loop:
                     if woken_by is not None:
                         self._arrived.append(woken_by)
+                    if self._step_failure is not None:
+                        raise self._step_failure
                     if self._stopping.is_set():
                         if shutdown_deadline is None:
                             shutdown_deadline = time.monotonic() + self.shutdown_timeout
@@ -1874,6 +1877,12 @@ class Worker:
                 return None
             self._arrived.append(outcome)
             return self._tick(keep_one=True)
+        except BaseException as e:
+            # The main thread meeting this would have ended run(): so it still
+            # does, rather than this thread dying and its slot with it.
+            self._step_failure = e
+            self._done.put(None)
+            return None
         finally:
             self._loop.release()
 
