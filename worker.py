@@ -783,7 +783,7 @@ class Queue:
 
     def close(self) -> None:
         """Close this thread's own connection (a caller's connection is left open)."""
-        if self._caller_conn is None and getattr(self._local, "pid", None) == os.getpid():
+        if self._caller_conn is None and getattr(self._local, "pid", None) == _process_id:
             self._local.conn.close()
             del self._local.conn, self._local.pid
 
@@ -840,8 +840,7 @@ class Queue:
             # One INSERT is a transaction of its own, and (like BEGIN IMMEDIATE)
             # SQLite takes the write lock before it reads anything, waiting up to
             # busy_timeout: the same transaction without two more round trips.
-            cursor = self._conn().execute(INSERT_SQL, row)
-            return _new_job(int(cursor.lastrowid), row)
+            return self._insert(self._conn(), row, on_conflict)
         with self._transaction() as conn:
             return self._insert(conn, row, on_conflict)
 
@@ -1482,10 +1481,10 @@ class Worker:
         """This worker's own connection, opened (and the schema applied) on first use."""
         if self._conn is None:
             self._conn = connect(self.db)
-            self._pid = os.getpid()
+            self._pid = _process_id
             apply_schema(self._conn)
         elif self._pid != _process_id:
-            raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {os.getpid()}")
+            raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
         return self._conn
 
     @property
@@ -1561,7 +1560,7 @@ class Worker:
             self._started_up = False
         if self._producer is not None:
             self._producer.close()
-        if self._conn is not None and self._pid == os.getpid():
+        if self._conn is not None and self._pid == _process_id:
             with contextlib.suppress(sqlite3.Error):  # a stale row is harmless; status shows it as such
                 self._conn.execute(FORGET_PROCESSES_SQL, {"id": self.owner, "long_ago": 0})
             self._conn.close()
