@@ -9,10 +9,10 @@ the same noise, and the ratio of their medians is the figure to trust.
 
 Each revision's worker.py and schema.sql are exported to a scratch directory.
 Every round and revision: a fresh file; N no-op jobs enqueued one per
-transaction (timed), then N more with enqueue_many in calls of 1,000 (timed),
-through that revision's Queue; then ``python -m worker run --burst
---concurrency C`` of that revision (jobs/s from the first ``started`` to the
-last ``finished``, as in run.py).
+transaction, then N more with enqueue_many in calls of 1,000, each timed by
+agents.py's ``enqueue ours`` as in run.py but with that revision's Queue; then
+``python -m worker run --burst --concurrency C`` of that revision (jobs/s from
+the first ``started`` to the last ``finished``, as in run.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -29,27 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_DIR, REPO_DIR
+from common import BENCH_DIR, REPO_DIR, noop_rate
 
 FILES = ("worker.py", "schema.sql")
 JOBS = BENCH_DIR / "bench_jobs.py"
-
-# Runs in the revision's directory (first on sys.path), so `worker` is that revision's.
-ENQUEUE = """
-import json, sys, time
-import bench_jobs, worker
-db, n = sys.argv[1], int(sys.argv[2])
-queue = worker.Queue(db)
-started = time.perf_counter()
-for _ in range(n):
-    queue.enqueue("noop")
-single = n / (time.perf_counter() - started)
-started = time.perf_counter()
-for _ in range(0, n, 1000):
-    queue.enqueue_many([("noop", {})] * 1000)
-bulk = n // 1000 * 1000 / (time.perf_counter() - started)
-print(json.dumps({"single": single, "bulk": bulk}))
-"""
+AGENTS = BENCH_DIR / "agents.py"
 
 
 def export(revision: str, into: Path) -> Path:
@@ -66,21 +49,19 @@ def export(revision: str, into: Path) -> Path:
 
 
 def one_round(code: Path, scratch: Path, n: int, concurrency: int) -> dict[str, float]:
+    # The revision's directory first on the path, so `worker` is that revision's.
     env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{BENCH_DIR}", "WORKER_LOG_LEVEL": "WARNING"}
     db = Path(tempfile.mkdtemp(dir=scratch)) / "ab.db"
-    enqueued = subprocess.run(
-        [sys.executable, "-c", ENQUEUE, str(db), str(n)], check=True, capture_output=True, env=env, cwd=code
-    )
-    rates: dict[str, float] = json.loads(enqueued.stdout)
+    rates = {}
+    for mode in ("single", "bulk"):  # run.py's enqueue measurement, through the revision's Queue
+        enqueue = [sys.executable, str(AGENTS), "enqueue", "ours", "--mode", mode, "--db", str(db), "--n", str(n)]
+        measured = subprocess.run(enqueue, check=True, capture_output=True, env=env, cwd=code)
+        rates[mode] = json.loads(measured.stdout)["rate"]
     command = [sys.executable, "-m", "worker", "run", "--burst", "--no-cron", "--db", str(db), "--jobs", str(JOBS)]
     subprocess.run([*command, "--concurrency", str(concurrency)], check=True, env=env, cwd=code)
-    with sqlite3.connect(db) as conn:
-        first, last, done = conn.execute(
-            "SELECT min(started), max(finished), count(*) FROM worker_jobs WHERE status = 'succeeded'"
-        ).fetchone()
-    if done != n + n // 1000 * 1000:
+    done, rates["processing"] = noop_rate(db)
+    if done != 2 * (n + 1):  # each enqueue run adds one untimed job first
         raise SystemExit(f"{code}: only {done} jobs succeeded")
-    rates["processing"] = done / ((last - first) / 1000)
     return rates
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sqlite3
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,3 +65,13 @@ def cpu_seconds_precise(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return total / 1e9
+
+
+def noop_rate(db: Path) -> tuple[int, float]:
+    """Succeeded no-op jobs in our table, and their jobs/s from the first start to the last finish."""
+    with sqlite3.connect(db) as conn:
+        count, window_ms = conn.execute(
+            "SELECT count(*), max(finished) - min(started) FROM worker_jobs"
+            " WHERE type = 'noop' AND status = 'succeeded'"
+        ).fetchone()
+    return count, count / (window_ms / 1000) if window_ms else math.nan

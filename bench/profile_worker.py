@@ -15,7 +15,6 @@ import collections
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_DIR, VENV_DIR
+from common import BENCH_DIR, VENV_DIR, noop_rate
 
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -72,12 +71,8 @@ def main() -> int:
         command += ["--", str(python), "-m", "worker", "run", "--burst", "--db", str(db)]
         command += ["--jobs", str(BENCH_DIR / "bench_jobs.py"), "--concurrency", str(args.concurrency)]
         subprocess.run(command, check=True, env={**os.environ, "WORKER_LOG_LEVEL": "WARNING"}, capture_output=True)
-        with sqlite3.connect(db) as conn:
-            count, window_ms = conn.execute(
-                "SELECT count(*), max(finished) - min(started) FROM worker_jobs"
-                " WHERE type = 'noop' AND status = 'succeeded'"
-            ).fetchone()
-        print(f"{count:,} no-op jobs at concurrency {args.concurrency}: {count / (window_ms / 1000):,.0f} jobs/s")
+        count, jobs_per_second = noop_rate(db)
+        print(f"{count:,} no-op jobs at concurrency {args.concurrency}: {jobs_per_second:,.0f} jobs/s")
         print("(first start -> last finish, with py-spy attached at", args.rate, "samples/s)\n")
 
         by_thread: dict[str, int] = collections.Counter()
