@@ -107,6 +107,14 @@ T = TypeVar("T")
 POLL = 0.02  # seconds between looks
 
 
+def create_database(path: Path) -> Path:
+    """A database file with the table created (as a web app's Queue would)."""
+    conn = worker.connect(path)
+    worker.apply_schema(conn)
+    conn.close()
+    return path
+
+
 def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout

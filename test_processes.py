@@ -29,6 +29,7 @@ from conftest import (
     WorkerProcess,
     alive,
     child_pids,
+    create_database,
     wait_for,
     without_file_permission_override,
 )
@@ -116,6 +117,13 @@ def row(db: Path, job_id: int) -> dict[str, Any]:
     return found
 
 
+def succeeded_retry(db: Path, job_id: int) -> dict[str, Any]:
+    """The retry of ``job_id``, once it has succeeded (waits up to 10 s)."""
+    return wait_for(
+        lambda: rows(db, "rescheduled_from_job = ? AND status = 'succeeded'", (job_id,)), 10, "the retry to succeed"
+    )[0]
+
+
 def lines(path: Path) -> list[str]:
     """The lines a job appended to ``path`` so far."""
     return path.read_text().splitlines() if path.exists() else []
@@ -133,12 +141,7 @@ def clean_env(log_level: str = "INFO") -> dict[str, str]:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    """A database file with the table created (as a web app's Queue would)."""
-    path = tmp_path / "jobs.db"
-    conn = worker.connect(path)
-    worker.apply_schema(conn)
-    conn.close()
-    return path
+    return create_database(tmp_path / "jobs.db")
 
 
 @pytest.fixture
@@ -232,11 +235,7 @@ def test_killed_worker_job_is_retried_after_lease(
     assert row(db, first.id)["status"] == "running"
 
     rescuer = run_worker("--lease", "1", name="rescuer")
-    retry = wait_for(
-        lambda: rows(db, "rescheduled_from_job = ? AND status = 'succeeded'", (first.id,)),
-        10,
-        "the retry to succeed",
-    )[0]
+    retry = succeeded_retry(db, first.id)
 
     old = row(db, first.id)
     assert old["status"] == "failed"
@@ -263,11 +262,7 @@ def test_stalled_worker_late_result_is_discarded(
     stale.stop_outside_write_lock(db)
 
     rescuer = run_worker("--lease", "1", name="rescuer")
-    retry = wait_for(
-        lambda: rows(db, "rescheduled_from_job = ? AND status = 'succeeded'", (first.id,)),
-        10,
-        "the retry to succeed",
-    )[0]
+    retry = succeeded_retry(db, first.id)
     rescued = row(db, first.id)
     assert rescued["status"] == "failed"
     assert rescued["error"].startswith("worker lost")

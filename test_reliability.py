@@ -57,6 +57,7 @@ from conftest import (
     Processes,
     WorkerProcess,
     child_pids,
+    create_database,
     wait_for,
     without_file_permission_override,
 )
@@ -507,14 +508,6 @@ def open_database_files(pid: int, db: Path) -> list[str]:
 
 
 # --- Fixtures ---------------------------------------------------------------------------
-
-
-def create_database(path: Path) -> Path:
-    """A database file with the table created (as a web app's Queue would)."""
-    conn = worker.connect(path)
-    worker.apply_schema(conn)
-    conn.close()
-    return path
 
 
 @pytest.fixture
