@@ -25,7 +25,7 @@ import apsw
 import pytest
 
 import worker
-from conftest import FakeClock, NoJitter, at, rows
+from conftest import FakeClock, NoJitter, at, rows, wait_for
 from worker import Job, JobContext, Queue, Worker
 
 HERE = Path(__file__).parent
@@ -271,7 +271,7 @@ def test_job_longer_than_its_timeout_fails_and_frees_its_slot(queue: Queue, db: 
     assert queue.get(after.id).status == "succeeded"  # type: ignore[union-attr]
 
 
-def test_at_concurrency_1_each_job_is_recorded_before_the_next_starts(queue: Queue, db: str) -> None:
+def test_without_prefetch_at_concurrency_1_each_job_is_recorded_before_the_next_starts(queue: Queue, db: str) -> None:
     @worker.job
     def look_back(ctx: JobContext) -> str | None:
         with contextlib.closing(sqlite3.connect(db)) as conn:
@@ -279,15 +279,165 @@ def test_at_concurrency_1_each_job_is_recorded_before_the_next_starts(queue: Que
         return before and before[0]
 
     made = queue.enqueue_many([("look_back", None)] * 30)
-    Worker(db, cron=False, concurrency=1, burst=True).run()
+    Worker(db, cron=False, concurrency=1, burst=True, prefetch=0).run()
     assert [queue.get(job.id).result for job in made] == [None] + ["succeeded"] * 29  # type: ignore[union-attr]
+
+
+# --- Prefetch: claiming ahead of the free threads while jobs are short ----------
+
+
+def claim_sizes(w: Worker) -> list[int]:
+    """Spy on a worker's claims: how many jobs each one took (one claim per transaction)."""
+    sizes: list[int] = []
+    claim = w._claim
+
+    def counted(limit: int, now: int) -> list[Job]:
+        claimed = claim(limit, now)
+        sizes.append(len(claimed))
+        return claimed
+
+    w._claim = counted  # type: ignore[method-assign]
+    return sizes
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_while_jobs_are_short_a_claim_takes_up_to_prefetch_jobs_beyond_the_free_threads(
+    queue: Queue, db: str, concurrency: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "PREFETCH_JOB_SECONDS", 10.0)  # every job here counts as short
+
+    @worker.job
+    def quick(ctx: JobContext) -> int:
+        return ctx.id
+
+    made = queue.enqueue_many([("quick", None)] * 200)
+    w = Worker(db, cron=False, concurrency=concurrency, burst=True, prefetch=8)
+    sizes = claim_sizes(w)
+    w.run()
+    assert [queue.get(job.id).result for job in made] == [job.id for job in made]  # type: ignore[union-attr]
+    assert max(sizes) > concurrency, "claimed ahead of the free threads"
+    assert max(sizes) <= concurrency + 8
+    assert sizes[0] <= concurrency, "nothing is claimed ahead before jobs have shown they are short"
+    assert len(sizes) < 200 / 4
+
+
+def test_a_job_longer_than_a_millisecond_stops_claiming_ahead(queue: Queue, db: str) -> None:
+    @worker.job
+    def slow(ctx: JobContext) -> None:
+        time.sleep(0.002)  # the job's own work, longer than PREFETCH_JOB_SECONDS
+
+    queue.enqueue_many([("slow", None)] * 20)
+    w = Worker(db, cron=False, concurrency=1, burst=True, prefetch=8)
+    sizes = claim_sizes(w)
+    w.run()
+    assert sizes == [1] * 20 + [0]
+
+
+def test_jobs_claimed_ahead_behind_a_long_job_are_given_back_for_other_workers(
+    queue: Queue, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "PREFETCH_JOB_SECONDS", 10.0)  # the long job is long only once it has ended
+    release, started = threading.Event(), threading.Event()
+
+    @worker.job
+    def long(ctx: JobContext) -> None:
+        started.set()
+        release.wait(10)
+
+    @worker.job
+    def quick(ctx: JobContext) -> None:
+        pass
+
+    first, _, *behind = queue.enqueue_many([("quick", None), ("long", None)] + [("quick", None)] * 3)
+    w = Worker(db, cron=False, concurrency=1, prefetch=8)
+    loop = threading.Thread(target=w.run)
+    loop.start()
+    try:
+        assert started.wait(10)
+        # The claim that took the long job took the next one ahead, which waited
+        # behind it; within PREFETCH_PATIENCE it is pending again, and another
+        # worker runs all three while the long job still runs.
+        wait_for(lambda: len(rows(db, "status = 'pending'")) == 3, 5, "the job claimed ahead to be given back")
+        other = Worker(db, cron=False, concurrency=4)
+        other.work()
+        assert [queue.get(job.id).status for job in behind] == ["succeeded"] * 3  # type: ignore[union-attr]
+        assert {queue.get(job.id).worker for job in behind} == {other.name}  # type: ignore[union-attr]
+        assert queue.get(first.id).status == "succeeded"  # type: ignore[union-attr]
+    finally:
+        release.set()
+        w.stop()
+        loop.join(10)
+    assert not loop.is_alive()
+    assert [r["status"] for r in rows(db)] == ["succeeded"] * 5
+
+
+def test_a_timeout_counts_from_the_jobs_start_not_from_its_claim_ahead(
+    queue: Queue, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "PREFETCH_JOB_SECONDS", 10.0)
+    monkeypatch.setattr(worker, "PREFETCH_PATIENCE", 10.0)  # the timed job waits behind the slow one
+
+    @worker.job
+    def quick(ctx: JobContext) -> None:
+        pass
+
+    @worker.job
+    def slow(ctx: JobContext) -> None:
+        time.sleep(0.5)  # the job's own work: longer than the next job's timeout
+
+    @worker.job(timeout=0.3)
+    def timed(ctx: JobContext) -> str:
+        return "in time"
+
+    made = queue.enqueue_many([("quick", None), ("slow", None), ("timed", None)])
+    w = Worker(db, cron=False, concurrency=1, burst=True, prefetch=8)
+    sizes = claim_sizes(w)
+    w.run()
+    assert sizes[:2] == [1, 2], "the timed job was claimed ahead, with the slow one"
+    assert [queue.get(job.id).status for job in made] == ["succeeded"] * 3  # type: ignore[union-attr]
+    assert queue.get(made[2].id).result == "in time"  # type: ignore[union-attr]
+
+
+def test_stop_gives_back_jobs_claimed_ahead_at_once_without_running_them(
+    queue: Queue, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "PREFETCH_JOB_SECONDS", 10.0)
+    monkeypatch.setattr(worker, "PREFETCH_PATIENCE", 10.0)
+    release, started = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    @worker.job
+    def quick(ctx: JobContext) -> None:
+        ran.append(ctx.id)
+
+    @worker.job
+    def long(ctx: JobContext) -> None:
+        started.set()
+        release.wait(10)
+
+    first, long_job, ahead = queue.enqueue_many([("quick", None), ("long", None), ("quick", None)])
+    w = Worker(db, cron=False, concurrency=1, prefetch=8)
+    loop = threading.Thread(target=w.run)
+    loop.start()
+    try:
+        assert started.wait(10)
+        assert queue.get(ahead.id).status == "running", "claimed ahead, waiting behind the long job"  # type: ignore[union-attr]
+        w.stop()
+        wait_for(lambda: queue.get(ahead.id).status == "pending", 5, "the job claimed ahead to be given back")  # type: ignore[union-attr]
+    finally:
+        release.set()
+        loop.join(10)
+    assert not loop.is_alive()
+    assert ran == [first.id], "the job given back never ran here"
+    assert [queue.get(job.id).status for job in (first, long_job, ahead)] == ["succeeded", "succeeded", "pending"]  # type: ignore[union-attr]
 
 
 def test_a_bug_met_in_a_job_threads_step_ends_run_as_it_would_in_the_main_thread(
     queue: Queue, db: str, ok_job: None
 ) -> None:
     made = queue.enqueue_many([("add", {"a": 1, "b": 1})] * 3)
-    w = Worker(db, cron=False, concurrency=1, burst=True)
+    # prefetch=0: every job is then the thread's only one, and its end a step of the thread's own
+    w = Worker(db, cron=False, concurrency=1, burst=True, prefetch=0)
     record = w._record
 
     def record_but_not_in_a_job_thread(outcomes: list[worker.Outcome], now: int) -> Any:
@@ -962,6 +1112,7 @@ def test_log_level_from_the_environment_sets_the_threshold(db: str) -> None:
         (["run", "--log-level", "LOUD"], {}, 2, "invalid log level"),
         (["run", "--jobs", "no_such_module"], {}, 2, "cannot import jobs module"),
         (["run"], {"WORKER_CONCURRENCY": "many"}, 2, "invalid WORKER_CONCURRENCY"),
+        (["run", "--prefetch", "-1"], {}, 2, "prefetch must be 0 or more"),
         (["enqueue", "no_such_type"], {}, 2, "unknown job type"),
         (["enqueue", "hello", "--data", "{oops"], {}, 2, "not valid JSON"),
         (["enqueue", "hello", "--data", "[1]"], {}, 2, "must be a JSON object"),

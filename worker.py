@@ -93,6 +93,12 @@ POLL_INTERVAL = 0.006  # how often an idle worker looks for commits by others, w
 WATCHED_POLL_INTERVAL = 0.025  # ... and with it: only a safety net for a missed event
 COMMIT_SETTLE_SECONDS, COMMIT_SETTLE_POLL = 0.05, 0.002  # after a -wal event, look every 2 ms for 50 ms
 MAX_BUSY_BACKOFF = 2.0
+# Claiming ahead: while jobs are short, a claim takes up to DEFAULT_PREFETCH
+# jobs beyond the free slots, so that one commit records and claims a batch
+# (at concurrency 1 every job would otherwise need a commit of its own).
+DEFAULT_PREFETCH = 32
+PREFETCH_JOB_SECONDS = 0.001  # a job that runs longer stops claiming ahead
+PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given back
 
 STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
@@ -1406,6 +1412,7 @@ class Worker:
         cron: bool = True,
         keep_succeeded: Seconds | None = None,
         keep_failed: Seconds | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
     ) -> None:
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
@@ -1413,6 +1420,8 @@ class Worker:
             raise ConfigError("lease must be at least 0.1 s")
         if max_deaths < 1:
             raise ConfigError("max_deaths must be at least 1")
+        if prefetch < 0:
+            raise ConfigError("prefetch must be 0 or more")
         self.db = os.fspath(db)
         self.concurrency = concurrency
         self.queues = sorted(set(queues)) if queues else None
@@ -1420,6 +1429,7 @@ class Worker:
         self.shutdown_timeout = to_ms(shutdown_timeout) / 1000
         self.burst = burst
         self.max_deaths = max_deaths
+        self.prefetch = prefetch
         self.poll_interval = poll_interval
         self.clock = clock
         self.rng = rng or random.Random()
@@ -1442,10 +1452,15 @@ class Worker:
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._started_up = False
+        # Claimed and not yet recorded: started, or waiting in _todo for a thread.
         self._running: dict[int, Job] = {}
-        # job id -> (time.monotonic() deadline, timeout ms), for jobs with a timeout;
-        # monotonic, so a wall clock stepped forward does not time jobs out.
+        # job id -> (time.monotonic() deadline, timeout ms), for started jobs with a
+        # timeout; monotonic, so a wall clock stepped forward does not time jobs
+        # out.  Job threads add to it as they start a job, hence its own lock.
         self._deadlines: dict[int, tuple[float, int]] = {}
+        self._deadlines_lock = threading.Lock()
+        self._ahead = 0  # how many jobs a claim may take beyond the free slots now
+        self._progress_at = 0.0  # time.monotonic() when a claim last queued jobs or a thread started one
         self._alone: int | None = None  # a job run alone (see _claim)
         self._watcher: CommitWatcher | None = None
         self._wants_commits = False  # idle: a commit by another process may bring work
@@ -1710,7 +1725,8 @@ class Worker:
         now = self.now() if now is None else now
         with immediate(self.conn):
             self.conn.execute(HEARTBEAT_SQL, {"lease_until": now + self.lease_ms, "owner": self.owner})
-            self.conn.execute(PROCESS_HEARTBEAT_SQL, {"id": self.owner, "now": now, "running": len(self._running)})
+            running = len(self._running) - self._todo.qsize()  # not counting jobs claimed ahead
+            self.conn.execute(PROCESS_HEARTBEAT_SQL, {"id": self.owner, "now": now, "running": running})
 
     def rescue(self, now: int | None = None) -> int:
         """Fail running rows whose lease expired (their worker died) and retry them."""
@@ -1746,12 +1762,14 @@ class Worker:
                 notes += self._schedule_next_cron_run(job, now)
         return notes
 
-    def give_back(self, jobs: Iterable[Job]) -> None:
+    def give_back(
+        self, jobs: Iterable[Job], why: str = "still running at shutdown", level: int = logging.WARNING
+    ) -> None:
         """Return unfinished jobs to pending (at shutdown); fenced on our ownership."""
-        message = "job %d %s given back: still running at shutdown"
+        message = "job %d %s given back: %s"
         with immediate(self.conn):
             notes = [
-                _Note.about(job, "given_back", logging.WARNING, message, job.id, job.type)
+                _Note.about(job, "given_back", level, message, job.id, job.type, why)
                 for job in jobs
                 if self.conn.execute(GIVE_BACK_SQL, {"id": job.id, "owner": self.owner}).rowcount
             ]
@@ -1801,6 +1819,7 @@ class Worker:
                         raise self._step_failure
                     if self._stopping.is_set():
                         if shutdown_deadline is None:
+                            self._give_back_waiting("the worker is stopping")
                             shutdown_deadline = time.monotonic() + self.shutdown_timeout
                             logger.info(
                                 "stopping: waiting up to %.1f s for %d running job(s)",
@@ -1848,6 +1867,11 @@ class Worker:
     def _job_thread(self) -> None:
         claimed = self._todo.get()
         while claimed is not None:
+            self._progress_at = time.monotonic()
+            timeout_ms = _first(claimed.timeout_ms, _job_type(claimed).timeout_ms)
+            if timeout_ms is not None:  # from its start: a job may have waited, claimed ahead
+                with self._deadlines_lock:
+                    self._deadlines[claimed.id] = (self._progress_at + timeout_ms / 1000, timeout_ms)
             outcome = self.execute(claimed)
             if self._surplus_threads:  # a replacement took over while this thread was stuck
                 with self._threads_lock:
@@ -1893,8 +1917,10 @@ class Worker:
         """
         now = self.now()
         self._collect_outcomes(now)
+        if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
+            self._give_back_waiting("its worker's threads are all busy with longer jobs")
         busy = self._stopping.is_set() or self._alone in self._running  # nothing beside a job run alone
-        free = 0 if busy else self.concurrency - len(self._running)
+        free = 0 if busy else self.concurrency + self._ahead - len(self._running)
         want_claim = free > 0 and self._maybe_due(now)
         claimed: list[Job] = []
         kept = None
@@ -1915,9 +1941,8 @@ class Worker:
             _emit(notes)
             for job in claimed:
                 self._running[job.id] = job
-                timeout_ms = _first(job.timeout_ms, _job_type(job).timeout_ms)
-                if timeout_ms is not None:
-                    self._deadlines[job.id] = (time.monotonic() + timeout_ms / 1000, timeout_ms)
+            if claimed:
+                self._progress_at = time.monotonic()
             kept = claimed[0] if keep_one and claimed else None
             for job in claimed[1:] if kept else claimed:
                 self._todo.put(job)
@@ -1951,19 +1976,62 @@ class Worker:
                     [_Note.about(outcome.job, "discarded", logging.WARNING, message, outcome.job.id, outcome.job.type)]
                 )
                 continue
-            self._deadlines.pop(outcome.job.id, None)
+            if self._deadlines:
+                with self._deadlines_lock:
+                    self._deadlines.pop(outcome.job.id, None)
             self._unrecorded.append(outcome)
-        for job_id, (deadline, timeout_ms) in list(self._deadlines.items()):
-            if time.monotonic() >= deadline:
+        if arrived:
+            # Claim ahead only while jobs are short: a job waiting behind a long
+            # one would wait as long, and no idle worker could take it meanwhile.
+            short = all(outcome.seconds < PREFETCH_JOB_SECONDS for outcome in arrived)
+            self._ahead = min(self.prefetch, max(1, self._ahead * 2)) if short else 0
+        if not self._deadlines:
+            return
+        with self._deadlines_lock:
+            timed_out = [
+                (job_id, ms) for job_id, (deadline, ms) in self._deadlines.items() if time.monotonic() >= deadline
+            ]
+            for job_id, _ in timed_out:
                 del self._deadlines[job_id]
-                running = self._running.pop(job_id)
-                seconds = timeout_ms / 1000
-                self._unrecorded.append(
-                    Outcome(running, False, error=f"timed out after {seconds:g} s", seconds=seconds, kind="timeout")
-                )
-                with self._threads_lock:  # its thread is stuck in the job: replace it
-                    self._surplus_threads += 1
-                self._start_thread()
+        for job_id, timeout_ms in timed_out:
+            running = self._running.pop(job_id, None)
+            if running is None:
+                continue
+            seconds = timeout_ms / 1000
+            self._unrecorded.append(
+                Outcome(running, False, error=f"timed out after {seconds:g} s", seconds=seconds, kind="timeout")
+            )
+            self._ahead = 0
+            with self._threads_lock:  # its thread is stuck in the job: replace it
+                self._surplus_threads += 1
+            self._start_thread()
+
+    def _take_waiting(self) -> list[Job]:
+        """Take back from the job threads the claimed jobs none of them has started."""
+        waiting: list[Job] = []
+        while True:
+            try:
+                job = self._todo.get_nowait()
+            except queue_module.Empty:
+                return waiting
+            if job is not None:
+                waiting.append(job)
+
+    def _give_back_waiting(self, why: str) -> None:
+        """Return the jobs claimed ahead that no thread has started, so that other workers may take them."""
+        self._ahead = 0
+        waiting = self._take_waiting()
+        if not waiting:
+            return
+        try:
+            self.give_back(waiting, f"not started: {why}", logging.INFO)
+        except sqlite3.Error as e:
+            logger.warning("could not give back %d job(s) claimed ahead (%s); they stay claimed", len(waiting), e)
+            for job in waiting:
+                self._todo.put(job)
+            return
+        for job in waiting:
+            del self._running[job.id]
 
     def _maybe_due(self, now: int) -> bool:
         if self._last_claim_full or now >= self._next_due:
@@ -2023,6 +2091,7 @@ class Worker:
 
     def _shut_down(self) -> None:
         deadline = time.monotonic() + max(self.shutdown_timeout, 5.0)
+        self._take_waiting()  # still in _running: given back below, and no thread may start them now
         self._collect_outcomes(self.now())
         while time.monotonic() < deadline:
             try:
@@ -2407,6 +2476,10 @@ ENVIRONMENT = {
         "WORKER_MAX_DEATHS",
         f"worker deaths before a job is failed as poison (default {DEFAULT_MAX_DEATHS})",
     ),
+    "prefetch": (
+        "WORKER_PREFETCH",
+        f"jobs claimed beyond the free threads while jobs run under 1 ms; 0: none (default {DEFAULT_PREFETCH})",
+    ),
     "no_cron": ("WORKER_NO_CRON", "do not create the pending rows of jobs declared with cron= (default: do)"),
     "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
     "keep_failed": ("WORKER_KEEP_FAILED", "seconds a failed or cancelled row is kept (default 30 days)"),
@@ -2447,6 +2520,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lease", type=float, help=_option_help("lease"))
     run.add_argument("--shutdown-timeout", type=float, help=_option_help("shutdown_timeout"))
     run.add_argument("--max-deaths", type=int, help=_option_help("max_deaths"))
+    run.add_argument("--prefetch", type=int, help=_option_help("prefetch"))
     run.add_argument("--no-cron", action="store_const", const=True, help=_option_help("no_cron"))
     run.add_argument("--keep-succeeded", type=float, help=_option_help("keep_succeeded"))
     run.add_argument("--keep-failed", type=float, help=_option_help("keep_failed"))
@@ -2769,6 +2843,7 @@ def _run_command(args: argparse.Namespace, db: str, jobs_module: str, log_level:
         "lease": _setting(args, "lease", _positive(float), DEFAULT_LEASE),
         "shutdown_timeout": _setting(args, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT),
         "max_deaths": _setting(args, "max_deaths", _positive(int), DEFAULT_MAX_DEATHS),
+        "prefetch": _setting(args, "prefetch", int, DEFAULT_PREFETCH),
         "keep_succeeded": _setting(args, "keep_succeeded", float, None),
         "keep_failed": _setting(args, "keep_failed", float, None),
     }
@@ -2780,6 +2855,7 @@ def _run_command(args: argparse.Namespace, db: str, jobs_module: str, log_level:
         lease=settings["lease"],
         shutdown_timeout=settings["shutdown_timeout"],
         max_deaths=settings["max_deaths"],
+        prefetch=settings["prefetch"],
         keep_succeeded=settings["keep_succeeded"],
         keep_failed=settings["keep_failed"],
         cron=not no_cron,
