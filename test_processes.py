@@ -44,6 +44,7 @@ JOBS_MODULE = '''
 
 import contextlib
 import os
+import signal
 import sqlite3
 import time
 
@@ -81,6 +82,23 @@ def nap(ctx, marker, seconds):
     _append(marker, f"{ctx.job.id} start")
     time.sleep(seconds)
     return seconds
+
+
+@job
+def die_holding_others(ctx, db):
+    """First attempt: once its worker holds other jobs too (claimed ahead), kill -9 that worker."""
+    if ctx.job.attempt > 1:
+        return "survived"
+    held = (
+        "SELECT count(*) FROM worker_jobs"
+        " WHERE status = 'running' AND owner = (SELECT owner FROM worker_jobs WHERE id = ?)"
+    )
+    with contextlib.closing(sqlite3.connect(db, timeout=5)) as conn:
+        for _ in range(1000):  # a refill of the jobs claimed ahead comes within a few ms
+            if conn.execute(held, (ctx.job.id,)).fetchone()[0] > 1:
+                break
+            time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @job
@@ -248,6 +266,36 @@ def test_killed_worker_job_is_retried_after_lease(
     assert lines(marker) == [f"{first.id} 1 start", f"{retry['id']} 2 start", f"{retry['id']} 2 end"]
     rescuer.send(signal.SIGTERM)
     assert rescuer.wait(10) == 0
+
+
+@pytest.mark.slow
+def test_jobs_claimed_ahead_by_a_killed_worker_are_retried_and_only_they_run_again(
+    run_worker: Callable[..., WorkerProcess], queue: worker.Queue, db: Path, tmp_path: Path
+) -> None:
+    """Short jobs are claimed ahead, and their outcomes recorded a batch at a time: a kill -9 leaves
+    `running` both the jobs waiting their turn and those finished since the last commit.  After the
+    lease another worker retries every one of them; no job is lost, and no other job runs twice."""
+    ledger = tmp_path / "ledger"
+    before = queue.enqueue_many([("record", {"ledger": str(ledger)})] * 100)
+    killer = queue.enqueue("die_holding_others", {"db": str(db)})
+    after = queue.enqueue_many([("record", {"ledger": str(ledger)})] * 100)
+    doomed = run_worker("--concurrency", "1", "--lease", "1", name="doomed", log_level="WARNING")
+    assert doomed.wait(20) == -signal.SIGKILL
+    held = {r["id"] for r in rows(db, "status = 'running'")}
+    assert killer.id in held and len(held) > 1, held
+
+    rescuer = run_worker("--concurrency", "1", "--lease", "1", name="rescuer")
+    wait_for(lambda: not rows(db, "status IN ('pending', 'running')"), 20, "every job to end")
+    assert rescuer.stop() == 0
+
+    chain_start = {r["id"]: r["rescheduled_from_job"] or r["id"] for r in rows(db)}
+    assert {r["id"] for r in rows(db, "error LIKE 'worker lost%'")} == held
+    succeeded = [chain_start[r["id"]] for r in rows(db, "status = 'succeeded'")]
+    assert sorted(succeeded) == sorted(job.id for job in [*before, killer, *after]), "each job succeeded once"
+    runs = collections.Counter(chain_start[int(line)] for line in lines(ledger))
+    assert set(runs) == {job.id for job in [*before, *after]}, "every job ran"
+    assert {job_id for job_id, count in runs.items() if count > 1} <= held, "only jobs it held ran again"
+    assert max(runs.values()) <= 2
 
 
 @pytest.mark.slow
