@@ -1,6 +1,6 @@
 """The benchmark suite: our worker against Huey, litequeue, RQ and a bare-SQL ceiling.
 
-    python bench/run.py            # full run, about 10 minutes
+    python bench/run.py            # full run, 4 to 7 minutes
     python bench/run.py --quick    # smaller N, fewer repetitions: under 3 minutes
 
 The first run creates bench/.venv (git-ignored) and installs bench/requirements.txt
