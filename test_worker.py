@@ -395,7 +395,11 @@ def test_a_timeout_counts_from_the_jobs_start_not_from_its_claim_ahead(
     w.run()
     assert sizes[:2] == [1, 2], "the timed job was claimed ahead, with the slow one"
     assert [queue.get(job.id).status for job in made] == ["succeeded"] * 3  # type: ignore[union-attr]
-    assert queue.get(made[2].id).result == "in time"  # type: ignore[union-attr]
+    slow_row, timed_row = queue.get(made[1].id), queue.get(made[2].id)
+    assert slow_row is not None and timed_row is not None
+    assert timed_row.result == "in time"
+    assert timed_row.started - slow_row.started >= 500, "its row's started is when it ran, not its claim"  # type: ignore[operator]
+    assert timed_row.finished >= timed_row.started  # type: ignore[operator]
 
 
 def test_stop_gives_back_jobs_claimed_ahead_at_once_without_running_them(

@@ -1231,6 +1231,7 @@ class Outcome:
     error: str | None = None
     seconds: float = 0.0
     kind: str = "ok"  # ok | error | timeout | unknown
+    started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
 
 
 CLAIM_SQL = """
@@ -1267,9 +1268,12 @@ SELECT min((SELECT min(due) FROM worker_jobs WHERE status = 'pending' AND priori
 
 # Every write that ends a job is fenced on status and owner: a worker that lost
 # its lease (its job was rescued, given back, or timed out) changes nothing.
+# `started` becomes the moment the function was called (a job claimed ahead
+# waited after its claim); `finished` is the step's time, never before that.
 FINISH_SQL = """
 UPDATE worker_jobs
-   SET status = :status, finished = :now, result = :result, error = :error, lease_until = NULL,
+   SET status = :status, result = :result, error = :error, lease_until = NULL,
+       started = coalesce(:started, started), finished = max(:now, coalesce(:started, 0)),
        remove_at = CASE WHEN persistent THEN NULL ELSE :now + coalesce(keep_ms, :keep_ms) END
  WHERE id = :id AND status = 'running' AND owner = :owner
 """
@@ -1626,19 +1630,20 @@ class Worker:
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
         ctx = JobContext(job, app=self.app, producer=self.producer, worker_name=self.name)
+        # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
+        started_ms = self.now()
         started = time.perf_counter()
         try:
             value = job_type.fn(ctx, **job.data)
         except (Exception, SystemExit) as e:
-            return Outcome(
-                job, False, error=_describe_exception(e), seconds=time.perf_counter() - started, kind="error"
-            )
+            seconds = time.perf_counter() - started
+            return Outcome(job, False, error=_describe_exception(e), seconds=seconds, kind="error", started=started_ms)
         seconds = time.perf_counter() - started
         try:
-            return Outcome(job, True, result=encode_result(value), seconds=seconds)
+            return Outcome(job, True, result=encode_result(value), seconds=seconds, started=started_ms)
         except (TypeError, ValueError) as e:
             error = f"result is not JSON-serialisable: {type(e).__name__}: {e}"
-            return Outcome(job, False, error=error, seconds=seconds, kind="error")
+            return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
 
     def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
         """Write outcomes (and any retries) in one write transaction."""
@@ -1658,7 +1663,8 @@ class Worker:
         status = "succeeded" if outcome.succeeded else "failed"
         default_keep = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
         params = {"id": job.id, "owner": self.owner, "status": status, "now": now, "result": outcome.result,
-                  "error": outcome.error, "keep_ms": _first(_job_type(job).keep_ms, default_keep)}  # fmt: skip
+                  "error": outcome.error, "started": outcome.started,
+                  "keep_ms": _first(_job_type(job).keep_ms, default_keep)}  # fmt: skip
         if self.conn.execute(FINISH_SQL, params).rowcount == 0:
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
@@ -1882,14 +1888,16 @@ class Worker:
             claimed = self._step_after(outcome) or self._todo.get()
 
     def _step_after(self, outcome: Outcome) -> Job | None:
-        """Record the outcome of a job thread's only running job, and claim its next job right here.
+        """Record the outcome of the worker's only claimed job, and claim the thread's next job right here.
 
         This saves the hand-off to the main thread and back, which cost a
-        quarter of the time per job at concurrency 1.  With other jobs running
-        the outcome goes to the main thread, which records the outcomes that
-        finish close together in one transaction (measured: at concurrency 4,
-        one transaction per job here was 15 % slower); so it does when the
-        main thread holds the loop, or the worker is stopping or backing off.
+        quarter of the time per job at concurrency 1 without prefetch.  With
+        other jobs claimed (running in other threads, or claimed ahead and
+        waiting in _todo, where this thread takes its next one) the outcome
+        goes to the main thread, which records the outcomes that finish close
+        together in one transaction (measured: at concurrency 4, one
+        transaction per job here was 15 % slower); so it does when the main
+        thread holds the loop, or the worker is stopping or backing off.
         """
         if self._stopping.is_set() or self._busy_backoff or not self._loop.acquire(blocking=False):
             self._done.put(outcome)
