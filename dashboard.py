@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import worker
+import worker_cli
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8750
@@ -215,7 +216,7 @@ def render_index(
                     q["succeeded_last_hour"],
                     q["failed_last_hour"],
                     q["cancelled_last_hour"],
-                    worker.ago(q["oldest_waiting_seconds"]),
+                    worker_cli.ago(q["oldest_waiting_seconds"]),
                 ]
                 for q in report["queues"]
             ],
@@ -230,7 +231,7 @@ def render_index(
                     w["host"],
                     w["pid"],
                     when(w["started"]),
-                    f"{worker.ago(w['heartbeat_age_seconds'])} ago",
+                    f"{worker_cli.ago(w['heartbeat_age_seconds'])} ago",
                     badge("fresh" if w["fresh"] else "stale"),
                     f"{w['running']} of {w['concurrency']}",
                     w["queues"] or "all",
@@ -579,19 +580,19 @@ def main(argv: list[str] | None = None) -> int:
     db = args.db or worker.resolve_db_path()
     try:
         level, log_format = os.environ.get("WORKER_LOG_LEVEL") or "INFO", os.environ.get("WORKER_LOG_FORMAT") or "text"
-        worker.configure_logging(level, log_format)
+        worker_cli.configure_logging(level, log_format)
         worker.connect_readonly(db).close()
     except worker.ConfigError as error:
         print(f"worker: {error}", file=sys.stderr)
-        return worker.EXIT_USAGE
+        return worker_cli.EXIT_USAGE
     except worker.DatabaseUnusable as error:
         print(f"worker: {error}", file=sys.stderr)
-        return worker.EXIT_DATABASE
+        return worker_cli.EXIT_DATABASE
     try:
         server = DashboardServer(db, args.host, args.port, allow_actions=args.allow_actions)
     except OSError as error:
         print(f"worker: cannot listen on {args.host} port {args.port}: {error.strerror or error}", file=sys.stderr)
-        return worker.EXIT_FAILURE
+        return worker_cli.EXIT_FAILURE
     print(f"dashboard of {db} at {server.url} (Ctrl-C stops it)", flush=True)
     if server.token is None:
         print("read-only: start with --allow-actions for retry and cancel buttons", flush=True)
@@ -610,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         server.server_close()
-    return worker.EXIT_OK
+    return worker_cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import pytest
 
 import dashboard
 import worker
+import worker_cli
 from conftest import rows
 from dashboard import DashboardServer
 from worker import JobContext
@@ -628,7 +629,7 @@ def test_dashboard_command_exits_3_for_a_missing_database(tmp_path: Path) -> Non
 
 
 def _worker_has_dashboard_command() -> bool:
-    commands: Any = worker.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    commands: Any = worker_cli.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     return "dashboard" in commands
 
 

@@ -25,6 +25,7 @@ import apsw
 import pytest
 
 import worker
+import worker_cli
 from conftest import FakeClock, NoJitter, at, rows, wait_for
 from worker import Job, JobContext, Queue, Worker
 
@@ -1066,8 +1067,8 @@ def test_queue_from_env_opens_worker_db(monkeypatch: pytest.MonkeyPatch, db: str
 
 
 def test_help_names_every_environment_variable() -> None:
-    help_text = worker.build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
-    for variable, _ in worker.ENVIRONMENT.values():
+    help_text = worker_cli.build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
+    for variable, _ in worker_cli.ENVIRONMENT.values():
         assert variable in help_text
 
 
