@@ -1131,3 +1131,10 @@ def test_cli_errors_are_one_line_with_the_right_exit_code(
     assert message in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert not Path(db).exists() or rows(db) == []
+
+
+def test_scripts_installed_as_worker_main_still_run_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        worker.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"worker {worker.__version__}\n"

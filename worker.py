@@ -2286,3 +2286,10 @@ def remove_old_jobs(ctx: JobContext) -> int:
     removed = ctx.producer.prune()
     ctx.logger.info("removed %d finished rows past their retention", removed)
     return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``worker`` command (see worker_cli.py); kept here for scripts installed as ``worker:main``."""
+    import worker_cli
+
+    return worker_cli.main(argv)
