@@ -1467,6 +1467,7 @@ class Worker:
         self._wants_commits = False  # idle: a commit by another process may bring work
         self._woken_at = 0.0  # time.monotonic() of the watcher's last wake-up
         self._last_now = 0
+        self._last_tick: tuple[int, float] | None = None  # (now, time.monotonic()) of the last tick
         self._unrecorded: list[Outcome] = []
         self._todo: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
         # Job threads put outcomes here; the main loop sleeps on it, so a finished
@@ -1921,6 +1922,7 @@ class Worker:
         returned for the caller to run, not queued for the job threads.
         """
         now = self.now()
+        self._notice_clock_jump(now, time.monotonic())
         self._collect_outcomes(now)
         if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
             self._give_back_waiting("its worker's threads are all busy with longer jobs")
@@ -1962,6 +1964,25 @@ class Worker:
             (self._watcher.armed.set if self._wants_commits else self._watcher.armed.clear)()
         self._housekeeping(now)
         return kept
+
+    def _notice_clock_jump(self, now: int, monotonic: float) -> None:
+        """After the wall clock jumps forward, heartbeat at once and sweep for lost jobs only a lease later.
+
+        A jump (an NTP step, a VM resumed from suspend) makes every lease on
+        this host look expired, though their workers are alive: each of them
+        notices it at its next tick and renews its leases, so a worker that
+        waits a lease before its next sweep re-runs nothing.  Only in the loop
+        (not ``work()``): a test's fake clock moves without the monotonic one.
+        """
+        if self._last_tick is not None:
+            then, monotonic_then = self._last_tick
+            jumped_ms = (now - then) - (monotonic - monotonic_then) * 1000
+            if jumped_ms > self.lease_ms / 10:
+                logger.warning("the wall clock jumped %.1f s forward: leases renewed now, the next sweep for lost "
+                               "jobs in %.1f s", jumped_ms / 1000, self.lease_ms / 1000)  # fmt: skip
+                self._next_heartbeat = now
+                self._next_rescue = max(self._next_rescue, now + self.lease_ms)
+        self._last_tick = (now, monotonic)
 
     def _collect_outcomes(self, now: int) -> None:
         if not self._arrived and not self._deadlines and self._done.empty():
