@@ -2,9 +2,9 @@
 --
 -- The worker applies this file at start.  Each "-- version N" section runs once,
 -- in order, inside one transaction, and PRAGMA user_version records the last
--- section applied.  Sections add columns and indexes, or drop an index the
--- worker no longer reads; never a column, so a database written by an older
--- worker keeps working.  Never edit a released section.
+-- section applied.  Sections add tables, columns and indexes, or drop an index
+-- the worker no longer reads; never a column, so a database written by an
+-- older worker keeps working.  Never edit a released section.
 --
 -- One row per invocation of a job.  A retry or the next run of a cron job is a
 -- NEW row whose rescheduled_from_job points back, so every attempt keeps its
@@ -122,3 +122,25 @@ CREATE TABLE IF NOT EXISTS worker_processes (
 -- entry for each enqueue to insert and each claim to delete.  Measured:
 -- 13-24 % more jobs/s at concurrency 1 without it.
 DROP INDEX IF EXISTS worker_jobs_next_due;
+
+-- version 3
+
+-- How many jobs finished in each minute, by queue and outcome: `worker status`
+-- and the dashboard sum the last hour's 60 minutes here instead of counting
+-- every row that hour finished (at 1,000 jobs/s, 3.6 million index entries a
+-- look).  Written in the same transaction as the rows it counts, by workers
+-- (succeeded, failed, rescued) and Queue.cancel (cancelled); rows that other
+-- programs finish themselves are not counted.  Kept for a day.
+CREATE TABLE IF NOT EXISTS worker_finished_per_minute (
+    minute  INTEGER NOT NULL,  -- epoch ms of the minute's start (UTC)
+    queue   TEXT    NOT NULL,
+    status  TEXT    NOT NULL CHECK (status IN ('succeeded', 'failed', 'cancelled')),
+    count   INTEGER NOT NULL,
+    PRIMARY KEY (minute, queue, status)
+) STRICT, WITHOUT ROWID;
+
+-- The rows finished before this version, so the last hour's counts stay whole.
+INSERT INTO worker_finished_per_minute (minute, queue, status, count)
+SELECT finished - finished % 60000, queue, status, count(*) FROM worker_jobs
+ WHERE finished IS NOT NULL AND status IN ('succeeded', 'failed', 'cancelled')
+ GROUP BY 1, 2, 3;

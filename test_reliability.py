@@ -171,8 +171,8 @@ if CRASH_AT == "after_return":
 if CRASH_AT in ("in_finish", "finish_committed"):
     _finish = worker.Worker._finish
 
-    def finish_and_crash(self, outcome, now):
-        notes = _finish(self, outcome, now)
+    def finish_and_crash(self, outcome, now, *counts):
+        notes = _finish(self, outcome, now, *counts)
         if CRASH_AT == "in_finish":
             crash()  # the completion's UPDATE ran; its transaction never commits
         _armed.set()

@@ -831,6 +831,71 @@ def test_a_version_1_database_is_upgraded_in_place(db: str, ok_job: None) -> Non
     assert [(r["status"], r["result"]) for r in rows(db)] == [("succeeded", "3")]
 
 
+def test_a_version_2_database_keeps_its_last_hour_counts_when_upgraded(db: str, clock: FakeClock) -> None:
+    sections = worker.schema_sections()
+    assert [version for version, _ in sections[:2]] == [1, 2]
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as old:
+        old.executescript("".join(sql for _, sql in sections[:2]) + "\nPRAGMA user_version = 2;")
+        for status, finished in [("succeeded", at(clock, -60)), ("succeeded", at(clock, -30)), ("failed", at(clock))]:
+            old.execute("INSERT INTO worker_jobs (type, status, finished) VALUES ('add', ?, ?)", (status, finished))
+        old.execute("INSERT INTO worker_jobs (type) VALUES ('add')")  # pending: not finished, not counted
+        before = worker.status(old, now=at(clock))["queues"]  # a version-2 file: counted from the rows
+
+    with contextlib.closing(worker.connect(db)) as conn:
+        assert worker.apply_schema(conn) == worker.schema_version() >= 3
+        after = worker.status(conn, now=at(clock))["queues"]
+    assert before == after
+    assert (after[0]["succeeded_last_hour"], after[0]["failed_last_hour"]) == (2, 1)
+
+
+def finished_last_hour(conn: Any, now: int) -> dict[str, int]:
+    """`worker status`'s last-hour counts of the default queue."""
+    default = {q["queue"]: q for q in worker.status(conn, now=now)["queues"]}.get("default", {})
+    return {state: default.get(f"{state}_last_hour", 0) for state in ("succeeded", "failed", "cancelled")}
+
+
+def test_last_hour_counts_are_kept_per_minute_and_outlive_pruned_rows(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, ok_job: None
+) -> None:
+    @worker.job
+    def fail(ctx: JobContext) -> None:
+        raise RuntimeError("no")
+
+    for type_ in ("add", "add", "add", "fail"):
+        queue.enqueue(type_, {"a": 1, "b": 1} if type_ == "add" else None, keep=0, now=at(clock))
+    queue.cancel(queue.enqueue("add", {"a": 1, "b": 1}, keep=0, now=at(clock)).id, now=at(clock))
+    w = make_worker()
+    assert w.work() == 4
+    assert queue.prune(now=at(clock, 1)) == 5
+    assert rows(db) == []
+    assert finished_last_hour(w.conn, at(clock, 1)) == {"succeeded": 3, "failed": 1, "cancelled": 1}
+    assert finished_last_hour(w.conn, at(clock, 3600 + 120)) == {"succeeded": 0, "failed": 0, "cancelled": 0}
+
+
+def test_a_rescued_job_counts_as_failed(queue: Queue, make_worker: Any, clock: FakeClock, ok_job: None) -> None:
+    queue.enqueue("add", {"a": 1, "b": 1}, now=at(clock))
+    dead = make_worker(lease=1)
+    assert len(dead.claim(1)) == 1
+    clock.advance(2)
+    rescuer = make_worker(lease=1)
+    assert rescuer.rescue() == 1
+    assert finished_last_hour(rescuer.conn, at(clock)) == {"succeeded": 0, "failed": 1, "cancelled": 0}
+
+
+def test_per_minute_counts_are_pruned_after_a_day(
+    queue: Queue, make_worker: Any, clock: FakeClock, ok_job: None
+) -> None:
+    queue.enqueue("add", {"a": 1, "b": 1}, now=at(clock))
+    w = make_worker()
+    w.work()
+    count = "SELECT count(*) FROM worker_finished_per_minute"
+    assert w.conn.execute(count).fetchone()[0] == 1
+    queue.prune(now=at(clock, 86400 - 60))
+    assert w.conn.execute(count).fetchone()[0] == 1
+    queue.prune(now=at(clock, 86400 + 60))
+    assert w.conn.execute(count).fetchone()[0] == 0
+
+
 def test_schema_newer_than_the_code_is_refused(db: str) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA user_version = 99")

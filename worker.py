@@ -716,7 +716,17 @@ UPDATE worker_jobs
    SET status = 'cancelled', finished = :now, error = :reason,
        remove_at = CASE WHEN persistent THEN NULL ELSE :now + coalesce(keep_ms, :keep_ms) END
  WHERE {where} AND status = 'pending'
+RETURNING finished, queue, status
 """
+
+# Every write that finishes rows adds them here, in its own transaction (see
+# schema.sql: `worker status` reads the last hour from these counts).
+COUNT_FINISHED_SQL = """
+INSERT INTO worker_finished_per_minute (minute, queue, status, count) VALUES (?, ?, ?, ?)
+    ON CONFLICT DO UPDATE SET count = count + excluded.count
+"""
+FORGET_OLD_COUNTS_SQL = "DELETE FROM worker_finished_per_minute WHERE minute < :before"
+MINUTE_MS = 60_000
 
 # Batches keep each write transaction short: others claim and finish in between.
 PRUNE_SQL = """
@@ -992,6 +1002,8 @@ class Queue:
             started = time.monotonic()
             with self._transaction() as conn:
                 deleted = _changes(conn, conn.execute(PRUNE_SQL, params))
+                if removed == 0:  # the per-minute counts are kept for a day
+                    conn.execute(FORGET_OLD_COUNTS_SQL, {"before": params["now"] - DAY_MS})
             removed += deleted
             if deleted < batch_size:
                 return removed
@@ -999,7 +1011,9 @@ class Queue:
 
     def _cancel(self, conn: Any, where: str, params: dict[str, Any], reason: str) -> int:
         params = {**params, "reason": reason, "keep_ms": default_keep_ms(succeeded=False)}
-        return _changes(conn, conn.execute(CANCEL_SQL.format(where=where), params))
+        cancelled = conn.execute(CANCEL_SQL.format(where=where), params).fetchall()
+        count_finished(conn, cancelled)
+        return len(cancelled)
 
     def _insert(self, conn: Any, row: dict[str, Any], on_conflict: str = "replace") -> Job:
         if row["tag"] is None:
@@ -1072,6 +1086,16 @@ class Queue:
             "keep_ms": _optional_ms(keep, "keep"),
             "persistent": int(bool(persistent)),
         }
+
+
+def count_finished(conn: Any, finished: Iterable[Iterable[Any]]) -> None:
+    """Add rows just finished, as (finished ms, queue, status), to worker_finished_per_minute."""
+    per_minute: dict[tuple[int, str, str], int] = {}
+    for ms, queue, status in finished:
+        key = (ms - ms % MINUTE_MS, queue, status)
+        per_minute[key] = per_minute.get(key, 0) + 1
+    for (minute, queue, status), count in per_minute.items():  # mostly one: a batch shares its minute
+        conn.execute(COUNT_FINISHED_SQL, (minute, queue, status, count))
 
 
 def _ids_just_inserted(conn: Any, count: int) -> range:
@@ -1316,6 +1340,7 @@ UPDATE worker_jobs
    SET status = 'failed', finished = :now, error = :error, lease_until = NULL,
        remove_at = CASE WHEN persistent THEN NULL ELSE :now + coalesce(keep_ms, :keep_ms) END
  WHERE id = :id AND status = 'running' AND lease_until < :now
+RETURNING finished, queue, status
 """
 
 REGISTER_PROCESS_SQL = """
@@ -1652,11 +1677,13 @@ class Worker:
 
     def _record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
         notes: list[_Note] = []
+        finished: list[tuple[int, str, str]] = []
         for outcome in outcomes:
-            notes.extend(self._finish(outcome, now))
+            notes.extend(self._finish(outcome, now, finished))
+        count_finished(self.conn, finished)
         return notes
 
-    def _finish(self, outcome: Outcome, now: int) -> list[_Note]:
+    def _finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
         job = outcome.job
         status = "succeeded" if outcome.succeeded else "failed"
         default_keep = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
@@ -1666,6 +1693,7 @@ class Worker:
         if self.conn.execute(FINISH_SQL, params).rowcount == 0:
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
+        finished.append((max(now, outcome.started or 0), job.queue, status))  # as FINISH_SQL wrote them
         if outcome.succeeded:
             notes = []
             if logger.isEnabledFor(logging.INFO):  # the one note of every job: skipped when it would not show
@@ -1742,6 +1770,7 @@ class Worker:
 
     def _rescue(self, now: int) -> list[_Note]:
         notes = []
+        finished = []
         lost = [Job.from_row(row) for row in self.conn.execute(EXPIRED_LEASES_SQL, {"now": now, "owner": self.owner})]
         for job in lost:
             deaths = job.deaths + 1
@@ -1752,8 +1781,10 @@ class Worker:
                 error = f"worker lost: lease expired (worker {job.worker})"
             keep_ms = _first(_job_type(job).keep_ms, self.keep_failed_ms)
             params = {"id": job.id, "now": now, "error": error, "keep_ms": keep_ms}
-            if self.conn.execute(RESCUE_SQL, params).rowcount == 0:
+            ended = self.conn.execute(RESCUE_SQL, params).fetchall()
+            if not ended:
                 continue
+            finished.extend(ended)
             # A worker's death is not the job's failure: retry at once, whatever
             # max_attempts says, until the chain has killed max_deaths workers.
             retry = None if poisoned else self._schedule_retry(job, now, deaths=deaths, at_once=True)
@@ -1764,6 +1795,7 @@ class Worker:
             )
             if not retry:
                 notes += self._schedule_next_cron_run(job, now)
+        count_finished(self.conn, finished)
         return notes
 
     def give_back(
@@ -2192,6 +2224,9 @@ RUNNING_BY_QUEUE_SQL = "SELECT queue, count(*) FROM worker_jobs WHERE status = '
 FINISHED_SINCE_SQL = """
 SELECT queue, status, count(*) FROM worker_jobs WHERE finished >= :since GROUP BY queue, status
 """
+FINISHED_PER_MINUTE_SQL = """
+SELECT queue, status, sum(count) FROM worker_finished_per_minute WHERE minute >= :since GROUP BY queue, status
+"""
 CRON_PENDING_SQL = f"""
 SELECT {SELECT_COLUMNS} FROM worker_jobs
  WHERE status = 'pending' AND cron_schedule IS NOT NULL ORDER BY due
@@ -2236,7 +2271,12 @@ def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any
         entry["oldest_waiting_seconds"] = None if oldest is None else (now - oldest) / 1000
     for name, count in conn.execute(RUNNING_BY_QUEUE_SQL):
         of(name)["running"] = count
-    for name, state, count in conn.execute(FINISHED_SINCE_SQL, {"since": now - 3_600_000}):
+    hour_ago = now - 3_600_000
+    if _user_version(conn) >= 3:  # the last 60 whole minutes, and the current one
+        finished = conn.execute(FINISHED_PER_MINUTE_SQL, {"since": hour_ago - hour_ago % MINUTE_MS})
+    else:  # a file not yet upgraded: count the rows themselves
+        finished = conn.execute(FINISHED_SINCE_SQL, {"since": hour_ago})
+    for name, state, count in finished:
         of(name)[f"{state}_last_hour"] = count
     workers = []
     for row in conn.execute("SELECT * FROM worker_processes ORDER BY started"):

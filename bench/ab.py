@@ -7,7 +7,8 @@ On a shared 2-core machine two full benchmark runs can differ by 15 %, more than
 most single changes gain.  Here the two revisions run turn by turn, so both see
 the same noise, and the ratio of their medians is the figure to trust.
 
-Each revision's worker.py and schema.sql are exported to a scratch directory.
+Each revision's worker.py, schema.sql (and worker_cli.py, where it has one) are exported
+to a scratch directory.
 Every round and revision: a fresh file; N no-op jobs enqueued one per
 transaction, then N more with enqueue_many in calls of 1,000, each timed by
 agents.py's ``enqueue ours`` as in run.py but with that revision's Queue; then
@@ -31,19 +32,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH_DIR, REPO_DIR, noop_rate
 
 FILES = ("worker.py", "schema.sql")
+OPTIONAL_FILES = ("worker_cli.py",)  # the command line has its own module since 3b76a97
 JOBS = BENCH_DIR / "bench_jobs.py"
 AGENTS = BENCH_DIR / "agents.py"
 
 
 def export(revision: str, into: Path) -> Path:
     into.mkdir()
-    for name in FILES:
+    for name in FILES + OPTIONAL_FILES:
         if revision == "WORKTREE":
+            if not (REPO_DIR / name).exists():
+                continue
             text = (REPO_DIR / name).read_bytes()
         else:
-            text = subprocess.run(
-                ["git", "-C", str(REPO_DIR), "show", f"{revision}:{name}"], check=True, capture_output=True
-            ).stdout
+            shown = subprocess.run(["git", "-C", str(REPO_DIR), "show", f"{revision}:{name}"], capture_output=True)
+            if shown.returncode != 0 and name in OPTIONAL_FILES:
+                continue
+            shown.check_returncode()
+            text = shown.stdout
         (into / name).write_bytes(text)
     return into
 
