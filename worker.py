@@ -2221,6 +2221,9 @@ SELECT queue, sum(due <= :now), sum(due > :now), min(CASE WHEN due <= :now THEN 
   FROM worker_jobs WHERE status = 'pending' GROUP BY queue
 """
 RUNNING_BY_QUEUE_SQL = "SELECT queue, count(*) FROM worker_jobs WHERE status = 'running' GROUP BY queue"
+# By claim token (worker_processes.id): exact now, where worker_processes.running
+# is as old as the process's last heartbeat.  Both walk the small running index.
+RUNNING_BY_OWNER_SQL = "SELECT owner, count(*) FROM worker_jobs WHERE status = 'running' GROUP BY owner"
 FINISHED_SINCE_SQL = """
 SELECT queue, status, count(*) FROM worker_jobs WHERE finished >= :since GROUP BY queue, status
 """
@@ -2279,9 +2282,11 @@ def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any
     for name, state, count in finished:
         of(name)[f"{state}_last_hour"] = count
     workers = []
+    running_by_owner = dict(conn.execute(RUNNING_BY_OWNER_SQL).fetchall())
     for row in conn.execute("SELECT * FROM worker_processes ORDER BY started"):
         process = dict(zip(("id", "host", "pid", "started", "last_seen", "lease_ms", "concurrency", "running",
                             "queues", "version"), row, strict=True))  # fmt: skip
+        process["running"] = running_by_owner.get(process["id"], 0)  # jobs claimed ahead included
         process["heartbeat_age_seconds"] = (now - process["last_seen"]) / 1000
         process["fresh"] = now - process["last_seen"] <= process["lease_ms"]
         workers.append(process)
