@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,20 @@ def ok_job() -> None:
     @worker.job
     def add(ctx: JobContext, a: int, b: int) -> int:
         return a + b
+
+
+@pytest.fixture
+def long_job() -> Iterator[tuple[threading.Event, threading.Event]]:
+    """A job type ``long`` that sets ``started`` and runs until the test sets ``release``."""
+    started, release = threading.Event(), threading.Event()
+
+    @worker.job
+    def long(ctx: JobContext) -> None:
+        started.set()
+        release.wait(10)
+
+    yield started, release
+    release.set()  # never leave a job thread waiting, whatever the test did
 
 
 @pytest.fixture
@@ -335,15 +350,10 @@ def test_a_job_longer_than_a_millisecond_stops_claiming_ahead(queue: Queue, db: 
 
 
 def test_jobs_claimed_ahead_behind_a_long_job_are_given_back_for_other_workers(
-    queue: Queue, db: str, monkeypatch: pytest.MonkeyPatch
+    queue: Queue, db: str, monkeypatch: pytest.MonkeyPatch, long_job: tuple[threading.Event, threading.Event]
 ) -> None:
     monkeypatch.setattr(worker, "PREFETCH_JOB_SECONDS", 10.0)  # the long job is long only once it has ended
-    release, started = threading.Event(), threading.Event()
-
-    @worker.job
-    def long(ctx: JobContext) -> None:
-        started.set()
-        release.wait(10)
+    started, release = long_job
 
     @worker.job
     def quick(ctx: JobContext) -> None:
@@ -404,23 +414,18 @@ def test_a_timeout_counts_from_the_jobs_start_not_from_its_claim_ahead(
 
 
 def test_stop_gives_back_jobs_claimed_ahead_at_once_without_running_them(
-    queue: Queue, db: str, monkeypatch: pytest.MonkeyPatch
+    queue: Queue, db: str, monkeypatch: pytest.MonkeyPatch, long_job: tuple[threading.Event, threading.Event]
 ) -> None:
     monkeypatch.setattr(worker, "PREFETCH_JOB_SECONDS", 10.0)
     monkeypatch.setattr(worker, "PREFETCH_PATIENCE", 10.0)
-    release, started = threading.Event(), threading.Event()
+    started, release = long_job
     ran: list[int] = []
 
     @worker.job
     def quick(ctx: JobContext) -> None:
         ran.append(ctx.id)
 
-    @worker.job
-    def long(ctx: JobContext) -> None:
-        started.set()
-        release.wait(10)
-
-    first, long_job, ahead = queue.enqueue_many([("quick", None), ("long", None), ("quick", None)])
+    first, held, ahead = queue.enqueue_many([("quick", None), ("long", None), ("quick", None)])
     w = Worker(db, cron=False, concurrency=1, prefetch=8)
     loop = threading.Thread(target=w.run)
     loop.start()
@@ -434,7 +439,7 @@ def test_stop_gives_back_jobs_claimed_ahead_at_once_without_running_them(
         loop.join(10)
     assert not loop.is_alive()
     assert ran == [first.id], "the job given back never ran here"
-    assert [queue.get(job.id).status for job in (first, long_job, ahead)] == ["succeeded", "succeeded", "pending"]  # type: ignore[union-attr]
+    assert [queue.get(job.id).status for job in (first, held, ahead)] == ["succeeded", "succeeded", "pending"]  # type: ignore[union-attr]
 
 
 def test_a_bug_met_in_a_job_threads_step_ends_run_as_it_would_in_the_main_thread(
@@ -458,19 +463,16 @@ def test_a_bug_met_in_a_job_threads_step_ends_run_as_it_would_in_the_main_thread
     assert "running" not in statuses and statuses[-1] == "pending", statuses
 
 
-def test_at_concurrency_1_stop_gives_back_the_running_job_after_the_shutdown_timeout(queue: Queue, db: str) -> None:
-    release, started = threading.Event(), threading.Event()
-
-    @worker.job
-    def stuck(ctx: JobContext) -> None:
-        started.set()
-        release.wait(10)
+def test_at_concurrency_1_stop_gives_back_the_running_job_after_the_shutdown_timeout(
+    queue: Queue, db: str, long_job: tuple[threading.Event, threading.Event]
+) -> None:
+    started, release = long_job
 
     @worker.job
     def quick(ctx: JobContext) -> None:
         pass
 
-    first, long, never = queue.enqueue_many([("quick", None), ("stuck", None), ("quick", {"n": 2})])
+    first, long, never = queue.enqueue_many([("quick", None), ("long", None), ("quick", {"n": 2})])
     w = Worker(db, cron=False, concurrency=1, shutdown_timeout=0.3)
     loop = threading.Thread(target=w.run)
     loop.start()
