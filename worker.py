@@ -2261,6 +2261,7 @@ def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any
     """The state of the worker: queues, worker processes and cron jobs, from indexed queries only."""
     now = now_ms() if now is None else now
     path = next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main")
+    version = _user_version(conn)
     queues: dict[str, dict[str, Any]] = {}
 
     def of(name: str) -> dict[str, Any]:
@@ -2275,7 +2276,7 @@ def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any
     for name, count in conn.execute(RUNNING_BY_QUEUE_SQL):
         of(name)["running"] = count
     hour_ago = now - 3_600_000
-    if _user_version(conn) >= 3:  # the last 60 whole minutes, and the current one
+    if version >= 3:  # the last 60 whole minutes, and the current one
         finished = conn.execute(FINISHED_PER_MINUTE_SQL, {"since": hour_ago - hour_ago % MINUTE_MS})
     else:  # a file not yet upgraded: count the rows themselves
         finished = conn.execute(FINISHED_SINCE_SQL, {"since": hour_ago})
@@ -2302,7 +2303,7 @@ def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any
     wal = Path(f"{path}-wal")
     return {
         "database": path,
-        "schema_version": _user_version(conn),
+        "schema_version": version,
         "sqlite_version": sqlite3.sqlite_version,
         "wal_bytes": wal.stat().st_size if wal.exists() else 0,
         "now": now,
