@@ -190,7 +190,7 @@ def write_lock_free(db: Path) -> bool:
 
 @dataclasses.dataclass
 class WorkerProcess:
-    """One ``python -m worker`` process started by a test, its stderr in a file."""
+    """One ``python -m worker_cli`` (the `worker` command) process started by a test, its stderr in a file."""
 
     popen: subprocess.Popen[bytes]
     log_path: Path
@@ -251,7 +251,7 @@ class Processes:
         log_path = self.directory / f"{name}.log"
         with log_path.open("wb") as log:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "worker", *args],
+                [sys.executable, "-m", "worker_cli", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,

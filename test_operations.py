@@ -29,12 +29,12 @@ from typing import Any, NoReturn
 
 import pytest
 
-import dashboard
 import worker
 import worker_cli
+import worker_dashboard
 from conftest import rows
-from dashboard import DashboardServer
 from worker import JobContext
+from worker_dashboard import DashboardServer
 
 HERE = Path(__file__).parent
 ARTIFACTS = HERE / "test-artifacts"
@@ -82,8 +82,8 @@ def prepared(db: str, make_worker: Any) -> dict[str, int]:
 
 
 def cli(*args: str, db: str | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m worker ARGS --db DB``, as another process would run it."""
-    command = [sys.executable, "-m", "worker", *args, *(["--db", db] if db else [])]
+    """``python -m worker_cli ARGS --db DB`` (the `worker` command), as another process would run it."""
+    command = [sys.executable, "-m", "worker_cli", *args, *(["--db", db] if db else [])]
     return subprocess.run(
         command, cwd=HERE, env={**os.environ, "NO_COLOR": "1"}, capture_output=True, text=True, timeout=60
     )
@@ -525,7 +525,7 @@ def test_actions_without_the_token_are_403_and_change_nothing(
     server = serve(allow_actions=True)
     headers = dict(credentials.get("headers", {}))
     if credentials.get("cookie"):
-        headers["Cookie"] = f"{dashboard.TOKEN_COOKIE}={server.token}"
+        headers["Cookie"] = f"{worker_dashboard.TOKEN_COOKIE}={server.token}"
     before = [tuple(row) for row in rows(db)]
     for action, role in (("retry", "failed_last"), ("cancel", "pending")):
         answer = request(
@@ -596,7 +596,7 @@ def test_request_naming_another_host_is_refused(
 
 def test_dashboard_command_prints_its_url_and_token_and_stops_on_sigterm(db: str, queue: worker.Queue) -> None:
     process = subprocess.Popen(
-        [sys.executable, "dashboard.py", "--db", db, "--port", "0", "--allow-actions"],
+        [sys.executable, "worker_dashboard.py", "--db", db, "--port", "0", "--allow-actions"],
         cwd=HERE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -622,7 +622,7 @@ def test_dashboard_command_prints_its_url_and_token_and_stops_on_sigterm(db: str
 
 
 def test_dashboard_command_exits_3_for_a_missing_database(tmp_path: Path) -> None:
-    command = [sys.executable, "dashboard.py", "--db", str(tmp_path / "missing.db"), "--port", "0"]
+    command = [sys.executable, "worker_dashboard.py", "--db", str(tmp_path / "missing.db"), "--port", "0"]
     result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=60)
     assert result.returncode == 3
     assert "no such file" in result.stderr
@@ -730,7 +730,7 @@ def test_cli_shows_control_characters_from_the_table_escaped(db: str, queue: wor
     conn.close()
     for command in (["jobs"], ["show", str(job.id)]):
         shown = subprocess.run(
-            [sys.executable, "-m", "worker", *command, "--db", db], capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "worker_cli", *command, "--db", db], capture_output=True, text=True, timeout=60
         )
         assert shown.returncode == 0, shown.stderr
         assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout

@@ -12,6 +12,7 @@ import collections
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 
 import worker
 from conftest import (
+    HERE,
     Processes,
     WorkerProcess,
     alive,
@@ -37,6 +39,7 @@ from conftest import (
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and POSIX signals")
 
 SQLITE3_SHELL = "/usr/bin/sqlite3"
+DEMO_JOBS = str(HERE / "jobs.py")
 POLL = 0.02  # seconds between looks at the table
 
 JOBS_MODULE = '''
@@ -190,7 +193,7 @@ def run_worker(processes: Processes, db: Path, jobs_file: Path) -> Callable[...,
 def run_cli(*args: str, cwd: Path, preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
     """One ``python -m worker`` command to completion (bounded), stderr captured."""
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
+        [sys.executable, "-m", "worker_cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -470,7 +473,8 @@ def test_row_inserted_by_sqlite3_shell_runs(db: Path, tmp_path: Path) -> None:
     (inserted,) = rows(db)
     assert abs(inserted["due"] - worker.now_ms()) < 60_000  # epoch milliseconds from SQL defaults
 
-    result = run_cli("run", "--burst", "--db", str(db), cwd=tmp_path)  # the default jobs module
+    shutil.copy(HERE / "jobs.py", tmp_path)
+    result = run_cli("run", "--burst", "--db", str(db), cwd=tmp_path)  # the default: ./jobs.py
     assert result.returncode == 0, result.stderr
     done = row(db, inserted["id"])
     assert done["status"] == "succeeded"
@@ -515,7 +519,7 @@ def test_random_bytes_as_database_exits_3_and_leaves_the_file_untouched(tmp_path
     path = tmp_path / "not-a-database.db"
     content = random.Random(7).randbytes(8192)
     path.write_bytes(content)
-    result = run_cli("run", "--burst", "--db", str(path), cwd=tmp_path)
+    result = run_cli("run", "--burst", "--jobs", DEMO_JOBS, "--db", str(path), cwd=tmp_path)
     assert result.returncode == 3
     assert_one_line_error(result.stderr)
     assert path.read_bytes() == content
@@ -525,7 +529,7 @@ def test_random_bytes_as_database_exits_3_and_leaves_the_file_untouched(tmp_path
 def test_database_in_missing_directory_exits_3(tmp_path: Path) -> None:
     """A typo in the path is an error, not a fresh empty database somewhere."""
     missing = tmp_path / "no-such-directory"
-    result = run_cli("run", "--burst", "--db", str(missing / "jobs.db"), cwd=tmp_path)
+    result = run_cli("run", "--burst", "--jobs", DEMO_JOBS, "--db", str(missing / "jobs.db"), cwd=tmp_path)
     assert result.returncode == 3
     assert_one_line_error(result.stderr)
     assert not missing.exists()
@@ -543,7 +547,16 @@ def test_read_only_database_exits_3(db: Path, tmp_path: Path) -> None:
     )
     if probe.returncode == 0:
         pytest.skip("the database file stays writable (file modes are not enforced here)")
-    result = run_cli("run", "--burst", "--db", str(db), cwd=tmp_path, preexec_fn=without_file_permission_override)
+    result = run_cli(
+        "run",
+        "--burst",
+        "--jobs",
+        DEMO_JOBS,
+        "--db",
+        str(db),
+        cwd=tmp_path,
+        preexec_fn=without_file_permission_override,
+    )
     assert result.returncode == 3
     assert_one_line_error(result.stderr)
     assert "read-only" in result.stderr
@@ -554,7 +567,7 @@ def test_schema_newer_than_the_code_exits_3(db: Path, tmp_path: Path) -> None:
     conn = worker.connect(db)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
-    result = run_cli("run", "--burst", "--db", str(db), cwd=tmp_path)
+    result = run_cli("run", "--burst", "--jobs", DEMO_JOBS, "--db", str(db), cwd=tmp_path)
     assert result.returncode == 3
     assert_one_line_error(result.stderr)
     assert "newer" in result.stderr
@@ -565,7 +578,7 @@ def test_schema_newer_than_the_code_exits_3(db: Path, tmp_path: Path) -> None:
 )
 def test_bad_configuration_exits_2(db: Path, tmp_path: Path, flags: list[str]) -> None:
     """Configuration mistakes are usage errors (2), told in one line."""
-    result = run_cli("run", "--burst", "--db", str(db), *flags, cwd=tmp_path)
+    result = run_cli("run", "--burst", "--jobs", DEMO_JOBS, "--db", str(db), *flags, cwd=tmp_path)
     assert result.returncode == 2
     assert_one_line_error(result.stderr)
 

@@ -1153,7 +1153,18 @@ def test_hostile_database_file_exits_3_in_one_line_and_is_left_untouched(
     before = {p: p.read_bytes() for p in place.rglob("*") if p.is_file()}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "worker", "run", "--burst", "--db", str(path), "--jobs", str(jobs_file), "--no-cron"],
+        [
+            sys.executable,
+            "-m",
+            "worker_cli",
+            "run",
+            "--burst",
+            "--db",
+            str(path),
+            "--jobs",
+            str(jobs_file),
+            "--no-cron",
+        ],
         capture_output=True,
         text=True,
         cwd=HERE,

@@ -249,7 +249,7 @@ JOBS_WITH_CRON = """
 def test_three_workers_run_each_one_second_slot_exactly_once(tmp_path: Path, db: str) -> None:
     jobs_file = tmp_path / "cron_jobs.py"
     jobs_file.write_text(textwrap.dedent(JOBS_WITH_CRON))
-    command = [sys.executable, "-m", "worker", "run", "--db", db, "--jobs", str(jobs_file)]
+    command = [sys.executable, "-m", "worker_cli", "run", "--db", db, "--jobs", str(jobs_file)]
     Queue(db)  # the schema, before three workers race to create it
     env = {**os.environ, "WORKER_LOG_LEVEL": "WARNING"}
     workers = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE) for _ in range(3)]
@@ -422,10 +422,10 @@ def test_prune_command_prints_how_many(queue: Queue, db: str, tick: None) -> Non
     with sqlite3.connect(db) as conn:
         conn.execute("INSERT INTO worker_jobs (type, status, finished, remove_at) VALUES ('tick', 'failed', 1, 1)")
     dry = subprocess.run(
-        [sys.executable, "-m", "worker", "prune", "--db", db, "--dry-run"], capture_output=True, text=True
+        [sys.executable, "-m", "worker_cli", "prune", "--db", db, "--dry-run"], capture_output=True, text=True
     )
     assert dry.stdout == "would remove 1 rows\n"
-    done = subprocess.run([sys.executable, "-m", "worker", "prune", "--db", db], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "worker_cli", "prune", "--db", db], capture_output=True, text=True)
     assert done.stdout == "removed 1 rows\n"
     assert rows(db) == []
 
@@ -452,7 +452,7 @@ def test_cron_through_the_cli(db: str) -> None:
     (row,) = rows(db)
     assert (row["tag"], row["cron_schedule"], row["cron_timezone"]) == ("cron:hello", "0 9 * * *", "Europe/Paris")
     bad = subprocess.run(
-        [sys.executable, "-m", "worker", "enqueue", "hello", "--db", db, "--cron", "99 * * * *"],
+        [sys.executable, "-m", "worker_cli", "enqueue", "hello", "--db", db, "--cron", "99 * * * *"],
         capture_output=True,
         text=True,
     )

@@ -1117,7 +1117,7 @@ def test_worker_connection_refuses_use_after_fork(db: str) -> None:
         ({"WORKER_DB": "a.db", "DATABASE_URL": "sqlite:///b.db"}, "a.db"),
         ({"DATABASE_URL": "sqlite:///b.db"}, "b.db"),
         ({"DATABASE_URL": "sqlite:////var/b.db"}, "/var/b.db"),
-        ({"DATABASE_URL": "postgres://x/y"}, "worker.db"),
+        ({"WORKER_DB": "a.db", "DATABASE_URL": "postgres://x/y"}, "a.db"),  # the app's own database elsewhere
         ({}, "worker.db"),
     ],
 )
@@ -1135,7 +1135,7 @@ def test_queue_from_env_opens_worker_db(monkeypatch: pytest.MonkeyPatch, db: str
 
 def test_help_names_every_environment_variable() -> None:
     help_text = worker_cli.build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
-    for variable, _ in worker_cli.ENVIRONMENT.values():
+    for variable, _ in worker.ENVIRONMENT.values():
         assert variable in help_text
 
 

@@ -32,12 +32,13 @@ import sys
 if __name__ == "__main__":
     # `python worker.py` / `python -m worker` run this file as __main__.  Job
     # modules do `from worker import job`, which must reach the one registry
-    # there is: hand over to the command line, which imports the module
-    # `worker` proper.
-    import worker_cli
+    # there is: import this file again as the module `worker` proper, and run
+    # its command line.
+    import worker
 
-    sys.exit(worker_cli.main())
+    sys.exit(worker.main())
 
+import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -50,6 +51,7 @@ import queue as queue_module
 import random
 import re
 import secrets
+import signal
 import socket
 import sqlite3
 import threading
@@ -70,7 +72,10 @@ logger = logging.getLogger("worker")
 
 # --- Defaults (seconds at the Python surface, milliseconds in the table) ------
 
-SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+# The table's definition, beside this file: schema.sql in a checkout or a copy;
+# worker_schema.sql as installed, where a name as generic as schema.sql would
+# be a stranger in site-packages.
+SCHEMA_FILES = (Path(__file__).with_name("schema.sql"), Path(__file__).with_name("worker_schema.sql"))
 BUSY_TIMEOUT_MS = 5_000
 DEFAULT_DB = "worker.db"
 DEFAULT_JOBS_MODULE = "jobs"
@@ -404,8 +409,23 @@ def on_shutdown(fn: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespa
     return fn
 
 
-def load_jobs(spec: str) -> ModuleType:
-    """Import the module (dotted name or path to a .py file) that registers the jobs."""
+def load_jobs(spec: str | None = None) -> ModuleType:
+    """Import the module (dotted name or path to a .py file) that registers the jobs.
+
+    Without a spec, ``jobs`` from the current directory and nowhere else: a
+    module of that name elsewhere on the path (another distribution's, say)
+    is not this app's jobs.
+    """
+    if spec is None:
+        here = Path.cwd()
+        found = next((p for p in (here / "jobs.py", here / "jobs" / "__init__.py") if p.is_file()), None)
+        if found is None:
+            raise ConfigError(f"no jobs module: no jobs.py in {here} (give --jobs MODULE or set WORKER_JOBS)")
+        sys.path.insert(0, str(here))
+        module = load_jobs(DEFAULT_JOBS_MODULE)
+        if Path(module.__file__ or "").resolve() != found.resolve():
+            raise ConfigError(f"jobs module {DEFAULT_JOBS_MODULE!r} was already imported from {module.__file__}")
+        return module
     try:
         if spec.endswith(".py") or os.sep in spec:
             path = Path(spec).resolve()
@@ -431,7 +451,7 @@ def load_jobs(spec: str) -> ModuleType:
 
 def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     """Open an existing database only to read it (status, jobs, show, the dashboard)."""
-    path = os.fspath(path)
+    path = sqlite_path(os.fspath(path))
     if not Path(path).is_file():
         raise DatabaseUnusable(f"cannot open database {path}: no such file")
     try:
@@ -452,7 +472,8 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
     the stdlib's) each take POSIX locks on the file, and closing either one's
     file drops the other's locks, which can corrupt the database.
     """
-    path = os.fspath(path)
+    path = sqlite_path(os.fspath(path))
+    schema_text()  # a worker without its table definition must not leave an empty file behind
     if path != ":memory:" and not path.startswith("file:"):
         directory = Path(path).resolve().parent
         if not directory.is_dir():
@@ -515,9 +536,23 @@ def is_transient(error: BaseException) -> bool:
     return code is not None and code & 0xFF in TRANSIENT_ERRORS
 
 
+@functools.cache
+def schema_text() -> str:
+    """schema.sql, read once; DatabaseUnusable naming where it looked when it is not there."""
+    for path in SCHEMA_FILES:
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise DatabaseUnusable(f"cannot read the table definition {path}: {e.strerror or e}") from e
+    looked = " or ".join(str(path) for path in SCHEMA_FILES)
+    raise DatabaseUnusable(f"the table definition is missing: no {looked} (copy schema.sql beside worker.py)")
+
+
 def schema_sections() -> list[tuple[int, str]]:
     """The ``-- version N`` sections of schema.sql, in order."""
-    text = SCHEMA_PATH.read_text()
+    text = schema_text()
     parts = re.split(r"^-- version (\d+)\s*$", text, flags=re.MULTILINE)
     return [(int(version), sql) for version, sql in zip(parts[1::2], parts[2::2], strict=True)]
 
@@ -638,16 +673,37 @@ def _last_rowid(conn: Any, cursor: Any) -> int:
 
 
 def resolve_db_path(environ: Mapping[str, str] | None = None) -> str:
-    """WORKER_DB, else DATABASE_URL when it is a sqlite: URL, else ./worker.db."""
+    """WORKER_DB, else DATABASE_URL, else ./worker.db; ConfigError for a URL this worker does not serve."""
     environ = os.environ if environ is None else environ
-    if environ.get("WORKER_DB"):
-        return environ["WORKER_DB"]
-    url = environ.get("DATABASE_URL", "")
-    if url.startswith("sqlite://"):
-        path = url[len("sqlite://") :]
-        # sqlite:///relative.db and sqlite:////absolute.db, as SQLAlchemy reads them
-        return path[1:] if path.startswith("/") else path
+    for variable in ("WORKER_DB", "DATABASE_URL"):
+        if environ.get(variable):
+            try:
+                return sqlite_path(environ[variable])
+            except ConfigError as e:
+                raise ConfigError(f"{variable}: {e}") from e
     return DEFAULT_DB
+
+
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def sqlite_path(target: str) -> str:
+    """A database path, from a path or a sqlite:// URL; ConfigError for any other URL.
+
+    Never a fallback: a worker told to use postgresql://... that quietly served
+    ./worker.db would leave every job pending.
+    """
+    scheme = URL_SCHEME.match(target)
+    if scheme is None:
+        return target
+    if scheme.group(1).lower() != "sqlite":
+        raise ConfigError(
+            f"unsupported database URL {scheme.group(1)}://...: this worker serves SQLite files "
+            "(a path, or sqlite:///relative.db, sqlite:////absolute.db)"
+        )
+    path = target[len(scheme.group(0)) :]
+    # sqlite:///relative.db and sqlite:////absolute.db, as SQLAlchemy reads them
+    return path[1:] if path.startswith("/") else path
 
 
 # --- Enqueue --------------------------------------------------------------------
@@ -2355,8 +2411,326 @@ def remove_old_jobs(ctx: JobContext) -> int:
     return removed
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The ``worker`` command (see worker_cli.py); kept here for scripts installed as ``worker:main``."""
-    import worker_cli
+# --- The command line of worker.py alone ----------------------------------------
+#
+# Enough to run and enqueue, so that worker.py + schema.sql copied into another
+# project is a whole worker: `python worker.py run`.  The operator commands
+# (status, jobs, show, ...) and the supervisor of --processes live in
+# worker_cli.py, which builds on what is here; this module never imports it.
 
-    return worker_cli.main(argv)
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
+EXIT_CODES_HELP = "Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 3 database unusable."
+ENGINE_COMMANDS = ("run", "enqueue", "schema")
+
+ENVIRONMENT = {
+    "db": ("WORKER_DB", "database file or sqlite:/// URL (else DATABASE_URL, else ./worker.db)"),
+    "jobs": ("WORKER_JOBS", f"module name or .py path that registers the jobs (default ./{DEFAULT_JOBS_MODULE}.py)"),
+    "concurrency": ("WORKER_CONCURRENCY", f"job threads per process (default {DEFAULT_CONCURRENCY})"),
+    "processes": ("WORKER_PROCESSES", "worker processes run by a supervisor (default 1)"),
+    "queues": ("WORKER_QUEUES", "comma-separated queues to take jobs from (default all)"),
+    "lease": ("WORKER_LEASE", f"seconds a claim holds without a heartbeat (default {DEFAULT_LEASE:g})"),
+    "shutdown_timeout": (
+        "WORKER_SHUTDOWN_TIMEOUT",
+        f"seconds to let running jobs finish on SIGTERM (default {DEFAULT_SHUTDOWN_TIMEOUT:g})",
+    ),
+    "max_deaths": (
+        "WORKER_MAX_DEATHS",
+        f"worker deaths before a job is failed as poison (default {DEFAULT_MAX_DEATHS})",
+    ),
+    "prefetch": (
+        "WORKER_PREFETCH",
+        f"jobs claimed beyond the free threads while jobs run under 1 ms; 0: none (default {DEFAULT_PREFETCH})",
+    ),
+    "no_cron": ("WORKER_NO_CRON", "do not create the pending rows of jobs declared with cron= (default: do)"),
+    "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
+    "keep_failed": ("WORKER_KEEP_FAILED", "seconds a failed or cancelled row is kept (default 30 days)"),
+    "synchronous": ("WORKER_SYNCHRONOUS", "NORMAL (a power cut may lose the last commits) or FULL (default NORMAL)"),
+    "log_level": ("WORKER_LOG_LEVEL", "the worker's own log threshold: DEBUG, INFO, WARNING, ERROR (default INFO)"),
+    "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
+}
+
+# worker_cli.supervise(child_args, processes, shutdown_timeout, burst=...): the exit code
+Supervise = Callable[..., int]
+
+
+def option_help(dest: str) -> str:
+    """An option's help text, naming its environment variable."""
+    variable, text = ENVIRONMENT[dest]
+    return f"{text} [env {variable}]"
+
+
+def setting(args: argparse.Namespace, dest: str, parse: Callable[[str], Any], default: Any) -> Any:
+    """Flag > environment > default, with a usage error naming the bad source."""
+    value = getattr(args, dest, None)
+    if value is not None:
+        return value
+    variable = ENVIRONMENT[dest][0]
+    raw = os.environ.get(variable)
+    if raw in (None, ""):
+        return default
+    try:
+        return parse(raw)
+    except ValueError as e:
+        raise ConfigError(f"invalid {variable}={raw!r}: {e}") from e
+
+
+def flag(raw: str) -> bool:
+    """A yes/no environment value."""
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use 1/true/yes or 0/false/no")
+
+
+def positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, refusing zero and below."""
+
+    def parse_positive(raw: str) -> Any:
+        value = parse(raw)
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    return parse_positive
+
+
+def add_common_options(command: argparse.ArgumentParser) -> None:
+    """--db, --jobs and the logging options of a command that loads the jobs."""
+    command.add_argument("--db", help=option_help("db"))
+    command.add_argument("--jobs", help=option_help("jobs"))
+    command.add_argument("--log-level", help=option_help("log_level"))
+    command.add_argument("--log-format", help=option_help("log_format"))
+
+
+def add_engine_commands(commands: Any) -> None:
+    """The subcommands worker.py serves alone: run, enqueue, schema."""
+    run = commands.add_parser(
+        "run", help="claim and run jobs until stopped", epilog=f"Environment only: {option_help('synchronous')}"
+    )
+    add_common_options(run)
+    run.add_argument("--concurrency", type=int, help=option_help("concurrency"))
+    run.add_argument("--processes", type=int, help=option_help("processes"))
+    run.add_argument("--queues", help=option_help("queues"))
+    run.add_argument("--lease", type=float, help=option_help("lease"))
+    run.add_argument("--shutdown-timeout", type=float, help=option_help("shutdown_timeout"))
+    run.add_argument("--max-deaths", type=int, help=option_help("max_deaths"))
+    run.add_argument("--prefetch", type=int, help=option_help("prefetch"))
+    run.add_argument("--no-cron", action="store_const", const=True, help=option_help("no_cron"))
+    run.add_argument("--keep-succeeded", type=float, help=option_help("keep_succeeded"))
+    run.add_argument("--keep-failed", type=float, help=option_help("keep_failed"))
+    run.add_argument("--burst", action="store_true", help="exit 0 once no job is due and none is running")
+
+    enqueue = commands.add_parser("enqueue", help="schedule a job and print its id")
+    add_common_options(enqueue)
+    enqueue.add_argument("type", help="registered job type")
+    enqueue.add_argument("--data", default="{}", help="job data, a JSON object (default {})")
+    when = enqueue.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=float, help="seconds from now")
+    when.add_argument("--at", help="ISO 8601 time (naive means UTC)")
+    enqueue.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    enqueue.add_argument("--queue", help="queue name (default: the job type's, else 'default')")
+    enqueue.add_argument("--tag", help="at most one pending job per tag")
+    enqueue.add_argument(
+        "--on-conflict", choices=("replace", "ignore"), default="replace", help="when the tag has a pending job"
+    )
+    enqueue.add_argument("--cron", help="make it recurring: 5 fields, or 6 with seconds first (tag: cron:TYPE)")
+    enqueue.add_argument("--timezone", help="of --cron (default UTC)")
+
+    commands.add_parser("schema", help="print the table definition (DDL) for other tools")
+
+
+def engine_parser() -> argparse.ArgumentParser:
+    """``python worker.py``: the engine's own commands."""
+    parser = argparse.ArgumentParser(
+        prog="worker.py",
+        description="A SQLite-first background job worker (this file alone: run, enqueue, schema).",
+        epilog=EXIT_CODES_HELP,
+    )
+    parser.add_argument("--version", action="version", version=f"worker {__version__}")
+    add_engine_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return parser
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the job fields a record carries."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        for key in ("action", "job_id", "job_type", "attempt"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Send the ``worker`` logger (and the jobs' loggers under it) to stderr."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ConfigError(f"invalid log level {level!r} (use DEBUG, INFO, WARNING or ERROR)")
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"invalid log format {log_format!r} (use text or json)")
+    handler = logging.StreamHandler()
+    text = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s")
+    handler.setFormatter(JsonFormatter() if log_format == "json" else text)
+    logger.handlers[:] = [handler]
+    logger.setLevel(numeric)
+    logger.propagate = False
+
+
+def ago(seconds: float | None) -> str:
+    """A duration as 4.2s, 3.5m or 2.0h."""
+    if seconds is None:
+        return "-"
+    if abs(seconds) < 120:
+        return f"{seconds:.1f}s"
+    if abs(seconds) < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def exit_code_of(command: Callable[[], int]) -> int:
+    """Run a command; an error becomes one line on stderr and its exit code."""
+    try:
+        return command()
+    except ConfigError as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DatabaseUnusable as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return EXIT_DATABASE
+    except sqlite3.DatabaseError as e:
+        print(f"worker: database error: {e}", file=sys.stderr)
+        return EXIT_DATABASE
+    except (UnknownJobType, InvalidJobData, ValueError) as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # a runtime failure: one line, the traceback only at DEBUG
+        logger.debug("unexpected failure", exc_info=True)
+        print(f"worker: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def run_engine_command(args: argparse.Namespace, *, supervise: Supervise | None = None) -> int:
+    """``run``, ``enqueue`` or ``schema``; ``supervise`` runs --processes (worker_cli's)."""
+    log_level, log_format = setting(args, "log_level", str, "INFO"), setting(args, "log_format", str, "text")
+    configure_logging(log_level, log_format)
+    schema_text()  # each of the three needs it: say so before anything else
+    if args.command == "schema":
+        print(schema_text().rstrip() + f"\n\nPRAGMA user_version = {schema_version()};")
+        return EXIT_OK
+    db = sqlite_path(args.db) if args.db else resolve_db_path()
+    jobs_module = setting(args, "jobs", str, None)
+    module = load_jobs(jobs_module)
+    if args.command == "enqueue":
+        return _enqueue_command(args, db)
+    return _run_command(args, db, jobs_module, log_level, log_format, supervise, jobs_file=module.__file__)
+
+
+def _enqueue_command(args: argparse.Namespace, db: str) -> int:
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as e:
+        raise InvalidJobData(f"--data is not valid JSON: {e}") from e
+    at = datetime.fromisoformat(args.at) if args.at else None
+    options = {"priority": args.priority, "queue": args.queue, "tag": args.tag}
+    with Queue(db) as producer:
+        if args.cron:
+            new = producer.schedule_cron(args.type, args.cron, data, timezone=args.timezone, **options)
+        else:
+            new = producer.enqueue(args.type, data, delay=args.delay, at=at, on_conflict=args.on_conflict, **options)
+    print(new.id)
+    return EXIT_OK
+
+
+def _run_command(
+    args: argparse.Namespace,
+    db: str,
+    jobs_module: str | None,
+    log_level: str,
+    log_format: str,
+    supervise: Supervise | None,
+    *,
+    jobs_file: str | None,
+) -> int:
+    settings = {
+        "concurrency": setting(args, "concurrency", positive(int), DEFAULT_CONCURRENCY),
+        "queues": setting(args, "queues", str, ""),
+        "lease": setting(args, "lease", positive(float), DEFAULT_LEASE),
+        "shutdown_timeout": setting(args, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT),
+        "max_deaths": setting(args, "max_deaths", positive(int), DEFAULT_MAX_DEATHS),
+        "prefetch": setting(args, "prefetch", int, DEFAULT_PREFETCH),
+        "keep_succeeded": setting(args, "keep_succeeded", float, None),
+        "keep_failed": setting(args, "keep_failed", float, None),
+    }
+    no_cron = setting(args, "no_cron", flag, False)
+    processes = setting(args, "processes", positive(int), 1)
+    if processes > 1 and supervise is None:
+        raise ConfigError("--processes needs worker_cli.py, the supervisor (pip install rowworker)")
+    worker = Worker(
+        db,
+        concurrency=settings["concurrency"],
+        queues=[q.strip() for q in settings["queues"].split(",") if q.strip()] or None,
+        lease=settings["lease"],
+        shutdown_timeout=settings["shutdown_timeout"],
+        max_deaths=settings["max_deaths"],
+        prefetch=settings["prefetch"],
+        keep_succeeded=settings["keep_succeeded"],
+        keep_failed=settings["keep_failed"],
+        cron=not no_cron,
+        burst=args.burst,
+    )
+    # Check the database once here, so a bad path is one clear error (rather
+    # than P children dying); the connection is closed before any child starts.
+    check = connect(db)
+    try:
+        apply_schema(check)
+    finally:
+        check.close()
+    logger.info("jobs from %s: %d job types", jobs_file, len(REGISTRY))
+    if supervise is not None and processes > 1:
+        child_args = ["--db", db] + ["--jobs", jobs_module] * (jobs_module is not None)
+        for dest, value in settings.items():
+            if value is not None:
+                child_args += [f"--{dest.replace('_', '-')}", str(value)]
+        child_args += ["--burst"] * args.burst + ["--no-cron"] * no_cron
+        child_args += ["--log-level", log_level, "--log-format", log_format]
+        return supervise(child_args, processes, worker.shutdown_timeout, burst=args.burst)
+
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            os._exit(EXIT_FAILURE)  # a second signal means now; leases cover the jobs left running
+        logger.info("received %s", signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.run()
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python worker.py``: run, enqueue and schema; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((word for word in argv if not word.startswith("-")), None)
+    if command is not None and command not in ENGINE_COMMANDS:
+        print(
+            f"worker: {command!r} is not a command of worker.py alone (it has: {', '.join(ENGINE_COMMANDS)}); "
+            f"the operator commands come with the package: pip install rowworker, then `worker {command}`",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    args = engine_parser().parse_args(argv)
+    return exit_code_of(lambda: run_engine_command(args))

@@ -9,54 +9,51 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from worker import (
-    DEFAULT_CONCURRENCY,
-    DEFAULT_JOBS_MODULE,
-    DEFAULT_LEASE,
-    DEFAULT_MAX_DEATHS,
-    DEFAULT_PREFETCH,
-    DEFAULT_SHUTDOWN_TIMEOUT,
+    EXIT_CODES_HELP,
+    EXIT_DATABASE,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
     REGISTRY,
-    SCHEMA_PATH,
     STATUSES,
     ConfigError,
-    DatabaseUnusable,
-    InvalidJobData,
     Job,
     Queue,
-    UnknownJobType,
-    Worker,
     __version__,
-    apply_schema,
+    add_common_options,
+    add_engine_commands,
+    ago,
     check_cron,
-    connect,
+    configure_logging,
     connect_readonly,
+    exit_code_of,
     iso_time,
     job_as_dict,
     job_chain,
     list_jobs,
     load_jobs,
     logger,
+    option_help,
+    positive,
     resolve_db_path,
+    run_engine_command,
     schema_version,
+    setting,
+    sqlite_path,
     status,
 )
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 
 # --- Formatting for people ------------------------------------------------------
 
@@ -89,17 +86,6 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def _strip_ansi(text: str) -> str:
     return re.sub(r"\033\[[0-9;]*m", "", text)
-
-
-def ago(seconds: float | None) -> str:
-    """A duration as 4.2s, 3.5m or 2.0h."""
-    if seconds is None:
-        return "-"
-    if abs(seconds) < 120:
-        return f"{seconds:.1f}s"
-    if abs(seconds) < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 def _when(epoch_ms: int | None) -> str:
@@ -240,176 +226,55 @@ def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *,
 
 # --- CLI ------------------------------------------------------------------------
 
-ENVIRONMENT = {
-    "db": ("WORKER_DB", "database file (else DATABASE_URL if sqlite:///..., else ./worker.db)"),
-    "jobs": ("WORKER_JOBS", f"module name or .py path that registers the jobs (default {DEFAULT_JOBS_MODULE})"),
-    "concurrency": ("WORKER_CONCURRENCY", f"job threads per process (default {DEFAULT_CONCURRENCY})"),
-    "processes": ("WORKER_PROCESSES", "worker processes run by a supervisor (default 1)"),
-    "queues": ("WORKER_QUEUES", "comma-separated queues to take jobs from (default all)"),
-    "lease": ("WORKER_LEASE", f"seconds a claim holds without a heartbeat (default {DEFAULT_LEASE:g})"),
-    "shutdown_timeout": (
-        "WORKER_SHUTDOWN_TIMEOUT",
-        f"seconds to let running jobs finish on SIGTERM (default {DEFAULT_SHUTDOWN_TIMEOUT:g})",
-    ),
-    "max_deaths": (
-        "WORKER_MAX_DEATHS",
-        f"worker deaths before a job is failed as poison (default {DEFAULT_MAX_DEATHS})",
-    ),
-    "prefetch": (
-        "WORKER_PREFETCH",
-        f"jobs claimed beyond the free threads while jobs run under 1 ms; 0: none (default {DEFAULT_PREFETCH})",
-    ),
-    "no_cron": ("WORKER_NO_CRON", "do not create the pending rows of jobs declared with cron= (default: do)"),
-    "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
-    "keep_failed": ("WORKER_KEEP_FAILED", "seconds a failed or cancelled row is kept (default 30 days)"),
-    "synchronous": ("WORKER_SYNCHRONOUS", "NORMAL (a power cut may lose the last commits) or FULL (default NORMAL)"),
-    "log_level": ("WORKER_LOG_LEVEL", "the worker's own log threshold: DEBUG, INFO, WARNING, ERROR (default INFO)"),
-    "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
-}
-
-
-def _option_help(dest: str) -> str:
-    variable, text = ENVIRONMENT[dest]
-    return f"{text} [env {variable}]"
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``worker`` command line."""
     parser = argparse.ArgumentParser(
-        prog="worker",
-        description="A SQLite-first background job worker.",
-        epilog="Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 3 database unusable.",
+        prog="worker", description="A SQLite-first background job worker.", epilog=EXIT_CODES_HELP
     )
     parser.add_argument("--version", action="version", version=f"worker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--db", help=_option_help("db"))
-        sub.add_argument("--jobs", help=_option_help("jobs"))
-        sub.add_argument("--log-level", help=_option_help("log_level"))
-        sub.add_argument("--log-format", help=_option_help("log_format"))
-
-    run = commands.add_parser(
-        "run", help="claim and run jobs until stopped", epilog=f"Environment only: {_option_help('synchronous')}"
-    )
-    common(run)
-    run.add_argument("--concurrency", type=int, help=_option_help("concurrency"))
-    run.add_argument("--processes", type=int, help=_option_help("processes"))
-    run.add_argument("--queues", help=_option_help("queues"))
-    run.add_argument("--lease", type=float, help=_option_help("lease"))
-    run.add_argument("--shutdown-timeout", type=float, help=_option_help("shutdown_timeout"))
-    run.add_argument("--max-deaths", type=int, help=_option_help("max_deaths"))
-    run.add_argument("--prefetch", type=int, help=_option_help("prefetch"))
-    run.add_argument("--no-cron", action="store_const", const=True, help=_option_help("no_cron"))
-    run.add_argument("--keep-succeeded", type=float, help=_option_help("keep_succeeded"))
-    run.add_argument("--keep-failed", type=float, help=_option_help("keep_failed"))
-    run.add_argument("--burst", action="store_true", help="exit 0 once no job is due and none is running")
-
-    enqueue = commands.add_parser("enqueue", help="schedule a job and print its id")
-    common(enqueue)
-    enqueue.add_argument("type", help="registered job type")
-    enqueue.add_argument("--data", default="{}", help="job data, a JSON object (default {})")
-    when = enqueue.add_mutually_exclusive_group()
-    when.add_argument("--delay", type=float, help="seconds from now")
-    when.add_argument("--at", help="ISO 8601 time (naive means UTC)")
-    enqueue.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
-    enqueue.add_argument("--queue", help="queue name (default: the job type's, else 'default')")
-    enqueue.add_argument("--tag", help="at most one pending job per tag")
-    enqueue.add_argument(
-        "--on-conflict", choices=("replace", "ignore"), default="replace", help="when the tag has a pending job"
-    )
-    enqueue.add_argument("--cron", help="make it recurring: 5 fields, or 6 with seconds first (tag: cron:TYPE)")
-    enqueue.add_argument("--timezone", help="of --cron (default UTC)")
+    add_engine_commands(commands)
 
     prune = commands.add_parser("prune", help="delete finished rows past their retention; print how many")
-    common(prune)
+    add_common_options(prune)
     prune.add_argument("--dry-run", action="store_true", help="only count them")
 
     state = commands.add_parser("status", help="queues, workers and cron jobs; exit 1 if no worker is alive")
-    state.add_argument("--db", help=_option_help("db"))
+    state.add_argument("--db", help=option_help("db"))
     state.add_argument("--json", action="store_true", help="machine-readable output")
     state.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
 
     listing = commands.add_parser("jobs", help="a table of rows, newest first")
-    listing.add_argument("--db", help=_option_help("db"))
+    listing.add_argument("--db", help=option_help("db"))
     listing.add_argument("--status", choices=STATUSES)
     listing.add_argument("--type")
     listing.add_argument("--queue")
-    listing.add_argument("--limit", type=_positive(int), default=50, help="default 50")
+    listing.add_argument("--limit", type=positive(int), default=50, help="default 50")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     show = commands.add_parser("show", help="one row with its data, result, error and chain")
     show.add_argument("id", type=int)
-    show.add_argument("--db", help=_option_help("db"))
+    show.add_argument("--db", help=option_help("db"))
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
     retry = commands.add_parser("retry", help="run a failed job again as a new row of its chain")
     retry.add_argument("id", type=int, nargs="?")
     retry.add_argument("--failed", action="store_true", help="every failed job whose chain ended in failure")
     retry.add_argument("--type", help="with --failed: only this type")
-    retry.add_argument("--db", help=_option_help("db"))
+    retry.add_argument("--db", help=option_help("db"))
 
     cancel = commands.add_parser("cancel", help="cancel a pending job")
     cancel.add_argument("id", type=int)
-    cancel.add_argument("--db", help=_option_help("db"))
+    cancel.add_argument("--db", help=option_help("db"))
 
     check = commands.add_parser("check", help="jobs module imports, cron expressions parse, schema is current")
-    check.add_argument("--db", help=_option_help("db"))
-    check.add_argument("--jobs", help=_option_help("jobs"))
+    check.add_argument("--db", help=option_help("db"))
+    check.add_argument("--jobs", help=option_help("jobs"))
 
-    commands.add_parser("schema", help="print the table definition (DDL) for other tools")
-    # Parsed by dashboard.py itself (see main): listed here for `worker --help`.
+    # Parsed by worker_dashboard.py itself (see main): listed here for `worker --help`.
     commands.add_parser("dashboard", help="serve a read-only web page of queues, workers, cron jobs and failures")
     return parser
-
-
-def _setting(args: argparse.Namespace, dest: str, parse: Callable[[str], Any], default: Any) -> Any:
-    """Flag > environment > default, with a usage error naming the bad source."""
-    value = getattr(args, dest, None)
-    if value is not None:
-        return value
-    variable = ENVIRONMENT[dest][0]
-    raw = os.environ.get(variable)
-    if raw in (None, ""):
-        return default
-    try:
-        return parse(raw)
-    except ValueError as e:
-        raise ConfigError(f"invalid {variable}={raw!r}: {e}") from e
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the job fields a record carries."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": record.process,
-            "message": record.getMessage(),
-        }
-        for key in ("action", "job_id", "job_type", "attempt"):
-            if hasattr(record, key):
-                entry[key] = getattr(record, key)
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def configure_logging(level: str, log_format: str) -> None:
-    """Send the ``worker`` logger (and the jobs' loggers under it) to stderr."""
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        raise ConfigError(f"invalid log level {level!r} (use DEBUG, INFO, WARNING or ERROR)")
-    if log_format not in ("text", "json"):
-        raise ConfigError(f"invalid log format {log_format!r} (use text or json)")
-    handler = logging.StreamHandler()
-    text = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s")
-    handler.setFormatter(JsonFormatter() if log_format == "json" else text)
-    logger.handlers[:] = [handler]
-    logger.setLevel(numeric)
-    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,55 +283,30 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["dashboard"]:
         return _dashboard_command(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        log_level, log_format = _setting(args, "log_level", str, "INFO"), _setting(args, "log_format", str, "text")
-        configure_logging(log_level, log_format)
-        if args.command == "schema":
-            print(SCHEMA_PATH.read_text().rstrip() + f"\n\nPRAGMA user_version = {schema_version()};")
-            return EXIT_OK
-        db = getattr(args, "db", None) or resolve_db_path()
-        if args.command in OPERATING_COMMANDS:
-            return OPERATING_COMMANDS[args.command](args, db)
-        jobs_module = _setting(args, "jobs", str, DEFAULT_JOBS_MODULE)
-        load_jobs(jobs_module)
-        if args.command == "check":
-            return _check_command(db)
-        if args.command == "enqueue":
-            return _enqueue_command(args, db)
-        if args.command == "prune":
-            with Queue(db) as producer:
-                count = producer.prune(dry_run=args.dry_run)
-            print(f"{'would remove' if args.dry_run else 'removed'} {count} rows")
-            return EXIT_OK
-        return _run_command(args, db, jobs_module, log_level, log_format)
-    except ConfigError as e:
-        print(f"worker: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except DatabaseUnusable as e:
-        print(f"worker: {e}", file=sys.stderr)
-        return EXIT_DATABASE
-    except sqlite3.DatabaseError as e:
-        print(f"worker: database error: {e}", file=sys.stderr)
-        return EXIT_DATABASE
-    except (UnknownJobType, InvalidJobData, ValueError) as e:
-        print(f"worker: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as e:  # a runtime failure: one line, the traceback only at DEBUG
-        logger.debug("unexpected failure", exc_info=True)
-        print(f"worker: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+    return exit_code_of(lambda: _command(args))
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command in ("run", "enqueue", "schema"):
+        return run_engine_command(args, supervise=supervise)
+    configure_logging(setting(args, "log_level", str, "INFO"), setting(args, "log_format", str, "text"))
+    db = sqlite_path(args.db) if getattr(args, "db", None) else resolve_db_path()
+    if args.command in OPERATING_COMMANDS:
+        return OPERATING_COMMANDS[args.command](args, db)
+    load_jobs(setting(args, "jobs", str, None))
+    if args.command == "check":
+        return _check_command(db)
+    with Queue(db) as producer:  # prune
+        count = producer.prune(dry_run=args.dry_run)
+    print(f"{'would remove' if args.dry_run else 'removed'} {count} rows")
+    return EXIT_OK
 
 
 def _dashboard_command(argv: list[str]) -> int:
-    """`worker dashboard`: dashboard.py imports worker, never the reverse; the engine does not need it."""
-    try:
-        import dashboard
-    except ModuleNotFoundError as e:
-        if e.name != "dashboard":
-            raise
-        print("worker: `worker dashboard` needs dashboard.py beside worker.py", file=sys.stderr)
-        return EXIT_USAGE
-    return int(dashboard.main(argv))
+    """`worker dashboard`: worker_dashboard.py parses its own options."""
+    import worker_dashboard
+
+    return int(worker_dashboard.main(argv))
 
 
 def _colour_wanted() -> bool:
@@ -579,96 +419,6 @@ OPERATING_COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
     "retry": _retry_command,
     "cancel": _cancel_command,
 }
-
-
-def _enqueue_command(args: argparse.Namespace, db: str) -> int:
-    try:
-        data = json.loads(args.data)
-    except json.JSONDecodeError as e:
-        raise InvalidJobData(f"--data is not valid JSON: {e}") from e
-    at = datetime.fromisoformat(args.at) if args.at else None
-    options = {"priority": args.priority, "queue": args.queue, "tag": args.tag}
-    with Queue(db) as producer:
-        if args.cron:
-            new = producer.schedule_cron(args.type, args.cron, data, timezone=args.timezone, **options)
-        else:
-            new = producer.enqueue(args.type, data, delay=args.delay, at=at, on_conflict=args.on_conflict, **options)
-    print(new.id)
-    return EXIT_OK
-
-
-def _flag(raw: str) -> bool:
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("use 1/true/yes or 0/false/no")
-
-
-def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse_positive(raw: str) -> Any:
-        value = parse(raw)
-        if value <= 0:
-            raise ValueError("must be positive")
-        return value
-
-    return parse_positive
-
-
-def _run_command(args: argparse.Namespace, db: str, jobs_module: str, log_level: str, log_format: str) -> int:
-    settings = {
-        "concurrency": _setting(args, "concurrency", _positive(int), DEFAULT_CONCURRENCY),
-        "queues": _setting(args, "queues", str, ""),
-        "lease": _setting(args, "lease", _positive(float), DEFAULT_LEASE),
-        "shutdown_timeout": _setting(args, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT),
-        "max_deaths": _setting(args, "max_deaths", _positive(int), DEFAULT_MAX_DEATHS),
-        "prefetch": _setting(args, "prefetch", int, DEFAULT_PREFETCH),
-        "keep_succeeded": _setting(args, "keep_succeeded", float, None),
-        "keep_failed": _setting(args, "keep_failed", float, None),
-    }
-    no_cron = _setting(args, "no_cron", _flag, False)
-    worker = Worker(
-        db,
-        concurrency=settings["concurrency"],
-        queues=[q.strip() for q in settings["queues"].split(",") if q.strip()] or None,
-        lease=settings["lease"],
-        shutdown_timeout=settings["shutdown_timeout"],
-        max_deaths=settings["max_deaths"],
-        prefetch=settings["prefetch"],
-        keep_succeeded=settings["keep_succeeded"],
-        keep_failed=settings["keep_failed"],
-        cron=not no_cron,
-        burst=args.burst,
-    )
-    processes = _setting(args, "processes", _positive(int), 1)
-    if processes > 1:
-        # Check the database once here, so a bad path is one clear error rather
-        # than P children dying; the connection is closed before any child starts.
-        check = connect(db)
-        apply_schema(check)
-        check.close()
-        child_args = ["--db", db, "--jobs", jobs_module]
-        for dest, value in settings.items():
-            if value is not None:
-                child_args += [f"--{dest.replace('_', '-')}", str(value)]
-        child_args += ["--burst"] * args.burst + ["--no-cron"] * no_cron
-        child_args += ["--log-level", log_level, "--log-format", log_format]
-        return supervise(child_args, processes, worker.shutdown_timeout, burst=args.burst)
-
-    signals_seen = 0
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            os._exit(EXIT_FAILURE)  # a second signal means now; leases cover the jobs left running
-        logger.info("received %s", signal.Signals(signum).name)
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    worker.run()
-    return EXIT_OK
 
 
 if __name__ == "__main__":  # how the supervisor starts its children: `python worker_cli.py run ...`

@@ -307,7 +307,7 @@ class Bench:
         if db is None:
             db = self.fresh_db(f"ours-c{concurrency}-p{processes}")
         self.agent("fill", "ours", "--db", db, "--n", str(n))
-        command = [self.python, "-m", "worker", "run", "--burst", "--db", db, "--jobs", str(JOBS)]
+        command = [self.python, "-m", "worker_cli", "run", "--burst", "--db", db, "--jobs", str(JOBS)]
         command += ["--concurrency", str(concurrency)]
         if processes > 1:
             command += ["--processes", str(processes)]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import dashboard
 import worker
+import worker_dashboard
 from worker import JobContext, Queue, Worker
 
 OUT = Path(__file__).resolve().parent / "dashboard.png"
@@ -80,7 +80,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         db = str(Path(scratch) / "app.db")
         stage(db)
-        server = dashboard.DashboardServer(db, "127.0.0.1", 0, allow_actions=True, refresh_seconds=3600)
+        server = worker_dashboard.DashboardServer(db, "127.0.0.1", 0, allow_actions=True, refresh_seconds=3600)
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         try:
             with sync_playwright() as playwright:

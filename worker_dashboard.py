@@ -1,4 +1,4 @@
-"""A web page for watching the worker: ``worker dashboard`` (or ``python dashboard.py``).
+"""A web page for watching the worker: ``worker dashboard`` (or ``python worker_dashboard.py``).
 
 Standard library only.  Each request opens the database read-only
 (``worker.connect_readonly``), so looking never writes.  With
@@ -12,7 +12,7 @@ start (as the form field ``token`` or the header ``X-Worker-Token``).
 Routes: ``/`` (refreshes itself), ``/jobs/<id>`` and ``/status.json`` (the same
 report as ``worker status --json``).  Job data, type names and errors are
 written by other programs, so every value taken from the table is escaped.
-This module imports worker; worker.py never needs it.
+This module imports worker only; neither worker.py nor worker_cli.py needs it to run jobs.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import worker
-import worker_cli
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8750
@@ -216,7 +215,7 @@ def render_index(
                     q["succeeded_last_hour"],
                     q["failed_last_hour"],
                     q["cancelled_last_hour"],
-                    worker_cli.ago(q["oldest_waiting_seconds"]),
+                    worker.ago(q["oldest_waiting_seconds"]),
                 ]
                 for q in report["queues"]
             ],
@@ -231,7 +230,7 @@ def render_index(
                     w["host"],
                     w["pid"],
                     when(w["started"]),
-                    f"{worker_cli.ago(w['heartbeat_age_seconds'])} ago",
+                    f"{worker.ago(w['heartbeat_age_seconds'])} ago",
                     badge("fresh" if w["fresh"] else "stale"),
                     f"{w['running']} of {w['concurrency']}",
                     w["queues"] or "all",
@@ -580,19 +579,19 @@ def main(argv: list[str] | None = None) -> int:
     db = args.db or worker.resolve_db_path()
     try:
         level, log_format = os.environ.get("WORKER_LOG_LEVEL") or "INFO", os.environ.get("WORKER_LOG_FORMAT") or "text"
-        worker_cli.configure_logging(level, log_format)
+        worker.configure_logging(level, log_format)
         worker.connect_readonly(db).close()
     except worker.ConfigError as error:
         print(f"worker: {error}", file=sys.stderr)
-        return worker_cli.EXIT_USAGE
+        return worker.EXIT_USAGE
     except worker.DatabaseUnusable as error:
         print(f"worker: {error}", file=sys.stderr)
-        return worker_cli.EXIT_DATABASE
+        return worker.EXIT_DATABASE
     try:
         server = DashboardServer(db, args.host, args.port, allow_actions=args.allow_actions)
     except OSError as error:
         print(f"worker: cannot listen on {args.host} port {args.port}: {error.strerror or error}", file=sys.stderr)
-        return worker_cli.EXIT_FAILURE
+        return worker.EXIT_FAILURE
     print(f"dashboard of {db} at {server.url} (Ctrl-C stops it)", flush=True)
     if server.token is None:
         print("read-only: start with --allow-actions for retry and cancel buttons", flush=True)
@@ -611,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         server.server_close()
-    return worker_cli.EXIT_OK
+    return worker.EXIT_OK
 
 
 if __name__ == "__main__":
