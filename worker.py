@@ -815,6 +815,7 @@ class Queue:
         check_types: bool = True,
     ) -> None:
         self.check_types = check_types
+        db = _dbapi_connection(db)
         if isinstance(db, sqlite3.Connection) or _is_apsw(db):
             self.path: str | None = None
             self._caller_conn: Any = db
@@ -1168,6 +1169,7 @@ def _ids_just_inserted(conn: Any, count: int) -> range:
 def _savepoint(conn: Any) -> Iterator[Any]:
     # A savepoint nests inside the caller's transaction (and is one of its own
     # when there is none), so several statements are all or nothing.
+    _begin_as_an_insert_would(conn)
     conn.execute("SAVEPOINT worker_enqueue")
     try:
         yield conn
@@ -1176,6 +1178,44 @@ def _savepoint(conn: Any) -> Iterator[Any]:
         conn.execute("RELEASE worker_enqueue")
         raise
     conn.execute("RELEASE worker_enqueue")
+
+
+def _begin_as_an_insert_would(conn: Any) -> None:
+    """Open the transaction that the caller's own INSERT would open on this connection.
+
+    The stdlib's sqlite3 in its default (legacy) mode opens a transaction only
+    before INSERT, UPDATE or DELETE; a SAVEPOINT outside one would start a
+    transaction of its own and commit at its RELEASE, so a job enqueued before
+    the app's first write would outlive the app's rollback.  So open the
+    implicit transaction here, as that INSERT would, for the caller's
+    commit() or rollback() to end.  In autocommit mode (isolation_level=None
+    with no BEGIN, or autocommit=True) and on apsw, an INSERT commits by
+    itself, and so does the savepoint.
+    """
+    if not isinstance(conn, sqlite3.Connection) or conn.in_transaction or conn.isolation_level is None:
+        return
+    if getattr(conn, "autocommit", LEGACY_TRANSACTION_CONTROL) != LEGACY_TRANSACTION_CONTROL:
+        return  # Python 3.12+: autocommit=True commits each statement; False is always in a transaction
+    conn.execute(f"BEGIN {conn.isolation_level}")
+
+
+LEGACY_TRANSACTION_CONTROL = getattr(sqlite3, "LEGACY_TRANSACTION_CONTROL", -1)
+
+
+def _dbapi_connection(db: Any) -> Any:
+    """The DB-API connection under a SQLAlchemy Session, Connection or pooled proxy; anything else as it is.
+
+    Duck-typed, so that SQLAlchemy is never imported here.
+    """
+    if not type(db).__module__.startswith("sqlalchemy."):
+        return db
+    if callable(getattr(db, "get_bind", None)) and callable(getattr(db, "connection", None)):
+        db = db.connection()  # a Session: its Connection, in the session's transaction
+    if callable(getattr(db, "in_transaction", None)) and callable(getattr(db, "begin", None)):
+        if not db.in_transaction():
+            db.begin()  # a Connection begins as its own execute() would, for its commit() to end
+        db = db.connection  # the pool's proxy of the DB-API connection
+    return getattr(db, "dbapi_connection", db)
 
 
 def _new_job(id: int, row: dict[str, Any]) -> Job:

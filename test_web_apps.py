@@ -1,0 +1,222 @@
+"""Living inside a web app: Queue(conn) enqueues exactly as the caller's own INSERT would.
+
+On every connection state of the standard library's sqlite3 (its default
+legacy mode with each isolation level, an explicit BEGIN, a savepoint,
+autocommit), on apsw, and through SQLAlchemy's Session, Connection and pooled
+connection: a job enqueued inside the app's transaction commits and rolls back
+with it, wherever in the transaction it was enqueued.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+import sqlalchemy
+from sqlalchemy import orm
+
+import worker
+from worker import Queue
+
+ORDERS = "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, item TEXT NOT NULL)"
+
+
+@pytest.fixture
+def app_db(tmp_path: Path) -> Path:
+    """The app's own file, with its orders table and the worker's tables."""
+    path = tmp_path / "app.db"
+    with Queue(path):
+        pass
+    conn = sqlite3.connect(path)
+    conn.execute(ORDERS)
+    conn.commit()
+    conn.close()
+    return path
+
+
+def counts(path: Path) -> tuple[int, int]:
+    """(orders, jobs) as another program sees them."""
+    conn = sqlite3.connect(path)
+    try:
+        orders = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+        jobs = conn.execute("SELECT count(*) FROM worker_jobs").fetchone()[0]
+        return orders, jobs
+    finally:
+        conn.close()
+
+
+# Each way an app's transaction may reach the enqueue: the job is the first
+# write, after a read, after the app's INSERT, or several at once.
+def enqueue_first(conn: Any) -> None:
+    Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1})
+    conn.execute("INSERT INTO orders (item) VALUES ('book')")
+
+
+def select_then_enqueue(conn: Any) -> None:
+    conn.execute("SELECT count(*) FROM orders").fetchall()
+    Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1})
+    conn.execute("INSERT INTO orders (item) VALUES ('book')")
+
+
+def insert_then_enqueue(conn: Any) -> None:
+    conn.execute("INSERT INTO orders (item) VALUES ('book')")
+    Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1})
+
+
+def enqueue_many_first(conn: Any) -> None:
+    Queue(conn, check_types=False).enqueue_many([("send_receipt", {"order": 1}), ("audit", {})])
+    conn.execute("INSERT INTO orders (item) VALUES ('book')")
+
+
+def tagged_enqueue_first(conn: Any) -> None:
+    Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1}, tag="receipt-1")
+    conn.execute("INSERT INTO orders (item) VALUES ('book')")
+
+
+STEPS = [enqueue_first, select_then_enqueue, insert_then_enqueue, enqueue_many_first, tagged_enqueue_first]
+Step = Callable[[Any], None]
+
+
+@pytest.mark.parametrize("isolation_level", ["", "DEFERRED", "IMMEDIATE", "EXCLUSIVE"])
+@pytest.mark.parametrize("step", STEPS)
+def test_default_mode_rollback_leaves_no_job_wherever_it_was_enqueued(
+    app_db: Path, step: Step, isolation_level: str
+) -> None:
+    conn = sqlite3.connect(app_db, isolation_level=isolation_level)
+    step(conn)
+    conn.rollback()
+    assert counts(app_db) == (0, 0)
+    step(conn)
+    conn.commit()
+    orders, jobs = counts(app_db)
+    assert orders == 1 and jobs >= 1
+    conn.close()
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_default_mode_enqueue_is_not_committed_before_the_callers_commit(app_db: Path, step: Step) -> None:
+    conn = sqlite3.connect(app_db)
+    step(conn)
+    assert conn.in_transaction
+    assert counts(app_db) == (0, 0)  # another program sees nothing yet
+    conn.commit()
+    assert counts(app_db)[1] >= 1
+    conn.close()
+
+
+@pytest.mark.parametrize("begin", ["BEGIN", "BEGIN IMMEDIATE", "SAVEPOINT app"])
+@pytest.mark.parametrize("step", STEPS)
+def test_explicit_transaction_is_joined(app_db: Path, step: Step, begin: str) -> None:
+    conn = sqlite3.connect(app_db, isolation_level=None)
+    conn.execute(begin)
+    step(conn)
+    conn.execute("ROLLBACK")
+    assert counts(app_db) == (0, 0)
+    conn.close()
+
+
+def test_savepoint_of_the_app_rolls_back_the_job_with_it(app_db: Path) -> None:
+    """Django's nested atomic(): the inner block's rollback takes the job, the outer commit keeps the order."""
+    conn = sqlite3.connect(app_db, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO orders (item) VALUES ('book')")
+    conn.execute("SAVEPOINT inner_block")
+    Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1})
+    conn.execute("ROLLBACK TO inner_block")
+    conn.execute("RELEASE inner_block")
+    conn.execute("COMMIT")
+    assert counts(app_db) == (1, 0)
+    conn.close()
+
+
+def test_autocommit_connection_commits_the_job_by_itself(app_db: Path) -> None:
+    """isolation_level=None with no BEGIN: every statement commits, the enqueue too."""
+    conn = sqlite3.connect(app_db, isolation_level=None)
+    Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1})
+    assert not conn.in_transaction
+    assert counts(app_db) == (0, 1)
+    conn.close()
+
+
+def test_a_failed_enqueue_leaves_the_callers_transaction_as_it_was(app_db: Path) -> None:
+    conn = sqlite3.connect(app_db)
+    conn.execute("INSERT INTO orders (item) VALUES ('book')")
+    with pytest.raises(worker.InvalidJobData):
+        Queue(conn, check_types=False).enqueue("send_receipt", {"not json": {1, 2}})
+    conn.commit()
+    assert counts(app_db) == (1, 0)
+    conn.close()
+
+
+# --- apsw ------------------------------------------------------------------------
+
+
+def test_apsw_outside_a_transaction_commits_by_itself_and_inside_joins(app_db: Path) -> None:
+    conn = apsw.Connection(str(app_db))
+    Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1})
+    assert counts(app_db) == (0, 1)  # apsw has no implicit transaction: an INSERT commits at once
+    conn.execute("BEGIN")
+    enqueue_first(conn)
+    conn.execute("ROLLBACK")
+    assert counts(app_db) == (0, 1)
+    conn.close()
+
+
+# --- SQLAlchemy ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def engine(app_db: Path) -> Iterator[sqlalchemy.Engine]:
+    made = sqlalchemy.create_engine(f"sqlite:///{app_db}")
+    yield made
+    made.dispose()
+
+
+ORDER_INSERT = sqlalchemy.text("INSERT INTO orders (item) VALUES ('book')")
+
+
+def test_sqlalchemy_session_before_its_first_flush_rolls_back_the_job(engine: sqlalchemy.Engine, app_db: Path) -> None:
+    with orm.Session(engine) as session:
+        Queue(session, check_types=False).enqueue("send_receipt", {"order": 1})
+        session.execute(ORDER_INSERT)
+        session.rollback()
+    assert counts(app_db) == (0, 0)
+    with orm.Session(engine) as session:
+        Queue(session, check_types=False).enqueue("send_receipt", {"order": 1})
+        session.execute(ORDER_INSERT)
+        session.commit()
+    assert counts(app_db) == (1, 1)
+
+
+def test_sqlalchemy_session_that_raises_in_begin_leaves_no_job(engine: sqlalchemy.Engine, app_db: Path) -> None:
+    with pytest.raises(RuntimeError), orm.Session(engine) as session, session.begin():
+        session.execute(sqlalchemy.text("SELECT 1"))
+        Queue(session, check_types=False).enqueue("send_receipt", {"order": 1})
+        raise RuntimeError("the order failed")
+    assert counts(app_db) == (0, 0)
+
+
+def test_sqlalchemy_connection_commits_and_rolls_back_the_job_with_it(engine: sqlalchemy.Engine, app_db: Path) -> None:
+    with engine.connect() as connection:
+        Queue(connection, check_types=False).enqueue("send_receipt", {"order": 1})
+        connection.rollback()
+        assert counts(app_db) == (0, 0)
+        Queue(connection, check_types=False).enqueue("send_receipt", {"order": 2})
+        connection.execute(ORDER_INSERT)
+        connection.commit()
+    assert counts(app_db) == (1, 1)
+
+
+def test_sqlalchemy_pooled_connection_is_a_dbapi_connection(engine: sqlalchemy.Engine, app_db: Path) -> None:
+    raw = engine.raw_connection()
+    Queue(raw, check_types=False).enqueue("send_receipt", {"order": 1})
+    raw.rollback()
+    assert counts(app_db) == (0, 0)
+    Queue(raw, check_types=False).enqueue("send_receipt", {"order": 2})
+    raw.commit()
+    raw.close()
+    assert counts(app_db) == (0, 1)
