@@ -1,10 +1,12 @@
 -- The job table of the SQLite background worker: the only place it is defined.
 --
--- The worker applies this file at start.  Each "-- version N" section runs once,
--- in order, inside one transaction, and PRAGMA user_version records the last
--- section applied.  Sections add tables, columns and indexes, or drop an index
--- the worker no longer reads; never a column, so a database written by an
--- older worker keeps working.  Never edit a released section.
+-- The worker applies this file at start (and Queue at its first use, `worker
+-- migrate` on demand).  Each "-- version N" section runs once, in order, inside
+-- one transaction, and the table worker_schema records the last section
+-- applied (PRAGMA user_version is the app's: the worker never reads or writes
+-- it).  Sections add tables, columns and indexes, or drop an index the worker
+-- no longer reads; never a column, so a database written by an older worker
+-- keeps working.  Never edit a released section.
 --
 -- One row per invocation of a job.  A retry or the next run of a cron job is a
 -- NEW row whose rescheduled_from_job points back, so every attempt keeps its
@@ -144,3 +146,13 @@ INSERT INTO worker_finished_per_minute (minute, queue, status, count)
 SELECT finished - finished % 60000, queue, status, count(*) FROM worker_jobs
  WHERE finished IS NOT NULL AND status IN ('succeeded', 'failed', 'cancelled')
  GROUP BY 1, 2, 3;
+
+-- version 4
+
+-- The worker's own schema version, one row.  Up to version 3 it was kept in
+-- PRAGMA user_version, which belongs to the app whose file this may be; a file
+-- of those versions is recognised by its tables (worker.installed_schema_version).
+CREATE TABLE IF NOT EXISTS worker_schema (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    version  INTEGER NOT NULL
+) STRICT;

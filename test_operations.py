@@ -307,7 +307,7 @@ def test_check_exits_2_when_the_jobs_module_does_not_import(db: str, prepared: d
 
 def test_check_exits_3_for_a_database_with_another_schema_version(db: str, prepared: dict[str, int]) -> None:
     with sqlite3.connect(db, timeout=5) as conn:
-        conn.execute(f"PRAGMA user_version = {worker.schema_version() + 1}")
+        conn.execute("UPDATE worker_schema SET version = ?", (worker.schema_version() + 1,))
     conn.close()
     assert cli("check", db=db).returncode == 3
 
@@ -318,7 +318,7 @@ def test_schema_prints_ddl_that_another_tool_can_apply(tmp_path: Path) -> None:
     assert "CREATE TABLE IF NOT EXISTS worker_jobs" in result.stdout
     with sqlite3.connect(tmp_path / "other.db") as conn:
         conn.executescript(result.stdout)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == worker.schema_version()
+        assert conn.execute("SELECT version FROM worker_schema").fetchone()[0] == worker.schema_version()
         conn.execute("INSERT INTO worker_jobs (type) VALUES ('hello')")
         assert conn.execute("SELECT status, attempt FROM worker_jobs").fetchone() == ("pending", 1)
     conn.close()

@@ -565,7 +565,7 @@ def test_read_only_database_exits_3(db: Path, tmp_path: Path) -> None:
 def test_schema_newer_than_the_code_exits_3(db: Path, tmp_path: Path) -> None:
     """An older worker must not write into a table a newer one has changed."""
     conn = worker.connect(db)
-    conn.execute("PRAGMA user_version = 99")
+    conn.execute("UPDATE worker_schema SET version = 99")
     conn.close()
     result = run_cli("run", "--burst", "--jobs", DEMO_JOBS, "--db", str(db), cwd=tmp_path)
     assert result.returncode == 3

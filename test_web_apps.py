@@ -10,6 +10,8 @@ with it, wherever in the transaction it was enqueued.
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import sqlalchemy
 from sqlalchemy import orm
 
 import worker
+from conftest import HERE
 from worker import Queue
 
 ORDERS = "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, item TEXT NOT NULL)"
@@ -220,3 +223,76 @@ def test_sqlalchemy_pooled_connection_is_a_dbapi_connection(engine: sqlalchemy.E
     raw.commit()
     raw.close()
     assert counts(app_db) == (0, 1)
+
+
+# --- The worker is a guest in the app's file ---------------------------------------------
+
+
+@pytest.mark.parametrize("app_version", [0, 2, 7])
+def test_the_apps_user_version_is_never_read_or_written(tmp_path: Path, app_version: int) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute(ORDERS)
+    conn.execute(f"PRAGMA user_version = {app_version}")
+    conn.commit()
+    with Queue(path, check_types=False) as queue:
+        queue.enqueue("send_receipt", {"order": 1})
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == app_version
+    assert conn.execute("SELECT version FROM worker_schema").fetchone()[0] == worker.schema_version()
+    assert counts(path) == (0, 1)
+    conn.close()
+
+
+def test_queue_on_the_callers_connection_creates_the_tables_in_its_transaction(tmp_path: Path) -> None:
+    """Before any worker ran (or in a test database), the first Queue(conn) brings the tables."""
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1})
+    conn.rollback()  # the tables were made in this transaction, and go with it
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name LIKE 'worker_%'").fetchone()[0] == 0
+    Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1})
+    conn.commit()
+    assert conn.execute("SELECT type, status FROM worker_jobs").fetchall() == [("send_receipt", "pending")]
+    conn.close()
+
+
+def test_queue_works_on_an_in_memory_database() -> None:
+    conn = sqlite3.connect(":memory:")
+    job = Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1})
+    assert Queue(conn).get(job.id) == job
+    conn.close()
+
+
+def migrate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(HERE / "worker.py"), "migrate", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_migrate_prints_the_ddl_it_applies_and_then_says_current(tmp_path: Path) -> None:
+    dry = migrate("--db", "app.db", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "from version 0 to" in dry.stdout and "CREATE TABLE IF NOT EXISTS worker_jobs" in dry.stdout
+    conn = sqlite3.connect(tmp_path / "app.db")
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name LIKE 'worker_%'").fetchone()[0] == 0
+
+    applied = migrate("--db", "app.db", cwd=tmp_path)
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout == dry.stdout
+    assert conn.execute("SELECT version FROM worker_schema").fetchone()[0] == worker.schema_version()
+    again = migrate("--db", "app.db", cwd=tmp_path)
+    assert again.stdout == f"-- app.db: the worker's schema is current (version {worker.schema_version()})\n"
+    conn.close()
+
+
+def test_migrate_output_applied_by_another_tool_gives_the_same_tables(tmp_path: Path) -> None:
+    """Teams whose migration tool must own every table can run the printed DDL themselves."""
+    printed = migrate("--db", "scratch.db", "--dry-run", cwd=tmp_path).stdout
+    theirs = sqlite3.connect(tmp_path / "theirs.db")
+    theirs.executescript(printed)
+    theirs.execute("INSERT INTO worker_jobs (type) VALUES ('hello')")
+    theirs.commit()
+    assert worker.installed_schema_version(theirs) == worker.schema_version()
+    with Queue(tmp_path / "theirs.db") as queue:
+        assert queue.get(1) is not None
+    theirs.close()

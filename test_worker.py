@@ -812,7 +812,8 @@ def test_schema_is_idempotent_and_versioned(db: str) -> None:
     conn = worker.connect(db)
     assert worker.apply_schema(conn) == worker.schema_version()
     assert worker.apply_schema(conn) == worker.schema_version()
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == worker.schema_version()
+    assert conn.execute("SELECT version FROM worker_schema").fetchone()[0] == worker.schema_version()
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 0  # the app's, never written
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
 
@@ -827,7 +828,7 @@ def test_a_version_1_database_is_upgraded_in_place(db: str, ok_job: None) -> Non
     w = Worker(db, cron=False)
     assert w.work() == 1
     indexes = {row[1] for row in w.conn.execute("PRAGMA index_list(worker_jobs)")}
-    assert w.conn.execute("PRAGMA user_version").fetchone()[0] == worker.schema_version() >= 2
+    assert w.conn.execute("SELECT version FROM worker_schema").fetchone()[0] == worker.schema_version() >= 2
     assert "worker_jobs_next_due" not in indexes and "worker_jobs_claim" in indexes
     w.close()
     assert [(r["status"], r["result"]) for r in rows(db)] == [("succeeded", "3")]
@@ -899,8 +900,9 @@ def test_per_minute_counts_are_pruned_after_a_day(
 
 
 def test_schema_newer_than_the_code_is_refused(db: str) -> None:
+    Queue(db).close()
     with sqlite3.connect(db) as conn:
-        conn.execute("PRAGMA user_version = 99")
+        conn.execute("UPDATE worker_schema SET version = 99")
     with pytest.raises(worker.DatabaseUnusable, match="newer than this worker"):
         Queue(db).enqueue("x")
 

@@ -456,7 +456,7 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
         raise DatabaseUnusable(f"cannot open database {path}: no such file")
     try:
         conn = _open(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
-        version = _user_version(conn)
+        version = installed_schema_version(conn)
     except sqlite3.Error as e:
         raise DatabaseUnusable(f"cannot use database {path}: {e}") from e
     if version != schema_version():
@@ -550,6 +550,7 @@ def schema_text() -> str:
     raise DatabaseUnusable(f"the table definition is missing: no {looked} (copy schema.sql beside worker.py)")
 
 
+@functools.cache
 def schema_sections() -> list[tuple[int, str]]:
     """The ``-- version N`` sections of schema.sql, in order."""
     text = schema_text()
@@ -562,29 +563,68 @@ def schema_version() -> int:
     return schema_sections()[-1][0]
 
 
-def apply_schema(conn: sqlite3.Connection) -> int:
-    """Create or upgrade the table to this code's version; idempotent.  Returns it."""
-    sections = schema_sections()
-    latest = sections[-1][0]
+def apply_schema(conn: Any, *, transaction: Callable[[Any], Any] | None = None) -> int:
+    """Create or upgrade the worker's tables to this code's version; idempotent.  Returns it.
+
+    ``transaction`` is how the DDL is wrapped: by default a write transaction of
+    its own; Queue(conn) passes the savepoint that joins the caller's.
+    """
+    latest = schema_version()
     try:
-        if _user_version(conn) == latest:
+        if installed_schema_version(conn) == latest:
             return latest  # the common case needs no write lock
-        with immediate(conn):
-            current = _user_version(conn)
-            if current > latest:
-                raise DatabaseUnusable(
-                    f"database schema version {current} is newer than this worker's ({latest}); upgrade the worker"
-                )
-            for version, sql in sections:
-                if version > current:
-                    for statement in _statements(sql):
-                        conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {int(latest)}")
+        with (transaction or immediate)(conn):
+            for statement in schema_statements_after(installed_schema_version(conn)):
+                conn.execute(statement)
+            conn.execute(RECORD_SCHEMA_VERSION_SQL, {"version": latest})
     except sqlite3.Error as e:
         if is_transient(e):
             raise
         raise DatabaseUnusable(f"cannot create the schema: {e}") from e
     return latest
+
+
+RECORD_SCHEMA_VERSION_SQL = """
+INSERT INTO worker_schema (id, version) VALUES (1, :version)
+    ON CONFLICT (id) DO UPDATE SET version = excluded.version
+"""
+
+
+def schema_statements_after(version: int) -> list[str]:
+    """The statements of the sections above ``version``, in order (what ``worker migrate`` applies)."""
+    return [statement for number, sql in schema_sections() if number > version for statement in _statements(sql)]
+
+
+def installed_schema_version(conn: Any) -> int:
+    """The worker's schema version in this file: 0 for none; DatabaseUnusable when newer than this code.
+
+    Kept in the table worker_schema, never in PRAGMA user_version: that one is
+    the app's.  A file the worker set up before version 4 recorded its version
+    in user_version; such a file is recognised by its tables instead, so the
+    app's user_version is never read.
+    """
+    names = {row[0] for row in conn.execute(SCHEMA_OBJECTS_SQL)}
+    recorded = _scalar(conn, "SELECT version FROM worker_schema WHERE id = 1") if "worker_schema" in names else None
+    if recorded is not None:
+        version = int(recorded)
+    elif "worker_jobs" not in names:
+        version = 0
+    elif "worker_finished_per_minute" in names:
+        version = 3
+    else:
+        version = 1 if "worker_jobs_next_due" in names else 2  # version 2 dropped that index
+    latest = schema_version()
+    if version > latest:
+        raise DatabaseUnusable(
+            f"database schema version {version} is newer than this worker's ({latest}); upgrade the worker"
+        )
+    return version
+
+
+SCHEMA_OBJECTS_SQL = """
+SELECT name FROM sqlite_master
+ WHERE name IN ('worker_schema', 'worker_jobs', 'worker_finished_per_minute', 'worker_jobs_next_due')
+"""
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -597,16 +637,6 @@ def _statements(script: str) -> Iterator[str]:
             pending = ""
     if pending.strip() and not all(line.strip().startswith("--") for line in pending.splitlines() if line.strip()):
         raise ValueError(f"incomplete SQL statement in schema.sql: {pending.strip()[:80]}")
-
-
-def _user_version(conn: sqlite3.Connection) -> int:
-    version = int(_scalar(conn, "PRAGMA user_version"))
-    latest = schema_version()
-    if version > latest:
-        raise DatabaseUnusable(
-            f"database schema version {version} is newer than this worker's ({latest}); upgrade the worker"
-        )
-    return version
 
 
 # os.getpid() is a system call, and the worker checks its connection's process
@@ -819,6 +849,9 @@ class Queue:
         if isinstance(db, sqlite3.Connection) or _is_apsw(db):
             self.path: str | None = None
             self._caller_conn: Any = db
+            # The tables come with the first use, in the caller's transaction as
+            # an enqueue would be (a test database, an app before any worker ran).
+            apply_schema(db, transaction=_savepoint)
         else:
             self.path = os.fspath(db)
             self._caller_conn = None
@@ -1203,10 +1236,13 @@ LEGACY_TRANSACTION_CONTROL = getattr(sqlite3, "LEGACY_TRANSACTION_CONTROL", -1)
 
 
 def _dbapi_connection(db: Any) -> Any:
-    """The DB-API connection under a SQLAlchemy Session, Connection or pooled proxy; anything else as it is.
+    """The DB-API connection under Django's connection or SQLAlchemy's Session, Connection or pooled proxy.
 
-    Duck-typed, so that SQLAlchemy is never imported here.
+    Duck-typed, so that neither is ever imported here; anything else is returned as it is.
     """
+    if type(db).__module__.startswith("django.db.backends.") and callable(getattr(db, "ensure_connection", None)):
+        db.ensure_connection()  # Django's connection wrapper: the sqlite3 connection it wraps
+        return db.connection
     if not type(db).__module__.startswith("sqlalchemy."):
         return db
     if callable(getattr(db, "get_bind", None)) and callable(getattr(db, "connection", None)):
@@ -2357,7 +2393,7 @@ def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any
     """The state of the worker: queues, worker processes and cron jobs, from indexed queries only."""
     now = now_ms() if now is None else now
     path = next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main")
-    version = _user_version(conn)
+    version = installed_schema_version(conn)
     queues: dict[str, dict[str, Any]] = {}
 
     def of(name: str) -> dict[str, Any]:
@@ -2460,7 +2496,7 @@ def remove_old_jobs(ctx: JobContext) -> int:
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
 EXIT_CODES_HELP = "Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 3 database unusable."
-ENGINE_COMMANDS = ("run", "enqueue", "schema")
+ENGINE_COMMANDS = ("run", "enqueue", "schema", "migrate")
 
 ENVIRONMENT = {
     "db": ("WORKER_DB", "database file or sqlite:/// URL (else DATABASE_URL, else ./worker.db)"),
@@ -2579,6 +2615,10 @@ def add_engine_commands(commands: Any) -> None:
 
     commands.add_parser("schema", help="print the table definition (DDL) for other tools")
 
+    migrate = commands.add_parser("migrate", help="print the DDL the database lacks, and apply it")
+    migrate.add_argument("--db", help=option_help("db"))
+    migrate.add_argument("--dry-run", action="store_true", help="only print it")
+
 
 def engine_parser() -> argparse.ArgumentParser:
     """``python worker.py``: the engine's own commands."""
@@ -2622,6 +2662,7 @@ def configure_logging(level: str, log_format: str) -> None:
     text = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s")
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)
     logger.handlers[:] = [handler]
+    logger.disabled = False  # a framework's logging set-up (Django's LOGGING) may have disabled it
     logger.setLevel(numeric)
     logger.propagate = False
 
@@ -2665,14 +2706,41 @@ def run_engine_command(args: argparse.Namespace, *, supervise: Supervise | None 
     configure_logging(log_level, log_format)
     schema_text()  # each of the three needs it: say so before anything else
     if args.command == "schema":
-        print(schema_text().rstrip() + f"\n\nPRAGMA user_version = {schema_version()};")
+        print(schema_text().split("-- version 1", 1)[0] + ddl_script(schema_statements_after(0)), end="")
         return EXIT_OK
+    if args.command == "migrate":
+        return _migrate_command(args)
     db = sqlite_path(args.db) if args.db else resolve_db_path()
     jobs_module = setting(args, "jobs", str, None)
     module = load_jobs(jobs_module)
     if args.command == "enqueue":
         return _enqueue_command(args, db)
     return _run_command(args, db, jobs_module, log_level, log_format, supervise, jobs_file=module.__file__)
+
+
+def ddl_script(statements: list[str]) -> str:
+    """Statements as a script another tool can run, ending with the version record the worker reads."""
+    record = RECORD_SCHEMA_VERSION_SQL.replace(":version", str(schema_version()))
+    return "\n".join(statement.strip() + "\n" for statement in [*statements, record.strip() + ";"])
+
+
+def _migrate_command(args: argparse.Namespace) -> int:
+    """``migrate``: for teams whose own migrations must own every table (the worker also does this at start)."""
+    db = sqlite_path(args.db) if args.db else resolve_db_path()
+    conn = connect(db)
+    try:
+        current = installed_schema_version(conn)
+        statements = schema_statements_after(current)
+        if not statements:
+            print(f"-- {db}: the worker's schema is current (version {current})")
+            return EXIT_OK
+        print(f"-- {db}: the worker's schema from version {current} to {schema_version()}")
+        print(ddl_script(statements), end="")
+        if not args.dry_run:
+            apply_schema(conn)
+    finally:
+        conn.close()
+    return EXIT_OK
 
 
 def _enqueue_command(args: argparse.Namespace, db: str) -> int:

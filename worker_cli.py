@@ -227,6 +227,12 @@ def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *,
 # --- CLI ------------------------------------------------------------------------
 
 
+DJANGO_HELP = (
+    "a Django project's settings: django.setup() runs before the jobs are imported, and the database is "
+    "Django's default (SQLite) unless --db or WORKER_DB is given [env DJANGO_SETTINGS_MODULE]"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``worker`` command line."""
     parser = argparse.ArgumentParser(
@@ -272,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--db", help=option_help("db"))
     check.add_argument("--jobs", help=option_help("jobs"))
 
+    for command in commands.choices.values():
+        if any("--db" in action.option_strings for action in command._actions):
+            command.add_argument("--django-settings", metavar="MODULE", help=DJANGO_HELP)
     # Parsed by worker_dashboard.py itself (see main): listed here for `worker --help`.
     commands.add_parser("dashboard", help="serve a read-only web page of queues, workers, cron jobs and failures")
     return parser
@@ -287,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    _set_up_django(args)
     if args.command in ("run", "enqueue", "schema"):
         return run_engine_command(args, supervise=supervise)
     configure_logging(setting(args, "log_level", str, "INFO"), setting(args, "log_format", str, "text"))
@@ -300,6 +310,33 @@ def _command(args: argparse.Namespace) -> int:
         count = producer.prune(dry_run=args.dry_run)
     print(f"{'would remove' if args.dry_run else 'removed'} {count} rows")
     return EXIT_OK
+
+
+def _set_up_django(args: argparse.Namespace) -> None:
+    """--django-settings (or DJANGO_SETTINGS_MODULE): django.setup() before the jobs module is imported,
+    so that it may import models at module level; and Django's default database, unless --db or WORKER_DB
+    says otherwise.  Django is imported only here, only then."""
+    module = getattr(args, "django_settings", None) or os.environ.get("DJANGO_SETTINGS_MODULE")
+    if not module or args.command == "schema":
+        return
+    os.environ["DJANGO_SETTINGS_MODULE"] = module  # the supervisor's children set up Django as well
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # where manage.py would find the settings
+    try:
+        import django
+        from django.conf import settings
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"Django settings {module!r} given, but Django is not installed") from e
+    try:
+        django.setup()
+        database = settings.DATABASES["default"]
+    except Exception as e:
+        raise ConfigError(f"Django settings {module!r}: {type(e).__name__}: {e}") from e
+    if getattr(args, "db", None) or os.environ.get("WORKER_DB"):
+        return
+    if not str(database.get("ENGINE", "")).endswith("sqlite3"):
+        raise ConfigError(f"Django's default database is {database.get('ENGINE')!r}: this worker serves SQLite (--db)")
+    args.db = str(database["NAME"])
 
 
 def _dashboard_command(argv: list[str]) -> int:
