@@ -296,3 +296,101 @@ def test_migrate_output_applied_by_another_tool_gives_the_same_tables(tmp_path: 
     with Queue(tmp_path / "theirs.db") as queue:
         assert queue.get(1) is not None
     theirs.close()
+
+
+# --- Follow-up jobs commit with their job --------------------------------------------------
+
+
+def test_a_follow_up_is_enqueued_once_however_often_its_job_is_retried(
+    db: str, make_worker: Callable[..., worker.Worker], clock: Any
+) -> None:
+    attempts: list[int] = []
+
+    @worker.job(max_attempts=3, retry_delay=1)
+    def charge(ctx: worker.JobContext) -> str:
+        attempts.append(ctx.attempt)
+        ctx.enqueue("audit", {"charge": ctx.id})
+        if ctx.attempt < 3:
+            raise RuntimeError("card declined")
+        return "charged"
+
+    @worker.job
+    def audit(ctx: worker.JobContext, charge: int) -> None:
+        return None
+
+    with Queue(db) as queue:
+        first = queue.enqueue("charge")
+        runner = make_worker()
+        for _ in range(3):
+            runner.work()
+            clock.advance(10)
+        assert attempts == [1, 2, 3]
+        audits = [j for j in map(queue.get, range(1, 10)) if j is not None and j.type == "audit"]
+    assert [(j.data, j.status) for j in audits] == [({"charge": first.id + 2}, "pending")]
+
+
+def test_a_follow_up_of_a_job_that_fails_for_good_is_discarded_and_enqueue_now_is_not(
+    db: str, make_worker: Callable[..., worker.Worker]
+) -> None:
+    @worker.job
+    def charge(ctx: worker.JobContext) -> None:
+        ctx.enqueue("audit", {"event": "charged"})
+        ctx.enqueue_now("audit", {"event": "attempted"})
+        raise RuntimeError("card declined")
+
+    @worker.job
+    def audit(ctx: worker.JobContext, event: str) -> None:
+        return None
+
+    with Queue(db) as queue:
+        queue.enqueue("charge")
+        make_worker().work()
+        found = [queue.get(i) for i in (1, 2, 3)]
+    assert [(j.type, j.status, j.data) for j in found if j is not None] == [
+        ("charge", "failed", {}),
+        ("audit", "pending", {"event": "attempted"}),
+    ]
+
+
+def test_a_follow_up_is_committed_in_the_transaction_that_records_the_success(
+    db: str, make_worker: Callable[..., worker.Worker]
+) -> None:
+    """Nothing of it is visible while the job runs; its success and the follow-up appear together."""
+    seen_while_running: list[int] = []
+
+    @worker.job
+    def parent(ctx: worker.JobContext) -> None:
+        ctx.enqueue("child", {"n": 1}, tag="child-of-parent")
+        seen_while_running.append(counts_of(db, "type = 'child'"))
+
+    @worker.job
+    def child(ctx: worker.JobContext, n: int) -> int:
+        return n
+
+    with Queue(db) as queue:
+        queue.enqueue("parent")
+    make_worker().work()
+    assert seen_while_running == [0]
+    assert counts_of(db, "type = 'parent' AND status = 'succeeded'") == 1
+    assert counts_of(db, "type = 'child' AND status = 'pending' AND tag = 'child-of-parent'") == 1
+
+
+def test_follow_up_with_invalid_input_fails_its_job_at_once(db: str, make_worker: Callable[..., worker.Worker]) -> None:
+    @worker.job
+    def parent(ctx: worker.JobContext) -> None:
+        ctx.enqueue("no_such_type")
+
+    with Queue(db) as queue:
+        queue.enqueue("parent")
+        make_worker().work()
+        failed = queue.get(1)
+    assert failed is not None and failed.status == "failed"
+    assert "unknown job type 'no_such_type'" in (failed.error or "")
+
+
+def counts_of(db: str, where: str) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute(f"SELECT count(*) FROM worker_jobs WHERE {where}").fetchone()[0])
+    finally:
+        conn.close()

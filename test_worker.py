@@ -983,7 +983,7 @@ def test_context_carries_row_logger_app_and_follow_up_enqueue(queue: Queue, db: 
     def parent(ctx: JobContext, n: int) -> int:
         seen.update(app=ctx.app.greeting, id=ctx.id, attempt=ctx.attempt, data=ctx.data, due=ctx.job.due)
         ctx.logger.info("spawning a child")
-        return ctx.enqueue("child", {"n": n + 1}).id
+        return ctx.enqueue_now("child", {"n": n + 1}).id
 
     @worker.job
     def child(ctx: JobContext, n: int) -> int:

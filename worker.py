@@ -1347,6 +1347,7 @@ class JobContext:
         self.app = app
         self.worker = worker_name
         self.producer = producer
+        self.follow_ups: list[tuple[dict[str, Any], str]] = []  # (row, on_conflict), inserted with the success
 
     @functools.cached_property
     def logger(self) -> JobLogger:
@@ -1369,8 +1370,21 @@ class JobContext:
     def data(self) -> dict[str, Any]:
         return self.job.data
 
-    def enqueue(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
-        """Schedule a follow-up job (committed at once, on this thread's connection)."""
+    def enqueue(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> None:
+        """Schedule a follow-up job: inserted in the transaction that records this job's success.
+
+        If this attempt fails, times out or its worker dies, the follow-up is
+        discarded with it, so a job retried three times enqueues it once.
+        Invalid input raises here, as Queue.enqueue would.  It has no id until
+        then: ``enqueue_now`` commits at once and returns the row.
+        """
+        on_conflict = options.pop("on_conflict", "replace")
+        if on_conflict not in ("replace", "ignore"):
+            raise ValueError(f"on_conflict must be 'replace' or 'ignore', not {on_conflict!r}")
+        self.follow_ups.append((self.producer._new_row(type, data, **options), on_conflict))
+
+    def enqueue_now(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
+        """Schedule a job at once, in a transaction of its own (it stays even if this job then fails)."""
         return self.producer.enqueue(type, data, **options)
 
 
@@ -1385,6 +1399,7 @@ class Outcome:
     seconds: float = 0.0
     kind: str = "ok"  # ok | error | timeout | unknown
     started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
+    follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
 
 
 CLAIM_SQL = """
@@ -1795,7 +1810,8 @@ class Worker:
             return Outcome(job, False, error=_describe_exception(e), seconds=seconds, kind="error", started=started_ms)
         seconds = time.perf_counter() - started
         try:
-            return Outcome(job, True, result=encode_result(value), seconds=seconds, started=started_ms)
+            result = encode_result(value)
+            return Outcome(job, True, result=result, seconds=seconds, started=started_ms, follow_ups=ctx.follow_ups)
         except (TypeError, ValueError) as e:
             error = f"result is not JSON-serialisable: {type(e).__name__}: {e}"
             return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
@@ -1827,6 +1843,9 @@ class Worker:
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
         finished.append((max(now, outcome.started or 0), job.queue, status))  # as FINISH_SQL wrote them
         if outcome.succeeded:
+            for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
+                self.producer._insert(self.conn, row, on_conflict)
+                self._next_due = min(self._next_due, row["due"])
             notes = []
             if logger.isEnabledFor(logging.INFO):  # the one note of every job: skipped when it would not show
                 message = "job %d %s succeeded in %.1f ms (attempt %d)"
