@@ -88,7 +88,10 @@ def when(epoch_ms: int | None) -> str:
     """Epoch ms as a UTC time people read."""
     if epoch_ms is None:
         return "-"
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):  # beyond the years 1 to 9999: written by another program
+        return worker.iso_time(epoch_ms)
 
 
 def job_link(id: int | None) -> Html:
@@ -139,7 +142,9 @@ def actions_for(job: worker.Job, token: str | None, retried_as: int | None = Non
 
 
 def pretty_json(value: Any) -> Html:
-    """Job data or a result, indented."""
+    """Job data or a result, indented; text the tools could not decode is shown as stored, cut short."""
+    if isinstance(value, worker.StoredText):
+        return Html(f"<pre>{e(value.excerpt())}</pre>")
     return Html(f"<pre>{e(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))}</pre>")
 
 
@@ -523,7 +528,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
             conn.close()
 
     def _send(self, status: HTTPStatus, text: str, kind: str = "html", headers: dict[str, str] | None = None) -> None:
-        body = text.encode()
+        body = text.encode(errors="backslashreplace")  # a lone surrogate, which JSON in a row may spell as \\udcff
         self.send_response(status)
         self.send_header("Content-Type", "application/json" if kind == "json" else "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))

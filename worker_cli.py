@@ -38,6 +38,7 @@ from worker import (
     InvalidJobData,
     Job,
     Queue,
+    StoredText,
     UnknownJobType,
     Worker,
     __version__,
@@ -51,6 +52,7 @@ from worker import (
     list_jobs,
     load_jobs,
     logger,
+    printable,
     resolve_db_path,
     schema_version,
     status,
@@ -65,14 +67,6 @@ def _colour(text: str, state: str, enabled: bool) -> str:
     codes = {"succeeded": "32", "failed": "31", "running": "36", "cancelled": "90", "pending": "33",
              "stale": "31", "fresh": "32"}  # fmt: skip
     return f"\033[{codes[state]}m{text}\033[0m" if enabled and state in codes else text
-
-
-def printable(text: str) -> str:
-    """Text from the table made safe for a terminal: control characters shown as \\xNN."""
-    return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
-
-
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -156,14 +150,21 @@ def format_job(job: Job, chain: list[Job], colour: bool = False) -> str:
               ("cron", cron and printable(cron)), ("from job", job.rescheduled_from_job),
               ("remove at", _when(job.remove_at))]  # fmt: skip
     lines = [f"{name:<10} {value}" for name, value in fields if value is not None]
-    lines += ["", "data:", json.dumps(job.data, indent=2, sort_keys=True)]
+    lines += ["", "data:", _json_block(job.data)]
     if job.result is not None or job.status == "succeeded":
-        lines += ["", "result:", json.dumps(job.result, indent=2, sort_keys=True)]
-    if job.error:
-        lines += ["", "error:", printable(job.error.rstrip())]
+        lines += ["", "result:", _json_block(job.result)]
+    if job.error:  # a traceback keeps its lines; anything else in it is escaped
+        lines += ["", "error:", "\n".join(printable(line) for line in job.error.rstrip().split("\n"))]
     if len(chain) > 1:
         lines += ["", "chain:", format_jobs(chain, colour)]
     return "\n".join(lines)
+
+
+def _json_block(value: Any) -> str:
+    """Data or a result, indented (JSON escapes every control character); undecodable text escaped, cut short."""
+    if isinstance(value, StoredText):
+        return "\n".join(printable(line) for line in value.excerpt().split("\n", 1))
+    return json.dumps(value, indent=2, sort_keys=True)
 
 
 # --- Process supervision --------------------------------------------------------
@@ -378,6 +379,20 @@ def _setting(args: argparse.Namespace, dest: str, parse: Callable[[str], Any], d
         raise ConfigError(f"invalid {variable}={raw!r}: {e}") from e
 
 
+class TextFormatter(logging.Formatter):
+    """Records as text, safe whatever a job type, queue or error from the table holds.
+
+    Control characters are escaped, all but the line breaks of a multi-line
+    record (a failure's traceback), whose later lines are indented: a record
+    starts at the only line that does not begin with a space, so no value can
+    forge one, nor drive the terminal.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        first, *more = super().format(record).split("\n")
+        return "\n".join([printable(first), *(f"  {printable(line)}" for line in more)])
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with the job fields a record carries."""
 
@@ -405,7 +420,7 @@ def configure_logging(level: str, log_format: str) -> None:
     if log_format not in ("text", "json"):
         raise ConfigError(f"invalid log format {log_format!r} (use text or json)")
     handler = logging.StreamHandler()
-    text = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s")
+    text = TextFormatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s")
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)
     logger.handlers[:] = [handler]
     logger.setLevel(numeric)
