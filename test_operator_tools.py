@@ -11,14 +11,17 @@ the dashboard on a free loopback port.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,7 +33,7 @@ import pytest
 
 import worker
 import worker_cli
-from conftest import HERE, create_database
+from conftest import HERE, create_database, wait_for
 from dashboard import DashboardServer
 
 # --- Hostile rows ------------------------------------------------------------------
@@ -327,3 +330,68 @@ def test_columns_added_by_hand_change_nothing_for_the_tools(
     url = serve().url
     for path in ("", f"jobs/{pending}", "status.json"):
         assert request(url + path)[0] == 200, path
+
+
+# --- 23: the dashboard's connections ---------------------------------------------------
+
+
+def connection_threads() -> int:
+    """The dashboard's connection threads alive in this process (ThreadingMixIn names them)."""
+    return sum(1 for thread in threading.enumerate() if "process_request_thread" in thread.name)
+
+
+def closed_by_server(client: socket.socket) -> bool:
+    """Whether the server closed this connection (a 503 answer, then end of file, counts)."""
+    client.settimeout(0.05)
+    try:
+        while chunk := client.recv(4096):
+            if not chunk.startswith(b"HTTP/1.0 503"):
+                return False
+        return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_and_trickling_connections_are_cut_off_and_their_threads_bounded(
+    database: str, serve: Callable[..., DashboardServer]
+) -> None:
+    server = serve(max_connections=4, connection_seconds=1.0)
+    host, port = server.server_address[:2]
+    clients = [socket.create_connection((str(host), port), timeout=5) for _ in range(16)]  # never send a byte
+    trickler = socket.create_connection((str(host), port), timeout=5)
+    try:
+        deadline = time.monotonic() + 20  # far more than the 1 s each may last, for a loaded machine
+        most = 0
+        while time.monotonic() < deadline:
+            most = max(most, connection_threads())
+            with_eof = sum(closed_by_server(client) for client in clients)
+            with contextlib.suppress(OSError):
+                trickler.send(b"G")  # one byte a look: each read waits less than the cut-off
+            if with_eof == len(clients) and closed_by_server(trickler):
+                break
+        else:
+            raise AssertionError(f"connections still open after 20 s ({with_eof} of {len(clients)} closed)")
+        assert most <= 4
+        wait_for(lambda: connection_threads() == 0, 10, "the connection threads to end")
+        assert request(server.url)[0] == 200  # and it still answers
+    finally:
+        for client in [*clients, trickler]:
+            client.close()
+
+
+def test_closing_the_dashboard_ends_the_threads_of_its_idle_connections(
+    database: str, serve: Callable[..., DashboardServer]
+) -> None:
+    """A browser keeps idle connections open; a closed server must not leave their threads behind for 20 s."""
+    server = serve()
+    host, port = server.server_address[:2]
+    idle = socket.create_connection((str(host), port), timeout=5)
+    try:
+        wait_for(lambda: connection_threads() == 1, 10, "the idle connection's thread")
+        server.shutdown()
+        server.server_close()
+        wait_for(lambda: connection_threads() == 0, 5, "the idle connection's thread to end")
+    finally:
+        idle.close()
