@@ -247,6 +247,33 @@ def test_data_nested_600_deep_decodes_but_is_shown_as_text_too(
         assert nested[:100] in out.replace('\\"', '"')
 
 
+def test_a_worker_process_row_with_hostile_values_leaves_status_working(
+    database: str, cli: Callable[..., tuple[int, str, str]], serve: Callable[..., Any]
+) -> None:
+    with sqlite3.connect(database) as conn:
+        conn.execute(
+            "INSERT INTO worker_processes (id, host, pid, started, last_seen, lease_ms, concurrency, queues, version)"
+            f" VALUES ('other', ?, -1, ?, ?, ?, 1, {NOT_UTF8}, ?)",
+            (FORGING, 9 * 10**18, -(2**63), 2**63 - 1, FORGING),
+        )
+    conn.close()
+    code, out, err = cli("status", "--db", database)
+    assert code == 0, err
+    assert not UNSAFE.search(out) and len(table_rows(out, "worker ")) == 2
+    assert worker.printable(FORGING) in out and "9000000000000000000 (epoch ms)" in out
+    code, out, err = cli("status", "--json", "--db", database)
+    assert code == 0 and len(json.loads(out)["workers"]) == 2, err
+    assert request(serve().url)[0] == 200
+
+
+def test_an_id_beyond_64_bits_is_no_such_job(
+    database: str, cli: Callable[..., tuple[int, str, str]], serve: Callable[..., Any]
+) -> None:
+    code, _, err = cli("show", str(2**64), "--db", database)
+    assert (code, err) == (1, f"worker: no job {2**64}\n")
+    assert request(f"{serve().url}jobs/{2**64}")[0] == 404
+
+
 # --- 21: tables and the log ----------------------------------------------------------
 
 

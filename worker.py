@@ -2414,6 +2414,8 @@ def list_jobs(
 
 def job_chain(conn: sqlite3.Connection, id: int) -> list[Job]:
     """The job's chain (the retries and cron runs it came from and led to), oldest first."""
+    if not -(2**63) <= id < 2**63:  # no row has an id SQLite cannot hold
+        return []
     rows = conn.execute(CHAIN_SQL, {"id": id, "reach": CHAIN_REACH}).fetchall()
     return [read_job(row) for row in rows]
 
