@@ -290,6 +290,17 @@ def test_line_breaks_and_tabs_in_values_cannot_forge_rows_of_a_table(
     assert "x\\x0a999" in out and "\\x09cell" in out
 
 
+def test_an_error_naming_a_value_from_the_table_is_printed_escaped(
+    database: str, cli: Callable[..., tuple[int, str, str]]
+) -> None:
+    with sqlite3.connect(database) as conn:
+        insert(conn, type=FORGING, tag="cron:x", cron_schedule="not a schedule")
+    conn.close()
+    code, _, err = cli("check", "--db", database, "--jobs", str(HERE / "jobs.py"))
+    assert code != 0
+    assert worker.printable(FORGING) in err and not UNSAFE.search(err.rstrip("\n")), err
+
+
 def worker_log(db: str, log_format: str, tmp_path: Path) -> bytes:
     """Run a real worker once over the table (--burst) and return its stderr, as bytes."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}

@@ -455,20 +455,20 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         return _run_command(args, db, jobs_module, log_level, log_format)
     except ConfigError as e:
-        print(f"worker: {e}", file=sys.stderr)
+        print(f"worker: {printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except DatabaseUnusable as e:
-        print(f"worker: {e}", file=sys.stderr)
+        print(f"worker: {printable(str(e))}", file=sys.stderr)
         return EXIT_DATABASE
     except sqlite3.DatabaseError as e:
-        print(f"worker: database error: {e}", file=sys.stderr)
+        print(f"worker: database error: {printable(str(e))}", file=sys.stderr)
         return EXIT_DATABASE
     except (UnknownJobType, InvalidJobData, ValueError) as e:
-        print(f"worker: {e}", file=sys.stderr)
+        print(f"worker: {printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # a runtime failure: one line, the traceback only at DEBUG
         logger.debug("unexpected failure", exc_info=True)
-        print(f"worker: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"worker: {type(e).__name__}: {printable(str(e))}", file=sys.stderr)
         return EXIT_FAILURE
 
 
