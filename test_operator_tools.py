@@ -187,8 +187,10 @@ def test_every_tool_shows_a_hostile_row_safely(
     assert len(table_rows(texts["status"], "cron job")) == 1
     assert texts["show"].startswith(f"id         {pending}\n")
     for column, value in hostile.items():
-        if value == FORGING and column != "error":
+        if value == FORGING:
             assert worker.printable(FORGING) in texts["show"]  # the value shown, escaped
+        if column == "error":  # a traceback keeps its lines, each indented under its heading
+            assert "\nerror:\n  RuntimeError: a\n  b\\x09c" in texts["show"]
 
     for command in (["jobs", "--json"], ["show", str(pending), "--json"], ["status", "--json"]):
         code, out, err = cli(*command, *db)

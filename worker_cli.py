@@ -153,8 +153,8 @@ def format_job(job: Job, chain: list[Job], colour: bool = False) -> str:
     lines += ["", "data:", _json_block(job.data)]
     if job.result is not None or job.status == "succeeded":
         lines += ["", "result:", _json_block(job.result)]
-    if job.error:  # a traceback keeps its lines; anything else in it is escaped
-        lines += ["", "error:", "\n".join(printable(line) for line in job.error.rstrip().split("\n"))]
+    if job.error:  # a traceback keeps its lines, indented so that none can pass for a heading; the rest is escaped
+        lines += ["", "error:", *(f"  {printable(line)}" for line in job.error.rstrip().split("\n"))]
     if len(chain) > 1:
         lines += ["", "chain:", format_jobs(chain, colour)]
     return "\n".join(lines)
