@@ -461,7 +461,13 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
         raise DatabaseUnusable(f"cannot use database {path}: {e}") from e
     if version != schema_version():
         raise DatabaseUnusable(f"database {path} has schema version {version}, not {schema_version()}: run the worker")
+    # Another program may have stored text that is not UTF-8: show its bytes escaped rather than fail to read it.
+    conn.text_factory = _text_as_stored
     return conn
+
+
+def _text_as_stored(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
@@ -2339,8 +2345,28 @@ class _Note:
 
 
 def iso_time(epoch_ms: int) -> str:
-    """Epoch milliseconds as ISO 8601 in UTC, to the millisecond."""
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
+    """Epoch milliseconds as ISO 8601 in UTC, to the millisecond; beyond the years 1 to 9999, the number itself."""
+    try:
+        return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):  # any program may write any integer: show it, never fail on it
+        return f"{epoch_ms} (epoch ms)"
+
+
+def printable(text: str) -> str:
+    """Text from the table made safe for a terminal or a log line: control characters shown as \\xNN.
+
+    Tabs, line breaks and carriage returns too, so a value can neither forge a
+    row of a table or a log line nor drive the terminal (ESC, C1).
+    """
+    return CONTROL_CHARACTERS.sub(_escaped, text)
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # C0, DEL, C1 and lone surrogates
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _emit(notes: list[_Note]) -> None:
@@ -2406,6 +2432,60 @@ SELECT {SELECT_COLUMNS} FROM worker_jobs
  WHERE id IN (SELECT id FROM back UNION SELECT id FROM forward) ORDER BY id
 """
 CHAIN_REACH = 500
+# Named, so that a column another program adds to worker_processes changes nothing here.
+PROCESS_COLUMNS = ("id", "host", "pid", "started", "last_seen", "lease_ms", "concurrency", "running", "queues",
+                   "version")  # fmt: skip
+# What the operating tools decode of data and result: SQLite's json_valid takes
+# some 2,000 levels, Python's json about 1,000, and printing a value takes a
+# few stack frames per level.  Deeper (or undecodable) text is shown as stored.
+SHOWN_DEPTH = 200
+
+
+class StoredText(str):
+    """A data or result column the operating tools could not decode: its text as stored."""
+
+    def excerpt(self, limit: int = 1_000) -> str:
+        """A line saying why the text is shown as stored, then its first ``limit`` characters."""
+        cut = f" (the first {limit:,} of {len(self):,} characters)" if len(self) > limit else ""
+        why = f"not decoded (invalid JSON text, or nested deeper than {SHOWN_DEPTH} levels); as stored{cut}:"
+        return f"{why}\n{self[:limit]}"
+
+
+def read_job(row: Iterable[Any]) -> Job:
+    """A row (as SELECT_COLUMNS) for the operating tools, which must show any row another program wrote.
+
+    Unlike Job.from_row, data or result that does not decode, or nests deeper
+    than SHOWN_DEPTH, is kept as a StoredText rather than raising.
+    """
+    values = list(row)
+    values[_DATA] = _decoded_or_stored(values[_DATA])
+    if values[_RESULT] is not None:
+        values[_RESULT] = _decoded_or_stored(values[_RESULT])
+    values[_PERSISTENT] = bool(values[_PERSISTENT])
+    return Job(*values)
+
+
+def _decoded_or_stored(text: str) -> Any:
+    if text == "{}":
+        return {}
+    try:
+        value = json.loads(text)
+    except (RecursionError, ValueError):  # nested too deep, or bytes that are not UTF-8 (shown escaped)
+        return StoredText(text)
+    # Each level takes two characters, so only long text can nest too deep.
+    return value if len(text) < 2 * SHOWN_DEPTH or _nests_within(value, SHOWN_DEPTH) else StoredText(text)
+
+
+def _nests_within(value: Any, depth: int) -> bool:
+    """Whether a decoded JSON value nests at most ``depth`` levels (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            if level > depth:
+                return False
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return True
 
 
 def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any]:
@@ -2435,18 +2515,17 @@ def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any
         of(name)[f"{state}_last_hour"] = count
     workers = []
     running_by_owner = dict(conn.execute(RUNNING_BY_OWNER_SQL).fetchall())
-    for row in conn.execute("SELECT * FROM worker_processes ORDER BY started"):
-        process = dict(zip(("id", "host", "pid", "started", "last_seen", "lease_ms", "concurrency", "running",
-                            "queues", "version"), row, strict=True))  # fmt: skip
+    for row in conn.execute(f"SELECT {', '.join(PROCESS_COLUMNS)} FROM worker_processes ORDER BY started"):
+        process = dict(zip(PROCESS_COLUMNS, row, strict=True))
         process["running"] = running_by_owner.get(process["id"], 0)  # jobs claimed ahead included
         process["heartbeat_age_seconds"] = (now - process["last_seen"]) / 1000
         process["fresh"] = now - process["last_seen"] <= process["lease_ms"]
         workers.append(process)
     cron = []
     for row in conn.execute(CRON_PENDING_SQL):
-        pending = Job.from_row(row)
+        pending = read_job(row)
         last_row = conn.execute(LAST_CRON_RUN_SQL, {"tag": pending.tag}).fetchone() if pending.tag else None
-        last = Job.from_row(last_row) if last_row else None
+        last = read_job(last_row) if last_row else None
         cron.append({"type": pending.type, "tag": pending.tag, "schedule": pending.cron_schedule,
                      "timezone": pending.cron_timezone or "UTC", "next_job": pending.id, "next_due": pending.due,
                      "last_job": last and last.id, "last_status": last and last.status,
@@ -2481,18 +2560,21 @@ def list_jobs(
     # "(:x IS NULL OR x = :x)" form would force a scan of the whole table).
     where = " AND ".join(f"{column} = :{column}" for column, value in filters.items() if value is not None)
     sql = f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE {where or '1'} ORDER BY id DESC LIMIT :limit"
-    return [Job.from_row(row) for row in conn.execute(sql, {**filters, "limit": limit})]
+    return [read_job(row) for row in conn.execute(sql, {**filters, "limit": limit})]
 
 
 def job_chain(conn: sqlite3.Connection, id: int) -> list[Job]:
     """The job's chain (the retries and cron runs it came from and led to), oldest first."""
+    if not -(2**63) <= id < 2**63:  # no row has an id SQLite cannot hold
+        return []
     rows = conn.execute(CHAIN_SQL, {"id": id, "reach": CHAIN_REACH}).fetchall()
-    return [Job.from_row(row) for row in rows]
+    return [read_job(row) for row in rows]
 
 
 def job_as_dict(job: Job) -> dict[str, Any]:
     """A row as plain JSON-ready data."""
-    return dataclasses.asdict(job)
+    # Not dataclasses.asdict: it copies data and result recursively, a few frames a level.
+    return {field.name: getattr(job, field.name) for field in dataclasses.fields(job)}
 
 
 # --- Built-in jobs ----------------------------------------------------------------
@@ -2651,6 +2733,20 @@ def engine_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class TextFormatter(logging.Formatter):
+    """Records as text, safe whatever a job type, queue or error from the table holds.
+
+    Control characters are escaped, all but the line breaks of a multi-line
+    record (a failure's traceback), whose later lines are indented: a record
+    starts at the only line that does not begin with a space, so no value can
+    forge one, nor drive the terminal.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        first, *more = super().format(record).split("\n")
+        return "\n".join([printable(first), *(f"  {printable(line)}" for line in more)])
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with the job fields a record carries."""
 
@@ -2678,7 +2774,7 @@ def configure_logging(level: str, log_format: str) -> None:
     if log_format not in ("text", "json"):
         raise ConfigError(f"invalid log format {log_format!r} (use text or json)")
     handler = logging.StreamHandler()
-    text = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s")
+    text = TextFormatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s")
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)
     logger.handlers[:] = [handler]
     logger.disabled = False  # a framework's logging set-up (Django's LOGGING) may have disabled it
@@ -2702,20 +2798,20 @@ def exit_code_of(command: Callable[[], int]) -> int:
     try:
         return command()
     except ConfigError as e:
-        print(f"worker: {e}", file=sys.stderr)
+        print(f"worker: {printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except DatabaseUnusable as e:
-        print(f"worker: {e}", file=sys.stderr)
+        print(f"worker: {printable(str(e))}", file=sys.stderr)
         return EXIT_DATABASE
     except sqlite3.DatabaseError as e:
-        print(f"worker: database error: {e}", file=sys.stderr)
+        print(f"worker: database error: {printable(str(e))}", file=sys.stderr)
         return EXIT_DATABASE
     except (UnknownJobType, InvalidJobData, ValueError) as e:
-        print(f"worker: {e}", file=sys.stderr)
+        print(f"worker: {printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # a runtime failure: one line, the traceback only at DEBUG
         logger.debug("unexpected failure", exc_info=True)
-        print(f"worker: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"worker: {type(e).__name__}: {printable(str(e))}", file=sys.stderr)
         return EXIT_FAILURE
 
 

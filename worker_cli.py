@@ -31,6 +31,7 @@ from worker import (
     ConfigError,
     Job,
     Queue,
+    StoredText,
     __version__,
     add_common_options,
     add_engine_commands,
@@ -47,6 +48,7 @@ from worker import (
     logger,
     option_help,
     positive,
+    printable,
     resolve_db_path,
     run_engine_command,
     schema_version,
@@ -62,14 +64,6 @@ def _colour(text: str, state: str, enabled: bool) -> str:
     codes = {"succeeded": "32", "failed": "31", "running": "36", "cancelled": "90", "pending": "33",
              "stale": "31", "fresh": "32"}  # fmt: skip
     return f"\033[{codes[state]}m{text}\033[0m" if enabled and state in codes else text
-
-
-def printable(text: str) -> str:
-    """Text from the table made safe for a terminal: control characters shown as \\xNN."""
-    return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
-
-
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -142,14 +136,21 @@ def format_job(job: Job, chain: list[Job], colour: bool = False) -> str:
               ("cron", cron and printable(cron)), ("from job", job.rescheduled_from_job),
               ("remove at", _when(job.remove_at))]  # fmt: skip
     lines = [f"{name:<10} {value}" for name, value in fields if value is not None]
-    lines += ["", "data:", json.dumps(job.data, indent=2, sort_keys=True)]
+    lines += ["", "data:", _json_block(job.data)]
     if job.result is not None or job.status == "succeeded":
-        lines += ["", "result:", json.dumps(job.result, indent=2, sort_keys=True)]
-    if job.error:
-        lines += ["", "error:", printable(job.error.rstrip())]
+        lines += ["", "result:", _json_block(job.result)]
+    if job.error:  # a traceback keeps its lines, indented so that none can pass for a heading; the rest is escaped
+        lines += ["", "error:", *(f"  {printable(line)}" for line in job.error.rstrip().split("\n"))]
     if len(chain) > 1:
         lines += ["", "chain:", format_jobs(chain, colour)]
     return "\n".join(lines)
+
+
+def _json_block(value: Any) -> str:
+    """Data or a result, indented (JSON escapes every control character); undecodable text escaped, cut short."""
+    if isinstance(value, StoredText):
+        return "\n".join(printable(line) for line in value.excerpt().split("\n", 1))
+    return json.dumps(value, indent=2, sort_keys=True)
 
 
 # --- Process supervision --------------------------------------------------------

@@ -18,17 +18,21 @@ This module imports worker only; neither worker.py nor worker_cli.py needs it to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import html
 import http.cookies
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -43,6 +47,13 @@ DEFAULT_PORT = 8750
 REFRESH_SECONDS = 5
 RECENT_LIMIT = 20  # rows in "recent failures" and "latest jobs"
 MAX_FORM_BYTES = 4_096
+# A browser opens about 6 connections to a host; more than this at once are
+# answered 503 at once, so no client can make the process start threads without end.
+MAX_CONNECTIONS = 32
+# A connection's whole time, from accept to the end of the answer: an idle or
+# trickling client is cut off then (a page takes milliseconds to make).
+CONNECTION_SECONDS = 20.0
+BUSY_ANSWER = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
 TOKEN_FIELD = "token"
 TOKEN_HEADER = "X-Worker-Token"
 TOKEN_COOKIE = "worker_dashboard_token"
@@ -87,7 +98,10 @@ def when(epoch_ms: int | None) -> str:
     """Epoch ms as a UTC time people read."""
     if epoch_ms is None:
         return "-"
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):  # beyond the years 1 to 9999: written by another program
+        return worker.iso_time(epoch_ms)
 
 
 def job_link(id: int | None) -> Html:
@@ -138,7 +152,9 @@ def actions_for(job: worker.Job, token: str | None, retried_as: int | None = Non
 
 
 def pretty_json(value: Any) -> Html:
-    """Job data or a result, indented."""
+    """Job data or a result, indented; text the tools could not decode is shown as stored, cut short."""
+    if isinstance(value, worker.StoredText):
+        return Html(f"<pre>{e(value.excerpt())}</pre>")
     return Html(f"<pre>{e(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))}</pre>")
 
 
@@ -352,7 +368,11 @@ def message_page(status: HTTPStatus, text: str, *, nonce: str) -> str:
 
 
 class DashboardServer(ThreadingHTTPServer):
-    """Serves the pages of one database; ``token`` is None unless actions are allowed."""
+    """Serves the pages of one database; ``token`` is None unless actions are allowed.
+
+    At most ``max_connections`` at once, each a thread for at most
+    ``connection_seconds`` (the cut-off runs in serve_forever's loop).
+    """
 
     daemon_threads = True
 
@@ -364,12 +384,18 @@ class DashboardServer(ThreadingHTTPServer):
         *,
         allow_actions: bool = False,
         refresh_seconds: int = REFRESH_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
+        connection_seconds: float = CONNECTION_SECONDS,
     ) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), DashboardHandler)
         self.db = db
         self.refresh_seconds = refresh_seconds
+        self.connection_seconds = connection_seconds
+        self.connection_slots = threading.BoundedSemaphore(max_connections)
+        self.deadlines: dict[socket.socket, float] = {}  # of the connections being served
+        self.deadlines_lock = threading.Lock()
         self.token = secrets.token_urlsafe(24) if allow_actions else None
         # On loopback, a request naming another host is a DNS-rebinding page
         # trying to read ours: refuse it.  Bound elsewhere, the names are unknown.
@@ -381,6 +407,57 @@ class DashboardServer(ThreadingHTTPServer):
         host, port = self.socket.getsockname()[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve a connection in a thread of its own if a slot is free; else answer 503 and close it."""
+        if not self.connection_slots.acquire(blocking=False):
+            logger.debug("dashboard: %s refused, %d connections open", client_address, len(self.deadlines))
+            with contextlib.suppress(OSError):
+                request.setblocking(False)  # never wait on this client: the accepting thread serves everyone
+                request.send(BUSY_ANSWER)
+            self.shutdown_request(request)
+            return
+        with self.deadlines_lock:
+            self.deadlines[request] = time.monotonic() + self.connection_seconds
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (the caller closes the connection)
+            self.connection_slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_slots.release()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.deadlines_lock:  # forgotten before it is closed, so service_actions never touches a closed socket
+            self.deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Between accepts (each poll interval): cut off connections past their time; their threads then end."""
+        self._cut_off(time.monotonic())
+
+    def server_close(self) -> None:
+        """Stop listening and cut off the connections still open (a browser keeps idle ones), so their threads end."""
+        self._cut_off(math.inf)
+        super().server_close()
+
+    def _cut_off(self, now: float) -> None:
+        with self.deadlines_lock:
+            for request, deadline in self.deadlines.items():
+                if deadline < now:
+                    with contextlib.suppress(OSError):
+                        request.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked reading or writing it
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection cut off, timed out or reset by its client is no error of ours: logged at DEBUG."""
+        if isinstance(sys.exc_info()[1], OSError):
+            logger.debug("dashboard: connection from %s ended: %s", client_address, sys.exc_info()[1])
+        else:
+            logger.exception("dashboard: request from %s failed", client_address)
+
 
 class DashboardHandler(BaseHTTPRequestHandler):
     """GET pages and JSON; POST retry and cancel when actions are allowed."""
@@ -388,6 +465,10 @@ class DashboardHandler(BaseHTTPRequestHandler):
     server: DashboardServer
     nonce = ""  # of this response's own script and style (Content-Security-Policy)
     server_version = f"worker-dashboard/{worker.__version__}"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.connection_seconds)  # each read and write; the server bounds the whole
 
     def do_GET(self) -> None:
         self.nonce = secrets.token_urlsafe(12)
@@ -522,7 +603,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
             conn.close()
 
     def _send(self, status: HTTPStatus, text: str, kind: str = "html", headers: dict[str, str] | None = None) -> None:
-        body = text.encode()
+        body = text.encode(errors="backslashreplace")  # a lone surrogate, which JSON in a row may spell as \\udcff
         self.send_response(status)
         self.send_header("Content-Type", "application/json" if kind == "json" else "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
