@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any, TypeVar, cast, overload
+from typing import Any, NoReturn, TypeVar, cast, overload
 
 from croniter import CroniterError, croniter
 
@@ -1251,7 +1251,7 @@ class Outcome:
     result: str | None = None  # JSON text
     error: str | None = None
     seconds: float = 0.0
-    kind: str = "ok"  # ok | error | timeout | unknown
+    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown
     started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
 
 
@@ -1648,7 +1648,13 @@ class Worker:
         return jobs
 
     def execute(self, job: Job) -> Outcome:
-        """Run one claimed job's function and capture how it ended (never raises)."""
+        """Run one claimed job's function and capture how it ended (never raises).
+
+        Whatever the function raises is its failure, BaseException too: a
+        KeyboardInterrupt, GeneratorExit or SystemExit raised by a job is the
+        job's own (``worker run`` turns SIGINT into stop(), and signals never
+        reach job threads), so it fails the row and the thread runs on.
+        """
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
@@ -1656,16 +1662,23 @@ class Worker:
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
+        process = _process_id
         try:
             value = job_type.fn(ctx, **job.data)
-        except (Exception, SystemExit) as e:
+        except BaseException as e:
+            if _process_id != process:
+                _end_forked_child(e)
             seconds = time.perf_counter() - started
-            return Outcome(job, False, error=_describe_exception(e), seconds=seconds, kind="error", started=started_ms)
+            kind = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
+            return Outcome(job, False, error=_describe_exception(e), seconds=seconds, kind=kind, started=started_ms)
+        if _process_id != process:
+            _end_forked_child(None)
         seconds = time.perf_counter() - started
         try:
             return Outcome(job, True, result=encode_result(value), seconds=seconds, started=started_ms)
-        except (TypeError, ValueError) as e:
-            error = f"result is not JSON-serialisable: {type(e).__name__}: {e}"
+        except BaseException as e:  # anything: a value's own __repr__ or __iter__ may raise what it likes
+            why = "nested too deep: " if isinstance(e, RecursionError) else ""
+            error = f"result is not JSON-serialisable: {why}{_exception_line(e)}"
             return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
 
     def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
@@ -1820,6 +1833,11 @@ class Worker:
         outcomes = [self.execute(claimed) for claimed in jobs]
         if outcomes:
             self.record(outcomes)
+        if any(o.kind == "interrupted" for o in outcomes) and threading.current_thread() is threading.main_thread():
+            # Here the job ran on the caller's own thread, where a KeyboardInterrupt
+            # may be the user's Ctrl-C: its row is failed (recorded above), and the
+            # interrupt goes on up, as it would have without the worker.
+            raise KeyboardInterrupt
         return len(jobs)
 
     # -- the loop -------------------------------------------------------------------
@@ -2210,8 +2228,36 @@ def _job_type(job: Job) -> JobType:
     return REGISTRY.get(job.type) or JobType(name=job.type, fn=print)
 
 
+def _exception_line(error: BaseException) -> str:
+    """``Type: message``; an exception whose str() itself raises still gets a line."""
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:
+        return f"{type(error).__name__}: <str() of the exception failed>"
+
+
 def _describe_exception(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error))
+    try:
+        trace = "".join(traceback.format_exception(error))
+    except Exception:
+        trace = "(no traceback: formatting it failed)\n"
+    return f"{_exception_line(error)}\n\n{trace}"
+
+
+def _end_forked_child(error: BaseException | None) -> NoReturn:
+    """A job forked, and its function returned (``error`` None) or raised in the child: end the child here.
+
+    Otherwise the child would go on as a copy of the worker's job thread,
+    claiming and running jobs beside its parent, which records the row as usual.
+    Exit status 0 on return, 1 on an exception, sys.exit()'s code if it gave one.
+    """
+    code = 0 if error is None else 1
+    if isinstance(error, SystemExit):
+        code = 0 if error.code is None else error.code if isinstance(error.code, int) else 1
+    for stream in (sys.stdout, sys.stderr):  # what the child wrote itself (as multiprocessing does)
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 # --- Operating: what `worker status / jobs / show` and the dashboard read ---------
