@@ -10,9 +10,11 @@ lives in the process itself.  Every wait is bounded.
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -210,3 +212,34 @@ def test_child_of_a_forking_job_exits_when_the_function_returns_and_the_parent_r
     later = producer.enqueue("record", {"n": 1})
     wait_for(lambda: status_of(process_db, later.id) == "succeeded", 15, "the next job to run")
     assert process.stop() == 0
+
+
+# --- 13. Starting while another process holds the write lock --------------------
+
+
+@linux_only
+@pytest.mark.slow
+def test_worker_started_during_a_long_write_lock_waits_for_it_and_sigterm_still_stops_it(
+    run_worker: Callable[..., WorkerProcess], producer: Queue, process_db: Path
+) -> None:
+    """The lock outlasts the 5 s busy timeout: both workers wait (not exit 3); SIGTERM ends one; the other runs."""
+    jobs = [producer.enqueue("record", {"n": n}).id for n in range(5)]
+    holder = sqlite3.connect(process_db, timeout=5, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        locked_at = time.monotonic()
+        patient, stopped = run_worker(name="patient"), run_worker(name="stopped")
+        # Real time must pass here: the busy timeout is 5 s of it.
+        time.sleep(max(0.0, locked_at + 7 - time.monotonic()))
+        assert patient.popen.poll() is None, patient.log()
+        assert stopped.popen.poll() is None, stopped.log()
+        assert not started(patient)
+        stopped.send(signal.SIGTERM)
+        assert stopped.wait(15) == 0
+        assert {status_of(process_db, i) for i in jobs} == {"pending"}
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_for(lambda: all(status_of(process_db, i) == "succeeded" for i in jobs), 20, "the jobs to run after the lock")
+    assert patient.stop() == 0
+    assert registered_processes(process_db) == []

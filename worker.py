@@ -509,6 +509,14 @@ def _open(target: str, *, uri: bool) -> sqlite3.Connection:
 TRANSIENT_ERRORS = {5: "busy", 6: "locked", 10: "I/O error", 13: "disk full"}
 
 
+def _is_locked(error: BaseException) -> bool:
+    """Busy or locked (another connection holds the lock), directly or as the cause of DatabaseUnusable."""
+    if isinstance(error, DatabaseUnusable):
+        error = error.__cause__ or error
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (5, 6)
+
+
 def is_transient(error: BaseException) -> bool:
     """A busy, locked, full or I/O-failing database: wait and retry, never give up the work."""
     code = getattr(error, "sqlite_errorcode", None)
@@ -1522,9 +1530,13 @@ class Worker:
     def conn(self) -> sqlite3.Connection:
         """This worker's own connection, opened (and the schema applied) on first use."""
         if self._conn is None:
-            self._conn = connect(self.db)
-            self._pid = _process_id
-            apply_schema(self._conn)
+            conn = connect(self.db)
+            try:
+                apply_schema(conn)
+            except BaseException:
+                conn.close()  # kept, it would be taken next time for one with the schema applied
+                raise
+            self._conn, self._pid = conn, _process_id
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
         return self._conn
@@ -1849,7 +1861,8 @@ class Worker:
 
     def run(self) -> None:
         """Claim and run jobs until stop() (or, with burst, until nothing is due)."""
-        self.start_up()
+        if not self._start_up_when_unlocked():
+            return
         for _ in range(self.concurrency):
             self._start_thread()
         if not self.db.startswith(("file:", ":memory:")):
@@ -1890,6 +1903,36 @@ class Worker:
         finally:
             with self._loop:
                 self._shut_down()
+
+    def _start_up_when_unlocked(self) -> bool:
+        """start_up(), waiting while another process holds the write lock; False if stop() came first.
+
+        A long write (a migration, a bulk import, another program's long
+        transaction) outlasts the busy timeout; a worker starting meanwhile (a
+        supervisor's restart, say) waits for it like a running worker does,
+        rather than exiting as if the database were unusable.
+        """
+        waited_since: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                self.start_up()
+            except (sqlite3.Error, DatabaseUnusable) as e:
+                if not _is_locked(e):
+                    raise
+                if waited_since is None:
+                    waited_since = time.monotonic()
+                    logger.warning("database %s is locked by another process (%s); waiting for it to start", self.db,
+                                   e)  # fmt: skip
+                if self._stopping.wait(delay):
+                    logger.info("worker %s stopped before it started (the database was still locked)", self.name)
+                    self.close()
+                    return False
+                delay = min(delay * 2, MAX_BUSY_BACKOFF)
+                continue
+            if waited_since is not None:
+                logger.info("database %s free again after %.1f s", self.db, time.monotonic() - waited_since)
+            return True
 
     def _wake_for_commit(self) -> None:
         # Called by the watcher's thread.
