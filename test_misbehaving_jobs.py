@@ -193,6 +193,24 @@ def test_keyboard_interrupt_in_a_job_run_by_work_on_the_main_thread_fails_its_ro
     assert row["error"].startswith("KeyboardInterrupt")
 
 
+# --- 11. A job that closes sys.stderr -----------------------------------------------
+
+
+@linux_only
+@pytest.mark.slow
+def test_job_closing_stderr_leaves_the_worker_running_jobs_and_logging(
+    run_worker: Callable[..., WorkerProcess], producer: Queue, process_db: Path
+) -> None:
+    closer = producer.enqueue("close_stderr")
+    process = run_worker("--concurrency", "1")
+    wait_for(lambda: status_of(process_db, closer.id) == "succeeded", 15, "the job to close stderr")
+    after = [producer.enqueue("record", {"n": n}).id for n in range(5)]
+    wait_for(lambda: all(status_of(process_db, i) == "succeeded" for i in after), 15, "the jobs after it to run")
+    assert process.popen.poll() is None
+    assert process.stop() == 0
+    assert f"job {after[-1]} record succeeded" in process.log()  # its log goes on, on file descriptor 2
+
+
 # --- 12. A job that forks ---------------------------------------------------------
 
 

@@ -1206,6 +1206,29 @@ def encode_result(value: Any) -> str:
 # --- The worker -----------------------------------------------------------------
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The worker's log on stderr, written through a stream of its own on file descriptor 2.
+
+    A job that closes or replaces ``sys.stderr`` leaves the worker's log as it
+    was; and a line that cannot be written at all (fd 2 closed, a full disk, a
+    broken pipe) is lost, never raised into the loop: the jobs go on regardless.
+    """
+
+    def __init__(self) -> None:
+        encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+        try:  # for the life of the process (closefd=False: never closes fd 2)
+            stream: Any = open(2, "w", encoding=encoding, errors="backslashreplace", buffering=1, closefd=False)  # noqa: SIM115
+        except OSError:  # started with no fd 2
+            stream = sys.stderr
+        super().__init__(stream)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 -- logging's name
+        # logging's own report goes to sys.stderr, and fails there (ValueError)
+        # if a job closed it: nothing is left to tell.
+        with contextlib.suppress(Exception):
+            super().handleError(record)
+
+
 class JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """A job's own logger: every line names the job and carries its fields."""
 

@@ -38,6 +38,7 @@ from worker import (
     InvalidJobData,
     Job,
     Queue,
+    StderrHandler,
     UnknownJobType,
     Worker,
     __version__,
@@ -404,7 +405,7 @@ def configure_logging(level: str, log_format: str) -> None:
         raise ConfigError(f"invalid log level {level!r} (use DEBUG, INFO, WARNING or ERROR)")
     if log_format not in ("text", "json"):
         raise ConfigError(f"invalid log format {log_format!r} (use text or json)")
-    handler = logging.StreamHandler()
+    handler = StderrHandler()  # survives a job closing sys.stderr
     text = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s")
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)
     logger.handlers[:] = [handler]
