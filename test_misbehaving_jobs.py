@@ -193,6 +193,21 @@ def test_keyboard_interrupt_in_a_job_run_by_work_on_the_main_thread_fails_its_ro
     assert row["error"].startswith("KeyboardInterrupt")
 
 
+# --- 10. A thread left behind by a job ----------------------------------------------
+
+
+@linux_only
+@pytest.mark.slow
+def test_sigterm_exits_though_a_job_left_a_non_daemon_thread_running(
+    run_worker: Callable[..., WorkerProcess], producer: Queue, process_db: Path
+) -> None:
+    job = producer.enqueue("leave_a_thread")
+    process = run_worker()
+    wait_for(lambda: status_of(process_db, job.id) == "succeeded", 15, "the job to succeed")
+    assert process.stop(timeout=15) == 0
+    assert registered_processes(process_db) == []
+
+
 # --- 11. A job that closes sys.stderr -----------------------------------------------
 
 

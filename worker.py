@@ -2256,6 +2256,29 @@ class Worker:
         self.close()
 
 
+def exit_if_threads_are_left(code: int, error: BaseException | None = None) -> None:
+    """After a worker's shutdown: exit the process with ``code`` now if jobs left threads running; else return.
+
+    Interpreter exit waits for every thread that is not a daemon, so one that
+    a job started and never ended (a ThreadPoolExecutor's, say) would keep a
+    worker that has stopped, given its jobs back and deregistered, alive for
+    good.  The log is flushed first (atexit handlers do not run: the jobs'
+    @on_shutdown hooks already have); ``error`` is what ended run(), if anything.
+    """
+    current = threading.current_thread()
+    left = [thread.name for thread in threading.enumerate() if thread is not current and not thread.daemon]
+    if not left:
+        return
+    if error is not None:
+        logger.error("worker %s stopped by %s", f"{socket.gethostname()}:{os.getpid()}", _exception_line(error))
+    logger.warning("exiting without waiting for %d thread(s) that jobs left running: %s", len(left), ", ".join(left))
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 @dataclasses.dataclass
 class _Note:
     """A log line decided inside a transaction, written once it committed."""

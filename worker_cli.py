@@ -46,6 +46,7 @@ from worker import (
     check_cron,
     connect,
     connect_readonly,
+    exit_if_threads_are_left,
     iso_time,
     job_as_dict,
     job_chain,
@@ -668,7 +669,14 @@ def _run_command(args: argparse.Namespace, db: str, jobs_module: str, log_level:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    worker.run()
+    try:
+        worker.run()
+    except BaseException as e:
+        # main() turns it into an exit code, but the process would not exit while a job's thread runs.
+        code = EXIT_DATABASE if isinstance(e, DatabaseUnusable | sqlite3.DatabaseError) else EXIT_FAILURE
+        exit_if_threads_are_left(EXIT_USAGE if isinstance(e, ConfigError) else code, e)
+        raise
+    exit_if_threads_are_left(EXIT_OK)
     return EXIT_OK
 
 
