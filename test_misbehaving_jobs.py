@@ -276,3 +276,53 @@ def test_worker_started_during_a_long_write_lock_waits_for_it_and_sigterm_still_
     wait_for(lambda: all(status_of(process_db, i) == "succeeded" for i in jobs), 20, "the jobs to run after the lock")
     assert patient.stop() == 0
     assert registered_processes(process_db) == []
+
+
+# --- 15. The supervisor's death, and SIGHUP ----------------------------------------
+
+
+@linux_only
+@pytest.mark.slow
+def test_workers_of_a_supervisor_killed_9_stop_and_give_their_jobs_back(
+    run_worker: Callable[..., WorkerProcess], processes: Processes, producer: Queue, process_db: Path
+) -> None:
+    long_jobs = [producer.enqueue("nap", {"seconds": 60}).id for _ in range(2)]
+    supervisor = run_worker("--processes", "2", "--concurrency", "1", "--shutdown-timeout", "1", name="supervisor")
+    children = wait_for(lambda: two_workers(supervisor), 15, "the supervisor's 2 workers")
+    processes.adopt(children)
+    wait_for(lambda: all(status_of(process_db, i) == "running" for i in long_jobs), 15, "both long jobs to start")
+    supervisor.kill()
+    wait_for(lambda: not any(alive(pid) for pid in children), 15, "the workers to stop after their supervisor")
+    assert {status_of(process_db, i) for i in long_jobs} == {"pending"}  # given back, not left to the lease
+    assert registered_processes(process_db) == []
+
+
+@linux_only
+@pytest.mark.slow
+def test_sighup_stops_a_worker_gracefully_giving_back_and_deregistering(
+    run_worker: Callable[..., WorkerProcess], producer: Queue, process_db: Path
+) -> None:
+    long_job = producer.enqueue("nap", {"seconds": 60}).id
+    process = run_worker("--shutdown-timeout", "1")
+    wait_for(lambda: status_of(process_db, long_job) == "running", 15, "the long job to start")
+    process.send(signal.SIGHUP)
+    assert process.wait(15) == 0
+    assert status_of(process_db, long_job) == "pending"
+    assert registered_processes(process_db) == []
+
+
+@linux_only
+@pytest.mark.slow
+def test_sighup_stops_a_supervisor_and_its_workers_gracefully(
+    run_worker: Callable[..., WorkerProcess], processes: Processes, producer: Queue, process_db: Path
+) -> None:
+    long_job = producer.enqueue("nap", {"seconds": 60}).id
+    supervisor = run_worker("--processes", "2", "--shutdown-timeout", "1", name="supervisor")
+    children = wait_for(lambda: two_workers(supervisor), 15, "the supervisor's 2 workers")
+    processes.adopt(children)
+    wait_for(lambda: status_of(process_db, long_job) == "running", 15, "the long job to start")
+    supervisor.send(signal.SIGHUP)
+    assert supervisor.wait(20) == 0
+    assert not any(alive(pid) for pid in children)
+    assert status_of(process_db, long_job) == "pending"
+    assert registered_processes(process_db) == []

@@ -8,6 +8,8 @@ what the operating queries in worker.py (``status``, ``list_jobs``,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -170,6 +172,12 @@ def format_job(job: Job, chain: list[Job], colour: bool = False) -> str:
 
 # --- Process supervision --------------------------------------------------------
 
+# Each stops a worker or a supervisor gracefully.  SIGHUP too: it is what a
+# closed terminal or a lost SSH session sends, and the worker has no
+# configuration to reload.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # prctl(2), Linux
+
 
 def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *, burst: bool = False) -> int:
     """Run ``processes`` worker processes and restart any that dies; returns the exit code.
@@ -178,8 +186,9 @@ def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *,
     returns once all have.
 
     Each child is a fresh interpreter (fork + exec), so no connection or lock
-    can cross into it.  Children get a session of their own: a Ctrl-C reaches
-    only the supervisor, which passes one SIGTERM on.
+    can cross into it.  Children get a session of their own: a Ctrl-C (or the
+    SIGHUP of a closed terminal) reaches only the supervisor, which passes one
+    SIGTERM on; and they get SIGTERM when the supervisor dies, however it dies.
     """
     command = [sys.executable, str(Path(__file__).resolve()), "run", *child_args]
     stopping = threading.Event()
@@ -190,11 +199,22 @@ def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *,
         signals_seen += 1
         stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
+    supervisor = os.getpid()
+
+    def die_with_the_supervisor() -> None:
+        # In the child, before exec (the supervisor has no other thread): on
+        # Linux, the kernel sends it SIGTERM when the supervisor dies, even by
+        # kill -9, so no worker runs on unsupervised.  The child stops as on
+        # any SIGTERM: jobs finished or given back, its row deregistered.
+        with contextlib.suppress(Exception):  # not Linux: no prctl
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != supervisor:  # it died before prctl took effect
+            os._exit(EXIT_FAILURE)
 
     def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(command, start_new_session=True)
+        return subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_the_supervisor)
 
     children = [spawn() for _ in range(processes)]
     logger.info(
@@ -667,8 +687,8 @@ def _run_command(args: argparse.Namespace, db: str, jobs_module: str, log_level:
         logger.info("received %s", signal.Signals(signum).name)
         worker.stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     try:
         worker.run()
     except BaseException as e:
