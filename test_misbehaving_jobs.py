@@ -9,6 +9,8 @@ lives in the process itself.  Every wait is bounded.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import signal
 import sqlite3
@@ -211,6 +213,41 @@ def test_sigterm_exits_though_a_job_left_a_non_daemon_thread_running(
 # --- 11. A job that closes sys.stderr -----------------------------------------------
 
 
+def test_job_closing_stderr_under_a_plain_stream_handler_fails_nothing_and_the_worker_goes_on(
+    make_worker: Callable[..., worker.Worker],
+    queue: Queue,
+    db: str,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An app's own StreamHandler on sys.stderr: once a job closed it, logging's error report raises ValueError."""
+    caplog.set_level(logging.INFO, logger="worker")
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    handler = logging.StreamHandler(stderr)
+    worker.logger.addHandler(handler)
+
+    @worker.job
+    def close_stderr(ctx: JobContext) -> str:
+        sys.stderr.close()
+        return "closed"
+
+    @worker.job
+    def fine(ctx: JobContext) -> int:
+        return 1
+
+    try:
+        closer = queue.enqueue("close_stderr", now=at(clock))
+        w = make_worker()
+        assert w.work() == 1
+        after = queue.enqueue("fine", now=at(clock))
+        assert w.work() == 1
+    finally:
+        worker.logger.removeHandler(handler)
+    assert [r["status"] for r in rows(db, f"id IN ({closer.id}, {after.id})")] == ["succeeded", "succeeded"]
+
+
 @linux_only
 @pytest.mark.slow
 def test_job_closing_stderr_leaves_the_worker_running_jobs_and_logging(
@@ -276,6 +313,37 @@ def test_worker_started_during_a_long_write_lock_waits_for_it_and_sigterm_still_
     wait_for(lambda: all(status_of(process_db, i) == "succeeded" for i in jobs), 20, "the jobs to run after the lock")
     assert patient.stop() == 0
     assert registered_processes(process_db) == []
+
+
+@linux_only
+@pytest.mark.slow
+def test_supervisor_restarting_a_worker_during_a_long_write_lock_keeps_every_worker_running(
+    run_worker: Callable[..., WorkerProcess], processes: Processes, producer: Queue, process_db: Path
+) -> None:
+    """The fleet case: the replacement of a killed worker starts under the lock and waits, so nothing exits 3."""
+    supervisor = run_worker("--processes", "2", "--concurrency", "1", name="supervisor")
+    first = wait_for(lambda: two_workers(supervisor), 15, "the supervisor's 2 workers")
+    processes.adopt(first)
+    wait_for(lambda: supervisor.log().count(" started: ") == 2, 15, "both workers to start")
+    victim = min(first)
+    holder = sqlite3.connect(process_db, timeout=5, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        locked_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        children = wait_for(lambda: (found := two_workers(supervisor)) and victim not in found and found, 15,
+                            "the supervisor to restart the killed worker")  # fmt: skip
+        processes.adopt(children)
+        time.sleep(max(0.0, locked_at + 8 - time.monotonic()))  # past the replacement's 5 s busy timeout
+        assert supervisor.popen.poll() is None, supervisor.log()
+        assert all(alive(pid) for pid in children)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    jobs = [producer.enqueue("record", {"n": n}).id for n in range(10)]
+    wait_for(lambda: all(status_of(process_db, i) == "succeeded" for i in jobs), 20, "the jobs to run after the lock")
+    wait_for(lambda: children <= set(registered_processes(process_db)), 10, "the replacement to register")
+    assert supervisor.stop() == 0
 
 
 # --- 15. The supervisor's death, and SIGHUP ----------------------------------------

@@ -2301,7 +2301,12 @@ def iso_time(epoch_ms: int) -> str:
 
 def _emit(notes: list[_Note]) -> None:
     for note in notes:
-        logger.log(note.level, note.message, *note.args, extra=note.extra)
+        try:  # noqa: SIM105 -- a try costs nothing; suppress() would be a context manager per job
+            logger.log(note.level, note.message, *note.args, extra=note.extra)
+        except Exception:
+            # A handler that raises (logging's own error report fails once a
+            # job has closed sys.stderr): the outcome is recorded, the loop goes on.
+            pass
 
 
 def _first(*values: Any) -> Any:
