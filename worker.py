@@ -1945,10 +1945,13 @@ class Worker:
                     raise
                 if waited_since is None:
                     waited_since = time.monotonic()
-                    logger.warning("database %s is locked by another process (%s); waiting for it to start", self.db,
-                                   e)  # fmt: skip
+                    logger.warning("database %s is locked by another process (%s); starting once it is free",
+                                   self.db, e)  # fmt: skip
                 if self._stopping.wait(delay):
                     logger.info("worker %s stopped before it started (the database was still locked)", self.name)
+                    if self._conn is not None:  # not registered yet: no row to delete, and deleting would wait
+                        self._conn.close()
+                        self._conn = None
                     self.close()
                     return False
                 delay = min(delay * 2, MAX_BUSY_BACKOFF)
