@@ -1557,7 +1557,7 @@ class Worker:
             try:
                 apply_schema(conn)
             except BaseException:
-                conn.close()  # kept, it would be taken next time for one with the schema applied
+                conn.close()  # not kept: the next use would take it for one with the schema applied
                 raise
             self._conn, self._pid = conn, _process_id
         elif self._pid != _process_id:
