@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from worker_dashboard import DashboardServer
 
 import worker
 import worker_cli
 from conftest import HERE, create_database, wait_for
+from worker_dashboard import DashboardServer
 
 # --- Hostile rows ------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any, TypeVar, cast, overload
+from typing import Any, NoReturn, TypeVar, cast, overload
 
 from croniter import CroniterError, croniter
 
@@ -534,6 +534,14 @@ def _open(target: str, *, uri: bool) -> sqlite3.Connection:
 
 # SQLite's primary result codes that mean "try again later", not "this is wrong".
 TRANSIENT_ERRORS = {5: "busy", 6: "locked", 10: "I/O error", 13: "disk full"}
+
+
+def _is_locked(error: BaseException) -> bool:
+    """Busy or locked (another connection holds the lock), directly or as the cause of DatabaseUnusable."""
+    if isinstance(error, DatabaseUnusable):
+        error = error.__cause__ or error
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (5, 6)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -1336,6 +1344,29 @@ def encode_result(value: Any) -> str:
 # --- The worker -----------------------------------------------------------------
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The worker's log on stderr, written through a stream of its own on file descriptor 2.
+
+    A job that closes or replaces ``sys.stderr`` leaves the worker's log as it
+    was; and a line that cannot be written at all (fd 2 closed, a full disk, a
+    broken pipe) is lost, never raised into the loop: the jobs go on regardless.
+    """
+
+    def __init__(self) -> None:
+        encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+        try:  # for the life of the process (closefd=False: never closes fd 2)
+            stream: Any = open(2, "w", encoding=encoding, errors="backslashreplace", buffering=1, closefd=False)  # noqa: SIM115
+        except OSError:  # started with no fd 2
+            stream = sys.stderr
+        super().__init__(stream)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 -- logging's name
+        # logging's own report goes to sys.stderr, and fails there (ValueError)
+        # if a job closed it: nothing is left to tell.
+        with contextlib.suppress(Exception):
+            super().handleError(record)
+
+
 class JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """A job's own logger: every line names the job and carries its fields."""
 
@@ -1403,7 +1434,7 @@ class Outcome:
     result: str | None = None  # JSON text
     error: str | None = None
     seconds: float = 0.0
-    kind: str = "ok"  # ok | error | timeout | unknown
+    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown
     started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
     follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
 
@@ -1675,9 +1706,13 @@ class Worker:
     def conn(self) -> sqlite3.Connection:
         """This worker's own connection, opened (and the schema applied) on first use."""
         if self._conn is None:
-            self._conn = connect(self.db)
-            self._pid = _process_id
-            apply_schema(self._conn)
+            conn = connect(self.db)
+            try:
+                apply_schema(conn)
+            except BaseException:
+                conn.close()  # not kept: the next use would take it for one with the schema applied
+                raise
+            self._conn, self._pid = conn, _process_id
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
         return self._conn
@@ -1801,7 +1836,13 @@ class Worker:
         return jobs
 
     def execute(self, job: Job) -> Outcome:
-        """Run one claimed job's function and capture how it ended (never raises)."""
+        """Run one claimed job's function and capture how it ended (never raises).
+
+        Whatever the function raises is its failure, BaseException too: a
+        KeyboardInterrupt, GeneratorExit or SystemExit raised by a job is the
+        job's own (``worker run`` turns SIGINT into stop(), and signals never
+        reach job threads), so it fails the row and the thread runs on.
+        """
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
@@ -1809,18 +1850,25 @@ class Worker:
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
+        process = _process_id
         try:
             value = job_type.fn(ctx, **job.data)
-        except (Exception, SystemExit) as e:
+        except BaseException as e:
+            if _process_id != process:
+                _end_forked_child(e)
             seconds = time.perf_counter() - started
-            return Outcome(job, False, error=_describe_exception(e), seconds=seconds, kind="error", started=started_ms)
+            kind = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
+            return Outcome(job, False, error=_describe_exception(e), seconds=seconds, kind=kind, started=started_ms)
+        if _process_id != process:
+            _end_forked_child(None)
         seconds = time.perf_counter() - started
         try:
             result = encode_result(value)
-            return Outcome(job, True, result=result, seconds=seconds, started=started_ms, follow_ups=ctx.follow_ups)
-        except (TypeError, ValueError) as e:
-            error = f"result is not JSON-serialisable: {type(e).__name__}: {e}"
+        except BaseException as e:  # anything: a value's own __repr__ or __iter__ may raise what it likes
+            why = "nested too deep: " if isinstance(e, RecursionError) else ""
+            error = f"result is not JSON-serialisable: {why}{_exception_line(e)}"
             return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
+        return Outcome(job, True, result=result, seconds=seconds, started=started_ms, follow_ups=ctx.follow_ups)
 
     def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
         """Write outcomes (and any retries) in one write transaction."""
@@ -1977,6 +2025,11 @@ class Worker:
         outcomes = [self.execute(claimed) for claimed in jobs]
         if outcomes:
             self.record(outcomes)
+        if any(o.kind == "interrupted" for o in outcomes) and threading.current_thread() is threading.main_thread():
+            # Here the job ran on the caller's own thread, where a KeyboardInterrupt
+            # may be the user's Ctrl-C: its row is failed (recorded above), and the
+            # interrupt goes on up, as it would have without the worker.
+            raise KeyboardInterrupt
         return len(jobs)
 
     # -- the loop -------------------------------------------------------------------
@@ -1988,7 +2041,8 @@ class Worker:
 
     def run(self) -> None:
         """Claim and run jobs until stop() (or, with burst, until nothing is due)."""
-        self.start_up()
+        if not self._start_up_when_unlocked():
+            return
         for _ in range(self.concurrency):
             self._start_thread()
         if not self.db.startswith(("file:", ":memory:")):
@@ -2029,6 +2083,39 @@ class Worker:
         finally:
             with self._loop:
                 self._shut_down()
+
+    def _start_up_when_unlocked(self) -> bool:
+        """start_up(), waiting while another process holds the write lock; False if stop() came first.
+
+        A long write (a migration, a bulk import, another program's long
+        transaction) outlasts the busy timeout; a worker starting meanwhile (a
+        supervisor's restart, say) waits for it like a running worker does,
+        rather than exiting as if the database were unusable.
+        """
+        waited_since: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                self.start_up()
+            except (sqlite3.Error, DatabaseUnusable) as e:
+                if not _is_locked(e):
+                    raise
+                if waited_since is None:
+                    waited_since = time.monotonic()
+                    logger.warning("database %s is locked by another process (%s); starting once it is free",
+                                   self.db, e)  # fmt: skip
+                if self._stopping.wait(delay):
+                    logger.info("worker %s stopped before it started (the database was still locked)", self.name)
+                    if self._conn is not None:  # not registered yet: no row to delete, and deleting would wait
+                        self._conn.close()
+                        self._conn = None
+                    self.close()
+                    return False
+                delay = min(delay * 2, MAX_BUSY_BACKOFF)
+                continue
+            if waited_since is not None:
+                logger.info("database %s free again after %.1f s", self.db, time.monotonic() - waited_since)
+            return True
 
     def _wake_for_commit(self) -> None:
         # Called by the watcher's thread.
@@ -2329,6 +2416,29 @@ class Worker:
         self.close()
 
 
+def exit_if_threads_are_left(code: int, error: BaseException | None = None) -> None:
+    """After a worker's shutdown: exit the process with ``code`` now if jobs left threads running; else return.
+
+    Interpreter exit waits for every thread that is not a daemon, so one that
+    a job started and never ended (a ThreadPoolExecutor's, say) would keep a
+    worker that has stopped, given its jobs back and deregistered, alive for
+    good.  The log is flushed first (atexit handlers do not run: the jobs'
+    @on_shutdown hooks already have); ``error`` is what ended run(), if anything.
+    """
+    current = threading.current_thread()
+    left = [thread.name for thread in threading.enumerate() if thread is not current and not thread.daemon]
+    if not left:
+        return
+    if error is not None:
+        logger.error("worker %s stopped by %s", f"{socket.gethostname()}:{os.getpid()}", _exception_line(error))
+    logger.warning("exiting without waiting for %d thread(s) that jobs left running: %s", len(left), ", ".join(left))
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 @dataclasses.dataclass
 class _Note:
     """A log line decided inside a transaction, written once it committed."""
@@ -2371,7 +2481,12 @@ def _escaped(match: re.Match[str]) -> str:
 
 def _emit(notes: list[_Note]) -> None:
     for note in notes:
-        logger.log(note.level, note.message, *note.args, extra=note.extra)
+        try:  # noqa: SIM105 -- a try costs nothing; suppress() would be a context manager per job
+            logger.log(note.level, note.message, *note.args, extra=note.extra)
+        except Exception:
+            # A handler that raises (logging's own error report fails once a
+            # job has closed sys.stderr): the outcome is recorded, the loop goes on.
+            pass
 
 
 def _first(*values: Any) -> Any:
@@ -2387,8 +2502,36 @@ def _job_type(job: Job) -> JobType:
     return REGISTRY.get(job.type) or JobType(name=job.type, fn=print)
 
 
+def _exception_line(error: BaseException) -> str:
+    """``Type: message``; an exception whose str() itself raises still gets a line."""
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:
+        return f"{type(error).__name__}: <str() of the exception failed>"
+
+
 def _describe_exception(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}\n\n" + "".join(traceback.format_exception(error))
+    try:
+        trace = "".join(traceback.format_exception(error))
+    except Exception:
+        trace = "(no traceback: formatting it failed)\n"
+    return f"{_exception_line(error)}\n\n{trace}"
+
+
+def _end_forked_child(error: BaseException | None) -> NoReturn:
+    """A job forked, and its function returned (``error`` None) or raised in the child: end the child here.
+
+    Otherwise the child would go on as a copy of the worker's job thread,
+    claiming and running jobs beside its parent, which records the row as usual.
+    Exit status 0 on return, 1 on an exception, sys.exit()'s code if it gave one.
+    """
+    code = 0 if error is None else 1
+    if isinstance(error, SystemExit):
+        code = 0 if error.code is None else error.code if isinstance(error.code, int) else 1
+    for stream in (sys.stdout, sys.stderr):  # what the child wrote itself (as multiprocessing does)
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 # --- Operating: what `worker status / jobs / show` and the dashboard read ---------
@@ -2626,6 +2769,11 @@ ENVIRONMENT = {
     "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
 }
 
+# Each stops a worker or a supervisor gracefully.  SIGHUP too: it is what a
+# closed terminal or a lost SSH session sends, and the worker has no
+# configuration to reload.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 # worker_cli.supervise(child_args, processes, shutdown_timeout, burst=...): the exit code
 Supervise = Callable[..., int]
 
@@ -2773,7 +2921,7 @@ def configure_logging(level: str, log_format: str) -> None:
         raise ConfigError(f"invalid log level {level!r} (use DEBUG, INFO, WARNING or ERROR)")
     if log_format not in ("text", "json"):
         raise ConfigError(f"invalid log format {log_format!r} (use text or json)")
-    handler = logging.StreamHandler()
+    handler = StderrHandler()  # survives a job closing sys.stderr
     text = TextFormatter("%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s")
     handler.setFormatter(JsonFormatter() if log_format == "json" else text)
     logger.handlers[:] = [handler]
@@ -2938,9 +3086,16 @@ def _run_command(
         logger.info("received %s", signal.Signals(signum).name)
         worker.stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    worker.run()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
+    try:
+        worker.run()
+    except BaseException as e:
+        # exit_code_of turns it into an exit code, but the process would not exit while a job's thread runs.
+        code = EXIT_DATABASE if isinstance(e, DatabaseUnusable | sqlite3.DatabaseError) else EXIT_FAILURE
+        exit_if_threads_are_left(EXIT_USAGE if isinstance(e, ConfigError) else code, e)
+        raise
+    exit_if_threads_are_left(EXIT_OK)
     return EXIT_OK
 
 

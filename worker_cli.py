@@ -8,6 +8,8 @@ what the operating queries in worker.py (``status``, ``list_jobs``,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import re
@@ -28,6 +30,7 @@ from worker import (
     EXIT_USAGE,
     REGISTRY,
     STATUSES,
+    STOP_SIGNALS,
     ConfigError,
     Job,
     Queue,
@@ -155,6 +158,8 @@ def _json_block(value: Any) -> str:
 
 # --- Process supervision --------------------------------------------------------
 
+PR_SET_PDEATHSIG = 1  # prctl(2), Linux
+
 
 def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *, burst: bool = False) -> int:
     """Run ``processes`` worker processes and restart any that dies; returns the exit code.
@@ -163,8 +168,9 @@ def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *,
     returns once all have.
 
     Each child is a fresh interpreter (fork + exec), so no connection or lock
-    can cross into it.  Children get a session of their own: a Ctrl-C reaches
-    only the supervisor, which passes one SIGTERM on.
+    can cross into it.  Children get a session of their own: a Ctrl-C (or the
+    SIGHUP of a closed terminal) reaches only the supervisor, which passes one
+    SIGTERM on; and they get SIGTERM when the supervisor dies, however it dies.
     """
     command = [sys.executable, str(Path(__file__).resolve()), "run", *child_args]
     stopping = threading.Event()
@@ -175,11 +181,22 @@ def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *,
         signals_seen += 1
         stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
+    supervisor = os.getpid()
+
+    def die_with_the_supervisor() -> None:
+        # In the child, before exec (the supervisor has no other thread): on
+        # Linux, the kernel sends it SIGTERM when the supervisor dies, even by
+        # kill -9, so no worker runs on unsupervised.  The child stops as on
+        # any SIGTERM: jobs finished or given back, its row deregistered.
+        with contextlib.suppress(Exception):  # not Linux: no prctl
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != supervisor:  # it died before prctl took effect
+            os._exit(EXIT_FAILURE)
 
     def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(command, start_new_session=True)
+        return subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_the_supervisor)
 
     children = [spawn() for _ in range(processes)]
     logger.info(
