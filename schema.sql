@@ -156,3 +156,11 @@ CREATE TABLE IF NOT EXISTS worker_schema (
     id       INTEGER PRIMARY KEY CHECK (id = 1),
     version  INTEGER NOT NULL
 ) STRICT;
+
+-- version 5
+
+-- The job types each worker process has registered, as a JSON array: a worker
+-- claims only those, so during a rolling deploy a row of a type that only the
+-- new code knows waits for a new worker, and `worker status` can name the
+-- pending rows that no live worker runs.  NULL: a worker of schema 4 or older.
+ALTER TABLE worker_processes ADD COLUMN types TEXT;

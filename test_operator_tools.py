@@ -304,9 +304,16 @@ def test_an_error_naming_a_value_from_the_table_is_printed_escaped(
 
 
 def worker_log(db: str, log_format: str, tmp_path: Path) -> bytes:
-    """Run a real worker once over the table (--burst) and return its stderr, as bytes."""
+    """Run a real worker once over the table (--burst) and return its stderr, as bytes.
+
+    Its jobs module registers a failing job under the forging name, so that a
+    type with every control character reaches the log with a traceback.
+    """
+    jobs = tmp_path / "forging_jobs.py"
+    name = FORGING.replace("\x00", "")  # a NUL in a registered name cannot be matched by SQL's json_each
+    jobs.write_text(f"from worker import job\n\n@job(name={name!r})\ndef forging(ctx):\n    raise ValueError('no')\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}
-    command = [sys.executable, "-m", "worker", "run", "--db", db, "--jobs", "jobs", "--burst", "--no-cron",
+    command = [sys.executable, "-m", "worker", "run", "--db", db, "--jobs", str(jobs), "--burst", "--no-cron",
                "--log-format", log_format]  # fmt: skip
     done = subprocess.run(command, cwd=HERE, env=env, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -314,15 +321,16 @@ def worker_log(db: str, log_format: str, tmp_path: Path) -> bytes:
 
 
 def test_text_log_escapes_control_characters_from_job_types(database: str, tmp_path: Path) -> None:
-    """A job type from the table reaches the log (an unknown type fails its row, logged with its traceback)."""
+    """A job type from the table reaches the log (its failure, logged with its traceback)."""
     with sqlite3.connect(database) as conn:
-        id = insert(conn, type=FORGING, queue=FORGING)
+        id = insert(conn, type=FORGING.replace("\x00", ""), queue=FORGING)
     conn.close()
     log = worker_log(database, "text", tmp_path)
     assert re.search(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]", log) is None, log
     # A line break stays one, but every line is a record's first (it starts with its time) or a later,
     # indented line of one: the type can forge no record.  The rest is escaped.
-    assert f"job {id} a\n  {worker.printable(FORGING.split(chr(10), 1)[1])} failed".encode() in log
+    after_break = FORGING.replace("\x00", "").split(chr(10), 1)[1]
+    assert f"job {id} a\n  {worker.printable(after_break)} failed".encode() in log
     assert all(re.match(rb"\d{4}-\d\d-\d\d |  ", line) for line in log.splitlines()), log
     with sqlite3.connect(database) as conn:
         assert conn.execute("SELECT status FROM worker_jobs WHERE id = ?", (id,)).fetchone() == ("failed",)
@@ -331,12 +339,12 @@ def test_text_log_escapes_control_characters_from_job_types(database: str, tmp_p
 
 def test_json_log_keeps_control_characters_only_as_json_escapes(database: str, tmp_path: Path) -> None:
     with sqlite3.connect(database) as conn:
-        insert(conn, type=FORGING)
+        insert(conn, type=FORGING.replace("\x00", ""))
     conn.close()
     log = worker_log(database, "json", tmp_path)
     assert re.search(rb"[\x00-\x09\x0b-\x1f\x7f\x80-\xff]", log) is None, log
     records = [json.loads(line) for line in log.splitlines()]
-    assert any(FORGING in record["message"] for record in records)
+    assert any(FORGING.replace("\x00", "") in record["message"] for record in records)
 
 
 def test_text_formatter_indents_the_lines_of_a_traceback_and_escapes_the_rest() -> None:

@@ -9,6 +9,7 @@ with it, wherever in the transaction it was enqueued.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import sqlalchemy
 from sqlalchemy import orm
 
 import worker
-from conftest import HERE
+from conftest import HERE, Processes, WorkerProcess, create_database, wait_for
 from worker import Queue
 
 ORDERS = "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, item TEXT NOT NULL)"
@@ -394,3 +395,84 @@ def counts_of(db: str, where: str) -> int:
         return int(conn.execute(f"SELECT count(*) FROM worker_jobs WHERE {where}").fetchone()[0])
     finally:
         conn.close()
+
+
+# --- Rolling deploys -------------------------------------------------------------------------
+
+OLD_JOBS = """
+from worker import job
+
+@job
+def send_receipt(ctx, order):
+    return {"receipt": order, "by": "old"}
+"""
+NEW_JOBS = (
+    OLD_JOBS.replace('"old"', '"new"')
+    + """
+@job
+def send_invoice(ctx, order):
+    return {"invoice": order, "by": "new"}
+"""
+)
+
+
+def status_report(db: Path) -> dict[str, Any]:
+    conn = worker.connect_readonly(db)
+    try:
+        return worker.status(conn)
+    finally:
+        conn.close()
+
+
+def test_rolling_deploy_old_worker_leaves_new_types_to_the_new_one(tmp_path: Path, processes: Processes) -> None:
+    """Old and new workers side by side: neither fails a job for a type it does not know."""
+    db = create_database(tmp_path / "app.db")
+    (tmp_path / "old_jobs.py").write_text(OLD_JOBS)
+    (tmp_path / "new_jobs.py").write_text(NEW_JOBS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}
+
+    def start(name: str) -> WorkerProcess:
+        jobs = str(tmp_path / f"{name}_jobs.py")
+        return processes.start("run", "--db", str(db), "--jobs", jobs, "--no-cron", name=name, env=env, cwd=tmp_path)
+
+    old = start("old")
+    with Queue(db, check_types=False) as queue:  # the new web code, deployed first
+        invoice = queue.enqueue("send_invoice", {"order": 7})
+        receipt = queue.enqueue("send_receipt", {"order": 7})
+        wait_for(lambda: queue.get(receipt.id).status == "succeeded", 30, "the old worker to send the receipt")  # type: ignore[union-attr]
+        assert queue.get(invoice.id).status == "pending"  # type: ignore[union-attr]
+        assert [(u["type"], u["pending"]) for u in status_report(db)["unrunnable"]] == [("send_invoice", 1)]
+
+        new = start("new")
+        done = wait_for(lambda: queue.get(invoice.id).status == "succeeded" and queue.get(invoice.id), 30,  # type: ignore[union-attr]
+                        "the new worker to send the invoice")  # fmt: skip
+        assert done.result == {"invoice": 7, "by": "new"} and done.attempt == 1
+        assert status_report(db)["unrunnable"] == []
+    assert old.stop() == 0 and new.stop() == 0
+
+
+def test_status_names_pending_types_no_live_worker_runs(tmp_path: Path) -> None:
+    db = create_database(tmp_path / "app.db")
+    with Queue(db, check_types=False) as queue:
+        queue.enqueue("send_receipt", {"order": 1})
+        queue.enqueue("sned_receipt", {"order": 2})  # a typo, written by a client without the registry
+    assert status_report(db)["unrunnable"] == []  # no worker alive: status says that already
+
+    @worker.job
+    def send_receipt(ctx: worker.JobContext, order: int) -> None:
+        return None
+
+    live = worker.Worker(db, cron=False)
+    live.start_up()
+    try:
+        (typo,) = status_report(db)["unrunnable"]
+        assert (typo["type"], typo["pending"]) == ("sned_receipt", 1)
+        text = subprocess.run([sys.executable, "-m", "worker_cli", "status", "--db", str(db)], capture_output=True,
+                              text=True, timeout=60, cwd=HERE).stdout  # fmt: skip
+        assert "no live worker runs" in text and "sned_receipt" in text
+        cancelled = subprocess.run([sys.executable, "-m", "worker_cli", "cancel", "--type", "sned_receipt", "--db",
+                                    str(db)], capture_output=True, text=True, timeout=60, cwd=HERE)  # fmt: skip
+        assert (cancelled.returncode, cancelled.stdout) == (0, "1 pending sned_receipt jobs cancelled\n")
+        assert status_report(db)["unrunnable"] == []
+    finally:
+        live.close()

@@ -119,6 +119,9 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
     ]  # fmt: skip
     if cron:
         lines += ["", _table(["cron job", "schedule", "timezone", "next run", "last run", "last status"], cron)]
+    if report["unrunnable"]:  # e.g. mid-deploy, or a type no worker will ever know: see the README
+        unrunnable = [[printable(u["type"]), u["pending"], _when(u["oldest_due"])] for u in report["unrunnable"]]
+        lines += ["", _table(["no live worker runs", "pending", "oldest due"], unrunnable)]
     return "\n".join(lines)
 
 
@@ -288,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--type", help="with --failed: only this type")
     retry.add_argument("--db", help=option_help("db"))
 
-    cancel = commands.add_parser("cancel", help="cancel a pending job")
-    cancel.add_argument("id", type=int)
+    cancel = commands.add_parser("cancel", help="cancel a pending job, or every pending job of a type")
+    cancel.add_argument("id", type=int, nargs="?")
+    cancel.add_argument("--type", help="every pending job of this type instead (say, one no worker will ever know)")
     cancel.add_argument("--db", help=option_help("db"))
 
     check = commands.add_parser("check", help="jobs module imports, cron expressions parse, schema is current")
@@ -440,7 +444,12 @@ def _retry_command(args: argparse.Namespace, db: str) -> int:
 
 
 def _cancel_command(args: argparse.Namespace, db: str) -> int:
+    if (args.id is None) == (args.type is None):
+        raise ConfigError("give a job id or --type")
     with Queue(db, check_types=False) as producer:
+        if args.type is not None:
+            print(f"{producer.cancel_type(args.type)} pending {printable(args.type)} jobs cancelled")
+            return EXIT_OK
         if producer.cancel(args.id):
             print(f"job {args.id} cancelled")
             return EXIT_OK

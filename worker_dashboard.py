@@ -257,6 +257,19 @@ def render_index(
             empty="no worker has registered",
             id="workers",
         ),
+        *(
+            [
+                Html("<h2>Pending jobs no live worker runs</h2>"),
+                table(
+                    ["type", "pending", "oldest due"],
+                    [[u["type"], u["pending"], when(u["oldest_due"])] for u in report["unrunnable"]],
+                    empty="",
+                    id="unrunnable",
+                ),
+            ]
+            if report["unrunnable"]
+            else []
+        ),
         Html("<h2>Cron jobs</h2>"),
         table(
             ["type", "schedule", "timezone", "next run", "next job", "last job", "last finished", "last status"],
