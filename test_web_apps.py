@@ -13,6 +13,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import sqlalchemy
 from sqlalchemy import orm
 
 import worker
+import worker_dashboard
 from conftest import HERE, Processes, WorkerProcess, create_database, wait_for
 from worker import Queue
 
@@ -470,9 +473,27 @@ def test_status_names_pending_types_no_live_worker_runs(tmp_path: Path) -> None:
         text = subprocess.run([sys.executable, "-m", "worker_cli", "status", "--db", str(db)], capture_output=True,
                               text=True, timeout=60, cwd=HERE).stdout  # fmt: skip
         assert "no live worker runs" in text and "sned_receipt" in text
+        assert "sned_receipt" in dashboard_page(db)  # the dashboard's front page names it too
         cancelled = subprocess.run([sys.executable, "-m", "worker_cli", "cancel", "--type", "sned_receipt", "--db",
                                     str(db)], capture_output=True, text=True, timeout=60, cwd=HERE)  # fmt: skip
         assert (cancelled.returncode, cancelled.stdout) == (0, "1 pending sned_receipt jobs cancelled\n")
         assert status_report(db)["unrunnable"] == []
     finally:
         live.close()
+
+
+def dashboard_page(db: Path) -> str:
+    """The dashboard's front page, served in this process on a free loopback port."""
+    server = worker_dashboard.DashboardServer(str(db), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(server.url, timeout=10) as answer:
+            page = answer.read().decode()
+        assert "Pending jobs no live worker runs" in page
+        return page
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
