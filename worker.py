@@ -336,8 +336,25 @@ def check_policy(*, max_attempts: int | None, backoff: float | None, timeout: Se
 
 
 def check_cron(expression: str, timezone: str | None = None) -> None:
-    """ValueError naming the expression unless it is a valid 5- or 6-field cron."""
-    _cron_iterator(expression, timezone, 0)
+    """ValueError naming the expression unless it is a valid 5- or 6-field cron that fires at all."""
+    try:
+        next_cron_slot(expression, timezone, 0)
+    except NoCronSlot as e:
+        raise ValueError(f"invalid cron expression {expression!r}: it never fires ({e.__cause__})") from e
+
+
+class NoCronSlot(ValueError):
+    """The schedule has no slot after the given time (it never fires, or not before the year 9999)."""
+
+
+# What zoneinfo raises for a name that is not a zone: ZoneInfoNotFoundError (a
+# KeyError), IsADirectoryError for "Europe" (a directory of zones), ValueError
+# for paths and odd characters (UnicodeEncodeError is one), OSError for a name
+# too long for the filesystem, TypeError for a non-string.
+_BAD_ZONE_ERRORS = (KeyError, OSError, ValueError, TypeError)
+# What croniter (and datetime) raise for an expression they cannot parse, or a
+# moment they cannot count from or to (a slot near the year 9999 overflows).
+_BAD_CRON_ERRORS = (CroniterError, ValueError, KeyError, TypeError, IndexError, OverflowError, OSError)
 
 
 def _cron_iterator(expression: str, timezone: str | None, after_ms: int) -> croniter:
@@ -349,20 +366,56 @@ def _cron_iterator(expression: str, timezone: str | None, after_ms: int) -> cron
         )
     try:
         zone = zoneinfo.ZoneInfo(timezone or "UTC")
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
-        raise ValueError(f"invalid cron timezone {timezone!r}") from e
-    start = datetime.fromtimestamp(after_ms / 1000, zone)
+    except _BAD_ZONE_ERRORS as e:
+        raise ValueError(f"invalid cron timezone {timezone!r}: {type(e).__name__}") from e
+    try:
+        start = datetime.fromtimestamp(after_ms / 1000, zone)
+    except (OverflowError, ValueError, OSError) as e:
+        raise NoCronSlot(f"cron expression {expression!r}: no slot after epoch ms {after_ms}: {e}") from e
     try:
         # Six fields read seconds FIRST ("*/3 * * * * *" = every 3 seconds), as the
         # cron library of the system we replace did.
         return croniter(expression, start, second_at_beginning=len(fields) == 6)
-    except (CroniterError, ValueError, KeyError) as e:
+    except _BAD_CRON_ERRORS as e:
         raise ValueError(f"invalid cron expression {expression!r}: {e}") from e
 
 
+def _fixed_time(expression: str) -> bool:
+    """Whether a schedule fires at fixed wall-clock times: neither its minute nor its hour field starts with '*'.
+
+    Vixie cron's rule (its MIN_STAR and HR_STAR flags): "*/15 * * * *",
+    "0 * * * *" and "* 2 * * *" count elapsed time; "30 2 * * *" and
+    "0 1-3 * * *" name times on the clock.
+    """
+    fields = expression.split()
+    minute, hour = fields[-5:-3]  # six fields put seconds first
+    return not minute.startswith("*") and not hour.startswith("*")
+
+
+def _repeated_wall_time(slot: datetime) -> bool:
+    """Whether ``slot`` is the second time its wall-clock time occurs (the hour repeated when DST ends)."""
+    local = datetime.fromtimestamp(slot.timestamp(), slot.tzinfo)
+    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
+
+
 def next_cron_slot(expression: str, timezone: str | None, after_ms: int) -> int:
-    """The first slot of the schedule strictly after ``after_ms`` (epoch ms)."""
-    slot = _cron_iterator(expression, timezone, after_ms).get_next(datetime)
+    """The first slot of the schedule strictly after ``after_ms`` (epoch ms).
+
+    When summer time ends, a schedule of fixed times runs a time of the
+    repeated hour once, at its first occurrence; one whose minute or hour field
+    starts with '*' runs in both copies of the hour, as Vixie cron does.  Where
+    the clock skips an hour, croniter runs the missing times at the hour after.
+    ValueError (NoCronSlot) when there is no next slot.
+    """
+    iterator = _cron_iterator(expression, timezone, after_ms)
+    start = iterator.get_current(datetime)
+    try:
+        slot = iterator.get_next(datetime)
+        if _fixed_time(expression):
+            while _repeated_wall_time(slot):
+                slot = iterator.get_next(datetime)
+    except _BAD_CRON_ERRORS as e:
+        raise NoCronSlot(f"cron expression {expression!r} has no slot after {start.isoformat()}: {e}") from e
     slot_ms: int = round(slot.timestamp() * 1000)
     return slot_ms
 
@@ -1577,7 +1630,11 @@ class Worker:
                 pending = Job.from_row(row) if row else None
                 if pending and (pending.cron_schedule, pending.cron_timezone) == (job_type.cron, job_type.timezone):
                     continue
-                due = first_free_cron_slot(self.conn, tag, job_type.cron, job_type.timezone, now)
+                try:
+                    due = first_free_cron_slot(self.conn, tag, job_type.cron, job_type.timezone, now)
+                except ValueError as e:  # a slot written by another program, say in the year 9999
+                    logger.error("cron job %s: cannot schedule its next run: %s", job_type.name, e)
+                    continue
                 row = producer._new_row(
                     job_type.name, None, at=due / 1000, tag=tag, cron=job_type.cron, timezone=job_type.timezone, now=now
                 )
