@@ -125,6 +125,59 @@ def test_check_reports_a_pending_row_whose_expression_never_fires(db: str, tmp_p
     assert "0 0 30 2 *" in result.stderr and "never fires" in result.stderr
 
 
+# --- 16: a cron run killed mid-run, then its worker restarted -----------------------------
+
+
+def test_cron_run_killed_mid_run_is_retried_after_a_restart_and_its_schedule_goes_on(
+    make_worker: Any, clock: FakeClock, db: str, registry: dict[str, worker.JobType]
+) -> None:
+    registry.pop("remove_old_jobs")  # only this test's schedule
+
+    @worker.job(cron="30 * * * *")
+    def half_past(ctx: JobContext) -> int:
+        return ctx.job.attempt
+
+    killed = make_worker(cron=True, lease=10)
+    killed.start_up()
+    (run,) = rows(db, "status = 'pending'")
+    clock.now = run["due"] / 1000
+    assert [job.id for job in killed.claim(1)] == [run["id"]]  # ... and its worker is killed mid-run
+
+    restarted = make_worker(cron=True, lease=10)
+    restarted.start_up()  # inserted the next slot, and so took the tag the rescue's retry needs
+    assert rows(db, "status = 'pending'") == []
+    clock.advance(11)
+    assert restarted.rescue() == 1
+    (retry,) = rows(db, "status = 'pending'")
+    assert (retry["rescheduled_from_job"], retry["attempt"], retry["cron_slot"]) == (run["id"], 2, run["cron_slot"])
+
+    assert restarted.work() == 1
+    assert rows(db, f"id = {retry['id']}")[0]["status"] == "succeeded"
+    (following,) = rows(db, "status = 'pending'")  # the retry chain ended: now the next slot
+    assert following["cron_slot"] == run["cron_slot"] + 3_600_000
+
+
+def test_restart_while_a_cron_run_is_running_adds_no_pending_row_and_the_run_schedules_the_next(
+    make_worker: Any, clock: FakeClock, db: str, registry: dict[str, worker.JobType]
+) -> None:
+    registry.pop("remove_old_jobs")
+
+    @worker.job(cron="30 * * * *")
+    def half_past(ctx: JobContext) -> int:
+        return ctx.job.attempt
+
+    running = make_worker(cron=True)
+    running.start_up()
+    (run,) = rows(db, "status = 'pending'")
+    clock.now = run["due"] / 1000
+    (claimed,) = running.claim(1)
+    make_worker(cron=True).start_up()  # another worker starts (or restarts) meanwhile
+    assert rows(db, "status = 'pending'") == []
+    running.record([running.execute(claimed)])
+    (following,) = rows(db, "status = 'pending'")
+    assert following["cron_slot"] == run["cron_slot"] + 3_600_000
+
+
 # --- 17: the autumn hour ------------------------------------------------------------------
 
 

@@ -734,6 +734,11 @@ INSERT_UNLESS_TAGGED_SQL = (
 )
 
 PENDING_WITH_TAG_SQL = f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE tag = :tag AND status = 'pending'"
+# A run of this very schedule that is running now (walks the tag index).
+RUNNING_CRON_RUN_SQL = """
+SELECT id FROM worker_jobs
+ WHERE tag = :tag AND status = 'running' AND cron_schedule = :cron AND cron_timezone IS :timezone LIMIT 1
+"""
 
 # The newest slot of a schedule that was (or is being) run; walks the tag index
 # backwards, so it stops after a row or two however long the history.
@@ -1629,6 +1634,12 @@ class Worker:
                 row = self.conn.execute(PENDING_WITH_TAG_SQL, {"tag": tag}).fetchone()
                 pending = Job.from_row(row) if row else None
                 if pending and (pending.cron_schedule, pending.cron_timezone) == (job_type.cron, job_type.timezone):
+                    continue
+                schedule = {"tag": tag, "cron": job_type.cron, "timezone": job_type.timezone}
+                if pending is None and self.conn.execute(RUNNING_CRON_RUN_SQL, schedule).fetchone():
+                    # A run is under way (or its worker died): when it ends, or its
+                    # retry chain does, it schedules the next slot itself.  A pending
+                    # row now would take the tag and drop the retry of a rescued run.
                     continue
                 try:
                     due = first_free_cron_slot(self.conn, tag, job_type.cron, job_type.timezone, now)
