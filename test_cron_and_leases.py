@@ -12,7 +12,10 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import zoneinfo
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,30 @@ def insert_cron_row(db: str | Path, tag: str, **columns: Any) -> int:
         cursor = conn.execute(f"INSERT INTO worker_jobs ({names}) VALUES ({', '.join('?' * len(values))})",
                               list(values.values()))  # fmt: skip
         return int(cursor.lastrowid or 0)
+
+
+@contextlib.contextmanager
+def write_lock_held(db: str | Path, seconds: float) -> Iterator[threading.Thread]:
+    """Another connection takes the write lock (BEGIN IMMEDIATE) and holds it ``seconds``, in a thread."""
+    taken = threading.Event()
+
+    def hold() -> None:
+        conn = sqlite3.connect(db, timeout=10, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            taken.set()
+            time.sleep(seconds)  # the lock is the point: held for real time, as a long write would
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert taken.wait(10), "could not take the write lock"
+    try:
+        yield holder
+    finally:
+        holder.join(seconds + 10)
 
 
 @pytest.fixture
@@ -223,6 +250,48 @@ def test_spring_change_runs_a_time_the_clock_skips_once_at_the_hour_after() -> N
     ]  # fmt: skip
 
 
+# --- 14: a write lock held longer than the lease --------------------------------------------
+
+
+def test_rescuer_that_waited_for_a_long_lock_takes_no_lease_for_lost_until_holders_could_renew(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, tick: None
+) -> None:
+    holder = make_worker(lease=0.6)  # a heartbeat interval (lease/3) of 0.2 s
+    rescuer = make_worker(lease=0.6)
+    holder.start_up()
+    rescuer.start_up()
+    job = queue.enqueue("tick", now=at(clock))
+    holder.claim(1)
+    clock.advance(1)  # the holder could not renew meanwhile: the lock was held
+    with write_lock_held(db, 0.5):
+        assert rescuer.rescue() == 0  # waited 0.5 s for the lock: took the live job for lost
+    assert rows(db, f"id = {job.id}")[0]["status"] == "running"
+    holder.heartbeat()  # the lock is free: the holder renews
+    clock.advance(0.3)
+    rescuer.work()
+    assert rows(db, f"id = {job.id}")[0]["status"] == "running"
+
+
+def test_dead_worker_whose_lease_ran_out_during_a_long_lock_is_rescued_a_lease_after_it(
+    queue: Queue, make_worker: Any, clock: FakeClock, db: str, tick: None
+) -> None:
+    dead = make_worker(lease=0.6)
+    rescuer = make_worker(lease=0.6)
+    dead.start_up()
+    rescuer.start_up()
+    job = queue.enqueue("tick", now=at(clock))
+    dead.claim(1)
+    clock.advance(1)
+    with write_lock_held(db, 0.5):
+        rescuer.work()  # its heartbeat waited 0.5 s: no sweep for a lease
+    assert rows(db, f"id = {job.id}")[0]["status"] == "running"
+    clock.advance(0.7)
+    rescuer.work()
+    assert rows(db, f"id = {job.id}")[0]["error"].startswith("worker lost")
+    (retry,) = rows(db, f"rescheduled_from_job = {job.id}")
+    assert retry["status"] == "succeeded"
+
+
 # --- Real processes -------------------------------------------------------------------------
 
 JOBS_MODULE = '''
@@ -300,3 +369,52 @@ def test_real_worker_runs_on_past_cron_rows_with_a_bad_zone_slot_or_expression(
     assert rows(str(file_db), "status = 'pending'") == []  # no next run for any of them
     assert process.popen.poll() is None, process.log()  # it exited 1 at the first of them
     assert process.stop() == 0
+
+
+@real_processes
+@pytest.mark.slow
+def test_write_lock_held_for_three_leases_makes_no_worker_rescue_a_live_job(
+    start_worker: Any, file_db: Path, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    holder = start_worker("--lease", "2", "--concurrency", "1", name="holder")
+    wait_for(lambda: started(holder), 20, "the holder to start")
+    with Queue(file_db, check_types=False) as producer:
+        long_job = producer.enqueue("note", {"ledger": str(ledger), "seconds": 12}).id
+    wait_for(lambda: ledger.exists(), 20, "the long job to start")
+    rescuers = [start_worker("--lease", "2", name=f"rescuer{i}") for i in range(2)]
+    for rescuer in rescuers:
+        wait_for(lambda: started(rescuer), 20, "the rescuers to start")  # noqa: B023
+    with write_lock_held(file_db, 6):  # three leases: every lease runs out under it
+        pass
+    wait_for(lambda: status_of(file_db, long_job) != "running", 30, "the long job to end")
+    (row,) = rows(str(file_db))
+    assert (row["status"], row["attempt"], row["error"]) == ("succeeded", 1, None)
+    assert len(ledger.read_text().splitlines()) == 1  # it ran once
+    assert [process.stop() for process in [holder, *rescuers]] == [0, 0, 0]
+
+
+@real_processes
+@pytest.mark.slow
+def test_worker_killed_before_a_long_lock_is_still_rescued_after_it(
+    start_worker: Any, file_db: Path, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    dead = start_worker("--lease", "2", "--concurrency", "1", name="dead")
+    wait_for(lambda: started(dead), 20, "the worker to start")
+    with Queue(file_db, check_types=False) as producer:
+        lost = producer.enqueue("note", {"ledger": str(ledger), "seconds": 60}).id
+    wait_for(lambda: ledger.exists(), 20, "the job to start")
+    rescuer = start_worker("--lease", "2", name="rescuer")
+    wait_for(lambda: started(rescuer), 20, "the rescuer to start")
+    dead.kill()
+    with write_lock_held(file_db, 6):
+        pass
+    released = time.monotonic()
+    wait_for(lambda: status_of(file_db, lost) == "failed", 20, "the dead worker's job to be rescued")
+    rescued_after = time.monotonic() - released
+    (retry,) = wait_for(lambda: rows(str(file_db), f"rescheduled_from_job = {lost} AND status = 'succeeded'"), 20,
+                        "its retry to succeed")  # fmt: skip
+    assert retry["attempt"] == 2
+    assert rescued_after < 12, f"rescued {rescued_after:.1f} s after the lock ended (a lease is 2 s)"
+    assert rescuer.stop() == 0

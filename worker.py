@@ -670,6 +670,28 @@ class _Immediate:
                 self.conn.execute("ROLLBACK")
 
 
+class _Write(_Immediate):
+    """A worker's write transaction that tells the worker how long it waited for the lock (see Worker._waited)."""
+
+    __slots__ = ("held_up", "worker")
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker.conn)
+        self.worker = worker
+        self.held_up = False  # whether this worker had to wait long for the lock, up to this transaction
+
+    def __enter__(self) -> sqlite3.Connection:
+        began = time.monotonic()
+        try:
+            conn = super().__enter__()
+        except sqlite3.Error as e:
+            if is_transient(e) and self.worker._refused_since is None:
+                self.worker._refused_since = began
+            raise
+        self.held_up = self.worker._waited(began)
+        return conn
+
+
 def _scalar(conn: sqlite3.Connection, sql: str, params: Any = None) -> Any:
     """The first column of the first row (None when there is no row)."""
     row = conn.execute(sql, () if params is None else params).fetchone()
@@ -1573,6 +1595,9 @@ class Worker:
         self._next_heartbeat = 0
         self._next_rescue = 0
         self._busy_backoff = 0.0
+        # time.monotonic() since when this worker's writes have been refused as
+        # busy (None while they go through): how long it has waited for the lock.
+        self._refused_since: float | None = None
 
     # -- connection ---------------------------------------------------------------
 
@@ -1602,6 +1627,7 @@ class Worker:
         """Open the database and run the @on_startup hooks (once)."""
         if self._started_up:
             return
+        began = time.monotonic()
         self.conn  # noqa: B018 -- fail early, before any hook runs, if the database is unusable
         if self.cron:
             self.sync_cron()
@@ -1614,6 +1640,7 @@ class Worker:
                  "lease_ms": self.lease_ms, "concurrency": self.concurrency,
                  "queues": ",".join(self.queues) if self.queues else None, "version": __version__},
             )  # fmt: skip
+        self._waited(began)  # a start that waited for another writer's lock judges no lease at once
         for hook in STARTUP_HOOKS:
             hook(self.app)
         self._started_up = True
@@ -1681,7 +1708,7 @@ class Worker:
     def claim(self, limit: int, now: int | None = None) -> list[Job]:
         """Claim up to ``limit`` due jobs in one write transaction."""
         now = self.now() if now is None else now
-        with immediate(self.conn):
+        with self._write():
             return self._claim(limit, now)
 
     def _claim(self, limit: int, now: int) -> list[Job]:
@@ -1739,7 +1766,7 @@ class Worker:
     def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
         """Write outcomes (and any retries) in one write transaction."""
         now = self.now() if now is None else now
-        with immediate(self.conn):
+        with self._write():
             notes = self._record(outcomes, now)
         _emit(notes)
 
@@ -1820,10 +1847,33 @@ class Worker:
         delay = min(base * backoff**failures_before, cap)
         return round(delay * self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
 
+    def _write(self) -> _Write:
+        """A write transaction of the worker's own (BEGIN IMMEDIATE) that times its wait for the lock."""
+        return _Write(self)
+
+    def _waited(self, since: float) -> bool:
+        """A write got the lock, after trying since ``since`` (monotonic); True if that took long.
+
+        While another process (or a job) holds the write lock, no worker can
+        renew its leases, so a lease can run out under a live worker.  A worker
+        that itself waited for the lock longer than a heartbeat interval
+        (lease/3) therefore judges no lease until the database has been
+        writable for a lease: by then every live worker has renewed its own.
+        """
+        refused_since, self._refused_since = self._refused_since, None
+        waited_ms = (time.monotonic() - (since if refused_since is None else refused_since)) * 1000
+        if waited_ms <= self.lease_ms / 3:
+            return False
+        postponed_until = self.now() + self.lease_ms
+        logger.warning("waited %.1f s for the write lock: no job is taken for lost before %s, a lease from now",
+                       waited_ms / 1000, iso_time(postponed_until))  # fmt: skip
+        self._next_rescue = max(self._next_rescue, postponed_until)
+        return True
+
     def heartbeat(self, now: int | None = None) -> None:
         """Extend the lease of every job this worker is running, and say it is alive."""
         now = self.now() if now is None else now
-        with immediate(self.conn):
+        with self._write():
             self.conn.execute(HEARTBEAT_SQL, {"lease_until": now + self.lease_ms, "owner": self.owner})
             running = len(self._running) - self._todo.qsize()  # not counting jobs claimed ahead
             self.conn.execute(PROCESS_HEARTBEAT_SQL, {"id": self.owner, "now": now, "running": running})
@@ -1831,8 +1881,11 @@ class Worker:
     def rescue(self, now: int | None = None) -> int:
         """Fail running rows whose lease expired (their worker died) and retry them."""
         now = self.now() if now is None else now
-        with immediate(self.conn):
-            notes = self._rescue(now)
+        write = self._write()
+        with write:
+            # A lease that ran out while this worker waited for the lock may have
+            # run out because its holder waited too (_waited postponed the sweep).
+            notes = [] if write.held_up else self._rescue(now)
         _emit(notes)
         return len(notes)
 
@@ -2033,7 +2086,7 @@ class Worker:
         kept = None
         if self._unrecorded or want_claim:
             try:
-                with immediate(self.conn):
+                with self._write():
                     notes = self._record(self._unrecorded, now)
                     if want_claim:
                         claimed = self._claim(free, now)
@@ -2209,8 +2262,9 @@ class Worker:
                 self._next_heartbeat = now + self.lease_ms // 3
             if now >= self._next_rescue:
                 self.rescue(now)
-                # Jitter keeps several workers from sweeping in lockstep.
-                self._next_rescue = now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0))
+                # Jitter keeps several workers from sweeping in lockstep; max: a
+                # sweep that waited for the lock was postponed further (_waited).
+                self._next_rescue = max(self._next_rescue, now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0)))
         except sqlite3.Error as e:
             # Postponed, not given up: the next tick tries again.
             logger.log(logging.WARNING if is_transient(e) else logging.ERROR, "heartbeat or rescue failed: %s", e)
