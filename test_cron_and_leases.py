@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -418,3 +419,34 @@ def test_worker_killed_before_a_long_lock_is_still_rescued_after_it(
     assert retry["attempt"] == 2
     assert rescued_after < 12, f"rescued {rescued_after:.1f} s after the lock ended (a lease is 2 s)"
     assert rescuer.stop() == 0
+
+
+# --- 19: the database file deleted or replaced under a running worker -------------------------
+
+
+@real_processes
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["deleted and made anew", "replaced by another file"])
+def test_job_enqueued_into_a_new_database_file_runs_after_the_old_one_is_deleted_or_replaced(
+    start_worker: Any, file_db: Path, tmp_path: Path, how: str
+) -> None:
+    supervisor = start_worker("--processes", "2", "--lease", "1", name="supervisor")
+    wait_for(lambda: supervisor.log().count(" started: ") == 2, 30, "both worker processes to open the file")
+    with Queue(file_db, check_types=False) as producer:
+        before = producer.enqueue("tick").id
+    wait_for(lambda: status_of(file_db, before) == "succeeded", 30, "a job in the first file to run")
+
+    if how == "replaced by another file":
+        os.replace(create_database(tmp_path / "restored.db"), file_db)
+    else:
+        file_db.unlink()
+    for leftover in ("-wal", "-shm"):  # the old file's: they would be read as the new one's
+        Path(f"{file_db}{leftover}").unlink(missing_ok=True)
+    with Queue(file_db, check_types=False) as app:  # the app goes on writing, into the new file
+        after = app.enqueue("tick").id
+        wait_for(lambda: status_of(file_db, after) == "succeeded", 30, "the job in the new file to run")
+    assert [r["id"] for r in rows(str(file_db))] == [after]
+    assert supervisor.popen.poll() is None, supervisor.log()
+    assert "was replaced under the worker; stopping" in supervisor.log()
+    supervisor.send(signal.SIGTERM)
+    assert supervisor.wait(30) == 0

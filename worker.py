@@ -126,6 +126,10 @@ class DatabaseUnusable(WorkerError):
     """The database cannot be opened, written, or has a schema newer than this code."""
 
 
+class DatabaseReplaced(WorkerError):
+    """The database file was deleted or replaced under the worker: it stopped, so that a restart opens the new one."""
+
+
 class ForkedConnection(WorkerError):
     """A database connection opened in another process was used after fork()."""
 
@@ -690,6 +694,14 @@ class _Write(_Immediate):
             raise
         self.held_up = self.worker._waited(began)
         return conn
+
+
+def _file_identity(path: str | None) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at ``path`` (None for no path)."""
+    if path is None:
+        return None
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
 
 
 def _scalar(conn: sqlite3.Connection, sql: str, params: Any = None) -> Any:
@@ -1557,6 +1569,10 @@ class Worker:
 
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection opened
+        # The file to watch for replacement (absolute: a job may chdir); none for ":memory:" and URIs.
+        self._file_path = None if self.db.startswith(("file:", ":memory:")) else os.path.abspath(self.db)
+        self._replaced: str | None = None  # why the worker stopped: its file was replaced
         self._started_up = False
         # Claimed and not yet recorded: started, or waiting in _todo for a thread.
         self._running: dict[int, Job] = {}
@@ -1607,6 +1623,7 @@ class Worker:
         if self._conn is None:
             self._conn = connect(self.db)
             self._pid = _process_id
+            self._file = _file_identity(self._file_path)
             apply_schema(self._conn)
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
@@ -1993,6 +2010,8 @@ class Worker:
         finally:
             with self._loop:
                 self._shut_down()
+        if self._replaced is not None:
+            raise DatabaseReplaced(self._replaced)
 
     def _wake_for_commit(self) -> None:
         # Called by the watcher's thread.
@@ -2117,6 +2136,34 @@ class Worker:
             (self._watcher.armed.set if self._wants_commits else self._watcher.armed.clear)()
         self._housekeeping(now)
         return kept
+
+    def _notice_file_replaced(self) -> None:
+        """Stop (run() then raises DatabaseReplaced) if the path no longer names the file the connection has open.
+
+        Deleted or replaced (a restored backup moved into place, the file
+        removed and made anew), the old file lives on under this worker alone:
+        it would claim nothing enqueued since.  A fresh process is the one state
+        known to be right (the worker's own connection, those of its jobs and
+        the -wal it watches all hold the old file), so the worker stops as on
+        SIGTERM and exits 1, and its supervisor (`--processes`, systemd's
+        Restart=) starts it on the new file.  Closing the old connection is
+        safe: SQLite neither checkpoints into nor deletes the -wal and -shm of
+        a database file that has moved.
+        """
+        if self._file is None or self._replaced is not None:
+            return
+        try:
+            now_there = _file_identity(self._file_path)
+        except FileNotFoundError:
+            now_there = None
+        except OSError:
+            return  # cannot look (permissions): no evidence either way
+        if now_there == self._file:
+            return
+        self._replaced = (f"database file {self.db} was {'deleted' if now_there is None else 'replaced'} under the "
+                          "worker; stopping, so that a restart opens the file now there")  # fmt: skip
+        logger.error("%s", self._replaced)
+        self.stop()
 
     def _notice_clock_jump(self, now: int, monotonic: float) -> None:
         """After the wall clock jumps forward, heartbeat at once and sweep for lost jobs only a lease later.
@@ -2260,6 +2307,7 @@ class Worker:
             if now >= self._next_heartbeat:
                 self.heartbeat(now)
                 self._next_heartbeat = now + self.lease_ms // 3
+                self._notice_file_replaced()
             if now >= self._next_rescue:
                 self.rescue(now)
                 # Jitter keeps several workers from sweeping in lockstep; max: a
