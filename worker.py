@@ -674,26 +674,33 @@ class _Immediate:
                 self.conn.execute("ROLLBACK")
 
 
-class _Write(_Immediate):
-    """A worker's write transaction that tells the worker how long it waited for the lock (see Worker._waited)."""
+class _Write:
+    """A worker's write transaction (``immediate``) that tells the worker how long it waited for the lock.
 
-    __slots__ = ("held_up", "worker")
+    See Worker._waited.  It wraps ``immediate()``, looked up at each call, so
+    what wraps that (the crash points of test_reliability.py) wraps this too.
+    """
+
+    __slots__ = ("held_up", "transaction", "worker")
 
     def __init__(self, worker: Worker) -> None:
-        super().__init__(worker.conn)
         self.worker = worker
+        self.transaction = immediate(worker.conn)
         self.held_up = False  # whether this worker had to wait long for the lock, up to this transaction
 
     def __enter__(self) -> sqlite3.Connection:
         began = time.monotonic()
         try:
-            conn = super().__enter__()
+            conn = self.transaction.__enter__()
         except sqlite3.Error as e:
             if is_transient(e) and self.worker._refused_since is None:
                 self.worker._refused_since = began
             raise
         self.held_up = self.worker._waited(began)
         return conn
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        self.transaction.__exit__(kind, error, trace)
 
 
 def _file_identity(path: str | None) -> tuple[int, int] | None:
