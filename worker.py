@@ -131,6 +131,10 @@ class DatabaseUnusable(WorkerError):
     """The database cannot be opened, written, or has a schema newer than this code."""
 
 
+class DatabaseReplaced(WorkerError):
+    """The database file was deleted or replaced under the worker: it stopped, so that a restart opens the new one."""
+
+
 class ForkedConnection(WorkerError):
     """A database connection opened in another process was used after fork()."""
 
@@ -341,8 +345,25 @@ def check_policy(*, max_attempts: int | None, backoff: float | None, timeout: Se
 
 
 def check_cron(expression: str, timezone: str | None = None) -> None:
-    """ValueError naming the expression unless it is a valid 5- or 6-field cron."""
-    _cron_iterator(expression, timezone, 0)
+    """ValueError naming the expression unless it is a valid 5- or 6-field cron that fires at all."""
+    try:
+        next_cron_slot(expression, timezone, 0)
+    except NoCronSlot as e:
+        raise ValueError(f"invalid cron expression {expression!r}: it never fires ({e.__cause__})") from e
+
+
+class NoCronSlot(ValueError):
+    """The schedule has no slot after the given time (it never fires, or not before the year 9999)."""
+
+
+# What zoneinfo raises for a name that is not a zone: ZoneInfoNotFoundError (a
+# KeyError), IsADirectoryError for "Europe" (a directory of zones), ValueError
+# for paths and odd characters (UnicodeEncodeError is one), OSError for a name
+# too long for the filesystem, TypeError for a non-string.
+_BAD_ZONE_ERRORS = (KeyError, OSError, ValueError, TypeError)
+# What croniter (and datetime) raise for an expression they cannot parse, or a
+# moment they cannot count from or to (a slot near the year 9999 overflows).
+_BAD_CRON_ERRORS = (CroniterError, ValueError, KeyError, TypeError, IndexError, OverflowError, OSError)
 
 
 def _cron_iterator(expression: str, timezone: str | None, after_ms: int) -> croniter:
@@ -354,20 +375,56 @@ def _cron_iterator(expression: str, timezone: str | None, after_ms: int) -> cron
         )
     try:
         zone = zoneinfo.ZoneInfo(timezone or "UTC")
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
-        raise ValueError(f"invalid cron timezone {timezone!r}") from e
-    start = datetime.fromtimestamp(after_ms / 1000, zone)
+    except _BAD_ZONE_ERRORS as e:
+        raise ValueError(f"invalid cron timezone {timezone!r}: {type(e).__name__}") from e
+    try:
+        start = datetime.fromtimestamp(after_ms / 1000, zone)
+    except (OverflowError, ValueError, OSError) as e:
+        raise NoCronSlot(f"cron expression {expression!r}: no slot after epoch ms {after_ms}: {e}") from e
     try:
         # Six fields read seconds FIRST ("*/3 * * * * *" = every 3 seconds), as the
         # cron library of the system we replace did.
         return croniter(expression, start, second_at_beginning=len(fields) == 6)
-    except (CroniterError, ValueError, KeyError) as e:
+    except _BAD_CRON_ERRORS as e:
         raise ValueError(f"invalid cron expression {expression!r}: {e}") from e
 
 
+def _fixed_time(expression: str) -> bool:
+    """Whether a schedule fires at fixed wall-clock times: neither its minute nor its hour field starts with '*'.
+
+    Vixie cron's rule (its MIN_STAR and HR_STAR flags): "*/15 * * * *",
+    "0 * * * *" and "* 2 * * *" count elapsed time; "30 2 * * *" and
+    "0 1-3 * * *" name times on the clock.
+    """
+    fields = expression.split()
+    minute, hour = fields[-5:-3]  # six fields put seconds first
+    return not minute.startswith("*") and not hour.startswith("*")
+
+
+def _repeated_wall_time(slot: datetime) -> bool:
+    """Whether ``slot`` is the second time its wall-clock time occurs (the hour repeated when DST ends)."""
+    local = datetime.fromtimestamp(slot.timestamp(), slot.tzinfo)
+    return local.fold == 1 and local.replace(fold=0).utcoffset() != local.utcoffset()
+
+
 def next_cron_slot(expression: str, timezone: str | None, after_ms: int) -> int:
-    """The first slot of the schedule strictly after ``after_ms`` (epoch ms)."""
-    slot = _cron_iterator(expression, timezone, after_ms).get_next(datetime)
+    """The first slot of the schedule strictly after ``after_ms`` (epoch ms).
+
+    When summer time ends, a schedule of fixed times runs a time of the
+    repeated hour once, at its first occurrence; one whose minute or hour field
+    starts with '*' runs in both copies of the hour, as Vixie cron does.  Where
+    the clock skips an hour, croniter runs the missing times at the hour after.
+    ValueError (NoCronSlot) when there is no next slot.
+    """
+    iterator = _cron_iterator(expression, timezone, after_ms)
+    start = iterator.get_current(datetime)
+    try:
+        slot = iterator.get_next(datetime)
+        if _fixed_time(expression):
+            while _repeated_wall_time(slot):
+                slot = iterator.get_next(datetime)
+    except _BAD_CRON_ERRORS as e:
+        raise NoCronSlot(f"cron expression {expression!r} has no slot after {start.isoformat()}: {e}") from e
     slot_ms: int = round(slot.timestamp() * 1000)
     return slot_ms
 
@@ -696,6 +753,43 @@ class _Immediate:
                 self.conn.execute("ROLLBACK")
 
 
+class _Write:
+    """A worker's write transaction (``immediate``) that tells the worker how long it waited for the lock.
+
+    See Worker._waited.  It wraps ``immediate()``, looked up at each call, so
+    what wraps that (the crash points of test_reliability.py) wraps this too.
+    """
+
+    __slots__ = ("held_up", "transaction", "worker")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transaction = immediate(worker.conn)
+        self.held_up = False  # whether this worker had to wait long for the lock, up to this transaction
+
+    def __enter__(self) -> sqlite3.Connection:
+        began = time.monotonic()
+        try:
+            conn = self.transaction.__enter__()
+        except sqlite3.Error as e:
+            if is_transient(e) and self.worker._refused_since is None:
+                self.worker._refused_since = began
+            raise
+        self.held_up = self.worker._waited(began)
+        return conn
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        self.transaction.__exit__(kind, error, trace)
+
+
+def _file_identity(path: str | None) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at ``path`` (None for no path)."""
+    if path is None:
+        return None
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
+
+
 def _scalar(conn: sqlite3.Connection, sql: str, params: Any = None) -> Any:
     """The first column of the first row (None when there is no row)."""
     row = conn.execute(sql, () if params is None else params).fetchone()
@@ -781,6 +875,11 @@ INSERT_UNLESS_TAGGED_SQL = (
 )
 
 PENDING_WITH_TAG_SQL = f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE tag = :tag AND status = 'pending'"
+# A run of this very schedule that is running now (walks the tag index).
+RUNNING_CRON_RUN_SQL = """
+SELECT id FROM worker_jobs
+ WHERE tag = :tag AND status = 'running' AND cron_schedule = :cron AND cron_timezone IS :timezone LIMIT 1
+"""
 
 # The newest slot of a schedule that was (or is being) run; walks the tag index
 # backwards, so it stops after a row or two however long the history.
@@ -1672,6 +1771,10 @@ class Worker:
 
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection opened
+        # The file to watch for replacement (absolute: a job may chdir); none for ":memory:" and URIs.
+        self._file_path = None if self.db.startswith(("file:", ":memory:")) else os.path.abspath(self.db)
+        self._replaced: str | None = None  # why the worker stopped: its file was replaced
         self._started_up = False
         # Claimed and not yet recorded: started, or waiting in _todo for a thread.
         self._running: dict[int, Job] = {}
@@ -1710,6 +1813,9 @@ class Worker:
         self._next_heartbeat = 0
         self._next_rescue = 0
         self._busy_backoff = 0.0
+        # time.monotonic() since when this worker's writes have been refused as
+        # busy (None while they go through): how long it has waited for the lock.
+        self._refused_since: float | None = None
 
     # -- connection ---------------------------------------------------------------
 
@@ -1724,6 +1830,7 @@ class Worker:
                 conn.close()  # not kept: the next use would take it for one with the schema applied
                 raise
             self._conn, self._pid = conn, _process_id
+            self._file = _file_identity(self._file_path)
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
         return self._conn
@@ -1743,6 +1850,7 @@ class Worker:
         """Open the database and run the @on_startup hooks (once)."""
         if self._started_up:
             return
+        began = time.monotonic()
         self.conn  # noqa: B018 -- fail early, before any hook runs, if the database is unusable
         if self.cron:
             self.sync_cron()
@@ -1756,6 +1864,7 @@ class Worker:
                  "queues": ",".join(self.queues) if self.queues else None, "version": __version__,
                  "types": self._known_types()},
             )  # fmt: skip
+        self._waited(began)  # a start that waited for another writer's lock judges no lease at once
         for hook in STARTUP_HOOKS:
             hook(self.app)
         self._started_up = True
@@ -1777,7 +1886,17 @@ class Worker:
                 pending = Job.from_row(row) if row else None
                 if pending and (pending.cron_schedule, pending.cron_timezone) == (job_type.cron, job_type.timezone):
                     continue
-                due = first_free_cron_slot(self.conn, tag, job_type.cron, job_type.timezone, now)
+                schedule = {"tag": tag, "cron": job_type.cron, "timezone": job_type.timezone}
+                if pending is None and self.conn.execute(RUNNING_CRON_RUN_SQL, schedule).fetchone():
+                    # A run is under way (or its worker died): when it ends, or its
+                    # retry chain does, it schedules the next slot itself.  A pending
+                    # row now would take the tag and drop the retry of a rescued run.
+                    continue
+                try:
+                    due = first_free_cron_slot(self.conn, tag, job_type.cron, job_type.timezone, now)
+                except ValueError as e:  # a slot written by another program, say in the year 9999
+                    logger.error("cron job %s: cannot schedule its next run: %s", job_type.name, e)
+                    continue
                 row = producer._new_row(
                     job_type.name, None, at=due / 1000, tag=tag, cron=job_type.cron, timezone=job_type.timezone, now=now
                 )
@@ -1813,7 +1932,7 @@ class Worker:
     def claim(self, limit: int, now: int | None = None) -> list[Job]:
         """Claim up to ``limit`` due jobs in one write transaction."""
         now = self.now() if now is None else now
-        with immediate(self.conn):
+        with self._write():
             return self._claim(limit, now)
 
     def _claim(self, limit: int, now: int) -> list[Job]:
@@ -1892,7 +2011,7 @@ class Worker:
     def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
         """Write outcomes (and any retries) in one write transaction."""
         now = self.now() if now is None else now
-        with immediate(self.conn):
+        with self._write():
             notes = self._record(outcomes, now)
         _emit(notes)
 
@@ -1976,10 +2095,33 @@ class Worker:
         delay = min(base * backoff**failures_before, cap)
         return round(delay * self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
 
+    def _write(self) -> _Write:
+        """A write transaction of the worker's own (BEGIN IMMEDIATE) that times its wait for the lock."""
+        return _Write(self)
+
+    def _waited(self, since: float) -> bool:
+        """A write got the lock, after trying since ``since`` (monotonic); True if that took long.
+
+        While another process (or a job) holds the write lock, no worker can
+        renew its leases, so a lease can run out under a live worker.  A worker
+        that itself waited for the lock longer than a heartbeat interval
+        (lease/3) therefore judges no lease until the database has been
+        writable for a lease: by then every live worker has renewed its own.
+        """
+        refused_since, self._refused_since = self._refused_since, None
+        waited_ms = (time.monotonic() - (since if refused_since is None else refused_since)) * 1000
+        if waited_ms <= self.lease_ms / 3:
+            return False
+        postponed_until = self.now() + self.lease_ms
+        logger.warning("waited %.1f s for the write lock: no job is taken for lost before %s, a lease from now",
+                       waited_ms / 1000, iso_time(postponed_until))  # fmt: skip
+        self._next_rescue = max(self._next_rescue, postponed_until)
+        return True
+
     def heartbeat(self, now: int | None = None) -> None:
         """Extend the lease of every job this worker is running, and say it is alive."""
         now = self.now() if now is None else now
-        with immediate(self.conn):
+        with self._write():
             self.conn.execute(HEARTBEAT_SQL, {"lease_until": now + self.lease_ms, "owner": self.owner})
             running = len(self._running) - self._todo.qsize()  # not counting jobs claimed ahead
             self.conn.execute(PROCESS_HEARTBEAT_SQL, {"id": self.owner, "now": now, "running": running})
@@ -1987,8 +2129,11 @@ class Worker:
     def rescue(self, now: int | None = None) -> int:
         """Fail running rows whose lease expired (their worker died) and retry them."""
         now = self.now() if now is None else now
-        with immediate(self.conn):
-            notes = self._rescue(now)
+        write = self._write()
+        with write:
+            # A lease that ran out while this worker waited for the lock may have
+            # run out because its holder waited too (_waited postponed the sweep).
+            notes = [] if write.held_up else self._rescue(now)
         _emit(notes)
         return len(notes)
 
@@ -2102,6 +2247,8 @@ class Worker:
         finally:
             with self._loop:
                 self._shut_down()
+        if self._replaced is not None:
+            raise DatabaseReplaced(self._replaced)
 
     def _start_up_when_unlocked(self) -> bool:
         """start_up(), waiting while another process holds the write lock; False if stop() came first.
@@ -2228,7 +2375,7 @@ class Worker:
         kept = None
         if self._unrecorded or want_claim:
             try:
-                with immediate(self.conn):
+                with self._write():
                     notes = self._record(self._unrecorded, now)
                     if want_claim:
                         claimed = self._claim(free, now)
@@ -2259,6 +2406,34 @@ class Worker:
             (self._watcher.armed.set if self._wants_commits else self._watcher.armed.clear)()
         self._housekeeping(now)
         return kept
+
+    def _notice_file_replaced(self) -> None:
+        """Stop (run() then raises DatabaseReplaced) if the path no longer names the file the connection has open.
+
+        Deleted or replaced (a restored backup moved into place, the file
+        removed and made anew), the old file lives on under this worker alone:
+        it would claim nothing enqueued since.  A fresh process is the one state
+        known to be right (the worker's own connection, those of its jobs and
+        the -wal it watches all hold the old file), so the worker stops as on
+        SIGTERM and exits 1, and its supervisor (`--processes`, systemd's
+        Restart=) starts it on the new file.  Closing the old connection is
+        safe: SQLite neither checkpoints into nor deletes the -wal and -shm of
+        a database file that has moved.
+        """
+        if self._file is None or self._replaced is not None:
+            return
+        try:
+            now_there = _file_identity(self._file_path)
+        except FileNotFoundError:
+            now_there = None
+        except OSError:
+            return  # cannot look (permissions): no evidence either way
+        if now_there == self._file:
+            return
+        self._replaced = (f"database file {self.db} was {'deleted' if now_there is None else 'replaced'} under the "
+                          "worker; stopping, so that a restart opens the file now there")  # fmt: skip
+        logger.error("%s", self._replaced)
+        self.stop()
 
     def _notice_clock_jump(self, now: int, monotonic: float) -> None:
         """After the wall clock jumps forward, heartbeat at once and sweep for lost jobs only a lease later.
@@ -2402,10 +2577,12 @@ class Worker:
             if now >= self._next_heartbeat:
                 self.heartbeat(now)
                 self._next_heartbeat = now + self.lease_ms // 3
+                self._notice_file_replaced()
             if now >= self._next_rescue:
                 self.rescue(now)
-                # Jitter keeps several workers from sweeping in lockstep.
-                self._next_rescue = now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0))
+                # Jitter keeps several workers from sweeping in lockstep; max: a
+                # sweep that waited for the lock was postponed further (_waited).
+                self._next_rescue = max(self._next_rescue, now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0)))
         except sqlite3.Error as e:
             # Postponed, not given up: the next tick tries again.
             logger.log(logging.WARNING if is_transient(e) else logging.ERROR, "heartbeat or rescue failed: %s", e)

@@ -49,6 +49,7 @@ from worker import (
     list_jobs,
     load_jobs,
     logger,
+    next_cron_slot,
     option_help,
     positive,
     printable,
@@ -463,10 +464,11 @@ def _check_command(db: str) -> int:
     """The jobs module imported (else we exited 2 already); now cron rows and the schema."""
     conn = connect_readonly(db)
     try:
-        for row in conn.execute("SELECT id, type, cron_schedule, cron_timezone FROM worker_jobs "
-                                "WHERE status = 'pending' AND cron_schedule IS NOT NULL"):  # fmt: skip
+        for row in conn.execute("SELECT id, type, cron_schedule, cron_timezone, coalesce(cron_slot, due) "
+                                "FROM worker_jobs WHERE status = 'pending' AND cron_schedule IS NOT NULL"):  # fmt: skip
             try:
                 check_cron(row[2], row[3])
+                next_cron_slot(row[2], row[3], row[4])  # the run after this one: its slot may be past the year 9999
             except ValueError as e:
                 raise ConfigError(f"pending job {row[0]} {row[1]}: {e}") from e
     finally:
