@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import HERE
 
 EXAMPLES = HERE / "examples"
@@ -153,3 +155,137 @@ def test_flask_request_commits_the_order_with_its_job_and_a_request_failing_afte
     succeeded(run(shop, "-m", "worker_cli", "run", "--burst", env=env))
     assert query(db, "SELECT id, receipt_sent FROM orders") == [(1, 1)]
     assert jobs_in(db) == [("send_receipt", '{"order_id":1}', "succeeded", '{"sent_to":"ada@example.com"}')]
+
+
+# --- Django ------------------------------------------------------------------------
+
+DJANGO_SETTINGS = "django_shop.settings"
+DJANGO_REQUESTS = """
+import json
+import django
+
+django.setup()
+from django.test import Client
+
+client = Client()
+answers = [
+    client.post("/orders", {"item": "book", "email": "ada@example.com"}),
+    client.post("/orders", {"item": "lamp", "email": "bob@example.com", "card": "declined"}),
+    client.post("/orders/on-commit", {"item": "pen", "email": "cy@example.com"}),
+]
+print(json.dumps([[answer.status_code, answer.json()] for answer in answers]))
+"""
+
+
+@pytest.fixture
+def django_shop(tmp_path: Path) -> Path:
+    """The Django example, migrated: db.sqlite3 has the shop's table and not yet the worker's."""
+    shop = example("django_shop", tmp_path)
+    succeeded(run(shop, "manage.py", "migrate"))
+    assert query(shop / "db.sqlite3", "SELECT name FROM sqlite_master WHERE name = 'worker_jobs'") == []
+    return shop
+
+
+def test_django_shops_own_tests_pass_with_the_worker_tables_created_in_the_test_database(django_shop: Path) -> None:
+    result = succeeded(run(django_shop, "manage.py", "test", "shop"))
+    assert "Ran 3 tests" in result.stderr and "OK" in result.stderr
+
+
+def test_django_views_enqueue_in_atomic_and_on_commit_and_the_worker_finds_djangos_database_by_its_settings(
+    django_shop: Path,
+) -> None:
+    answers = json.loads(
+        succeeded(
+            run(django_shop, "-c", DJANGO_REQUESTS, env=environment(DJANGO_SETTINGS_MODULE=DJANGO_SETTINGS))
+        ).stdout
+    )
+    assert answers == [
+        [201, {"order": 1, "job": 1}],
+        [402, {"error": "order 2: card declined"}],  # rolled back after the enqueue: no order 2, no job
+        [201, {"order": 2}],  # enqueued by on_commit
+    ]
+    db = django_shop / "db.sqlite3"
+    assert query(db, "SELECT id, item, receipt_sent FROM shop_order") == [(1, "book", 0), (2, "pen", 0)]
+    assert [row[:3] for row in jobs_in(db)] == [
+        ("send_receipt", '{"order_id":1}', "pending"),
+        ("send_receipt", '{"order_id":2}', "pending"),
+    ]
+
+    # No --db: the worker serves Django's default database; the jobs module imports models at module level.
+    succeeded(
+        run(
+            django_shop,
+            "-m",
+            "worker_cli",
+            "run",
+            "--burst",
+            "--django-settings",
+            DJANGO_SETTINGS,
+            "--jobs",
+            "shop.jobs",
+        )
+    )
+    assert query(db, "SELECT id, receipt_sent FROM shop_order") == [(1, 1), (2, 1)]
+    assert [(row[2], json.loads(row[3])) for row in jobs_in(db)] == [
+        ("succeeded", {"sent_to": "ada@example.com"}),
+        ("succeeded", {"sent_to": "cy@example.com"}),
+    ]
+    assert not (django_shop / "worker.db").exists()
+
+    # DJANGO_SETTINGS_MODULE in the environment does what the option does.
+    listed = succeeded(
+        run(
+            django_shop,
+            "-m",
+            "worker_cli",
+            "jobs",
+            "--json",
+            "--type",
+            "send_receipt",
+            env=environment(DJANGO_SETTINGS_MODULE=DJANGO_SETTINGS),
+        )
+    )
+    assert sorted(job["status"] for job in json.loads(listed.stdout)) == ["succeeded", "succeeded"]
+
+
+def test_worker_migrate_with_django_settings_creates_the_worker_tables_in_djangos_database(django_shop: Path) -> None:
+    migrate = ("-m", "worker_cli", "migrate", "--django-settings", DJANGO_SETTINGS)
+    first = succeeded(run(django_shop, *migrate))
+    assert first.stdout.startswith(f"-- {django_shop / 'db.sqlite3'}: the worker's schema from version 0 to ")
+    assert "CREATE TABLE" in first.stdout
+    assert query(django_shop / "db.sqlite3", "SELECT count(*) FROM worker_jobs") == [(0,)]
+    assert "is current" in succeeded(run(django_shop, *migrate)).stdout
+    assert not (django_shop / "worker.db").exists()
+
+
+def test_a_django_database_other_than_sqlite_is_a_configuration_error(django_shop: Path) -> None:
+    # Django loads the backend's driver in setup() and psycopg is not installed here: its driverless
+    # "dummy" backend stands for PostgreSQL, MySQL or Oracle, which the worker tells apart from SQLite alike.
+    (django_shop / "django_shop" / "settings_elsewhere.py").write_text(
+        "from django_shop.settings import *  # noqa: F403\n"
+        "DATABASES = {'default': {'ENGINE': 'django.db.backends.dummy', 'NAME': 'shop'}}\n"
+    )
+    result = run(
+        django_shop,
+        "-m",
+        "worker_cli",
+        "run",
+        "--burst",
+        "--django-settings",
+        "django_shop.settings_elsewhere",
+        "--jobs",
+        "shop.jobs",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "'django.db.backends.dummy': this worker serves SQLite" in result.stderr
+    assert not (django_shop / "worker.db").exists()
+
+
+def test_without_django_settings_or_db_the_worker_would_use_worker_db_in_the_project_folder(django_shop: Path) -> None:
+    """Why the README tells Django users to pass --django-settings: otherwise nothing points at db.sqlite3."""
+    status = run(django_shop, "-m", "worker_cli", "status")
+    assert (status.returncode, status.stderr) == (3, "worker: cannot open database worker.db: no such file\n")
+    # And the jobs module, which imports models, cannot even be imported without Django's settings.
+    worker_run = run(django_shop, "-m", "worker_cli", "run", "--burst", "--jobs", "shop.jobs")
+    assert worker_run.returncode == 2
+    assert "settings are not configured" in worker_run.stderr
