@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -289,3 +290,16 @@ def test_without_django_settings_or_db_the_worker_would_use_worker_db_in_the_pro
     worker_run = run(django_shop, "-m", "worker_cli", "run", "--burst", "--jobs", "shop.jobs")
     assert worker_run.returncode == 2
     assert "settings are not configured" in worker_run.stderr
+
+
+# --- The README ------------------------------------------------------------------------
+
+# A snippet of an example in README.md is the fenced block right after a comment naming its file.
+SNIPPET = re.compile(r"<!-- from (examples/\S+) -->\n```\w*\n(.*?)```", re.DOTALL)
+
+
+def test_readme_snippets_of_the_examples_are_excerpts_of_the_tested_files() -> None:
+    snippets = SNIPPET.findall((HERE / "README.md").read_text())
+    assert {Path(path).parts[1] for path, _ in snippets} == {"sqlite3_app", "flask_sqlalchemy", "django_shop"}
+    for path, snippet in snippets:
+        assert snippet in (HERE / path).read_text(), f"README's snippet of {path} is not in that file:\n{snippet}"
