@@ -1359,7 +1359,9 @@ def _dbapi_connection(db: Any) -> Any:
 
     Duck-typed, so that neither is ever imported here; anything else is returned as it is.
     """
-    if type(db).__module__.startswith("django.db.backends.") and callable(getattr(db, "ensure_connection", None)):
+    # django.db.connection is a proxy (django.utils.connection) to this thread's wrapper (django.db.backends...).
+    django_module = type(db).__module__.startswith(("django.db.backends.", "django.utils.connection"))
+    if django_module and callable(getattr(db, "ensure_connection", None)):
         db.ensure_connection()  # Django's connection wrapper: the sqlite3 connection it wraps
         return db.connection
     if not type(db).__module__.startswith("sqlalchemy."):

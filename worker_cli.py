@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     _set_up_django(args)
-    if args.command in ("run", "enqueue", "schema"):
+    if args.command in ("run", "enqueue", "schema", "migrate"):
         return run_engine_command(args, supervise=supervise)
     configure_logging(setting(args, "log_level", str, "INFO"), setting(args, "log_format", str, "text"))
     db = sqlite_path(args.db) if getattr(args, "db", None) else resolve_db_path()
