@@ -144,3 +144,29 @@ INSERT INTO worker_finished_per_minute (minute, queue, status, count)
 SELECT finished - finished % 60000, queue, status, count(*) FROM worker_jobs
  WHERE finished IS NOT NULL AND status IN ('succeeded', 'failed', 'cancelled')
  GROUP BY 1, 2, 3;
+
+-- version 4
+
+-- Values that no row can hold, refused for every writer when the row is
+-- inserted (a CHECK cannot be added to an existing table without rebuilding it;
+-- a trigger can).  Durations are at most 100 years (use persistent = 1 to keep
+-- a row forever); attempts, max_attempts and deaths at most 2^31-1, so no sum
+-- the worker makes with them leaves SQLite's 64-bit integers, which in this
+-- STRICT table would be a REAL it refuses.  A running row needs a lease, or no
+-- one could ever tell that its worker is gone.  The worker copes with such
+-- values in rows written before this version (worker.py, MAX_DURATION_MS).
+-- UPDATEs are not checked: a trigger on them would cost every claim and finish.
+CREATE TRIGGER IF NOT EXISTS worker_jobs_refuse_invalid BEFORE INSERT ON worker_jobs
+WHEN NEW.deaths NOT BETWEEN 0 AND 2147483647 OR NEW.attempt > 2147483647 OR NEW.max_attempts > 2147483647
+  OR NEW.retry_delay_ms > 3155760000000 OR NEW.timeout_ms > 3155760000000 OR NEW.keep_ms > 3155760000000
+  OR (NEW.status = 'running' AND NEW.lease_until IS NULL)
+BEGIN
+    SELECT RAISE(ABORT, 'worker_jobs: deaths must be between 0 and 2147483647')
+     WHERE NEW.deaths NOT BETWEEN 0 AND 2147483647;
+    SELECT RAISE(ABORT, 'worker_jobs: attempt and max_attempts must be at most 2147483647')
+     WHERE NEW.attempt > 2147483647 OR NEW.max_attempts > 2147483647;
+    SELECT RAISE(ABORT, 'worker_jobs: retry_delay_ms, timeout_ms and keep_ms must be at most 3155760000000 (100 years)')
+     WHERE NEW.retry_delay_ms > 3155760000000 OR NEW.timeout_ms > 3155760000000 OR NEW.keep_ms > 3155760000000;
+    SELECT RAISE(ABORT, 'worker_jobs: a running row needs a lease_until (only a worker claims rows)')
+     WHERE NEW.status = 'running' AND NEW.lease_until IS NULL;
+END;

@@ -51,6 +51,7 @@ from worker import (
     list_jobs,
     load_jobs,
     logger,
+    missing_schema_objects,
     resolve_db_path,
     schema_version,
     status,
@@ -565,8 +566,11 @@ def _check_command(db: str) -> int:
                 check_cron(row[2], row[3])
             except ValueError as e:
                 raise ConfigError(f"pending job {row[0]} {row[1]}: {e}") from e
+        missing = missing_schema_objects(conn)
     finally:
         conn.close()
+    if missing:  # say so: the worker names some of them in its SQL
+        raise DatabaseUnusable(f"schema objects missing: {', '.join(missing)} (the worker re-creates them at start)")
     declared = sorted(name for name, job_type in REGISTRY.items() if job_type.cron)
     print(f"ok: {len(REGISTRY)} job types, {len(declared)} cron jobs, schema version {schema_version()}")
     return EXIT_OK
