@@ -2,9 +2,10 @@
 --
 -- The worker applies this file at start.  Each "-- version N" section runs once,
 -- in order, inside one transaction, and PRAGMA user_version records the last
--- section applied.  Sections add tables, columns and indexes, or drop an index
--- the worker no longer reads; never a column, so a database written by an
--- older worker keeps working.  Never edit a released section.
+-- section applied.  Sections add tables, columns, indexes and triggers, or drop
+-- an index the worker no longer reads; never a column, so a database written by
+-- an older worker keeps working.  Never edit a released section.  A table, index
+-- or trigger dropped by hand is re-created when a worker starts (apply_schema).
 --
 -- One row per invocation of a job.  A retry or the next run of a cron job is a
 -- NEW row whose rescheduled_from_job points back, so every attempt keeps its

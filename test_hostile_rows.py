@@ -524,3 +524,24 @@ def test_policy_counts_no_more_deaths_than_attempts(make_worker: Any) -> None:
     job = worker.Job(id=1, type="boom", data={}, attempt=2, deaths=NINE, max_attempts=2)
     assert worker._deaths(job) == 1
     assert w.retry_delay_ms(job) == 10_000
+
+
+def schema_of(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    return conn.execute(
+        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite%' ORDER BY name"
+    ).fetchall()
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_a_database_of_an_earlier_version_upgrades_to_the_fresh_schema_trigger_included(
+    tmp_path: Path, version: int
+) -> None:
+    fresh = create_database(tmp_path / "fresh.db")
+    sections = worker.schema_sections()
+    with contextlib.closing(sqlite3.connect(tmp_path / "old.db", isolation_level=None)) as old:
+        old.executescript("".join(sql for _, sql in sections[:version]) + f"\nPRAGMA user_version = {version};")
+    with contextlib.closing(worker.connect(tmp_path / "old.db")) as upgraded:
+        assert worker.apply_schema(upgraded) == worker.schema_version() == 4
+        with contextlib.closing(sqlite3.connect(fresh)) as made:
+            assert schema_of(upgraded) == schema_of(made)
+        assert TRIGGER in {name for _, name, _ in schema_of(upgraded)}

@@ -1594,8 +1594,8 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
-        if to_ms(lease) < 100:
-            raise ConfigError("lease must be at least 0.1 s")
+        if not 100 <= to_ms(lease) <= MAX_DURATION_MS:
+            raise ConfigError("lease must be at least 0.1 s (and at most 100 years)")
         if max_deaths < 1:
             raise ConfigError("max_deaths must be at least 1")
         if prefetch < 0:
