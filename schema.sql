@@ -4,9 +4,10 @@
 -- migrate` on demand).  Each "-- version N" section runs once, in order, inside
 -- one transaction, and the table worker_schema records the last section
 -- applied (PRAGMA user_version is the app's: the worker never reads or writes
--- it).  Sections add tables, columns and indexes, or drop an index the worker
--- no longer reads; never a column, so a database written by an older worker
--- keeps working.  Never edit a released section.
+-- it).  Sections add tables, columns, indexes and triggers, or drop an index
+-- the worker no longer reads; never a column, so a database written by an older
+-- worker keeps working.  Never edit a released section.  A table, index or
+-- trigger dropped by hand is re-created when a worker starts (apply_schema).
 --
 -- One row per invocation of a job.  A retry or the next run of a cron job is a
 -- NEW row whose rescheduled_from_job points back, so every attempt keeps its
@@ -164,3 +165,29 @@ CREATE TABLE IF NOT EXISTS worker_schema (
 -- new code knows waits for a new worker, and `worker status` can name the
 -- pending rows that no live worker runs.  NULL: a worker of schema 4 or older.
 ALTER TABLE worker_processes ADD COLUMN types TEXT;
+
+-- version 6
+
+-- Values that no row can hold, refused for every writer when the row is
+-- inserted (a CHECK cannot be added to an existing table without rebuilding it;
+-- a trigger can).  Durations are at most 100 years (use persistent = 1 to keep
+-- a row forever); attempts, max_attempts and deaths at most 2^31-1, so no sum
+-- the worker makes with them leaves SQLite's 64-bit integers, which in this
+-- STRICT table would be a REAL it refuses.  A running row needs a lease, or no
+-- one could ever tell that its worker is gone.  The worker copes with such
+-- values in rows written before this version (worker.py, MAX_DURATION_MS).
+-- UPDATEs are not checked: a trigger on them would cost every claim and finish.
+CREATE TRIGGER IF NOT EXISTS worker_jobs_refuse_invalid BEFORE INSERT ON worker_jobs
+WHEN NEW.deaths NOT BETWEEN 0 AND 2147483647 OR NEW.attempt > 2147483647 OR NEW.max_attempts > 2147483647
+  OR NEW.retry_delay_ms > 3155760000000 OR NEW.timeout_ms > 3155760000000 OR NEW.keep_ms > 3155760000000
+  OR (NEW.status = 'running' AND NEW.lease_until IS NULL)
+BEGIN
+    SELECT RAISE(ABORT, 'worker_jobs: deaths must be between 0 and 2147483647')
+     WHERE NEW.deaths NOT BETWEEN 0 AND 2147483647;
+    SELECT RAISE(ABORT, 'worker_jobs: attempt and max_attempts must be at most 2147483647')
+     WHERE NEW.attempt > 2147483647 OR NEW.max_attempts > 2147483647;
+    SELECT RAISE(ABORT, 'worker_jobs: retry_delay_ms, timeout_ms and keep_ms must be at most 3155760000000 (100 years)')
+     WHERE NEW.retry_delay_ms > 3155760000000 OR NEW.timeout_ms > 3155760000000 OR NEW.keep_ms > 3155760000000;
+    SELECT RAISE(ABORT, 'worker_jobs: a running row needs a lease_until (only a worker claims rows)')
+     WHERE NEW.status = 'running' AND NEW.lease_until IS NULL;
+END;

@@ -46,6 +46,7 @@ import functools
 import importlib
 import json
 import logging
+import math
 import os
 import queue as queue_module
 import random
@@ -105,6 +106,16 @@ PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given
 
 STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
 
+# What a row may hold.  SQLite's integers are 64-bit, and a sum that leaves that
+# range (now + keep_ms) becomes a REAL, which the STRICT table refuses; Python's
+# datetime ends at year 9999.  So the API refuses values beyond these, the
+# table refuses durations and counts beyond them (schema.sql, version 4), and
+# the worker clamps what an older row may still hold before any arithmetic.
+MAX_DURATION_MS = 100 * 31_557_600_000  # 100 years of 365.25 days: retry_delay_ms, timeout_ms, keep_ms
+MAX_COUNT = 2**31 - 1  # attempt, max_attempts, deaths
+MIN_TIME_MS, MAX_TIME_MS = -62_135_596_800_000, 253_402_300_799_999  # 0001-01-01 and 9999-12-31T23:59:59.999Z
+MAX_INTEGER = 2**63 - 1  # priority: any value SQLite can hold
+
 Seconds = float | int | timedelta
 
 
@@ -148,6 +159,8 @@ def to_ms(duration: Seconds) -> int:
         duration = duration.total_seconds()
     if isinstance(duration, bool) or not isinstance(duration, (int, float)):
         raise TypeError(f"a duration must be seconds or a timedelta, not {duration!r}")
+    if not math.isfinite(duration):
+        raise ValueError(f"a duration must be a finite number of seconds, not {duration!r}")
     return round(duration * 1000)
 
 
@@ -157,6 +170,8 @@ def epoch_ms(moment: datetime | float) -> int:
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         return round(moment.timestamp() * 1000)
+    if isinstance(moment, bool) or not isinstance(moment, (int, float)) or not math.isfinite(moment):
+        raise ValueError(f"a time must be a datetime or epoch seconds, not {moment!r}")
     return round(moment * 1000)
 
 
@@ -166,7 +181,17 @@ def _optional_ms(duration: Seconds | None, name: str) -> int | None:
     ms = to_ms(duration)
     if ms < 0:
         raise ValueError(f"{name} must not be negative, got {duration!r}")
+    if ms > MAX_DURATION_MS:
+        raise ValueError(f"{name} must be at most 100 years ({MAX_DURATION_MS // 1000} s), got {duration!r}")
     return ms
+
+
+def _check_integer(value: Any, name: str, low: int, high: int) -> None:
+    """ValueError unless ``value`` is an int in [low, high] (a bool is not an integer here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, not {value!r}")
 
 
 # --- The row --------------------------------------------------------------------
@@ -230,6 +255,56 @@ class Job:
             values[_RESULT] = json.loads(values[_RESULT])
         values[_PERSISTENT] = bool(values[_PERSISTENT])
         return cls(*values)
+
+
+class UnreadableRow(WorkerError):
+    """A row the worker cannot turn into a job (text that is not UTF-8, data Python's json cannot decode)."""
+
+
+@contextlib.contextmanager
+def _text_as_bytes(conn: sqlite3.Connection) -> Iterator[None]:
+    """Read text columns as bytes: a text that is not UTF-8 can then be read, and named."""
+    conn.text_factory = bytes
+    try:
+        yield
+    finally:
+        conn.text_factory = str
+
+
+def read_row(raw: Iterable[Any]) -> Job:
+    """A Job from a row selected as SELECT_COLUMNS with text as bytes; UnreadableRow says why it cannot be one."""
+    values = list(raw)
+    for index, value in enumerate(values):
+        if isinstance(value, bytes):
+            try:
+                values[index] = value.decode()
+            except UnicodeDecodeError:
+                raise UnreadableRow(f"its {COLUMNS[index]} is not valid UTF-8 ({_excerpt(value)})") from None
+    for index in (_DATA, _RESULT):
+        try:
+            if values[index] is not None:
+                json.loads(values[index])
+        except RecursionError:
+            raise UnreadableRow(f"its {COLUMNS[index]} is JSON nested too deep for the worker to decode") from None
+        except ValueError as e:
+            raise UnreadableRow(f"its {COLUMNS[index]} cannot be decoded: {e}") from None
+    return Job.from_row(values)
+
+
+def unreadable_job(raw: Iterable[Any]) -> Job:
+    """What can be told of a row read_row refused: enough to fence, count and log it (bad text shown replaced)."""
+    values = dict(zip(COLUMNS, raw, strict=True))
+
+    def text(value: Any) -> Any:
+        return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+    return Job(id=values["id"], type=text(values["type"]), data={}, status="running", queue=text(values["queue"]),
+               attempt=values["attempt"], tag=text(values["tag"]))  # fmt: skip
+
+
+def _excerpt(value: bytes) -> str:
+    shown = value[:40].decode(errors="backslashreplace")
+    return shown + ("..." if len(value) > 40 else "")
 
 
 # --- The registry ---------------------------------------------------------------
@@ -334,14 +409,16 @@ def job(
 
 def check_policy(*, max_attempts: int | None, backoff: float | None, timeout: Seconds | None) -> None:
     """ValueError unless a retry policy is usable: the same rules for @job and enqueue."""
-    if max_attempts is not None and (isinstance(max_attempts, bool) or not isinstance(max_attempts, int)):
-        raise ValueError(f"max_attempts must be an integer, not {max_attempts!r}")
-    if max_attempts is not None and max_attempts < 1:
-        raise ValueError(f"max_attempts must be at least 1, not {max_attempts!r}")
-    if backoff is not None and backoff < 1:
-        raise ValueError(f"backoff must be at least 1, not {backoff!r}")
+    if max_attempts is not None:
+        _check_integer(max_attempts, "max_attempts", 1, MAX_COUNT)
+    if backoff is not None:
+        if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not math.isfinite(backoff):
+            raise ValueError(f"backoff must be a finite number, not {backoff!r}")
+        if backoff < 1:
+            raise ValueError(f"backoff must be at least 1, not {backoff!r}")
     if timeout is not None and to_ms(timeout) <= 0:
         raise ValueError(f"timeout must be positive, not {timeout!r}")
+    _optional_ms(timeout, "timeout")  # and at most 100 years
 
 
 def check_cron(expression: str, timezone: str | None = None) -> None:
@@ -448,6 +525,25 @@ def next_cron_due(expression: str, timezone: str | None, previous_slot: int, now
     if following >= now:
         return following, False
     return next_cron_slot(expression, timezone, now - 1), True
+
+
+def retry_delay_ms(base_ms: int, backoff: float, *, failures_before: int, jitter: float = 1.0) -> int:
+    """The delay before a retry: ``base_ms × backoff^failures_before``, growth capped at an hour, times ``jitter``.
+
+    A base longer than the cap is the row's own choice and stands (up to
+    MAX_DURATION_MS).  Whatever a row holds (a backoff of 1e308, infinity, the
+    1,025th failure of a chain), the growth is compared with the cap in
+    logarithms before any power is taken, so nothing can overflow.
+    """
+    base_ms = min(max(base_ms, 0), MAX_DURATION_MS)
+    cap = max(to_ms(MAX_RETRY_DELAY), base_ms)
+    if base_ms == 0 or failures_before <= 0 or not backoff > 1:  # "not >": NaN grows nothing either
+        delay: float = base_ms
+    elif failures_before * math.log(backoff) >= math.log(cap / base_ms):
+        delay = cap
+    else:
+        delay = min(base_ms * backoff**failures_before, cap)
+    return min(round(delay * jitter), MAX_DURATION_MS)
 
 
 def _qualname(fn: Callable[..., Any]) -> str:
@@ -635,18 +731,20 @@ def schema_version() -> int:
 
 
 def apply_schema(conn: Any, *, transaction: Callable[[Any], Any] | None = None) -> int:
-    """Create or upgrade the worker's tables to this code's version; idempotent.  Returns it.
+    """Create or upgrade the worker's tables to this code's version, and re-create any of its objects
+    gone missing; idempotent.  Returns the version.
 
     ``transaction`` is how the DDL is wrapped: by default a write transaction of
     its own; Queue(conn) passes the savepoint that joins the caller's.
     """
     latest = schema_version()
     try:
-        if installed_schema_version(conn) == latest:
+        if installed_schema_version(conn) == latest and not missing_schema_objects(conn):
             return latest  # the common case needs no write lock
         with (transaction or immediate)(conn):
             for statement in schema_statements_after(installed_schema_version(conn)):
                 conn.execute(statement)
+            _restore_schema_objects(conn)
             conn.execute(RECORD_SCHEMA_VERSION_SQL, {"version": latest})
     except sqlite3.Error as e:
         if is_transient(e):
@@ -680,6 +778,10 @@ def installed_schema_version(conn: Any) -> int:
         version = int(recorded)
     elif "worker_jobs" not in names:
         version = 0
+    elif "worker_jobs_refuse_invalid" in names:  # worker_schema, or its row, dropped by hand
+        version = 6
+    elif _scalar(conn, "SELECT count(*) FROM pragma_table_info('worker_processes') WHERE name = 'types'"):
+        version = 5
     elif "worker_finished_per_minute" in names:
         version = 3
     else:
@@ -694,8 +796,41 @@ def installed_schema_version(conn: Any) -> int:
 
 SCHEMA_OBJECTS_SQL = """
 SELECT name FROM sqlite_master
- WHERE name IN ('worker_schema', 'worker_jobs', 'worker_finished_per_minute', 'worker_jobs_next_due')
+ WHERE name IN ('worker_schema', 'worker_jobs', 'worker_finished_per_minute', 'worker_jobs_next_due',
+                'worker_jobs_refuse_invalid')
 """
+
+
+@functools.cache
+def _schema_objects() -> dict[str, tuple[str, str]]:
+    """Name -> (type, CREATE statement) of every table, index and trigger that schema.sql makes, in order."""
+    fresh = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for _, sql in schema_sections():
+            for statement in _statements(sql):
+                fresh.execute(statement)
+        made = fresh.execute(
+            "SELECT name, type, sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite%'"
+            " ORDER BY type <> 'table', rowid"
+        )
+        return {name: (kind, sql) for name, kind, sql in made}
+    finally:
+        fresh.close()
+
+
+def missing_schema_objects(conn: sqlite3.Connection) -> list[str]:
+    """The tables, indexes and triggers of schema.sql that the database lacks ("index worker_jobs_suspect")."""
+    present = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    return [f"{kind} {name}" for name, (kind, _) in _schema_objects().items() if name not in present]
+
+
+def _restore_schema_objects(conn: sqlite3.Connection) -> None:
+    """Re-create, inside the caller's write transaction, what was dropped by hand (the code names some in SQL)."""
+    present = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    for name, (kind, sql) in _schema_objects().items():
+        if name not in present:
+            conn.execute(sql)
+            logger.warning("schema: %s %s was missing; re-created", kind, name)
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -881,20 +1016,27 @@ SELECT id FROM worker_jobs
  WHERE tag = :tag AND status = 'running' AND cron_schedule = :cron AND cron_timezone IS :timezone LIMIT 1
 """
 
+# A new row copies its policy from the old one; clamped, so that a value written
+# before the table refused it (schema version 4) is not refused in the copy.
+COPIED_POLICY = (
+    f"min(max_attempts, {MAX_COUNT}), min(retry_delay_ms, {MAX_DURATION_MS}), backoff,"
+    f" min(timeout_ms, {MAX_DURATION_MS}), min(keep_ms, {MAX_DURATION_MS})"
+)
+
 # The newest slot of a schedule that was (or is being) run; walks the tag index
 # backwards, so it stops after a row or two however long the history.
 # A manual retry: the next attempt of a failed or cancelled row that no retry
 # followed (a retry has a higher attempt; the next cron run starts at 1).  A cron
 # run is retried without its schedule, which has its own pending row; OR IGNORE:
 # a tag that already has a pending row wins.
-MANUAL_RETRY_SQL = """
+MANUAL_RETRY_SQL = f"""
 INSERT OR IGNORE INTO worker_jobs
        (type, data, queue, priority, due, tag, attempt, rescheduled_from_job, created_at, max_attempts,
         retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
 SELECT type, data, queue, priority, :now, CASE WHEN cron_schedule IS NULL THEN tag END, attempt + 1, id, :now,
-       max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent
+       {COPIED_POLICY}, persistent
   FROM worker_jobs AS old
- WHERE id = :id AND status IN ('failed', 'cancelled')
+ WHERE id = :id AND status IN ('failed', 'cancelled') AND attempt < {MAX_COUNT}
    AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
 """
 RETRYABLE_FAILED_SQL = """
@@ -910,11 +1052,14 @@ SELECT cron_slot FROM worker_jobs
  ORDER BY cron_slot DESC LIMIT 1
 """
 
-CANCEL_SQL = """
+# remove_at clamps keep_ms (see MAX_DURATION_MS): a row written before the
+# table refused longer ones would otherwise overflow into a REAL.
+REMOVE_AT = f"CASE WHEN persistent THEN NULL ELSE :now + min(coalesce(keep_ms, :keep_ms), {MAX_DURATION_MS}) END"
+
+CANCEL_SQL = f"""
 UPDATE worker_jobs
-   SET status = 'cancelled', finished = :now, error = :reason,
-       remove_at = CASE WHEN persistent THEN NULL ELSE :now + coalesce(keep_ms, :keep_ms) END
- WHERE {where} AND status = 'pending'
+   SET status = 'cancelled', finished = :now, error = :reason, remove_at = {REMOVE_AT}
+ WHERE {{where}} AND status = 'pending'
 RETURNING finished, queue, status
 """
 
@@ -1271,11 +1416,12 @@ class Queue:
             raise ValueError("give delay or at, not both")
         if tag is not None and (not isinstance(tag, str) or not tag):
             raise ValueError(f"tag must be a non-empty string, not {tag!r}")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority must be an integer, not {priority!r}")
+        _check_integer(priority, "priority", -MAX_INTEGER - 1, MAX_INTEGER)
         check_policy(max_attempts=max_attempts, backoff=backoff, timeout=timeout)
         now = now_ms() if now is None else now
         due = epoch_ms(at) if at is not None else now + (_optional_ms(delay, "delay") or 0)
+        if not MIN_TIME_MS <= due <= MAX_TIME_MS:
+            raise ValueError(f"the job would be due {'after 9999' if due > 0 else 'before year 1'} (due {due} ms)")
         return {
             "type": type,
             "data": encode_data(data),
@@ -1408,8 +1554,8 @@ def default_keep_ms(*, succeeded: bool) -> int:
         keep = float(raw)
     except ValueError:
         keep = -1
-    if keep < 0:
-        raise ConfigError(f"invalid {variable}={raw!r}: must be seconds, 0 or more")
+    if not 0 <= keep <= MAX_DURATION_MS / 1000:  # NaN too
+        raise ConfigError(f"invalid {variable}={raw!r}: must be seconds, 0 to 100 years")
     return to_ms(keep)
 
 
@@ -1541,7 +1687,7 @@ class Outcome:
     result: str | None = None  # JSON text
     error: str | None = None
     seconds: float = 0.0
-    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown
+    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown | unrecordable
     started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
     follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
 
@@ -1582,36 +1728,41 @@ SELECT min((SELECT min(due) FROM worker_jobs WHERE status = 'pending' AND priori
 # its lease (its job was rescued, given back, or timed out) changes nothing.
 # `started` becomes the moment the function was called (a job claimed ahead
 # waited after its claim); `finished` is the step's time, never before that.
-FINISH_SQL = """
+FINISH_SQL = f"""
 UPDATE worker_jobs
    SET status = :status, result = :result, error = :error, lease_until = NULL,
-       started = coalesce(:started, started), finished = max(:now, coalesce(:started, 0)),
-       remove_at = CASE WHEN persistent THEN NULL ELSE :now + coalesce(keep_ms, :keep_ms) END
+       started = coalesce(:started, started), finished = max(:now, coalesce(:started, 0)), remove_at = {REMOVE_AT}
  WHERE id = :id AND status = 'running' AND owner = :owner
 """
 
 # OR IGNORE: a newer pending job with the same tag supersedes the retry.  A
 # retry keeps the cron slot of the run it repeats.
-RETRY_SQL = """
+RETRY_SQL = f"""
 INSERT OR IGNORE INTO worker_jobs
        (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
         rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
         keep_ms, persistent)
 SELECT type, data, queue, priority, :due, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
-       id, :now, :deaths, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent
+       id, :now, :deaths, {COPIED_POLICY}, persistent
   FROM worker_jobs WHERE id = :id
 """
 
 # The next run of a recurring job: a fresh chain (attempt 1, no deaths) for the
 # next slot.  OR IGNORE: when another writer already made the pending row for
 # this tag (a worker syncing a changed schedule), that one stands.
-NEXT_CRON_RUN_SQL = """
+NEXT_CRON_RUN_SQL = f"""
 INSERT OR IGNORE INTO worker_jobs
        (type, data, queue, priority, due, tag, cron_schedule, cron_timezone, cron_slot,
         rescheduled_from_job, created_at, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
 SELECT type, data, queue, priority, :due, tag, cron_schedule, cron_timezone, :due,
-       id, :now, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent
+       id, :now, {COPIED_POLICY}, persistent
   FROM worker_jobs WHERE id = :id
+"""
+
+# The rows a claim just took (only read again when one of them could not be read).
+CLAIMED_NOW_SQL = f"""
+SELECT {SELECT_COLUMNS} FROM worker_jobs
+ WHERE status = 'running' AND lease_until = :lease_until AND owner = :owner AND started = :now
 """
 
 HEARTBEAT_SQL = """
@@ -1626,10 +1777,14 @@ SELECT {SELECT_COLUMNS} FROM worker_jobs
  WHERE status = 'running' AND lease_until < :now AND owner IS NOT :owner
 """
 
-RESCUE_SQL = """
+# A running row with no lease (another program's INSERT or UPDATE; the table
+# refuses new ones since schema version 4) has no holder to renew it: its lease
+# is taken as lapsed long ago, so the sweep below rescues it like any other.
+LEASE_THE_UNLEASED_SQL = "UPDATE worker_jobs SET lease_until = 0 WHERE status = 'running' AND lease_until IS NULL"
+
+RESCUE_SQL = f"""
 UPDATE worker_jobs
-   SET status = 'failed', finished = :now, error = :error, lease_until = NULL,
-       remove_at = CASE WHEN persistent THEN NULL ELSE :now + coalesce(keep_ms, :keep_ms) END
+   SET status = 'failed', finished = :now, error = :error, lease_until = NULL, remove_at = {REMOVE_AT}
  WHERE id = :id AND status = 'running' AND lease_until < :now
 RETURNING finished, queue, status
 """
@@ -1733,8 +1888,8 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
-        if to_ms(lease) < 100:
-            raise ConfigError("lease must be at least 0.1 s")
+        if not 100 <= to_ms(lease) <= MAX_DURATION_MS:
+            raise ConfigError("lease must be at least 0.1 s (and at most 100 years)")
         if max_deaths < 1:
             raise ConfigError("max_deaths must be at least 1")
         if prefetch < 0:
@@ -1751,8 +1906,12 @@ class Worker:
         self.clock = clock
         self.rng = rng or random.Random()
         self.cron = cron
-        self.keep_succeeded_ms = default_keep_ms(succeeded=True) if keep_succeeded is None else to_ms(keep_succeeded)
-        self.keep_failed_ms = default_keep_ms(succeeded=False) if keep_failed is None else to_ms(keep_failed)
+        try:
+            keep_succeeded_ms, keep_failed_ms = _optional_ms(keep_succeeded, "keep"), _optional_ms(keep_failed, "keep")
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.keep_succeeded_ms = default_keep_ms(succeeded=True) if keep_succeeded_ms is None else keep_succeeded_ms
+        self.keep_failed_ms = default_keep_ms(succeeded=False) if keep_failed_ms is None else keep_failed_ms
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.owner = secrets.token_hex(8)
         self.app = SimpleNamespace()
@@ -1762,7 +1921,8 @@ class Worker:
         # Only the types this worker has registered: during a rolling deploy, a
         # row of a type that only newer workers know waits for one of them.
         queue_filter += " AND type IN (SELECT value FROM json_each(:types))"
-        self._claim_sql = CLAIM_SQL.format(queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths = 0")
+        # "<= 0", not "= 0": a row another program wrote with negative deaths is still claimed.
+        self._claim_sql = CLAIM_SQL.format(queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths <= 0")
         self._claim_suspect_sql = CLAIM_SQL.format(
             queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths > 0"
         )
@@ -1818,6 +1978,7 @@ class Worker:
         # time.monotonic() since when this worker's writes have been refused as
         # busy (None while they go through): how long it has waited for the lock.
         self._refused_since: float | None = None
+        self._claim_notes: list[_Note] = []  # of rows a claim failed as unreadable
 
     # -- connection ---------------------------------------------------------------
 
@@ -1935,23 +2096,24 @@ class Worker:
         """Claim up to ``limit`` due jobs in one write transaction."""
         now = self.now() if now is None else now
         with self._write():
-            return self._claim(limit, now)
+            claimed = self._claim(limit, now)
+        _emit(self._claim_notes)
+        return claimed
 
     def _claim(self, limit: int, now: int) -> list[Job]:
+        self._claim_notes = []  # written once the claim commits
         params = {"now": now, "worker": self.name, "owner": self.owner, "lease_until": now + self.lease_ms,
                   "limit": 1, "queues": self._queues_json, "types": self._known_types()}  # fmt: skip
         if not self._running and _scalar(self.conn, ANY_SUSPECT_SQL):
             # A job whose worker died may have killed it: an idle worker runs it
             # alone, so it takes no innocent job down with it (and the deaths it
             # adds up are its own).
-            suspect = self.conn.execute(self._claim_suspect_sql, params).fetchall()
+            suspect = self._claimed_jobs(self._claim_suspect_sql, params)
             if suspect:
-                job = Job.from_row(suspect[0])
-                self._alone = job.id
+                self._alone = suspect[0].id
                 self._last_claim_full = True
-                return [job]
-        rows = self.conn.execute(self._claim_sql, {**params, "limit": limit}).fetchall()
-        jobs = [Job.from_row(row) for row in rows]
+                return suspect
+        jobs = self._claimed_jobs(self._claim_sql, {**params, "limit": limit})
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
             jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
         self._last_claim_full = len(jobs) == limit
@@ -1974,6 +2136,52 @@ class Worker:
             self._registered = tuple(REGISTRY)
             self._types_json = json.dumps(sorted(self._registered))
         return self._types_json
+
+    def _claimed_jobs(self, claim_sql: str, params: dict[str, Any]) -> list[Job]:
+        """Run a claim; the rows it took as Jobs.  A row that cannot be read is failed here, alone.
+
+        The fast path decodes every row at once.  Only when that fails (text
+        that is not UTF-8, data nested too deep for Python's json, ...) are the
+        rows just claimed read again, as bytes, one by one.
+        """
+        try:
+            return [Job.from_row(row) for row in self.conn.execute(claim_sql, params).fetchall()]
+        except sqlite3.OperationalError as e:
+            if not str(e).startswith("Could not decode"):  # the sqlite3 module's message for text that is not UTF-8
+                raise
+        except (RecursionError, ValueError, TypeError):
+            pass
+        # The UPDATE had claimed every row before RETURNING failed to hand one over.
+        with _text_as_bytes(self.conn):
+            claimed = self.conn.execute(CLAIMED_NOW_SQL, params).fetchall()
+        jobs = []
+        for raw in claimed:
+            if raw[0] in self._running:  # claimed in an earlier step of the same millisecond
+                continue
+            try:
+                jobs.append(read_row(raw))
+            except UnreadableRow as e:
+                self._fail_unreadable(raw, str(e), params["now"])
+        return jobs
+
+    def _fail_unreadable(self, raw: tuple[Any, ...], why: str, now: int) -> None:
+        """End a claimed row that cannot be run: failed, no retry (it would be as unreadable), logged once."""
+        job = unreadable_job(raw)
+        error = f"cannot run this row: {why}"
+        params = {"id": job.id, "owner": self.owner, "status": "failed", "now": now, "result": None, "error": error,
+                  "started": None, "keep_ms": self.keep_failed_ms}  # fmt: skip
+        try:
+            self.conn.execute(FINISH_SQL, params)
+        except sqlite3.Error as e:
+            if is_transient(e):
+                raise
+            # Not even this write is possible (a trigger of the app's?): the row stays
+            # `running` under this worker, set aside, and is rescued once it stops.
+            error = f"{error}; and it could not be marked failed ({e}): set aside"
+        else:
+            count_finished(self.conn, [(now, job.queue, "failed")])
+        self._claim_notes.append(_Note.about(job, "unreadable", logging.ERROR, "job %d %s failed: %s", job.id,
+                                             job.type, error))  # fmt: skip
 
     def execute(self, job: Job) -> Outcome:
         """Run one claimed job's function and capture how it ended (never raises).
@@ -2046,14 +2254,17 @@ class Worker:
                 notes.append(_Note.about(job, "succeeded", logging.INFO, message, job.id, job.type,
                                          outcome.seconds * 1000, job.attempt))  # fmt: skip
             return notes + self._schedule_next_cron_run(job, now)
-        retry = self._schedule_retry(job, now, deaths=job.deaths)
-        level = logging.ERROR if outcome.kind in ("timeout", "unknown") else logging.WARNING
+        # An outcome that could not be recorded ends its row with no retry and no next cron run:
+        # inserting either copies the row, which is what may have failed (sync_cron restores a schedule).
+        unrecordable = outcome.kind == "unrecordable"
+        retry = None if unrecordable else self._schedule_retry(job, now, deaths=job.deaths)
+        level = logging.ERROR if outcome.kind in ("timeout", "unknown", "unrecordable") else logging.WARNING
         summary = outcome.error.splitlines()[0] if outcome.error else "failed"
         then = f"retry {retry[0]} due in {retry[1] / 1000:.1f} s" if retry else "no retry left"
         message = "job %d %s failed (attempt %d): %s; %s\n%s"
         notes = [_Note.about(job, "failed", level, message, job.id, job.type, job.attempt, summary, then,
                              outcome.error)]  # fmt: skip
-        return notes + ([] if retry else self._schedule_next_cron_run(job, now))
+        return notes + ([] if retry or unrecordable else self._schedule_next_cron_run(job, now))
 
     def _schedule_next_cron_run(self, job: Job, now: int) -> list[_Note]:
         """After the last attempt of a recurring job's run: insert the run for the next slot."""
@@ -2076,26 +2287,31 @@ class Worker:
 
     def _schedule_retry(self, job: Job, now: int, *, deaths: int, at_once: bool = False) -> tuple[int, int] | None:
         """Insert the next attempt if the policy allows; returns (its id, delay ms)."""
+        if job.attempt >= MAX_COUNT:  # a row written by another program: attempt + 1 would leave the table's range
+            return None
         if not at_once:
             max_attempts = _first(job.max_attempts, _job_type(job).max_attempts, 1)
-            if job.attempt - job.deaths >= max_attempts:  # a worker's death used up no attempt
+            if job.attempt - _deaths(job) >= max_attempts:  # a worker's death used up no attempt
                 return None
         delay = 0 if at_once else self.retry_delay_ms(job)
-        cursor = self.conn.execute(RETRY_SQL, {"id": job.id, "due": now + delay, "now": now, "deaths": deaths})
+        due = min(now + delay, MAX_TIME_MS)
+        # deaths clamped as _deaths() counts them (the retry is attempt + 1): a nonsense count is not copied on.
+        deaths = min(max(deaths, 0), job.attempt)
+        cursor = self.conn.execute(RETRY_SQL, {"id": job.id, "due": due, "now": now, "deaths": deaths})
         if cursor.rowcount == 0:
             return None
-        self._next_due = min(self._next_due, now + delay)
+        self._next_due = min(self._next_due, due)
         return int(cursor.lastrowid or 0), delay
 
     def retry_delay_ms(self, job: Job) -> int:
         """How long after a failure of ``job`` its next attempt is due."""
         job_type = _job_type(job)
-        base: int = _first(job.retry_delay_ms, job_type.retry_delay_ms, to_ms(DEFAULT_RETRY_DELAY))
-        backoff: float = _first(job.backoff, job_type.backoff, DEFAULT_BACKOFF)
-        cap = max(to_ms(MAX_RETRY_DELAY), base)
-        failures_before = max(0, job.attempt - job.deaths - 1)
-        delay = min(base * backoff**failures_before, cap)
-        return round(delay * self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
+        return retry_delay_ms(
+            _first(job.retry_delay_ms, job_type.retry_delay_ms, to_ms(DEFAULT_RETRY_DELAY)),
+            _first(job.backoff, job_type.backoff, DEFAULT_BACKOFF),
+            failures_before=job.attempt - _deaths(job) - 1,
+            jitter=self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER),
+        )
 
     def _write(self) -> _Write:
         """A write transaction of the worker's own (BEGIN IMMEDIATE) that times its wait for the lock."""
@@ -2141,8 +2357,16 @@ class Worker:
 
     def _rescue(self, now: int) -> list[_Note]:
         notes = []
-        finished = []
-        lost = [Job.from_row(row) for row in self.conn.execute(EXPIRED_LEASES_SQL, {"now": now, "owner": self.owner})]
+        finished: list[tuple[int, str, str]] = []
+        self.conn.execute(LEASE_THE_UNLEASED_SQL)
+        with _text_as_bytes(self.conn):  # few rows, rarely: each is decoded alone, so one bad row costs only itself
+            expired = self.conn.execute(EXPIRED_LEASES_SQL, {"now": now, "owner": self.owner}).fetchall()
+        lost = []
+        for raw in expired:
+            try:
+                lost.append(read_row(raw))
+            except UnreadableRow as e:
+                notes += self._rescue_unreadable(raw, str(e), now, finished)
         for job in lost:
             deaths = job.deaths + 1
             poisoned = deaths >= self.max_deaths
@@ -2168,6 +2392,18 @@ class Worker:
                 notes += self._schedule_next_cron_run(job, now)
         count_finished(self.conn, finished)
         return notes
+
+    def _rescue_unreadable(self, raw: Any, why: str, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
+        """An expired row that cannot be read: failed, with no retry (it would be as unreadable)."""
+        job = unreadable_job(raw)
+        error = f"cannot run this row: {why} (and its worker was lost: lease expired)"
+        with _text_as_bytes(self.conn):  # RETURNING hands back its queue, which may be the bad text
+            ended = self.conn.execute(RESCUE_SQL, {"id": job.id, "now": now, "error": error,
+                                                   "keep_ms": self.keep_failed_ms}).fetchall()  # fmt: skip
+        if not ended:
+            return []
+        finished.append((now, job.queue, "failed"))
+        return [_Note.about(job, "rescued", logging.ERROR, "job %d %s failed: %s", job.id, job.type, error)]
 
     def give_back(
         self, jobs: Iterable[Job], why: str = "still running at shutdown", level: int = logging.WARNING
@@ -2385,11 +2621,11 @@ class Worker:
                 if is_transient(e):
                     self._back_off(e)
                 else:
-                    self._record_one_by_one(e, now)
+                    self._after_error(e, now)
                 return None
             self._busy_backoff = 0.0
             self._unrecorded = []
-            _emit(notes)
+            _emit(notes + self._claim_notes if want_claim else notes)
             for job in claimed:
                 self._running[job.id] = job
             if claimed:
@@ -2407,6 +2643,8 @@ class Worker:
         if self._watcher is not None and self._watcher.armed.is_set() != self._wants_commits:
             (self._watcher.armed.set if self._wants_commits else self._watcher.armed.clear)()
         self._housekeeping(now)
+        if self._next_due <= now:  # the sweep just rescued a job, due at once: something is due after all
+            self._nothing_due = False
         return kept
 
     def _notice_file_replaced(self) -> None:
@@ -2550,6 +2788,18 @@ class Worker:
             self._busy_backoff,
         )
 
+    def _after_error(self, error: sqlite3.Error, now: int) -> None:
+        """A step (record and claim) failed for a reason other than busy/full."""
+        try:
+            if missing_schema_objects(self.conn):  # dropped by hand while we run: the claim names an index
+                apply_schema(self.conn)
+                return
+        except (sqlite3.Error, DatabaseUnusable) as e:
+            logger.error("could not re-create the schema: %s", e)
+        self._record_one_by_one(error, now)
+        # Should the error come back at every step, it is logged every 2 s at most, not every few ms.
+        self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
+
     def _record_one_by_one(self, error: sqlite3.Error, now: int) -> None:
         """A batch failed for a reason other than busy/full: isolate the bad outcome."""
         logger.error("recording a batch failed (%s); recording one by one", error)
@@ -2562,11 +2812,18 @@ class Worker:
                     kept.append(outcome)
                     continue
                 # Bookkeeping failure: the job fails with a clear error, never stays running.
-                failure = Outcome(outcome.job, False, error=f"could not record the outcome: {e}", kind="error")
+                ended = "succeeded" if outcome.succeeded else f"failed: {(outcome.error or '').partition(chr(10))[0]}"
+                message = f"could not record the outcome ({e}); the job {ended}"
+                failure = Outcome(outcome.job, False, error=message, kind="unrecordable")
                 try:
                     self.record([failure], now)
-                except sqlite3.Error:
-                    kept.append(outcome)
+                except sqlite3.Error as again:
+                    if is_transient(again):
+                        kept.append(outcome)
+                        continue
+                    # Not even that: set aside (still `running` here, rescued once this worker is gone).
+                    logger.error("job %d %s: %s; and not even its failure could be recorded (%s): set aside",
+                                 outcome.job.id, outcome.job.type, message, again)  # fmt: skip
         self._unrecorded = kept
 
     def _housekeeping(self, now: int) -> None:
@@ -2693,6 +2950,15 @@ def _first(*values: Any) -> Any:
         if value is not None:
             return value
     return None
+
+
+def _deaths(job: Job) -> int:
+    """The worker deaths of the job's chain, as policy counts them: each death was one of its attempts.
+
+    A row of another program's may say otherwise (deaths < 0, or more deaths
+    than attempts); counted as it stands, it would retry forever.
+    """
+    return min(max(job.deaths, 0), job.attempt - 1)
 
 
 def _job_type(job: Job) -> JobType:

@@ -32,6 +32,7 @@ from worker import (
     STATUSES,
     STOP_SIGNALS,
     ConfigError,
+    DatabaseUnusable,
     Job,
     Queue,
     StoredText,
@@ -49,6 +50,7 @@ from worker import (
     list_jobs,
     load_jobs,
     logger,
+    missing_schema_objects,
     next_cron_slot,
     option_help,
     positive,
@@ -471,8 +473,11 @@ def _check_command(db: str) -> int:
                 next_cron_slot(row[2], row[3], row[4])  # the run after this one: its slot may be past the year 9999
             except ValueError as e:
                 raise ConfigError(f"pending job {row[0]} {row[1]}: {e}") from e
+        missing = missing_schema_objects(conn)
     finally:
         conn.close()
+    if missing:  # say so: the worker names some of them in its SQL
+        raise DatabaseUnusable(f"schema objects missing: {', '.join(missing)} (the worker re-creates them at start)")
     declared = sorted(name for name, job_type in REGISTRY.items() if job_type.cron)
     print(f"ok: {len(REGISTRY)} job types, {len(declared)} cron jobs, schema version {schema_version()}")
     return EXIT_OK
