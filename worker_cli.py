@@ -352,16 +352,19 @@ def _set_up_django(args: argparse.Namespace) -> None:
         from django.conf import settings
     except ModuleNotFoundError as e:
         raise ConfigError(f"Django settings {module!r} given, but Django is not installed") from e
+    given = getattr(args, "db", None) or os.environ.get("WORKER_DB")
     try:
-        django.setup()
-        database = settings.DATABASES["default"]
+        database = settings.DATABASES["default"]  # read before setup(), which loads the database's driver
     except Exception as e:
         raise ConfigError(f"Django settings {module!r}: {type(e).__name__}: {e}") from e
-    if getattr(args, "db", None) or os.environ.get("WORKER_DB"):
-        return
-    if not str(database.get("ENGINE", "")).endswith("sqlite3"):
+    if not given and not str(database.get("ENGINE", "")).endswith("sqlite3"):
         raise ConfigError(f"Django's default database is {database.get('ENGINE')!r}: this worker serves SQLite (--db)")
-    args.db = str(database["NAME"])
+    try:
+        django.setup()
+    except Exception as e:
+        raise ConfigError(f"Django settings {module!r}: {type(e).__name__}: {e}") from e
+    if not given:
+        args.db = str(database["NAME"])
 
 
 def _dashboard_command(argv: list[str]) -> int:
