@@ -1048,6 +1048,11 @@ def test_supervised_workers_inherit_no_connection_and_survive_repeated_restarts(
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_connection_used_across_fork_raises_and_a_queue_opens_its_own(db: Path, queue: worker.Queue) -> None:
     """The guard: a Worker's connection refuses to work in a forked child; a Queue opens a new one there."""
+
+    @worker.job(name="work")
+    def work_here(ctx: worker.JobContext, **data: Any) -> None:  # a worker claims only the types it knows
+        return None
+
     parent = worker.Worker(db, cron=False)
     parent.start_up()
     queue.enqueue("work")  # the Queue's connection is open in this process too
