@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import enum
 import functools
 import importlib
 import json
@@ -104,7 +105,22 @@ DEFAULT_PREFETCH = 32
 PREFETCH_JOB_SECONDS = 0.001  # a job that runs longer stops claiming ahead
 PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given back
 
-STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+
+class Status(enum.StrEnum):
+    """The states of a row, as schema.sql's CHECK on worker_jobs.status names them (a str: rows compare equal).
+
+    The table binds plain strings (``.value``): sqlite3 adapts a str subclass
+    through its adapter registry first, a microsecond per parameter.
+    """
+
+    PENDING = "pending"  # waiting until due; claim takes it
+    RUNNING = "running"  # claimed, under a lease; finish, give back or rescue ends it
+    SUCCEEDED = "succeeded"  # finished: its function returned
+    FAILED = "failed"  # finished: it raised, timed out, or its worker was lost
+    CANCELLED = "cancelled"  # finished: cancelled (or replaced by a newer row of its tag) while pending
+
+
+STATUSES = tuple(status.value for status in Status)
 
 # What a row may hold.  SQLite's integers are 64-bit, and a sum that leaves that
 # range (now + keep_ms) becomes a REAL, which the STRICT table refuses; Python's
@@ -219,7 +235,7 @@ class Job:
     id: int
     type: str
     data: dict[str, Any]
-    status: str = "pending"
+    status: str = Status.PENDING.value
     queue: str = "default"
     priority: int = 0
     due: int = 0
@@ -298,8 +314,8 @@ def unreadable_job(raw: Iterable[Any]) -> Job:
     def text(value: Any) -> Any:
         return value.decode(errors="replace") if isinstance(value, bytes) else value
 
-    return Job(id=values["id"], type=text(values["type"]), data={}, status="running", queue=text(values["queue"]),
-               attempt=values["attempt"], tag=text(values["tag"]))  # fmt: skip
+    return Job(id=values["id"], type=text(values["type"]), data={}, status=Status.RUNNING.value,
+               queue=text(values["queue"]), attempt=values["attempt"], tag=text(values["tag"]))  # fmt: skip
 
 
 def _excerpt(value: bytes) -> str:
@@ -1299,7 +1315,7 @@ class Queue:
         shared_job = _new_job(0, any_row)
         rest = tuple(getattr(shared_job, field) for field in COLUMNS[5:])  # the fields after queue
         return [
-            Job(id, job_type, dict(data), "pending", queue, *rest)
+            Job(id, job_type, dict(data), Status.PENDING.value, queue, *rest)
             for id, (job_type, data, queue) in zip(ids, batch, strict=True)
         ]
 
@@ -1735,6 +1751,9 @@ UPDATE worker_jobs
  WHERE id = :id AND status = 'running' AND owner = :owner
 """
 
+# The status FINISH_SQL writes for an outcome, by whether it succeeded (a plain str, bound per job).
+_ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
+
 # OR IGNORE: a newer pending job with the same tag supersedes the retry.  A
 # retry keeps the cron slot of the run it repeats.
 RETRY_SQL = f"""
@@ -2168,8 +2187,8 @@ class Worker:
         """End a claimed row that cannot be run: failed, no retry (it would be as unreadable), logged once."""
         job = unreadable_job(raw)
         error = f"cannot run this row: {why}"
-        params = {"id": job.id, "owner": self.owner, "status": "failed", "now": now, "result": None, "error": error,
-                  "started": None, "keep_ms": self.keep_failed_ms}  # fmt: skip
+        params = {"id": job.id, "owner": self.owner, "status": Status.FAILED.value, "now": now, "result": None,
+                  "error": error, "started": None, "keep_ms": self.keep_failed_ms}  # fmt: skip
         try:
             self.conn.execute(FINISH_SQL, params)
         except sqlite3.Error as e:
@@ -2179,7 +2198,7 @@ class Worker:
             # `running` under this worker, set aside, and is rescued once it stops.
             error = f"{error}; and it could not be marked failed ({e}): set aside"
         else:
-            count_finished(self.conn, [(now, job.queue, "failed")])
+            count_finished(self.conn, [(now, job.queue, Status.FAILED.value)])
         self._claim_notes.append(_Note.about(job, "unreadable", logging.ERROR, "job %d %s failed: %s", job.id,
                                              job.type, error))  # fmt: skip
 
@@ -2235,7 +2254,7 @@ class Worker:
 
     def _finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
         job = outcome.job
-        status = "succeeded" if outcome.succeeded else "failed"
+        status = _ENDED_AS[outcome.succeeded]
         default_keep = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
         params = {"id": job.id, "owner": self.owner, "status": status, "now": now, "result": outcome.result,
                   "error": outcome.error, "started": outcome.started,
@@ -2402,7 +2421,7 @@ class Worker:
                                                    "keep_ms": self.keep_failed_ms}).fetchall()  # fmt: skip
         if not ended:
             return []
-        finished.append((now, job.queue, "failed"))
+        finished.append((now, job.queue, Status.FAILED.value))
         return [_Note.about(job, "rescued", logging.ERROR, "job %d %s failed: %s", job.id, job.type, error)]
 
     def give_back(
@@ -2812,7 +2831,8 @@ class Worker:
                     kept.append(outcome)
                     continue
                 # Bookkeeping failure: the job fails with a clear error, never stays running.
-                ended = "succeeded" if outcome.succeeded else f"failed: {(outcome.error or '').partition(chr(10))[0]}"
+                first_line = (outcome.error or "").partition("\n")[0]
+                ended = Status.SUCCEEDED.value if outcome.succeeded else f"{Status.FAILED.value}: {first_line}"
                 message = f"could not record the outcome ({e}); the job {ended}"
                 failure = Outcome(outcome.job, False, error=message, kind="unrecordable")
                 try:
