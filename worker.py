@@ -327,17 +327,54 @@ def _excerpt(value: bytes) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class JobType:
-    """A registered job function and its defaults for rows that leave them NULL."""
+class JobOptions:
+    """The policy of a job: set by its type (``@job``), overridden per row (``enqueue``); None leaves it to the next.
 
-    name: str
-    fn: Callable[..., Any]
+    Held as the table holds it (durations in ms); ``of`` takes the options as
+    the API's keywords name them (durations in seconds) and checks them.
+    """
+
+    queue: str | None = None
     max_attempts: int | None = None
     retry_delay_ms: int | None = None
     backoff: float | None = None
     timeout_ms: int | None = None
-    queue: str | None = None
     keep_ms: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        retry_delay: Seconds | None = None,
+        backoff: float | None = None,
+        timeout: Seconds | None = None,
+        keep: Seconds | None = None,
+    ) -> JobOptions:
+        """The options from the API's keywords; ValueError naming the first that is not usable."""
+        check_policy(max_attempts=max_attempts, backoff=backoff, timeout=timeout)
+        return cls(
+            queue,
+            max_attempts,
+            _optional_ms(retry_delay, "retry_delay"),
+            None if backoff is None else float(backoff),
+            _optional_ms(timeout, "timeout"),
+            _optional_ms(keep, "keep"),
+        )
+
+    def columns(self) -> dict[str, Any]:
+        """The row's policy columns (queue aside: a row always has one)."""
+        return {"max_attempts": self.max_attempts, "retry_delay_ms": self.retry_delay_ms, "backoff": self.backoff,
+                "timeout_ms": self.timeout_ms, "keep_ms": self.keep_ms}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobType(JobOptions):
+    """A registered job function and its options, the defaults for rows that leave them NULL."""
+
+    name: str
+    fn: Callable[..., Any]
     cron: str | None = None  # a recurring job: every worker keeps one pending row for it
     timezone: str | None = None  # of `cron`; None means UTC
 
@@ -406,17 +443,11 @@ def job(
         existing = REGISTRY.get(job_name)
         if existing and _qualname(existing.fn) != _qualname(fn):
             raise ConfigError(f"job {job_name!r} is already registered by {_qualname(existing.fn)}")
+        options = JobOptions.of(
+            queue=queue, max_attempts=max_attempts, retry_delay=retry_delay, backoff=backoff, timeout=timeout, keep=keep
+        )
         REGISTRY[job_name] = JobType(
-            name=job_name,
-            fn=fn,
-            max_attempts=max_attempts,
-            retry_delay_ms=_optional_ms(retry_delay, "retry_delay"),
-            backoff=backoff,
-            timeout_ms=_optional_ms(timeout, "timeout"),
-            queue=queue,
-            keep_ms=_optional_ms(keep, "keep"),
-            cron=cron,
-            timezone=timezone,
+            name=job_name, fn=fn, cron=cron, timezone=timezone, queue=options.queue, **options.columns()
         )
         return fn
 
@@ -1408,18 +1439,14 @@ class Queue:
         delay: Seconds | None = None,
         at: datetime | float | None = None,
         priority: int = 0,
-        queue: str | None = None,
-        max_attempts: int | None = None,
-        retry_delay: Seconds | None = None,
-        backoff: float | None = None,
-        timeout: Seconds | None = None,
-        keep: Seconds | None = None,
         persistent: bool = False,
         tag: str | None = None,
         cron: str | None = None,
         timezone: str | None = None,
         now: int | None = None,
+        **policy: Any,
     ) -> dict[str, Any]:
+        """The INSERT parameters of one row (and its data, for the Job returned); ``policy`` is JobOptions.of's."""
         if not isinstance(type, str) or not type:
             raise UnknownJobType(f"job type must be a non-empty string, not {type!r}")
         job_type = REGISTRY.get(type)
@@ -1433,7 +1460,7 @@ class Queue:
         if tag is not None and (not isinstance(tag, str) or not tag):
             raise ValueError(f"tag must be a non-empty string, not {tag!r}")
         _check_integer(priority, "priority", -MAX_INTEGER - 1, MAX_INTEGER)
-        check_policy(max_attempts=max_attempts, backoff=backoff, timeout=timeout)
+        options = JobOptions.of(**policy)
         now = now_ms() if now is None else now
         due = epoch_ms(at) if at is not None else now + (_optional_ms(delay, "delay") or 0)
         if not MIN_TIME_MS <= due <= MAX_TIME_MS:
@@ -1442,7 +1469,7 @@ class Queue:
             "type": type,
             "data": encode_data(data),
             "data_object": dict(data or {}),  # for the returned Job; not a column
-            "queue": queue or (job_type and job_type.queue) or "default",
+            "queue": options.queue or (job_type and job_type.queue) or "default",
             "priority": priority,
             "due": due,
             "tag": tag,
@@ -1450,11 +1477,7 @@ class Queue:
             "cron_timezone": timezone,
             "cron_slot": due if cron else None,
             "created_at": now,
-            "max_attempts": max_attempts,
-            "retry_delay_ms": _optional_ms(retry_delay, "retry_delay"),
-            "backoff": None if backoff is None else float(backoff),
-            "timeout_ms": _optional_ms(timeout, "timeout"),
-            "keep_ms": _optional_ms(keep, "keep"),
+            **options.columns(),
             "persistent": int(bool(persistent)),
         }
 
