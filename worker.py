@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any, NoReturn, TypeVar, cast, overload
+from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
 
 from croniter import CroniterError, croniter
 
@@ -1763,53 +1763,10 @@ SELECT min((SELECT min(due) FROM worker_jobs WHERE status = 'pending' AND priori
   FROM level WHERE level.priority IS NOT NULL
 """
 
-# Every write that ends a job is fenced on status and owner: a worker that lost
-# its lease (its job was rescued, given back, or timed out) changes nothing.
-# `started` becomes the moment the function was called (a job claimed ahead
-# waited after its claim); `finished` is the step's time, never before that.
-FINISH_SQL = f"""
-UPDATE worker_jobs
-   SET status = :status, result = :result, error = :error, lease_until = NULL,
-       started = coalesce(:started, started), finished = max(:now, coalesce(:started, 0)), remove_at = {REMOVE_AT}
- WHERE id = :id AND status = 'running' AND owner = :owner
-"""
-
-# The status FINISH_SQL writes for an outcome, by whether it succeeded (a plain str, bound per job).
-_ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
-
-# OR IGNORE: a newer pending job with the same tag supersedes the retry.  A
-# retry keeps the cron slot of the run it repeats.
-RETRY_SQL = f"""
-INSERT OR IGNORE INTO worker_jobs
-       (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
-        rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
-        keep_ms, persistent)
-SELECT type, data, queue, priority, :due, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
-       id, :now, :deaths, {COPIED_POLICY}, persistent
-  FROM worker_jobs WHERE id = :id
-"""
-
-# The next run of a recurring job: a fresh chain (attempt 1, no deaths) for the
-# next slot.  OR IGNORE: when another writer already made the pending row for
-# this tag (a worker syncing a changed schedule), that one stands.
-NEXT_CRON_RUN_SQL = f"""
-INSERT OR IGNORE INTO worker_jobs
-       (type, data, queue, priority, due, tag, cron_schedule, cron_timezone, cron_slot,
-        rescheduled_from_job, created_at, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
-SELECT type, data, queue, priority, :due, tag, cron_schedule, cron_timezone, :due,
-       id, :now, {COPIED_POLICY}, persistent
-  FROM worker_jobs WHERE id = :id
-"""
-
 # The rows a claim just took (only read again when one of them could not be read).
 CLAIMED_NOW_SQL = f"""
 SELECT {SELECT_COLUMNS} FROM worker_jobs
  WHERE status = 'running' AND lease_until = :lease_until AND owner = :owner AND started = :now
-"""
-
-HEARTBEAT_SQL = """
-UPDATE worker_jobs SET lease_until = :lease_until
- WHERE status = 'running' AND owner = :owner
 """
 
 # A worker never rescues its own jobs: it is alive, so they are not lost (this
@@ -1831,20 +1788,183 @@ UPDATE worker_jobs
 RETURNING finished, queue, status
 """
 
-REGISTER_PROCESS_SQL = """
-INSERT OR REPLACE INTO worker_processes (id, host, pid, started, last_seen, lease_ms, concurrency, running, queues,
-                                         version, types)
-VALUES (:id, :host, :pid, :now, :now, :lease_ms, :concurrency, 0, :queues, :version, :types)
-"""
-PROCESS_HEARTBEAT_SQL = "UPDATE worker_processes SET last_seen = :now, running = :running WHERE id = :id"
-# Rows of processes gone for a day are of no more use to anyone reading status.
-FORGET_PROCESSES_SQL = "DELETE FROM worker_processes WHERE id = :id OR last_seen < :long_ago"
 
-GIVE_BACK_SQL = """
-UPDATE worker_jobs
-   SET status = 'pending', started = NULL, worker = NULL, owner = NULL, lease_until = NULL
- WHERE id = :id AND status = 'running' AND owner = :owner
-"""
+# --- The store interface ----------------------------------------------------------
+
+
+class Store(Protocol):
+    """What the worker asks of its database: the transitions of a row, each with the fence that makes it safe.
+
+    A verb runs inside the caller's write transaction (``transaction()``) and
+    changes a row only while the fence it names holds: ``..._if_owned`` only
+    while the row is running under that owner, so a worker that lost its lease
+    (rescued, given back, timed out) changes nothing.  The SQLite store is
+    below; a store for another database implements the same verbs, and
+    test_store_contract.py holds each store to them.
+    """
+
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """A write transaction, all or nothing, with the write lock taken at its start."""
+        ...
+
+    def register_process(self, process: Mapping[str, Any], now: int) -> None:
+        """Record a worker process as started and alive now; forget the processes gone for a day."""
+        ...
+
+    def process_alive(self, owner: str, running: int, now: int) -> None:
+        """Record that the process ``owner`` is alive now and runs ``running`` jobs."""
+        ...
+
+    def forget_process(self, owner: str) -> None:
+        """Remove the process's row (it stopped), and those of processes gone for a day."""
+        ...
+
+    def renew_leases(self, owner: str, lease_until: int) -> None:
+        """Extend to ``lease_until`` the lease of every row running under ``owner``."""
+        ...
+
+    def give_back_if_owned(self, id: int, owner: str) -> bool:
+        """Make the row pending again, unclaimed, if it is running under ``owner``; whether it was."""
+        ...
+
+    def finish_if_owned(
+        self, id: int, owner: str, status: str, now: int, result: str | None, error: str | None,
+        started: int | None, keep_ms: int,
+    ) -> bool:  # fmt: skip
+        """End the row (``succeeded`` or ``failed``) if it is running under ``owner``; whether it was.
+
+        ``result`` is JSON text; ``started`` is when the function was called
+        (None: the claim's time stands); the row is removable ``keep_ms``
+        after, unless it says otherwise (its own keep_ms, persistent).
+        """
+        ...
+
+    def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
+        """Insert the next attempt of row ``id`` (its policy and cron slot copied), unless a pending row holds its tag.
+
+        The new row's id, or None when the tag was taken.
+        """
+        ...
+
+    def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
+        """Insert the run of row ``id``'s schedule at slot ``due`` (a new chain), unless a pending row holds its tag.
+
+        The new row's id, or None when the tag was taken.
+        """
+        ...
+
+    def count_finished(self, finished: Iterable[tuple[int, str, str]]) -> None:
+        """Add rows just finished, as (finished ms, queue, status), to the per-minute counts ``status`` reads."""
+        ...
+
+
+# --- The SQLite store -------------------------------------------------------------
+
+
+class SQLiteStore:
+    """The Store on one SQLite connection (a worker's): the SQL of each verb beside it.
+
+    SQLite has one writer at a time: a write transaction (BEGIN IMMEDIATE)
+    holds the lock from its start, so a verb's read and write within it see
+    no other writer in between.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def transaction(self) -> _Immediate:
+        return immediate(self.conn)
+
+    REGISTER_PROCESS_SQL = """
+    INSERT OR REPLACE INTO worker_processes (id, host, pid, started, last_seen, lease_ms, concurrency, running, queues,
+                                             version, types)
+    VALUES (:id, :host, :pid, :now, :now, :lease_ms, :concurrency, 0, :queues, :version, :types)
+    """
+    # Rows of processes gone for a day are of no more use to anyone reading status.
+    FORGET_PROCESSES_SQL = "DELETE FROM worker_processes WHERE id = :id OR last_seen < :long_ago"
+
+    def register_process(self, process: Mapping[str, Any], now: int) -> None:
+        self.conn.execute(self.FORGET_PROCESSES_SQL, {"id": process["id"], "long_ago": now - DAY_MS})
+        self.conn.execute(self.REGISTER_PROCESS_SQL, {**process, "now": now})
+
+    PROCESS_ALIVE_SQL = "UPDATE worker_processes SET last_seen = :now, running = :running WHERE id = :id"
+
+    def process_alive(self, owner: str, running: int, now: int) -> None:
+        self.conn.execute(self.PROCESS_ALIVE_SQL, {"id": owner, "now": now, "running": running})
+
+    def forget_process(self, owner: str) -> None:
+        self.conn.execute(self.FORGET_PROCESSES_SQL, {"id": owner, "long_ago": 0})
+
+    RENEW_LEASES_SQL = """
+    UPDATE worker_jobs SET lease_until = :lease_until
+     WHERE status = 'running' AND owner = :owner
+    """
+
+    def renew_leases(self, owner: str, lease_until: int) -> None:
+        self.conn.execute(self.RENEW_LEASES_SQL, {"lease_until": lease_until, "owner": owner})
+
+    GIVE_BACK_SQL = """
+    UPDATE worker_jobs
+       SET status = 'pending', started = NULL, worker = NULL, owner = NULL, lease_until = NULL
+     WHERE id = :id AND status = 'running' AND owner = :owner
+    """
+
+    def give_back_if_owned(self, id: int, owner: str) -> bool:
+        return self.conn.execute(self.GIVE_BACK_SQL, {"id": id, "owner": owner}).rowcount == 1
+
+    # `started` becomes the moment the function was called (a job claimed ahead
+    # waited after its claim); `finished` is the step's time, never before that.
+    FINISH_SQL = f"""
+    UPDATE worker_jobs
+       SET status = :status, result = :result, error = :error, lease_until = NULL,
+           started = coalesce(:started, started), finished = max(:now, coalesce(:started, 0)), remove_at = {REMOVE_AT}
+     WHERE id = :id AND status = 'running' AND owner = :owner
+    """
+
+    def finish_if_owned(
+        self, id: int, owner: str, status: str, now: int, result: str | None, error: str | None,
+        started: int | None, keep_ms: int,
+    ) -> bool:  # fmt: skip
+        params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": error,
+                  "started": started, "keep_ms": keep_ms}  # fmt: skip
+        return self.conn.execute(self.FINISH_SQL, params).rowcount == 1
+
+    # OR IGNORE: a newer pending job with the same tag supersedes the retry.  A
+    # retry keeps the cron slot of the run it repeats.
+    RETRY_SQL = f"""
+    INSERT OR IGNORE INTO worker_jobs
+           (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
+            rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
+            keep_ms, persistent)
+    SELECT type, data, queue, priority, :due, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
+           id, :now, :deaths, {COPIED_POLICY}, persistent
+      FROM worker_jobs WHERE id = :id
+    RETURNING id
+    """
+
+    def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
+        inserted = self.conn.execute(self.RETRY_SQL, {"id": id, "due": due, "now": now, "deaths": deaths}).fetchall()
+        return int(inserted[0][0]) if inserted else None
+
+    # The next run of a recurring job: a fresh chain (attempt 1, no deaths) for the
+    # next slot.  OR IGNORE: when another writer already made the pending row for
+    # this tag (a worker syncing a changed schedule), that one stands.
+    NEXT_CRON_RUN_SQL = f"""
+    INSERT OR IGNORE INTO worker_jobs
+           (type, data, queue, priority, due, tag, cron_schedule, cron_timezone, cron_slot,
+            rescheduled_from_job, created_at, max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms, persistent)
+    SELECT type, data, queue, priority, :due, tag, cron_schedule, cron_timezone, :due,
+           id, :now, {COPIED_POLICY}, persistent
+      FROM worker_jobs WHERE id = :id
+    RETURNING id
+    """
+
+    def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
+        inserted = self.conn.execute(self.NEXT_CRON_RUN_SQL, {"id": id, "due": due, "now": now}).fetchall()
+        return int(inserted[0][0]) if inserted else None
+
+    def count_finished(self, finished: Iterable[tuple[int, str, str]]) -> None:
+        count_finished(self.conn, finished)
 
 
 class CommitWatcher:
@@ -1900,6 +2020,10 @@ class CommitWatcher:
         self._libc.inotify_rm_watch(self._fd, self._watch)
         self._thread.join(timeout=1)
         os.close(self._fd)
+
+
+# The status an outcome ends its row in, by whether it succeeded (a plain str: it is bound for every job).
+_ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
 
 
 class Worker:
@@ -1974,6 +2098,7 @@ class Worker:
         self._types_json = "[]"
 
         self._conn: sqlite3.Connection | None = None
+        self._store: Store = cast(Store, None)  # made with the connection (see conn)
         self._pid = 0
         self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection opened
         # The file to watch for replacement (absolute: a job may chdir); none for ":memory:" and URIs.
@@ -2035,10 +2160,17 @@ class Worker:
                 conn.close()  # not kept: the next use would take it for one with the schema applied
                 raise
             self._conn, self._pid = conn, _process_id
+            self._store = SQLiteStore(conn)
             self._file = _file_identity(self._file_path)
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
         return self._conn
+
+    @property
+    def store(self) -> Store:
+        """The store on this worker's connection (opened on first use, refused after fork, as ``conn``)."""
+        self.conn  # noqa: B018 -- opens the connection, and the store with it
+        return self._store
 
     @property
     def producer(self) -> Queue:
@@ -2060,14 +2192,13 @@ class Worker:
         if self.cron:
             self.sync_cron()
         now = self.now()
-        with immediate(self.conn):
-            self.conn.execute(FORGET_PROCESSES_SQL, {"id": self.owner, "long_ago": now - DAY_MS})
-            self.conn.execute(
-                REGISTER_PROCESS_SQL,
-                {"id": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "now": now,
-                 "lease_ms": self.lease_ms, "concurrency": self.concurrency,
-                 "queues": ",".join(self.queues) if self.queues else None, "version": __version__,
-                 "types": self._known_types()},
+        store = self.store
+        with store.transaction():
+            store.register_process(
+                {"id": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "lease_ms": self.lease_ms,
+                 "concurrency": self.concurrency, "queues": ",".join(self.queues) if self.queues else None,
+                 "version": __version__, "types": self._known_types()},
+                now,
             )  # fmt: skip
         self._waited(began)  # a start that waited for another writer's lock judges no lease at once
         for hook in STARTUP_HOOKS:
@@ -2128,7 +2259,7 @@ class Worker:
             self._producer.close()
         if self._conn is not None and self._pid == _process_id:
             with contextlib.suppress(sqlite3.Error):  # a stale row is harmless; status shows it as such
-                self._conn.execute(FORGET_PROCESSES_SQL, {"id": self.owner, "long_ago": 0})
+                self._store.forget_process(self.owner)
             self._conn.close()
         self._conn = self._version_cursor = None
 
@@ -2210,10 +2341,9 @@ class Worker:
         """End a claimed row that cannot be run: failed, no retry (it would be as unreadable), logged once."""
         job = unreadable_job(raw)
         error = f"cannot run this row: {why}"
-        params = {"id": job.id, "owner": self.owner, "status": Status.FAILED.value, "now": now, "result": None,
-                  "error": error, "started": None, "keep_ms": self.keep_failed_ms}  # fmt: skip
         try:
-            self.conn.execute(FINISH_SQL, params)
+            self._store.finish_if_owned(job.id, self.owner, Status.FAILED.value, now, None, error, None,
+                                        self.keep_failed_ms)  # fmt: skip
         except sqlite3.Error as e:
             if is_transient(e):
                 raise
@@ -2221,7 +2351,7 @@ class Worker:
             # `running` under this worker, set aside, and is rescued once it stops.
             error = f"{error}; and it could not be marked failed ({e}): set aside"
         else:
-            count_finished(self.conn, [(now, job.queue, Status.FAILED.value)])
+            self._store.count_finished([(now, job.queue, Status.FAILED.value)])
         self._claim_notes.append(_Note.about(job, "unreadable", logging.ERROR, "job %d %s failed: %s", job.id,
                                              job.type, error))  # fmt: skip
 
@@ -2272,20 +2402,18 @@ class Worker:
         finished: list[tuple[int, str, str]] = []
         for outcome in outcomes:
             notes.extend(self._finish(outcome, now, finished))
-        count_finished(self.conn, finished)
+        self._store.count_finished(finished)
         return notes
 
     def _finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
         job = outcome.job
         status = _ENDED_AS[outcome.succeeded]
-        default_keep = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
-        params = {"id": job.id, "owner": self.owner, "status": status, "now": now, "result": outcome.result,
-                  "error": outcome.error, "started": outcome.started,
-                  "keep_ms": _first(_job_type(job).keep_ms, default_keep)}  # fmt: skip
-        if self.conn.execute(FINISH_SQL, params).rowcount == 0:
+        keep_ms = _first(_job_type(job).keep_ms, self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms)
+        if not self._store.finish_if_owned(job.id, self.owner, status, now, outcome.result, outcome.error,
+                                           outcome.started, keep_ms):  # fmt: skip
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
-        finished.append((max(now, outcome.started or 0), job.queue, status))  # as FINISH_SQL wrote them
+        finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
         if outcome.succeeded:
             for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
                 self.producer._insert(self.conn, row, on_conflict)
@@ -2316,11 +2444,10 @@ class Worker:
             due, skipped = next_cron_due(job.cron_schedule, job.cron_timezone, _first(job.cron_slot, job.due), now)
         except ValueError as e:
             return [_Note.about(job, "cron", logging.ERROR, "job %d %s: no next run: %s", job.id, job.type, e)]
-        cursor = self.conn.execute(NEXT_CRON_RUN_SQL, {"id": job.id, "due": due, "now": now})
-        if cursor.rowcount == 0:
+        next_id = self._store.schedule_next_cron_run(job.id, due=due, now=now)
+        if next_id is None:
             return []  # another writer already holds the pending row of this schedule
         self._next_due = min(self._next_due, due)
-        next_id = cursor.lastrowid
         if skipped:
             message = "job %d %s: missed cron slots skipped (not run late); next run %d due %s"
             return [_Note.about(job, "cron", logging.WARNING, message, job.id, job.type, next_id, iso_time(due))]
@@ -2339,11 +2466,11 @@ class Worker:
         due = min(now + delay, MAX_TIME_MS)
         # deaths clamped as _deaths() counts them (the retry is attempt + 1): a nonsense count is not copied on.
         deaths = min(max(deaths, 0), job.attempt)
-        cursor = self.conn.execute(RETRY_SQL, {"id": job.id, "due": due, "now": now, "deaths": deaths})
-        if cursor.rowcount == 0:
+        retry_id = self._store.schedule_next_attempt(job.id, due=due, deaths=deaths, now=now)
+        if retry_id is None:
             return None
         self._next_due = min(self._next_due, due)
-        return int(cursor.lastrowid or 0), delay
+        return retry_id, delay
 
     def retry_delay_ms(self, job: Job) -> int:
         """How long after a failure of ``job`` its next attempt is due."""
@@ -2382,9 +2509,9 @@ class Worker:
         """Extend the lease of every job this worker is running, and say it is alive."""
         now = self.now() if now is None else now
         with self._write():
-            self.conn.execute(HEARTBEAT_SQL, {"lease_until": now + self.lease_ms, "owner": self.owner})
+            self._store.renew_leases(self.owner, now + self.lease_ms)
             running = len(self._running) - self._todo.qsize()  # not counting jobs claimed ahead
-            self.conn.execute(PROCESS_HEARTBEAT_SQL, {"id": self.owner, "now": now, "running": running})
+            self._store.process_alive(self.owner, running, now)
 
     def rescue(self, now: int | None = None) -> int:
         """Fail running rows whose lease expired (their worker died) and retry them."""
@@ -2432,7 +2559,7 @@ class Worker:
             )
             if not retry:
                 notes += self._schedule_next_cron_run(job, now)
-        count_finished(self.conn, finished)
+        self._store.count_finished(finished)
         return notes
 
     def _rescue_unreadable(self, raw: Any, why: str, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
@@ -2452,11 +2579,12 @@ class Worker:
     ) -> None:
         """Return unfinished jobs to pending (at shutdown); fenced on our ownership."""
         message = "job %d %s given back: %s"
-        with immediate(self.conn):
+        store = self.store
+        with store.transaction():
             notes = [
                 _Note.about(job, "given_back", level, message, job.id, job.type, why)
                 for job in jobs
-                if self.conn.execute(GIVE_BACK_SQL, {"id": job.id, "owner": self.owner}).rowcount
+                if store.give_back_if_owned(job.id, self.owner)
             ]
         _emit(notes)  # once committed, like every other outcome
 
