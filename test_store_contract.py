@@ -7,6 +7,12 @@ store only; a later store joins by adding its case to the fixture.
 from __future__ import annotations
 
 import re
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 import worker
 
@@ -29,3 +35,206 @@ def test_status_enum_names_exactly_the_states_the_schema_allows() -> None:
 def test_a_status_compares_equal_to_the_plain_string_a_row_holds() -> None:
     assert worker.Status.PENDING == "pending"
     assert f"{worker.Status.FAILED}" == "failed"
+
+
+# --- The store under test, and what a test needs of its backend ---------------------
+
+NOW = 1_800_000_000_000  # epoch ms
+LEASE = 60_000
+
+
+class SQLiteBackend:
+    """The SQLite store on a fresh file, with raw access to its table for setting up and reading back rows."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = worker.connect(path)
+        worker.apply_schema(self.conn)
+        self.store: worker.Store = worker.SQLiteStore(self.conn)
+
+    def insert(self, **columns: Any) -> int:
+        """A row as another program would write it (type "noop", due NOW, unless given); its id."""
+        columns = {"type": "noop", "due": NOW, "created_at": NOW, **columns}
+        names = ", ".join(columns)
+        values = ", ".join(f":{name}" for name in columns)
+        with self.store.transaction():
+            cursor = self.conn.execute(f"INSERT INTO worker_jobs ({names}) VALUES ({values})", columns)
+        return int(cursor.lastrowid or 0)
+
+    def running(self, owner: str, **columns: Any) -> int:
+        """A row running under ``owner``, its lease until NOW + LEASE."""
+        return self.insert(status="running", owner=owner, worker="host:1", started=NOW, lease_until=NOW + LEASE,
+                           **columns)  # fmt: skip
+
+    def row(self, id: int) -> dict[str, Any]:
+        self.conn.row_factory = sqlite3.Row
+        try:
+            found = self.conn.execute("SELECT * FROM worker_jobs WHERE id = ?", (id,)).fetchone()
+        finally:
+            self.conn.row_factory = None
+        assert found is not None, f"no row {id}"
+        return dict(found)
+
+    def all_rows(self) -> list[dict[str, Any]]:
+        return [self.row(id) for (id,) in self.conn.execute("SELECT id FROM worker_jobs ORDER BY id").fetchall()]
+
+    def processes(self) -> dict[str, dict[str, Any]]:
+        self.conn.row_factory = sqlite3.Row
+        try:
+            return {row["id"]: dict(row) for row in self.conn.execute("SELECT * FROM worker_processes")}
+        finally:
+            self.conn.row_factory = None
+
+    def finished_counts(self) -> list[tuple[int, str, str, int]]:
+        return self.conn.execute("SELECT minute, queue, status, count FROM worker_finished_per_minute").fetchall()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLiteBackend]:
+    """Each store the engine has (a later store adds its case here), on an empty database."""
+    made = SQLiteBackend(tmp_path / "contract.db")
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def store(backend: SQLiteBackend) -> worker.Store:
+    return backend.store
+
+
+# --- Transactions ------------------------------------------------------------------
+
+
+def test_a_transaction_that_raises_writes_nothing(backend: SQLiteBackend, store: worker.Store) -> None:
+    id = backend.running("a")
+    with pytest.raises(RuntimeError), store.transaction():
+        assert store.give_back_if_owned(id, "a")
+        raise RuntimeError("the step failed after its write")
+    assert backend.row(id)["status"] == worker.Status.RUNNING
+
+
+# --- Fenced on the owner ---------------------------------------------------------------
+
+
+def test_give_back_changes_only_a_row_running_under_that_owner(backend: SQLiteBackend, store: worker.Store) -> None:
+    mine, theirs, pending = backend.running("a"), backend.running("b"), backend.insert()
+    with store.transaction():
+        assert store.give_back_if_owned(mine, "a")
+        assert not store.give_back_if_owned(theirs, "a")
+        assert not store.give_back_if_owned(pending, "a")
+        assert not store.give_back_if_owned(mine, "a")  # given back already: no longer running
+    given_back = backend.row(mine)
+    assert given_back["status"] == worker.Status.PENDING
+    assert (given_back["owner"], given_back["worker"], given_back["started"], given_back["lease_until"]) == (None,) * 4
+    assert backend.row(theirs)["status"] == worker.Status.RUNNING and backend.row(theirs)["owner"] == "b"
+
+
+def test_finish_writes_the_outcome_only_while_that_owner_holds_the_row(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    mine, theirs = backend.running("a"), backend.running("b")
+    with store.transaction():
+        assert store.finish_if_owned(mine, "a", worker.Status.SUCCEEDED.value, NOW + 5, '{"ok":1}', None, NOW + 1, 10)
+        assert not store.finish_if_owned(theirs, "a", worker.Status.FAILED.value, NOW + 5, None, "boom", None, 10)
+        assert not store.finish_if_owned(mine, "a", worker.Status.FAILED.value, NOW + 6, None, "again", None, 10)
+    done = backend.row(mine)
+    assert (done["status"], done["result"], done["error"]) == ("succeeded", '{"ok":1}', None)
+    times = (done["started"], done["finished"], done["lease_until"], done["remove_at"])
+    assert times == (NOW + 1, NOW + 5, None, NOW + 15)  # removable keep_ms after it finished
+    assert backend.row(theirs)["status"] == worker.Status.RUNNING
+
+
+def test_finish_keeps_the_claim_time_without_a_start_and_the_rows_own_retention(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    own_keep, persistent = backend.running("a", keep_ms=1_000), backend.running("a", persistent=1)
+    with store.transaction():
+        for id in (own_keep, persistent):
+            assert store.finish_if_owned(id, "a", worker.Status.FAILED.value, NOW + 5, None, "boom", None, 10)
+    assert (backend.row(own_keep)["started"], backend.row(own_keep)["remove_at"]) == (NOW, NOW + 5 + 1_000)
+    assert backend.row(persistent)["remove_at"] is None
+
+
+def test_renew_leases_extends_only_the_rows_running_under_that_owner(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    mine, theirs = backend.running("a"), backend.running("b")
+    with store.transaction():
+        store.renew_leases("a", NOW + 2 * LEASE)
+    assert backend.row(mine)["lease_until"] == NOW + 2 * LEASE
+    assert backend.row(theirs)["lease_until"] == NOW + LEASE
+
+
+# --- New rows of a chain: ids from the insert itself, the tag rule kept ------------------
+
+
+def test_next_attempt_is_a_new_row_of_the_chain_with_the_id_the_insert_returned(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    failed = backend.insert(status="failed", tag="t", attempt=2, max_attempts=5, cron_schedule="* * * * *",
+                            cron_slot=NOW - 60_000, data='{"x":1}', priority=3)  # fmt: skip
+    backend.insert(type="other")  # a later row: the retry's id must not be guessed from counting
+    with store.transaction():
+        retry = store.schedule_next_attempt(failed, due=NOW + 10, deaths=1, now=NOW)
+    assert retry is not None
+    new = backend.row(retry)
+    chained = (new["status"], new["attempt"], new["rescheduled_from_job"], new["due"], new["deaths"])
+    assert chained == ("pending", 3, failed, NOW + 10, 1)
+    copied = (new["type"], new["data"], new["tag"], new["priority"], new["max_attempts"])
+    assert copied == ("noop", '{"x":1}', "t", 3, 5)
+    assert (new["cron_schedule"], new["cron_slot"]) == ("* * * * *", NOW - 60_000)  # a retry repeats its slot
+
+
+def test_next_attempt_yields_to_a_pending_row_of_the_same_tag(backend: SQLiteBackend, store: worker.Store) -> None:
+    failed = backend.insert(status="failed", tag="t")
+    newer = backend.insert(tag="t")
+    with store.transaction():
+        assert store.schedule_next_attempt(failed, due=NOW, deaths=0, now=NOW) is None
+    assert [row["id"] for row in backend.all_rows()] == [failed, newer]
+
+
+def test_next_cron_run_is_a_fresh_chain_at_its_slot(backend: SQLiteBackend, store: worker.Store) -> None:
+    ran = backend.insert(status="succeeded", tag="cron:noop", attempt=3, deaths=1, cron_schedule="*/5 * * * *",
+                         cron_timezone="Europe/Paris", cron_slot=NOW)  # fmt: skip
+    with store.transaction():
+        following = store.schedule_next_cron_run(ran, due=NOW + 300_000, now=NOW)
+    assert following is not None
+    new = backend.row(following)
+    assert (new["status"], new["attempt"], new["deaths"], new["rescheduled_from_job"]) == ("pending", 1, 0, ran)
+    assert (new["due"], new["cron_slot"], new["tag"]) == (NOW + 300_000, NOW + 300_000, "cron:noop")
+    assert (new["cron_schedule"], new["cron_timezone"]) == ("*/5 * * * *", "Europe/Paris")
+    with store.transaction():  # the schedule has its pending row now: a second one is refused
+        assert store.schedule_next_cron_run(ran, due=NOW + 600_000, now=NOW) is None
+
+
+# --- Processes and counts ------------------------------------------------------------------
+
+
+def test_a_process_is_registered_kept_alive_and_forgotten(backend: SQLiteBackend, store: worker.Store) -> None:
+    process = {"id": "a", "host": "h", "pid": 1, "lease_ms": LEASE, "concurrency": 4, "queues": None,
+               "version": worker.__version__, "types": '["noop"]'}  # fmt: skip
+    with store.transaction():
+        store.register_process({**process, "id": "gone"}, NOW - worker.DAY_MS - 1)
+        store.register_process(process, NOW)
+    assert set(backend.processes()) == {"a"}  # one gone for a day is forgotten
+    assert backend.processes()["a"]["started"] == backend.processes()["a"]["last_seen"] == NOW
+    with store.transaction():
+        store.process_alive("a", 3, NOW + 20)
+    assert (backend.processes()["a"]["last_seen"], backend.processes()["a"]["running"]) == (NOW + 20, 3)
+    with store.transaction():
+        store.forget_process("a")
+    assert backend.processes() == {}
+
+
+def test_finished_rows_are_counted_per_minute_queue_and_status(backend: SQLiteBackend, store: worker.Store) -> None:
+    minute = NOW - NOW % 60_000
+    with store.transaction():
+        store.count_finished([(minute + 1, "q", "succeeded"), (minute + 2, "q", "succeeded"), (minute, "q", "failed")])
+    with store.transaction():
+        store.count_finished([(minute + 59_999, "q", "succeeded")])
+    assert sorted(backend.finished_counts()) == [(minute, "q", "failed", 1), (minute, "q", "succeeded", 3)]
