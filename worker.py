@@ -60,7 +60,7 @@ import threading
 import time
 import traceback
 import zoneinfo
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -1731,64 +1731,6 @@ class Outcome:
     follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
 
 
-CLAIM_SQL = """
-UPDATE worker_jobs
-   SET status = 'running', started = :now, worker = :worker, owner = :owner,
-       lease_until = :lease_until
- WHERE id IN (SELECT id FROM worker_jobs
-               WHERE status = 'pending' AND due <= :now AND {deaths} {queue_filter}
-               ORDER BY priority DESC, due, id
-               LIMIT :limit)
-RETURNING {columns}
-"""
-
-# Looked up before each claim by an idle worker; the partial index of suspect
-# rows is nearly always empty, and this costs a fifth of the claim that would
-# find nothing.  INDEXED BY: the planner would rather walk all pending rows.
-ANY_SUSPECT_SQL = """
-SELECT EXISTS (SELECT 1 FROM worker_jobs INDEXED BY worker_jobs_suspect WHERE status = 'pending' AND deaths > 0)
-"""
-
-# The earliest due time of a pending row, without an index on due alone: a
-# skip-scan of worker_jobs_claim (priority DESC, due), one seek per priority
-# level in use, highest first, taking each level's earliest due.
-NEXT_DUE_SQL = """
-WITH RECURSIVE level(priority) AS (
-    SELECT max(priority) FROM worker_jobs WHERE status = 'pending'
-    UNION ALL
-    SELECT (SELECT max(priority) FROM worker_jobs WHERE status = 'pending' AND priority < level.priority)
-      FROM level WHERE level.priority IS NOT NULL
-)
-SELECT min((SELECT min(due) FROM worker_jobs WHERE status = 'pending' AND priority = level.priority {queue_filter}))
-  FROM level WHERE level.priority IS NOT NULL
-"""
-
-# The rows a claim just took (only read again when one of them could not be read).
-CLAIMED_NOW_SQL = f"""
-SELECT {SELECT_COLUMNS} FROM worker_jobs
- WHERE status = 'running' AND lease_until = :lease_until AND owner = :owner AND started = :now
-"""
-
-# A worker never rescues its own jobs: it is alive, so they are not lost (this
-# matters when its clock jumps forward past their leases).
-EXPIRED_LEASES_SQL = f"""
-SELECT {SELECT_COLUMNS} FROM worker_jobs
- WHERE status = 'running' AND lease_until < :now AND owner IS NOT :owner
-"""
-
-# A running row with no lease (another program's INSERT or UPDATE; the table
-# refuses new ones since schema version 4) has no holder to renew it: its lease
-# is taken as lapsed long ago, so the sweep below rescues it like any other.
-LEASE_THE_UNLEASED_SQL = "UPDATE worker_jobs SET lease_until = 0 WHERE status = 'running' AND lease_until IS NULL"
-
-RESCUE_SQL = f"""
-UPDATE worker_jobs
-   SET status = 'failed', finished = :now, error = :error, lease_until = NULL, remove_at = {REMOVE_AT}
- WHERE id = :id AND status = 'running' AND lease_until < :now
-RETURNING finished, queue, status
-"""
-
-
 # --- The store interface ----------------------------------------------------------
 
 
@@ -1857,6 +1799,39 @@ class Store(Protocol):
         """Add rows just finished, as (finished ms, queue, status), to the per-minute counts ``status`` reads."""
         ...
 
+    def any_suspect(self) -> bool:
+        """Whether a pending row's chain has already killed a worker (deaths > 0): such a row is claimed alone."""
+        ...
+
+    def claim(
+        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
+        *, suspect: bool = False,
+    ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
+        """Take up to ``limit`` due pending rows for ``owner``, leased until ``lease_until``; no row twice, ever.
+
+        Only rows of ``types`` (a JSON array) in the store's queues, highest
+        priority first, then oldest due; ``suspect`` takes only rows whose
+        chain killed a worker, otherwise only the others.  Returns the jobs and
+        the rows taken that cannot be read (each with why; ``held`` are rows the
+        owner held before, not to be returned again), which the caller fails.
+        """
+        ...
+
+    def next_due(self, types: str) -> int | None:
+        """The earliest due time of a pending row of ``types`` in the store's queues (None: no such row)."""
+        ...
+
+    def expired_leases(self, owner: str, now: int) -> tuple[list[Job], list[tuple[Job, str]]]:
+        """Running rows whose lease ended before ``now``, not ``owner``'s (it is alive); unreadable ones apart.
+
+        A running row with no lease at all counts as expired long ago.
+        """
+        ...
+
+    def rescue_if_expired(self, id: int, now: int, error: str, keep_ms: int) -> bool:
+        """Fail the row (its worker was lost) if it is still running with its lease ended; whether it was."""
+        ...
+
 
 # --- The SQLite store -------------------------------------------------------------
 
@@ -1869,8 +1844,19 @@ class SQLiteStore:
     no other writer in between.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, queues: list[str] | None = None) -> None:
         self.conn = conn
+        queue_filter = "AND queue IN (SELECT value FROM json_each(:queues))" if queues else ""
+        # Only the types the worker has registered: during a rolling deploy, a
+        # row of a type that only newer workers know waits for one of them.
+        queue_filter += " AND type IN (SELECT value FROM json_each(:types))"
+        # "<= 0", not "= 0": a row another program wrote with negative deaths is still claimed.
+        self._claim_sql = self.CLAIM_SQL.format(queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths <= 0")
+        self._claim_suspect_sql = self.CLAIM_SQL.format(
+            queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths > 0"
+        )
+        self._next_due_sql = self.NEXT_DUE_SQL.format(queue_filter=queue_filter)
+        self._queues_json = json.dumps(queues)
 
     def transaction(self) -> _Immediate:
         return immediate(self.conn)
@@ -1965,6 +1951,115 @@ class SQLiteStore:
 
     def count_finished(self, finished: Iterable[tuple[int, str, str]]) -> None:
         count_finished(self.conn, finished)
+
+    CLAIM_SQL = """
+    UPDATE worker_jobs
+       SET status = 'running', started = :now, worker = :worker, owner = :owner,
+           lease_until = :lease_until
+     WHERE id IN (SELECT id FROM worker_jobs
+                   WHERE status = 'pending' AND due <= :now AND {deaths} {queue_filter}
+                   ORDER BY priority DESC, due, id
+                   LIMIT :limit)
+    RETURNING {columns}
+    """
+
+    # Looked up before each claim by an idle worker; the partial index of suspect
+    # rows is nearly always empty, and this costs a fifth of the claim that would
+    # find nothing.  INDEXED BY: the planner would rather walk all pending rows.
+    ANY_SUSPECT_SQL = """
+    SELECT EXISTS (SELECT 1 FROM worker_jobs INDEXED BY worker_jobs_suspect WHERE status = 'pending' AND deaths > 0)
+    """
+
+    # The earliest due time of a pending row, without an index on due alone: a
+    # skip-scan of worker_jobs_claim (priority DESC, due), one seek per priority
+    # level in use, highest first, taking each level's earliest due.
+    NEXT_DUE_SQL = """
+    WITH RECURSIVE level(priority) AS (
+        SELECT max(priority) FROM worker_jobs WHERE status = 'pending'
+        UNION ALL
+        SELECT (SELECT max(priority) FROM worker_jobs WHERE status = 'pending' AND priority < level.priority)
+          FROM level WHERE level.priority IS NOT NULL
+    )
+    SELECT min((SELECT min(due) FROM worker_jobs WHERE status = 'pending' AND priority = level.priority {queue_filter}))
+      FROM level WHERE level.priority IS NOT NULL
+    """
+
+    # The rows a claim just took (only read again when one of them could not be read).
+    CLAIMED_NOW_SQL = f"""
+    SELECT {SELECT_COLUMNS} FROM worker_jobs
+     WHERE status = 'running' AND lease_until = :lease_until AND owner = :owner AND started = :now
+    """
+
+    # A worker never rescues its own jobs: it is alive, so they are not lost (this
+    # matters when its clock jumps forward past their leases).
+    EXPIRED_LEASES_SQL = f"""
+    SELECT {SELECT_COLUMNS} FROM worker_jobs
+     WHERE status = 'running' AND lease_until < :now AND owner IS NOT :owner
+    """
+
+    # A running row with no lease (another program's INSERT or UPDATE; the table
+    # refuses new ones since schema version 4) has no holder to renew it: its lease
+    # is taken as lapsed long ago, so the sweep below rescues it like any other.
+    LEASE_THE_UNLEASED_SQL = "UPDATE worker_jobs SET lease_until = 0 WHERE status = 'running' AND lease_until IS NULL"
+
+    RESCUE_SQL = f"""
+    UPDATE worker_jobs
+       SET status = 'failed', finished = :now, error = :error, lease_until = NULL, remove_at = {REMOVE_AT}
+     WHERE id = :id AND status = 'running' AND lease_until < :now
+    """
+
+    def any_suspect(self) -> bool:
+        return bool(_scalar(self.conn, self.ANY_SUSPECT_SQL))
+
+    def claim(
+        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
+        *, suspect: bool = False,
+    ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
+        params = {"now": now, "worker": worker, "owner": owner, "lease_until": lease_until, "limit": limit,
+                  "queues": self._queues_json, "types": types}  # fmt: skip
+        # The fast path decodes every row at once.  Only when that fails (text
+        # that is not UTF-8, data nested too deep for Python's json, ...) are the
+        # rows just claimed read again, as bytes, one by one.
+        try:
+            rows = self.conn.execute(self._claim_suspect_sql if suspect else self._claim_sql, params).fetchall()
+            return [Job.from_row(row) for row in rows], []
+        except sqlite3.OperationalError as e:
+            if not str(e).startswith("Could not decode"):  # the sqlite3 module's message for text that is not UTF-8
+                raise
+        except (RecursionError, ValueError, TypeError):
+            pass
+        # The UPDATE had claimed every row before RETURNING failed to hand one over.
+        with _text_as_bytes(self.conn):
+            claimed = self.conn.execute(self.CLAIMED_NOW_SQL, params).fetchall()
+        jobs, unreadable = [], []
+        for raw in claimed:
+            if raw[0] in held:  # claimed in an earlier step of the same millisecond
+                continue
+            try:
+                jobs.append(read_row(raw))
+            except UnreadableRow as e:
+                unreadable.append((unreadable_job(raw), str(e)))
+        return jobs, unreadable
+
+    def next_due(self, types: str) -> int | None:
+        due = _scalar(self.conn, self._next_due_sql, {"queues": self._queues_json, "types": types})
+        return None if due is None else int(due)
+
+    def expired_leases(self, owner: str, now: int) -> tuple[list[Job], list[tuple[Job, str]]]:
+        self.conn.execute(self.LEASE_THE_UNLEASED_SQL)
+        with _text_as_bytes(self.conn):  # few rows, rarely: each is decoded alone, so one bad row costs only itself
+            expired = self.conn.execute(self.EXPIRED_LEASES_SQL, {"now": now, "owner": owner}).fetchall()
+        jobs, unreadable = [], []
+        for raw in expired:
+            try:
+                jobs.append(read_row(raw))
+            except UnreadableRow as e:
+                unreadable.append((unreadable_job(raw), str(e)))
+        return jobs, unreadable
+
+    def rescue_if_expired(self, id: int, now: int, error: str, keep_ms: int) -> bool:
+        params = {"id": id, "now": now, "error": error, "keep_ms": keep_ms}
+        return self.conn.execute(self.RESCUE_SQL, params).rowcount == 1
 
 
 class CommitWatcher:
@@ -2083,17 +2178,6 @@ class Worker:
         self.app = SimpleNamespace()
         self._producer: Queue | None = None
 
-        queue_filter = "AND queue IN (SELECT value FROM json_each(:queues))" if self.queues else ""
-        # Only the types this worker has registered: during a rolling deploy, a
-        # row of a type that only newer workers know waits for one of them.
-        queue_filter += " AND type IN (SELECT value FROM json_each(:types))"
-        # "<= 0", not "= 0": a row another program wrote with negative deaths is still claimed.
-        self._claim_sql = CLAIM_SQL.format(queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths <= 0")
-        self._claim_suspect_sql = CLAIM_SQL.format(
-            queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths > 0"
-        )
-        self._next_due_sql = NEXT_DUE_SQL.format(queue_filter=queue_filter)
-        self._queues_json = json.dumps(self.queues)
         self._registered: tuple[str, ...] = ()  # the job types when _types_json was made
         self._types_json = "[]"
 
@@ -2160,7 +2244,7 @@ class Worker:
                 conn.close()  # not kept: the next use would take it for one with the schema applied
                 raise
             self._conn, self._pid = conn, _process_id
-            self._store = SQLiteStore(conn)
+            self._store = SQLiteStore(conn, self.queues)
             self._file = _file_identity(self._file_path)
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
@@ -2275,23 +2359,28 @@ class Worker:
 
     def _claim(self, limit: int, now: int) -> list[Job]:
         self._claim_notes = []  # written once the claim commits
-        params = {"now": now, "worker": self.name, "owner": self.owner, "lease_until": now + self.lease_ms,
-                  "limit": 1, "queues": self._queues_json, "types": self._known_types()}  # fmt: skip
-        if not self._running and _scalar(self.conn, ANY_SUSPECT_SQL):
+        store = self._store
+        lease_until, types = now + self.lease_ms, self._known_types()
+        if not self._running and store.any_suspect():
             # A job whose worker died may have killed it: an idle worker runs it
             # alone, so it takes no innocent job down with it (and the deaths it
             # adds up are its own).
-            suspect = self._claimed_jobs(self._claim_suspect_sql, params)
+            suspect, unreadable = store.claim(self.owner, self.name, now, lease_until, 1, types, self._running,
+                                              suspect=True)  # fmt: skip
+            for job, why in unreadable:
+                self._fail_unreadable(job, why, now)
             if suspect:
                 self._alone = suspect[0].id
                 self._last_claim_full = True
                 return suspect
-        jobs = self._claimed_jobs(self._claim_sql, {**params, "limit": limit})
+        jobs, unreadable = store.claim(self.owner, self.name, now, lease_until, limit, types, self._running)
+        for job, why in unreadable:
+            self._fail_unreadable(job, why, now)
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
             jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
         self._last_claim_full = len(jobs) == limit
         if len(jobs) < limit:
-            next_due = _scalar(self.conn, self._next_due_sql, {"queues": self._queues_json, "types": self._types_json})
+            next_due = store.next_due(self._types_json)
             self._next_due = next_due if next_due is not None else 2**62
         for claimed in jobs if logger.isEnabledFor(logging.DEBUG) else ():
             logger.debug(
@@ -2310,36 +2399,8 @@ class Worker:
             self._types_json = json.dumps(sorted(self._registered))
         return self._types_json
 
-    def _claimed_jobs(self, claim_sql: str, params: dict[str, Any]) -> list[Job]:
-        """Run a claim; the rows it took as Jobs.  A row that cannot be read is failed here, alone.
-
-        The fast path decodes every row at once.  Only when that fails (text
-        that is not UTF-8, data nested too deep for Python's json, ...) are the
-        rows just claimed read again, as bytes, one by one.
-        """
-        try:
-            return [Job.from_row(row) for row in self.conn.execute(claim_sql, params).fetchall()]
-        except sqlite3.OperationalError as e:
-            if not str(e).startswith("Could not decode"):  # the sqlite3 module's message for text that is not UTF-8
-                raise
-        except (RecursionError, ValueError, TypeError):
-            pass
-        # The UPDATE had claimed every row before RETURNING failed to hand one over.
-        with _text_as_bytes(self.conn):
-            claimed = self.conn.execute(CLAIMED_NOW_SQL, params).fetchall()
-        jobs = []
-        for raw in claimed:
-            if raw[0] in self._running:  # claimed in an earlier step of the same millisecond
-                continue
-            try:
-                jobs.append(read_row(raw))
-            except UnreadableRow as e:
-                self._fail_unreadable(raw, str(e), params["now"])
-        return jobs
-
-    def _fail_unreadable(self, raw: tuple[Any, ...], why: str, now: int) -> None:
+    def _fail_unreadable(self, job: Job, why: str, now: int) -> None:
         """End a claimed row that cannot be run: failed, no retry (it would be as unreadable), logged once."""
-        job = unreadable_job(raw)
         error = f"cannot run this row: {why}"
         try:
             self._store.finish_if_owned(job.id, self.owner, Status.FAILED.value, now, None, error, None,
@@ -2527,15 +2588,9 @@ class Worker:
     def _rescue(self, now: int) -> list[_Note]:
         notes = []
         finished: list[tuple[int, str, str]] = []
-        self.conn.execute(LEASE_THE_UNLEASED_SQL)
-        with _text_as_bytes(self.conn):  # few rows, rarely: each is decoded alone, so one bad row costs only itself
-            expired = self.conn.execute(EXPIRED_LEASES_SQL, {"now": now, "owner": self.owner}).fetchall()
-        lost = []
-        for raw in expired:
-            try:
-                lost.append(read_row(raw))
-            except UnreadableRow as e:
-                notes += self._rescue_unreadable(raw, str(e), now, finished)
+        lost, unreadable = self._store.expired_leases(self.owner, now)
+        for unreadable_row, why in unreadable:
+            notes += self._rescue_unreadable(unreadable_row, why, now, finished)
         for job in lost:
             deaths = job.deaths + 1
             poisoned = deaths >= self.max_deaths
@@ -2544,11 +2599,9 @@ class Worker:
             else:
                 error = f"worker lost: lease expired (worker {job.worker})"
             keep_ms = _first(_job_type(job).keep_ms, self.keep_failed_ms)
-            params = {"id": job.id, "now": now, "error": error, "keep_ms": keep_ms}
-            ended = self.conn.execute(RESCUE_SQL, params).fetchall()
-            if not ended:
+            if not self._store.rescue_if_expired(job.id, now, error, keep_ms):
                 continue
-            finished.extend(ended)
+            finished.append((now, job.queue, Status.FAILED.value))
             # A worker's death is not the job's failure: retry at once, whatever
             # max_attempts says, until the chain has killed max_deaths workers.
             retry = None if poisoned else self._schedule_retry(job, now, deaths=deaths, at_once=True)
@@ -2562,14 +2615,10 @@ class Worker:
         self._store.count_finished(finished)
         return notes
 
-    def _rescue_unreadable(self, raw: Any, why: str, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
+    def _rescue_unreadable(self, job: Job, why: str, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
         """An expired row that cannot be read: failed, with no retry (it would be as unreadable)."""
-        job = unreadable_job(raw)
         error = f"cannot run this row: {why} (and its worker was lost: lease expired)"
-        with _text_as_bytes(self.conn):  # RETURNING hands back its queue, which may be the bad text
-            ended = self.conn.execute(RESCUE_SQL, {"id": job.id, "now": now, "error": error,
-                                                   "keep_ms": self.keep_failed_ms}).fetchall()  # fmt: skip
-        if not ended:
+        if not self._store.rescue_if_expired(job.id, now, error, self.keep_failed_ms):
             return []
         finished.append((now, job.queue, Status.FAILED.value))
         return [_Note.about(job, "rescued", logging.ERROR, "job %d %s failed: %s", job.id, job.type, error)]
