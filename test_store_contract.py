@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class SQLiteBackend:
         self.conn = worker.connect(path)
         worker.apply_schema(self.conn)
         self.store: worker.Store = worker.SQLiteStore(self.conn)
+        self.others: list[sqlite3.Connection] = []
 
     def insert(self, **columns: Any) -> int:
         """A row as another program would write it (type "noop", due NOW, unless given); its id."""
@@ -65,8 +67,8 @@ class SQLiteBackend:
 
     def running(self, owner: str, **columns: Any) -> int:
         """A row running under ``owner``, its lease until NOW + LEASE."""
-        return self.insert(status="running", owner=owner, worker="host:1", started=NOW, lease_until=NOW + LEASE,
-                           **columns)  # fmt: skip
+        running = {"status": "running", "owner": owner, "worker": "host:1", "started": NOW, "lease_until": NOW + LEASE}
+        return self.insert(**{**running, **columns})
 
     def row(self, id: int) -> dict[str, Any]:
         self.conn.row_factory = sqlite3.Row
@@ -90,8 +92,15 @@ class SQLiteBackend:
     def finished_counts(self) -> list[tuple[int, str, str, int]]:
         return self.conn.execute("SELECT minute, queue, status, count FROM worker_finished_per_minute").fetchall()
 
+    def another_store(self) -> worker.Store:
+        """A store on a connection of its own to the same database, as another worker process has."""
+        conn = worker.connect(self.path)
+        self.others.append(conn)
+        return worker.SQLiteStore(conn)
+
     def close(self) -> None:
-        self.conn.close()
+        for conn in (self.conn, *self.others):
+            conn.close()
 
 
 @pytest.fixture(params=["sqlite"])
@@ -238,3 +247,98 @@ def test_finished_rows_are_counted_per_minute_queue_and_status(backend: SQLiteBa
     with store.transaction():
         store.count_finished([(minute + 59_999, "q", "succeeded")])
     assert sorted(backend.finished_counts()) == [(minute, "q", "failed", 1), (minute, "q", "succeeded", 3)]
+
+
+# --- Claim ------------------------------------------------------------------------------------
+
+TYPES = '["noop"]'
+
+
+def claim(store: worker.Store, owner: str, limit: int, *, now: int = NOW, suspect: bool = False) -> list[worker.Job]:
+    with store.transaction():
+        jobs, unreadable = store.claim(owner, "host:1", now, now + LEASE, limit, TYPES, (), suspect=suspect)
+    assert unreadable == []
+    return jobs
+
+
+def test_claim_takes_due_rows_highest_priority_first_then_oldest_and_leases_them(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    late = backend.insert(due=NOW - 10)
+    early = backend.insert(due=NOW - 20)
+    urgent = backend.insert(due=NOW, priority=5)
+    backend.insert(due=NOW + 1)  # not yet due
+    backend.insert(type="unknown")  # a type this worker does not run
+    backend.insert(deaths=1)  # a suspect: claimed only on its own
+    taken = claim(store, "a", 2)
+    assert sorted(job.id for job in taken) == sorted([urgent, early])
+    for job in taken:
+        row = backend.row(job.id)
+        assert (row["status"], row["owner"], row["started"], row["lease_until"]) == ("running", "a", NOW, NOW + LEASE)
+    assert [job.id for job in claim(store, "a", 10)] == [late]
+    assert claim(store, "a", 10) == []
+
+
+def test_a_suspect_row_is_claimed_only_when_asked_for(backend: SQLiteBackend, store: worker.Store) -> None:
+    backend.insert()
+    suspect = backend.insert(deaths=2)
+    with store.transaction():
+        assert store.any_suspect()
+    assert [job.id for job in claim(store, "a", 10, suspect=True)] == [suspect]
+    with store.transaction():
+        assert not store.any_suspect()
+
+
+def test_next_due_is_the_earliest_pending_due_of_the_types_asked_for(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    with store.transaction():
+        assert store.next_due(TYPES) is None
+    backend.insert(due=NOW + 50, priority=-1)
+    backend.insert(due=NOW + 70, priority=3)
+    backend.insert(due=NOW + 10, type="unknown")
+    backend.insert(due=NOW + 5, status="cancelled")
+    with store.transaction():
+        assert store.next_due(TYPES) == NOW + 50
+
+
+def test_two_connections_claiming_at_once_never_take_the_same_row(backend: SQLiteBackend) -> None:
+    ids = {backend.insert() for _ in range(300)}
+    stores = [backend.another_store(), backend.another_store()]
+    taken: list[list[int]] = [[], []]
+    start = threading.Barrier(2)
+
+    def claim_all(number: int) -> None:
+        start.wait(timeout=30)
+        while batch := claim(stores[number], f"owner{number}", 7):
+            taken[number].extend(job.id for job in batch)
+
+    threads = [threading.Thread(target=claim_all, args=(number,)) for number in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert sorted(taken[0] + taken[1]) == sorted(ids)  # every row once: none twice, none lost
+    for number in (0, 1):
+        assert {backend.row(id)["owner"] for id in taken[number]} <= {f"owner{number}"}
+
+
+# --- Rescue -------------------------------------------------------------------------------------
+
+
+def test_rescue_sees_and_takes_only_leases_that_have_ended(backend: SQLiteBackend, store: worker.Store) -> None:
+    expired = backend.running("dead", lease_until=NOW - 1)
+    alive = backend.running("live", lease_until=NOW + 1)
+    mine = backend.running("me", lease_until=NOW - 1)  # the asking worker is alive: its own are not lost
+    with store.transaction():
+        lost, unreadable = store.expired_leases("me", NOW)
+    assert [job.id for job in lost] == [expired] and unreadable == []
+    with store.transaction():
+        assert store.rescue_if_expired(expired, NOW, "worker lost", 10)
+        assert not store.rescue_if_expired(alive, NOW, "worker lost", 10)  # renewed meanwhile: the fence holds
+        assert not store.rescue_if_expired(expired, NOW, "worker lost", 10)  # rescued already
+    rescued = backend.row(expired)
+    assert (rescued["status"], rescued["error"], rescued["finished"], rescued["lease_until"]) == (
+        "failed", "worker lost", NOW, None)  # fmt: skip
+    assert backend.row(alive)["status"] == backend.row(mine)["status"] == "running"
