@@ -342,3 +342,81 @@ def test_rescue_sees_and_takes_only_leases_that_have_ended(backend: SQLiteBacken
     assert (rescued["status"], rescued["error"], rescued["finished"], rescued["lease_until"]) == (
         "failed", "worker lost", NOW, None)  # fmt: skip
     assert backend.row(alive)["status"] == backend.row(mine)["status"] == "running"
+
+
+# --- Insert: the tag rule, ids from the insert itself ----------------------------------------
+
+
+def new_row(backend: SQLiteBackend, tag: str | None = None) -> dict[str, Any]:
+    """What the store's insert takes: a row as Queue._new_row makes it."""
+    return worker.Queue(backend.conn, check_types=False)._new_row("noop", {"n": 1}, tag=tag, now=NOW)
+
+
+def test_insert_returns_the_row_with_the_id_it_was_given(backend: SQLiteBackend, store: worker.Store) -> None:
+    backend.insert()
+    with store.transaction():
+        job = store.insert(new_row(backend))
+    stored = backend.row(job.id)
+    assert (stored["type"], stored["data"], stored["status"], stored["due"]) == ("noop", '{"n":1}', "pending", NOW)
+    assert (job.type, job.data, job.status) == ("noop", {"n": 1}, "pending")
+
+
+def test_insert_replacing_a_tag_cancels_its_pending_row_and_ignoring_keeps_it(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    with store.transaction():
+        first = store.insert(new_row(backend, "t"))
+        kept = store.insert(new_row(backend, "t"), "ignore")
+    assert kept.id == first.id and len(backend.all_rows()) == 1
+    with store.transaction():
+        second = store.insert(new_row(backend, "t"), "replace")
+    assert backend.row(first.id)["status"] == "cancelled" and "replaced" in backend.row(first.id)["error"]
+    assert backend.row(second.id)["status"] == "pending"
+    pending = [row["id"] for row in backend.all_rows() if row["status"] == "pending"]
+    assert pending == [second.id]  # one pending row per tag, whichever way
+
+
+def test_a_second_pending_row_of_a_tag_is_refused_by_the_table_itself(backend: SQLiteBackend) -> None:
+    backend.insert(tag="t")
+    with pytest.raises(sqlite3.IntegrityError):
+        backend.insert(tag="t")
+    backend.insert(tag="t", status="cancelled")  # only pending rows are held to one per tag
+
+
+def test_uniform_insert_returns_each_rows_id_in_the_order_given(backend: SQLiteBackend, store: worker.Store) -> None:
+    backend.insert()
+    rows = [["noop", {"n": n}, f"q{n % 3}"] for n in range(50)]
+    with store.transaction():
+        ids = store.insert_uniform(new_row(backend), worker.JSON.encode(rows))
+    assert len(set(ids)) == 50
+    for id, (_, data, queue) in zip(ids, rows, strict=True):
+        stored = backend.row(id)
+        assert (stored["data"], stored["queue"]) == (worker.JSON.encode(data), queue)
+
+
+# --- Cancel and manual retry -----------------------------------------------------------------
+
+
+def test_cancel_takes_only_pending_rows(backend: SQLiteBackend, store: worker.Store) -> None:
+    pending, running = backend.insert(type="a"), backend.running("w", type="a")
+    other = backend.insert(type="b")
+    with store.transaction():
+        assert store.cancel_pending(NOW, "no", 10, id=running) == 0
+        assert store.cancel_pending(NOW, "stop a", 10, type="a") == 1
+    assert (backend.row(pending)["status"], backend.row(pending)["error"]) == ("cancelled", "stop a")
+    assert backend.row(running)["status"] == "running" and backend.row(other)["status"] == "pending"
+    assert backend.finished_counts() == [(NOW - NOW % 60_000, "default", "cancelled", 1)]
+
+
+def test_manual_retry_continues_only_the_end_of_a_failed_chain(backend: SQLiteBackend, store: worker.Store) -> None:
+    failed = backend.insert(status="failed", attempt=2, data='{"x":1}')
+    pending = backend.insert()
+    with store.transaction():
+        retried = store.manual_retry(failed, NOW + 5)
+        assert retried is not None
+        assert store.manual_retry(failed, NOW + 6) is None  # a retry follows it now: the chain goes on from there
+        assert store.manual_retry(pending, NOW) is None  # pending: nothing to retry
+    assert (retried.attempt, retried.rescheduled_from_job, retried.due, retried.data) == (3, failed, NOW + 5, {"x": 1})
+    assert backend.row(retried.id)["status"] == "pending"
+    with store.transaction():
+        assert store.retryable_failed(None) == []
