@@ -420,3 +420,11 @@ def test_manual_retry_continues_only_the_end_of_a_failed_chain(backend: SQLiteBa
     assert backend.row(retried.id)["status"] == "pending"
     with store.transaction():
         assert store.retryable_failed(None) == []
+
+
+def test_the_store_judges_leases_by_its_clock(backend: SQLiteBackend, store: worker.Store) -> None:
+    assert abs(store.now() - worker.now_ms()) < 60_000  # the SQLite store's own: the system clock unless given
+    held = backend.running("dead", lease_until=store.now() - 1)
+    with store.transaction():
+        lost, _ = store.expired_leases("me", store.now())
+    assert [job.id for job in lost] == [held]
