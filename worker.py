@@ -1029,7 +1029,7 @@ def sqlite_path(target: str) -> str:
 
 
 class Store(Protocol):
-    """What the worker asks of its database: the transitions of a row, each with the fence that makes it safe.
+    """What Queue and Worker ask of their database: the transitions of a row, each with the fence that makes it safe.
 
     A verb runs inside the caller's write transaction (``transaction()``) and
     changes a row only while the fence it names holds: ``..._if_owned`` only
@@ -1046,6 +1046,8 @@ class Store(Protocol):
     def now(self) -> int:
         """The time that leases are judged by, in epoch ms (the SQLite store's is its worker's own clock)."""
         ...
+
+    # Producing rows (Queue)
 
     def insert(self, row: dict[str, Any], on_conflict: str = "replace") -> Job:
         """Insert one row under the tag rule (one pending row per tag): ``replace`` or ``ignore`` the pending one."""
@@ -1086,36 +1088,28 @@ class Store(Protocol):
         """Drop the per-minute counts of finished rows older than ``before``."""
         ...
 
-    def pending_with_tag(self, tag: str) -> Job | None:
-        """The pending row of this tag, or None."""
+    # Claiming, and ending what was claimed (fenced on the owner)
+
+    def claim(
+        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
+        *, suspect: bool = False,
+    ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
+        """Take up to ``limit`` due pending rows for ``owner``, leased until ``lease_until``; no row twice, ever.
+
+        Only rows of ``types`` (a JSON array) in the store's queues, highest
+        priority first, then oldest due; ``suspect`` takes only rows whose
+        chain killed a worker, otherwise only the others.  Returns the jobs and
+        the rows taken that cannot be read (each with why; ``held`` are rows the
+        owner held before, not to be returned again), which the caller fails.
+        """
         ...
 
-    def cron_run_running(self, tag: str, cron: str, timezone: str | None) -> bool:
-        """Whether a run of this very schedule is running now."""
+    def any_suspect(self) -> bool:
+        """Whether a pending row's chain has already killed a worker (deaths > 0): such a row is claimed alone."""
         ...
 
-    def last_cron_slot(self, tag: str) -> int | None:
-        """The newest slot a run of this schedule has had, or None."""
-        ...
-
-    def register_process(self, process: Mapping[str, Any], now: int) -> None:
-        """Record a worker process as started and alive now; forget the processes gone for a day."""
-        ...
-
-    def process_alive(self, owner: str, running: int, now: int) -> None:
-        """Record that the process ``owner`` is alive now and runs ``running`` jobs."""
-        ...
-
-    def forget_process(self, owner: str) -> None:
-        """Remove the process's row (it stopped), and those of processes gone for a day."""
-        ...
-
-    def renew_leases(self, owner: str, lease_until: int) -> None:
-        """Extend to ``lease_until`` the lease of every row running under ``owner``."""
-        ...
-
-    def give_back_if_owned(self, id: int, owner: str) -> bool:
-        """Make the row pending again, unclaimed, if it is running under ``owner``; whether it was."""
+    def next_due(self, types: str) -> int | None:
+        """The earliest due time of a pending row of ``types`` in the store's queues (None: no such row)."""
         ...
 
     def finish_if_owned(
@@ -1128,6 +1122,10 @@ class Store(Protocol):
         (None: the claim's time stands); the row is removable ``keep_ms``
         after, unless it says otherwise (its own keep_ms, persistent).
         """
+        ...
+
+    def give_back_if_owned(self, id: int, owner: str) -> bool:
+        """Make the row pending again, unclaimed, if it is running under ``owner``; whether it was."""
         ...
 
     def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
@@ -1148,26 +1146,10 @@ class Store(Protocol):
         """Add rows just finished, as (finished ms, queue, status), to the per-minute counts ``status`` reads."""
         ...
 
-    def any_suspect(self) -> bool:
-        """Whether a pending row's chain has already killed a worker (deaths > 0): such a row is claimed alone."""
-        ...
+    # Leases and processes
 
-    def claim(
-        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
-        *, suspect: bool = False,
-    ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
-        """Take up to ``limit`` due pending rows for ``owner``, leased until ``lease_until``; no row twice, ever.
-
-        Only rows of ``types`` (a JSON array) in the store's queues, highest
-        priority first, then oldest due; ``suspect`` takes only rows whose
-        chain killed a worker, otherwise only the others.  Returns the jobs and
-        the rows taken that cannot be read (each with why; ``held`` are rows the
-        owner held before, not to be returned again), which the caller fails.
-        """
-        ...
-
-    def next_due(self, types: str) -> int | None:
-        """The earliest due time of a pending row of ``types`` in the store's queues (None: no such row)."""
+    def renew_leases(self, owner: str, lease_until: int) -> None:
+        """Extend to ``lease_until`` the lease of every row running under ``owner``."""
         ...
 
     def expired_leases(self, owner: str, now: int) -> tuple[list[Job], list[tuple[Job, str]]]:
@@ -1179,6 +1161,32 @@ class Store(Protocol):
 
     def rescue_if_expired(self, id: int, now: int, error: str, keep_ms: int) -> bool:
         """Fail the row (its worker was lost) if it is still running with its lease ended; whether it was."""
+        ...
+
+    def register_process(self, process: Mapping[str, Any], now: int) -> None:
+        """Record a worker process as started and alive now; forget the processes gone for a day."""
+        ...
+
+    def process_alive(self, owner: str, running: int, now: int) -> None:
+        """Record that the process ``owner`` is alive now and runs ``running`` jobs."""
+        ...
+
+    def forget_process(self, owner: str) -> None:
+        """Remove the process's row (it stopped), and those of processes gone for a day."""
+        ...
+
+    # A recurring job's rows
+
+    def pending_with_tag(self, tag: str) -> Job | None:
+        """The pending row of this tag, or None."""
+        ...
+
+    def cron_run_running(self, tag: str, cron: str, timezone: str | None) -> bool:
+        """Whether a run of this very schedule is running now."""
+        ...
+
+    def last_cron_slot(self, tag: str) -> int | None:
+        """The newest slot a run of this schedule has had, or None."""
         ...
 
 
