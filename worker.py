@@ -353,6 +353,10 @@ class JobOptions:
         keep: Seconds | None = None,
     ) -> JobOptions:
         """The options from the API's keywords; ValueError naming the first that is not usable."""
+        # Most rows set none: a frozen dataclass takes a microsecond to make, 3 % of an enqueue.
+        given = (queue, max_attempts, retry_delay, backoff, timeout, keep)
+        if given == _NOTHING_GIVEN:
+            return _NO_OPTIONS
         check_policy(max_attempts=max_attempts, backoff=backoff, timeout=timeout)
         return cls(
             queue,
@@ -365,8 +369,15 @@ class JobOptions:
 
     def columns(self) -> dict[str, Any]:
         """The row's policy columns (queue aside: a row always has one)."""
+        if self is _NO_OPTIONS:
+            return _NO_COLUMNS  # the callers unpack it: one dict for every row that sets nothing
         return {"max_attempts": self.max_attempts, "retry_delay_ms": self.retry_delay_ms, "backoff": self.backoff,
                 "timeout_ms": self.timeout_ms, "keep_ms": self.keep_ms}  # fmt: skip
+
+
+_NO_OPTIONS = JobOptions()
+_NOTHING_GIVEN = (None,) * 6
+_NO_COLUMNS = dict.fromkeys(("max_attempts", "retry_delay_ms", "backoff", "timeout_ms", "keep_ms"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -1792,21 +1803,11 @@ class Queue:
         "replace"`` cancels the pending one and inserts this, ``"ignore"`` keeps
         it and returns it instead.
         """
+        options = JobOptions.of(
+            queue=queue, max_attempts=max_attempts, retry_delay=retry_delay, backoff=backoff, timeout=timeout, keep=keep
+        )
         row = self._new_row(
-            type,
-            data,
-            delay=delay,
-            at=at,
-            priority=priority,
-            queue=queue,
-            max_attempts=max_attempts,
-            retry_delay=retry_delay,
-            backoff=backoff,
-            timeout=timeout,
-            keep=keep,
-            persistent=persistent,
-            tag=tag,
-            now=now,
+            type, data, delay=delay, at=at, priority=priority, persistent=persistent, tag=tag, now=now, options=options
         )
         store = self._store()
         if row["tag"] is None and self._caller_conn is None:
@@ -1987,9 +1988,13 @@ class Queue:
         cron: str | None = None,
         timezone: str | None = None,
         now: int | None = None,
+        options: JobOptions | None = None,
         **policy: Any,
     ) -> dict[str, Any]:
-        """The INSERT parameters of one row (and its data, for the Job returned); ``policy`` is JobOptions.of's."""
+        """The INSERT parameters of one row (and its data, for the Job returned).
+
+        Its policy is ``options``, or else made from ``policy``, JobOptions.of's keywords.
+        """
         if not isinstance(type, str) or not type:
             raise UnknownJobType(f"job type must be a non-empty string, not {type!r}")
         job_type = REGISTRY.get(type)
@@ -2003,7 +2008,7 @@ class Queue:
         if tag is not None and (not isinstance(tag, str) or not tag):
             raise ValueError(f"tag must be a non-empty string, not {tag!r}")
         _check_integer(priority, "priority", -MAX_INTEGER - 1, MAX_INTEGER)
-        options = JobOptions.of(**policy)
+        options = JobOptions.of(**policy) if options is None else options
         now = now_ms() if now is None else now
         due = epoch_ms(at) if at is not None else now + (_optional_ms(delay, "delay") or 0)
         if not MIN_TIME_MS <= due <= MAX_TIME_MS:
