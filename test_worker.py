@@ -913,7 +913,7 @@ def test_schema_newer_than_the_code_is_refused(db: str) -> None:
 
 def test_claim_uses_the_partial_index_not_a_table_scan(queue: Queue) -> None:
     conn = worker.connect(queue.path or "")
-    sql = worker.CLAIM_SQL.format(queue_filter="", columns="id", deaths="deaths = 0")
+    sql = worker.SQLiteStore.CLAIM_SQL.format(queue_filter="", columns="id", deaths="deaths = 0")
     plan = " | ".join(
         row[3]
         for row in conn.execute(
@@ -943,7 +943,7 @@ def test_next_due_is_the_earliest_pending_due_across_priorities_and_queues(
 
     conn = worker.connect(queue.path or "")
     plan = " | ".join(
-        row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + worker.NEXT_DUE_SQL.format(queue_filter=""))
+        row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + worker.SQLiteStore.NEXT_DUE_SQL.format(queue_filter=""))
     )
     assert "worker_jobs_claim" in plan and "SCAN worker_jobs" not in plan, plan
     conn.close()
@@ -951,7 +951,7 @@ def test_next_due_is_the_earliest_pending_due_across_priorities_and_queues(
 
 def test_claim_of_a_job_whose_worker_died_uses_its_own_small_index(queue: Queue) -> None:
     conn = worker.connect(queue.path or "")
-    sql = worker.CLAIM_SQL.format(queue_filter="", columns="id", deaths="deaths > 0")
+    sql = worker.SQLiteStore.CLAIM_SQL.format(queue_filter="", columns="id", deaths="deaths > 0")
     params = dict.fromkeys(("now", "worker", "owner", "lease_until", "limit"))
     plan = " | ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
     assert "worker_jobs_suspect" in plan, plan

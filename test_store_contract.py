@@ -1,0 +1,430 @@
+"""The store contract: what any store must do, and the fences it must keep (River's driver test suite is the model).
+
+Every test of a verb takes the ``store`` fixture, which today yields the SQLite
+store only; a later store joins by adding its case to the fixture.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import worker
+
+
+def allowed_statuses(table: str) -> list[str]:
+    """The values the CHECK on ``table``.status allows, read from the table schema.sql makes."""
+    _, create = worker._schema_objects()[table]
+    found = re.search(r"CHECK \(status IN \(([^)]*)\)\)", create)
+    assert found, f"{table} has no CHECK on status"
+    return [value.strip().strip("'") for value in found.group(1).split(",")]
+
+
+def test_status_enum_names_exactly_the_states_the_schema_allows() -> None:
+    assert allowed_statuses("worker_jobs") == [status.value for status in worker.Status]
+    assert tuple(worker.Status) == worker.STATUSES
+    finished = [worker.Status.SUCCEEDED, worker.Status.FAILED, worker.Status.CANCELLED]
+    assert allowed_statuses("worker_finished_per_minute") == finished
+
+
+def test_a_status_compares_equal_to_the_plain_string_a_row_holds() -> None:
+    assert worker.Status.PENDING == "pending"
+    assert f"{worker.Status.FAILED}" == "failed"
+
+
+# --- The store under test, and what a test needs of its backend ---------------------
+
+NOW = 1_800_000_000_000  # epoch ms
+LEASE = 60_000
+
+
+class SQLiteBackend:
+    """The SQLite store on a fresh file, with raw access to its table for setting up and reading back rows."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = worker.connect(path)
+        worker.apply_schema(self.conn)
+        self.store: worker.Store = worker.SQLiteStore(self.conn)
+        self.others: list[sqlite3.Connection] = []
+
+    def insert(self, **columns: Any) -> int:
+        """A row as another program would write it (type "noop", due NOW, unless given); its id."""
+        columns = {"type": "noop", "due": NOW, "created_at": NOW, **columns}
+        names = ", ".join(columns)
+        values = ", ".join(f":{name}" for name in columns)
+        with self.store.transaction():
+            cursor = self.conn.execute(f"INSERT INTO worker_jobs ({names}) VALUES ({values})", columns)
+        return int(cursor.lastrowid or 0)
+
+    def running(self, owner: str, **columns: Any) -> int:
+        """A row running under ``owner``, its lease until NOW + LEASE."""
+        running = {"status": "running", "owner": owner, "worker": "host:1", "started": NOW, "lease_until": NOW + LEASE}
+        return self.insert(**{**running, **columns})
+
+    def row(self, id: int) -> dict[str, Any]:
+        self.conn.row_factory = sqlite3.Row
+        try:
+            found = self.conn.execute("SELECT * FROM worker_jobs WHERE id = ?", (id,)).fetchone()
+        finally:
+            self.conn.row_factory = None
+        assert found is not None, f"no row {id}"
+        return dict(found)
+
+    def all_rows(self) -> list[dict[str, Any]]:
+        return [self.row(id) for (id,) in self.conn.execute("SELECT id FROM worker_jobs ORDER BY id").fetchall()]
+
+    def processes(self) -> dict[str, dict[str, Any]]:
+        self.conn.row_factory = sqlite3.Row
+        try:
+            return {row["id"]: dict(row) for row in self.conn.execute("SELECT * FROM worker_processes")}
+        finally:
+            self.conn.row_factory = None
+
+    def finished_counts(self) -> list[tuple[int, str, str, int]]:
+        return self.conn.execute("SELECT minute, queue, status, count FROM worker_finished_per_minute").fetchall()
+
+    def another_store(self) -> worker.Store:
+        """A store on a connection of its own to the same database, as another worker process has."""
+        conn = worker.connect(self.path)
+        self.others.append(conn)
+        return worker.SQLiteStore(conn)
+
+    def close(self) -> None:
+        for conn in (self.conn, *self.others):
+            conn.close()
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLiteBackend]:
+    """Each store the engine has (a later store adds its case here), on an empty database."""
+    made = SQLiteBackend(tmp_path / "contract.db")
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def store(backend: SQLiteBackend) -> worker.Store:
+    return backend.store
+
+
+# --- Transactions ------------------------------------------------------------------
+
+
+def test_a_transaction_that_raises_writes_nothing(backend: SQLiteBackend, store: worker.Store) -> None:
+    id = backend.running("a")
+    with pytest.raises(RuntimeError), store.transaction():
+        assert store.give_back_if_owned(id, "a")
+        raise RuntimeError("the step failed after its write")
+    assert backend.row(id)["status"] == worker.Status.RUNNING
+
+
+# --- Fenced on the owner ---------------------------------------------------------------
+
+
+def test_give_back_changes_only_a_row_running_under_that_owner(backend: SQLiteBackend, store: worker.Store) -> None:
+    mine, theirs, pending = backend.running("a"), backend.running("b"), backend.insert()
+    with store.transaction():
+        assert store.give_back_if_owned(mine, "a")
+        assert not store.give_back_if_owned(theirs, "a")
+        assert not store.give_back_if_owned(pending, "a")
+        assert not store.give_back_if_owned(mine, "a")  # given back already: no longer running
+    given_back = backend.row(mine)
+    assert given_back["status"] == worker.Status.PENDING
+    assert (given_back["owner"], given_back["worker"], given_back["started"], given_back["lease_until"]) == (None,) * 4
+    assert backend.row(theirs)["status"] == worker.Status.RUNNING and backend.row(theirs)["owner"] == "b"
+
+
+def test_finish_writes_the_outcome_only_while_that_owner_holds_the_row(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    mine, theirs = backend.running("a"), backend.running("b")
+    with store.transaction():
+        assert store.finish_if_owned(mine, "a", worker.Status.SUCCEEDED.value, NOW + 5, '{"ok":1}', None, NOW + 1, 10)
+        assert not store.finish_if_owned(theirs, "a", worker.Status.FAILED.value, NOW + 5, None, "boom", None, 10)
+        assert not store.finish_if_owned(mine, "a", worker.Status.FAILED.value, NOW + 6, None, "again", None, 10)
+    done = backend.row(mine)
+    assert (done["status"], done["result"], done["error"]) == ("succeeded", '{"ok":1}', None)
+    times = (done["started"], done["finished"], done["lease_until"], done["remove_at"])
+    assert times == (NOW + 1, NOW + 5, None, NOW + 15)  # removable keep_ms after it finished
+    assert backend.row(theirs)["status"] == worker.Status.RUNNING
+
+
+def test_finish_keeps_the_claim_time_without_a_start_and_the_rows_own_retention(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    own_keep, persistent = backend.running("a", keep_ms=1_000), backend.running("a", persistent=1)
+    with store.transaction():
+        for id in (own_keep, persistent):
+            assert store.finish_if_owned(id, "a", worker.Status.FAILED.value, NOW + 5, None, "boom", None, 10)
+    assert (backend.row(own_keep)["started"], backend.row(own_keep)["remove_at"]) == (NOW, NOW + 5 + 1_000)
+    assert backend.row(persistent)["remove_at"] is None
+
+
+def test_renew_leases_extends_only_the_rows_running_under_that_owner(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    mine, theirs = backend.running("a"), backend.running("b")
+    with store.transaction():
+        store.renew_leases("a", NOW + 2 * LEASE)
+    assert backend.row(mine)["lease_until"] == NOW + 2 * LEASE
+    assert backend.row(theirs)["lease_until"] == NOW + LEASE
+
+
+# --- New rows of a chain: ids from the insert itself, the tag rule kept ------------------
+
+
+def test_next_attempt_is_a_new_row_of_the_chain_with_the_id_the_insert_returned(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    failed = backend.insert(status="failed", tag="t", attempt=2, max_attempts=5, cron_schedule="* * * * *",
+                            cron_slot=NOW - 60_000, data='{"x":1}', priority=3)  # fmt: skip
+    backend.insert(type="other")  # a later row: the retry's id must not be guessed from counting
+    with store.transaction():
+        retry = store.schedule_next_attempt(failed, due=NOW + 10, deaths=1, now=NOW)
+    assert retry is not None
+    new = backend.row(retry)
+    chained = (new["status"], new["attempt"], new["rescheduled_from_job"], new["due"], new["deaths"])
+    assert chained == ("pending", 3, failed, NOW + 10, 1)
+    copied = (new["type"], new["data"], new["tag"], new["priority"], new["max_attempts"])
+    assert copied == ("noop", '{"x":1}', "t", 3, 5)
+    assert (new["cron_schedule"], new["cron_slot"]) == ("* * * * *", NOW - 60_000)  # a retry repeats its slot
+
+
+def test_next_attempt_yields_to_a_pending_row_of_the_same_tag(backend: SQLiteBackend, store: worker.Store) -> None:
+    failed = backend.insert(status="failed", tag="t")
+    newer = backend.insert(tag="t")
+    with store.transaction():
+        assert store.schedule_next_attempt(failed, due=NOW, deaths=0, now=NOW) is None
+    assert [row["id"] for row in backend.all_rows()] == [failed, newer]
+
+
+def test_next_cron_run_is_a_fresh_chain_at_its_slot(backend: SQLiteBackend, store: worker.Store) -> None:
+    ran = backend.insert(status="succeeded", tag="cron:noop", attempt=3, deaths=1, cron_schedule="*/5 * * * *",
+                         cron_timezone="Europe/Paris", cron_slot=NOW)  # fmt: skip
+    with store.transaction():
+        following = store.schedule_next_cron_run(ran, due=NOW + 300_000, now=NOW)
+    assert following is not None
+    new = backend.row(following)
+    assert (new["status"], new["attempt"], new["deaths"], new["rescheduled_from_job"]) == ("pending", 1, 0, ran)
+    assert (new["due"], new["cron_slot"], new["tag"]) == (NOW + 300_000, NOW + 300_000, "cron:noop")
+    assert (new["cron_schedule"], new["cron_timezone"]) == ("*/5 * * * *", "Europe/Paris")
+    with store.transaction():  # the schedule has its pending row now: a second one is refused
+        assert store.schedule_next_cron_run(ran, due=NOW + 600_000, now=NOW) is None
+
+
+# --- Processes and counts ------------------------------------------------------------------
+
+
+def test_a_process_is_registered_kept_alive_and_forgotten(backend: SQLiteBackend, store: worker.Store) -> None:
+    process = {"id": "a", "host": "h", "pid": 1, "lease_ms": LEASE, "concurrency": 4, "queues": None,
+               "version": worker.__version__, "types": '["noop"]'}  # fmt: skip
+    with store.transaction():
+        store.register_process({**process, "id": "gone"}, NOW - worker.DAY_MS - 1)
+        store.register_process(process, NOW)
+    assert set(backend.processes()) == {"a"}  # one gone for a day is forgotten
+    assert backend.processes()["a"]["started"] == backend.processes()["a"]["last_seen"] == NOW
+    with store.transaction():
+        store.process_alive("a", 3, NOW + 20)
+    assert (backend.processes()["a"]["last_seen"], backend.processes()["a"]["running"]) == (NOW + 20, 3)
+    with store.transaction():
+        store.forget_process("a")
+    assert backend.processes() == {}
+
+
+def test_finished_rows_are_counted_per_minute_queue_and_status(backend: SQLiteBackend, store: worker.Store) -> None:
+    minute = NOW - NOW % 60_000
+    with store.transaction():
+        store.count_finished([(minute + 1, "q", "succeeded"), (minute + 2, "q", "succeeded"), (minute, "q", "failed")])
+    with store.transaction():
+        store.count_finished([(minute + 59_999, "q", "succeeded")])
+    assert sorted(backend.finished_counts()) == [(minute, "q", "failed", 1), (minute, "q", "succeeded", 3)]
+
+
+# --- Claim ------------------------------------------------------------------------------------
+
+TYPES = '["noop"]'
+
+
+def claim(store: worker.Store, owner: str, limit: int, *, now: int = NOW, suspect: bool = False) -> list[worker.Job]:
+    with store.transaction():
+        jobs, unreadable = store.claim(owner, "host:1", now, now + LEASE, limit, TYPES, (), suspect=suspect)
+    assert unreadable == []
+    return jobs
+
+
+def test_claim_takes_due_rows_highest_priority_first_then_oldest_and_leases_them(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    late = backend.insert(due=NOW - 10)
+    early = backend.insert(due=NOW - 20)
+    urgent = backend.insert(due=NOW, priority=5)
+    backend.insert(due=NOW + 1)  # not yet due
+    backend.insert(type="unknown")  # a type this worker does not run
+    backend.insert(deaths=1)  # a suspect: claimed only on its own
+    taken = claim(store, "a", 2)
+    assert sorted(job.id for job in taken) == sorted([urgent, early])
+    for job in taken:
+        row = backend.row(job.id)
+        assert (row["status"], row["owner"], row["started"], row["lease_until"]) == ("running", "a", NOW, NOW + LEASE)
+    assert [job.id for job in claim(store, "a", 10)] == [late]
+    assert claim(store, "a", 10) == []
+
+
+def test_a_suspect_row_is_claimed_only_when_asked_for(backend: SQLiteBackend, store: worker.Store) -> None:
+    backend.insert()
+    suspect = backend.insert(deaths=2)
+    with store.transaction():
+        assert store.any_suspect()
+    assert [job.id for job in claim(store, "a", 10, suspect=True)] == [suspect]
+    with store.transaction():
+        assert not store.any_suspect()
+
+
+def test_next_due_is_the_earliest_pending_due_of_the_types_asked_for(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    with store.transaction():
+        assert store.next_due(TYPES) is None
+    backend.insert(due=NOW + 50, priority=-1)
+    backend.insert(due=NOW + 70, priority=3)
+    backend.insert(due=NOW + 10, type="unknown")
+    backend.insert(due=NOW + 5, status="cancelled")
+    with store.transaction():
+        assert store.next_due(TYPES) == NOW + 50
+
+
+def test_two_connections_claiming_at_once_never_take_the_same_row(backend: SQLiteBackend) -> None:
+    ids = {backend.insert() for _ in range(300)}
+    stores = [backend.another_store(), backend.another_store()]
+    taken: list[list[int]] = [[], []]
+    start = threading.Barrier(2)
+
+    def claim_all(number: int) -> None:
+        start.wait(timeout=30)
+        while batch := claim(stores[number], f"owner{number}", 7):
+            taken[number].extend(job.id for job in batch)
+
+    threads = [threading.Thread(target=claim_all, args=(number,)) for number in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert sorted(taken[0] + taken[1]) == sorted(ids)  # every row once: none twice, none lost
+    for number in (0, 1):
+        assert {backend.row(id)["owner"] for id in taken[number]} <= {f"owner{number}"}
+
+
+# --- Rescue -------------------------------------------------------------------------------------
+
+
+def test_rescue_sees_and_takes_only_leases_that_have_ended(backend: SQLiteBackend, store: worker.Store) -> None:
+    expired = backend.running("dead", lease_until=NOW - 1)
+    alive = backend.running("live", lease_until=NOW + 1)
+    mine = backend.running("me", lease_until=NOW - 1)  # the asking worker is alive: its own are not lost
+    with store.transaction():
+        lost, unreadable = store.expired_leases("me", NOW)
+    assert [job.id for job in lost] == [expired] and unreadable == []
+    with store.transaction():
+        assert store.rescue_if_expired(expired, NOW, "worker lost", 10)
+        assert not store.rescue_if_expired(alive, NOW, "worker lost", 10)  # renewed meanwhile: the fence holds
+        assert not store.rescue_if_expired(expired, NOW, "worker lost", 10)  # rescued already
+    rescued = backend.row(expired)
+    assert (rescued["status"], rescued["error"], rescued["finished"], rescued["lease_until"]) == (
+        "failed", "worker lost", NOW, None)  # fmt: skip
+    assert backend.row(alive)["status"] == backend.row(mine)["status"] == "running"
+
+
+# --- Insert: the tag rule, ids from the insert itself ----------------------------------------
+
+
+def new_row(backend: SQLiteBackend, tag: str | None = None) -> dict[str, Any]:
+    """What the store's insert takes: a row as Queue._new_row makes it."""
+    return worker.Queue(backend.conn, check_types=False)._new_row("noop", {"n": 1}, tag=tag, now=NOW)
+
+
+def test_insert_returns_the_row_with_the_id_it_was_given(backend: SQLiteBackend, store: worker.Store) -> None:
+    backend.insert()
+    with store.transaction():
+        job = store.insert(new_row(backend))
+    stored = backend.row(job.id)
+    assert (stored["type"], stored["data"], stored["status"], stored["due"]) == ("noop", '{"n":1}', "pending", NOW)
+    assert (job.type, job.data, job.status) == ("noop", {"n": 1}, "pending")
+
+
+def test_insert_replacing_a_tag_cancels_its_pending_row_and_ignoring_keeps_it(
+    backend: SQLiteBackend, store: worker.Store
+) -> None:
+    with store.transaction():
+        first = store.insert(new_row(backend, "t"))
+        kept = store.insert(new_row(backend, "t"), "ignore")
+    assert kept.id == first.id and len(backend.all_rows()) == 1
+    with store.transaction():
+        second = store.insert(new_row(backend, "t"), "replace")
+    assert backend.row(first.id)["status"] == "cancelled" and "replaced" in backend.row(first.id)["error"]
+    assert backend.row(second.id)["status"] == "pending"
+    pending = [row["id"] for row in backend.all_rows() if row["status"] == "pending"]
+    assert pending == [second.id]  # one pending row per tag, whichever way
+
+
+def test_a_second_pending_row_of_a_tag_is_refused_by_the_table_itself(backend: SQLiteBackend) -> None:
+    backend.insert(tag="t")
+    with pytest.raises(sqlite3.IntegrityError):
+        backend.insert(tag="t")
+    backend.insert(tag="t", status="cancelled")  # only pending rows are held to one per tag
+
+
+def test_uniform_insert_returns_each_rows_id_in_the_order_given(backend: SQLiteBackend, store: worker.Store) -> None:
+    backend.insert()
+    rows = [["noop", {"n": n}, f"q{n % 3}"] for n in range(50)]
+    with store.transaction():
+        ids = store.insert_uniform(new_row(backend), worker.JSON.encode(rows))
+    assert len(set(ids)) == 50
+    for id, (_, data, queue) in zip(ids, rows, strict=True):
+        stored = backend.row(id)
+        assert (stored["data"], stored["queue"]) == (worker.JSON.encode(data), queue)
+
+
+# --- Cancel and manual retry -----------------------------------------------------------------
+
+
+def test_cancel_takes_only_pending_rows(backend: SQLiteBackend, store: worker.Store) -> None:
+    pending, running = backend.insert(type="a"), backend.running("w", type="a")
+    other = backend.insert(type="b")
+    with store.transaction():
+        assert store.cancel_pending(NOW, "no", 10, id=running) == 0
+        assert store.cancel_pending(NOW, "stop a", 10, type="a") == 1
+    assert (backend.row(pending)["status"], backend.row(pending)["error"]) == ("cancelled", "stop a")
+    assert backend.row(running)["status"] == "running" and backend.row(other)["status"] == "pending"
+    assert backend.finished_counts() == [(NOW - NOW % 60_000, "default", "cancelled", 1)]
+
+
+def test_manual_retry_continues_only_the_end_of_a_failed_chain(backend: SQLiteBackend, store: worker.Store) -> None:
+    failed = backend.insert(status="failed", attempt=2, data='{"x":1}')
+    pending = backend.insert()
+    with store.transaction():
+        retried = store.manual_retry(failed, NOW + 5)
+        assert retried is not None
+        assert store.manual_retry(failed, NOW + 6) is None  # a retry follows it now: the chain goes on from there
+        assert store.manual_retry(pending, NOW) is None  # pending: nothing to retry
+    assert (retried.attempt, retried.rescheduled_from_job, retried.due, retried.data) == (3, failed, NOW + 5, {"x": 1})
+    assert backend.row(retried.id)["status"] == "pending"
+    with store.transaction():
+        assert store.retryable_failed(None) == []
+
+
+def test_the_store_judges_leases_by_its_clock(backend: SQLiteBackend, store: worker.Store) -> None:
+    assert abs(store.now() - worker.now_ms()) < 60_000  # the SQLite store's own: the system clock unless given
+    held = backend.running("dead", lease_until=store.now() - 1)
+    with store.transaction():
+        lost, _ = store.expired_leases("me", store.now())
+    assert [job.id for job in lost] == [held]
