@@ -428,3 +428,36 @@ def test_the_store_judges_leases_by_its_clock(backend: SQLiteBackend, store: wor
     with store.transaction():
         lost, _ = store.expired_leases("me", store.now())
     assert [job.id for job in lost] == [held]
+
+
+# --- Wake-up: a seam of its own ------------------------------------------------------------
+
+
+def test_wake_up_sees_a_commit_by_another_connection_and_only_then(backend: SQLiteBackend) -> None:
+    wake_up = worker.SQLiteWakeUp(str(backend.path), lambda: backend.conn)
+    wake_up.changed()  # the first look only learns where things stand
+    assert not wake_up.changed()
+    other = backend.another_store()
+    with other.transaction():
+        other.insert(worker.Queue(backend.conn, check_types=False)._new_row("noop", {}), "replace")
+    assert wake_up.changed()
+    assert not wake_up.changed()
+
+
+def test_wake_up_calls_wake_on_a_commit_only_while_armed(backend: SQLiteBackend) -> None:
+    woken = threading.Event()
+    wake_up = worker.SQLiteWakeUp(str(backend.path), lambda: backend.conn)
+    wake_up.start(woken.set)
+    try:
+        assert wake_up.pushes  # inotify on Linux
+        other = backend.another_store()
+        with other.transaction():
+            other.insert(worker.Queue(backend.conn, check_types=False)._new_row("noop", {}), "replace")
+        assert not woken.wait(0.2)  # disarmed: a busy worker is not woken per commit
+        wake_up.arm(True)
+        with other.transaction():
+            other.insert(worker.Queue(backend.conn, check_types=False)._new_row("noop", {}), "replace")
+        assert woken.wait(10)
+    finally:
+        wake_up.stop()
+    assert not wake_up.pushes

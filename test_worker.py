@@ -1084,7 +1084,7 @@ def test_idle_worker_is_woken_by_a_commit_not_by_its_safety_poll(
     runner.start()
     try:
         deadline = time.monotonic() + 10
-        while w._watcher is None or not w._watcher.armed.is_set():
+        while not w._wake_up.armed:  # type: ignore[attr-defined]
             assert time.monotonic() < deadline, "the worker never went idle with its watcher armed"
             time.sleep(0.01)
         other = sqlite3.connect(db, isolation_level=None)

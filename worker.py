@@ -2277,6 +2277,72 @@ class CommitWatcher:
         os.close(self._fd)
 
 
+class WakeUp(Protocol):
+    """How an idle worker learns that another process committed: a seam of its own, beside the store.
+
+    SQLite's watches the ``-wal`` file and reads PRAGMA data_version; another
+    database brings its own (PostgreSQL: LISTEN on a connection of its own).
+    """
+
+    pushes: bool  # whether start() got a watch that calls ``wake``; else the worker polls
+
+    def start(self, wake: Callable[[], None]) -> None:
+        """Begin calling ``wake`` (from a thread of its own) when another process commits, where it can."""
+
+    def arm(self, armed: bool) -> None:
+        """Call ``wake`` only while armed: an idle worker wants it, a busy one would only pay for it."""
+
+    def changed(self) -> bool:
+        """Cheap, no disk read: did any other connection commit since the last call?"""
+
+    def forget_connection(self) -> None:
+        """The worker closed its connection; ``changed`` uses the next one."""
+
+    def stop(self) -> None:
+        """End the watch."""
+
+
+class SQLiteWakeUp:
+    """The SQLite wake-up: CommitWatcher on the ``-wal`` file, PRAGMA data_version on the worker's connection."""
+
+    def __init__(self, db: str, connection: Callable[[], sqlite3.Connection]) -> None:
+        self._db, self._connection = db, connection
+        self._watcher: CommitWatcher | None = None
+        self._cursor: sqlite3.Cursor | None = None
+        self._data_version: int | None = None
+        self.pushes = False
+
+    def start(self, wake: Callable[[], None]) -> None:
+        if not self._db.startswith(("file:", ":memory:")):
+            self._watcher = CommitWatcher.start(self._db + "-wal", wake)
+        self.pushes = self._watcher is not None
+
+    def arm(self, armed: bool) -> None:
+        if self._watcher is not None and self._watcher.armed.is_set() != armed:
+            (self._watcher.armed.set if armed else self._watcher.armed.clear)()
+
+    def changed(self) -> bool:
+        if self._cursor is None:
+            self._cursor = self._connection().cursor()
+        version = int(self._cursor.execute("PRAGMA data_version").fetchone()[0])
+        changed, self._data_version = version != self._data_version, version
+        return changed
+
+    @property
+    def armed(self) -> bool:
+        """Whether a commit would call ``wake`` now."""
+        return self._watcher is not None and self._watcher.armed.is_set()
+
+    def forget_connection(self) -> None:
+        self._cursor = None
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+        self.pushes = False
+
+
 # The status an outcome ends its row in, by whether it succeeded (a plain str: it is bound for every job).
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
 
@@ -2359,7 +2425,7 @@ class Worker:
         self._ahead = 0  # how many jobs a claim may take beyond the free slots now
         self._progress_at = 0.0  # time.monotonic() when a claim last queued jobs or a thread started one
         self._alone: int | None = None  # a job run alone (see _claim)
-        self._watcher: CommitWatcher | None = None
+        self._wake_up: WakeUp = SQLiteWakeUp(self.db, lambda: self.conn)
         self._wants_commits = False  # idle: a commit by another process may bring work
         self._woken_at = 0.0  # time.monotonic() of the watcher's last wake-up
         self._last_now = 0
@@ -2378,8 +2444,6 @@ class Worker:
         self._step_failure: BaseException | None = None  # raised by a job thread's step, for run() to raise
         self._threads_lock = threading.Lock()
         self._surplus_threads = 0  # replacements started for threads stuck in timed-out jobs
-        self._data_version: int | None = None
-        self._version_cursor: sqlite3.Cursor | None = None
         self._next_due = 0
         self._last_claim_full = True
         self._nothing_due = False
@@ -2504,7 +2568,8 @@ class Worker:
             with contextlib.suppress(sqlite3.Error):  # a stale row is harmless; status shows it as such
                 self._store.forget_process(self.owner)
             self._conn.close()
-        self._conn = self._version_cursor = None
+        self._conn = None
+        self._wake_up.forget_connection()
 
     # -- the steps ----------------------------------------------------------------
 
@@ -2825,8 +2890,7 @@ class Worker:
             return
         for _ in range(self.concurrency):
             self._start_thread()
-        if not self.db.startswith(("file:", ":memory:")):
-            self._watcher = CommitWatcher.start(self.db + "-wal", self._wake_for_commit)
+        self._wake_up.start(self._wake_for_commit)
         logger.info(
             "worker %s started: %s, concurrency %d, queues %s, lease %.1f s",
             self.name,
@@ -2907,7 +2971,7 @@ class Worker:
 
     def _wait_seconds(self) -> float:
         """How long the loop may sleep before it looks again (a finished job wakes it sooner)."""
-        if self._watcher is None or not self._wants_commits:
+        if not self._wake_up.pushes or not self._wants_commits:
             return self.poll_interval
         if time.monotonic() - self._woken_at < COMMIT_SETTLE_SECONDS:
             # The -wal is written before the commit is published: a look right
@@ -3018,8 +3082,7 @@ class Worker:
         # others wake it (under load, every commit would, and the wake-ups would
         # cost more than they save); a busy worker looks every poll_interval.
         self._wants_commits = free > 0 and not claimed and not self._running
-        if self._watcher is not None and self._watcher.armed.is_set() != self._wants_commits:
-            (self._watcher.armed.set if self._wants_commits else self._watcher.armed.clear)()
+        self._wake_up.arm(self._wants_commits)
         self._housekeeping(now)
         if self._next_due <= now:  # the sweep just rescued a job, due at once: something is due after all
             self._nothing_due = False
@@ -3150,12 +3213,7 @@ class Worker:
     def _maybe_due(self, now: int) -> bool:
         if self._last_claim_full or now >= self._next_due:
             return True
-        # Cheap (no disk read): changes whenever another connection commits.
-        if self._version_cursor is None:
-            self._version_cursor = self.conn.cursor()
-        version = int(self._version_cursor.execute("PRAGMA data_version").fetchone()[0])
-        changed, self._data_version = version != self._data_version, version
-        return changed
+        return self._wake_up.changed()
 
     def _back_off(self, error: sqlite3.Error) -> None:
         self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
@@ -3243,9 +3301,7 @@ class Worker:
                 time.sleep(0.2)
         for _ in range(self.concurrency):
             self._todo.put(None)
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
+        self._wake_up.stop()
         logger.info("worker %s stopped", self.name)
         self.close()
 
