@@ -2891,6 +2891,7 @@ class Worker:
         for _ in range(self.concurrency):
             self._start_thread()
         self._wake_up.start(self._wake_for_commit)
+        logger.info("jobs from %s: %d job types", ", ".join(_jobs_files()) or "this module only", len(REGISTRY))
         logger.info(
             "worker %s started: %s, concurrency %d, queues %s, lease %.1f s",
             self.name,
@@ -3396,6 +3397,12 @@ def _deaths(job: Job) -> int:
     return min(max(job.deaths, 0), job.attempt - 1)
 
 
+def _jobs_files() -> list[str]:
+    """The files that registered the jobs (the built-in ones of this module aside)."""
+    modules = {job_type.fn.__module__ for job_type in REGISTRY.values()} - {__name__}
+    return sorted(getattr(sys.modules.get(name), "__file__", None) or name for name in modules)
+
+
 def _job_type(job: Job) -> JobType:
     """The job's registered type, or one with no defaults (for an unknown type)."""
     return REGISTRY.get(job.type) or JobType(name=job.type, fn=print)
@@ -3896,10 +3903,10 @@ def exit_code_of(command: Callable[[], int]) -> int:
 
 
 def run_engine_command(args: argparse.Namespace, *, supervise: Supervise | None = None) -> int:
-    """``run``, ``enqueue`` or ``schema``; ``supervise`` runs --processes (worker_cli's)."""
+    """``run``, ``enqueue``, ``schema`` or ``migrate``; ``supervise`` runs --processes (worker_cli's)."""
     log_level, log_format = setting(args, "log_level", str, "INFO"), setting(args, "log_format", str, "text")
     configure_logging(log_level, log_format)
-    schema_text()  # each of the three needs it: say so before anything else
+    schema_text()  # each of them needs it: say so before anything else
     if args.command == "schema":
         print(schema_text().split("-- version 1", 1)[0] + ddl_script(schema_statements_after(0)), end="")
         return EXIT_OK
@@ -3907,10 +3914,10 @@ def run_engine_command(args: argparse.Namespace, *, supervise: Supervise | None 
         return _migrate_command(args)
     db = sqlite_path(args.db) if args.db else resolve_db_path()
     jobs_module = setting(args, "jobs", str, None)
-    module = load_jobs(jobs_module)
+    load_jobs(jobs_module)
     if args.command == "enqueue":
         return _enqueue_command(args, db)
-    return _run_command(args, db, jobs_module, log_level, log_format, supervise, jobs_file=module.__file__)
+    return _run_command(args, db, jobs_module, log_level, log_format, supervise)
 
 
 def ddl_script(statements: list[str]) -> str:
@@ -3961,8 +3968,6 @@ def _run_command(
     log_level: str,
     log_format: str,
     supervise: Supervise | None,
-    *,
-    jobs_file: str | None,
 ) -> int:
     settings = {
         "concurrency": setting(args, "concurrency", positive(int), DEFAULT_CONCURRENCY),
@@ -3991,15 +3996,14 @@ def _run_command(
         cron=not no_cron,
         burst=args.burst,
     )
-    # Check the database once here, so a bad path is one clear error (rather
-    # than P children dying); the connection is closed before any child starts.
-    check = connect(db)
-    try:
-        apply_schema(check)
-    finally:
-        check.close()
-    logger.info("jobs from %s: %d job types", jobs_file, len(REGISTRY))
     if supervise is not None and processes > 1:
+        # Check the database once here, so a bad path is one clear error rather
+        # than P children dying; the connection is closed before any child starts.
+        check = connect(db)
+        try:
+            apply_schema(check)
+        finally:
+            check.close()
         child_args = ["--db", db] + ["--jobs", jobs_module] * (jobs_module is not None)
         for dest, value in settings.items():
             if value is not None:
