@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 
 import worker
 from worker import Queue, Worker
+from worker_dashboard import DashboardServer
 
 HERE = Path(__file__).parent
 START = 1_800_000_000.0  # the fake clock's epoch seconds
@@ -292,3 +294,22 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield started
     finally:
         started.kill_all()
+
+
+@pytest.fixture
+def serve(db: str) -> Iterator[Callable[..., DashboardServer]]:
+    """Dashboards on the test database, on free loopback ports in threads of this process; stopped after."""
+    started: list[tuple[DashboardServer, threading.Thread]] = []
+
+    def start(**options: Any) -> DashboardServer:
+        server = DashboardServer(db, "127.0.0.1", 0, **options)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="dashboard", daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -355,25 +355,6 @@ def request(
             return Response(answer.status, answer.headers, answer.read())
     except urllib.error.HTTPError as error:
         return Response(error.code, error.headers, error.read())
-
-
-@pytest.fixture
-def serve(db: str) -> Iterator[Callable[..., DashboardServer]]:
-    """Start dashboards on free ports in this process; all are stopped after the test."""
-    started: list[tuple[DashboardServer, threading.Thread]] = []
-
-    def start(**options: Any) -> DashboardServer:
-        server = DashboardServer(db, "127.0.0.1", 0, **options)
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="dashboard", daemon=True)
-        thread.start()
-        started.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in started:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def steady(report: dict[str, Any]) -> dict[str, Any]:

@@ -139,25 +139,6 @@ def request(url: str) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
-@pytest.fixture
-def serve(db: str) -> Iterator[Callable[..., DashboardServer]]:
-    """Dashboards on free loopback ports, in threads of this process; stopped after the test."""
-    started: list[tuple[DashboardServer, threading.Thread]] = []
-
-    def start(**options: Any) -> DashboardServer:
-        server = DashboardServer(db, "127.0.0.1", 0, **options)
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="dashboard", daemon=True)
-        thread.start()
-        started.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in started:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
 def table_rows(text: str, header: str) -> list[str]:
     """The rows of the text table whose header line starts with ``header`` (up to a blank line)."""
     lines = text.splitlines()
