@@ -994,11 +994,14 @@ def test_supervised_workers_inherit_no_connection_and_survive_repeated_restarts(
 
     Every worker process reports, as it imports the jobs module (before it
     opens the database itself), which of the database's files it inherited:
-    none may.  The supervisor holds none open while it supervises.
+    none may.  The supervisor holds none open while it supervises.  A job may
+    be in the batch of more than one victim, so poison is set out of reach:
+    this test is about restarts, not about giving up.
     """
     reports = tmp_path / "fds"
     reports.mkdir()
     lease = 1.0
+    kills = 6
     supervisor = run_worker(
         "--processes",
         "3",
@@ -1006,6 +1009,8 @@ def test_supervised_workers_inherit_no_connection_and_survive_repeated_restarts(
         "4",
         "--lease",
         str(lease),
+        "--max-deaths",
+        str(kills + 1),
         name="supervisor",
         env={"RELIABILITY_FD_REPORT": str(reports)},
     )
@@ -1022,7 +1027,7 @@ def test_supervised_workers_inherit_no_connection_and_survive_repeated_restarts(
     assert open_database_files(supervisor.pid, db) == [], "the supervisor kept the database open"
     died: set[int] = set()
     with StuckWatch(db) as watch:
-        for _ in range(6):
+        for _ in range(kills):
             time.sleep(0.7)
             enqueued += ids(queue.enqueue_many(work(100, rng, 10, 60)))
             processes.adopt(children)
@@ -1034,10 +1039,10 @@ def test_supervised_workers_inherit_no_connection_and_survive_repeated_restarts(
         wait_for(lambda: unfinished(db) == 0, 30, "every job to finish")
     assert supervisor.stop() == 0
 
-    report = check(db, ledger, enqueued, lease=lease, died=died)
+    report = check(db, ledger, enqueued, lease=lease, died=died, max_deaths=kills + 1)
     fd_reports = {int(path.stem): json.loads(path.read_text()) for path in reports.iterdir()}
     workers = {pid: found for pid, found in fd_reports.items() if found["ppid"] == supervisor.pid}
-    assert len(workers) == 3 + 6, "every worker process, first and restarted, reported"
+    assert len(workers) == 3 + kills, "every worker process, first and restarted, reported"
     assert {pid: found["inherited"] for pid, found in workers.items() if found["inherited"]} == {}
     print(
         f"\nfork safety: 9 worker processes (6 restarts), none inherited a database file; {report}; "
