@@ -154,7 +154,15 @@ class ConfigError(WorkerError):
     """The worker's configuration is invalid."""
 
 
-class DatabaseUnusable(WorkerError):
+class DatabaseError(WorkerError):
+    """The database refused a statement; a store turns its driver's errors into this or a subclass."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """For now only: busy, locked, full, or out of reach.  The worker backs off and tries again."""
+
+
+class DatabaseUnusable(DatabaseError):
     """The database cannot be opened, written, or has a schema newer than this code."""
 
 
