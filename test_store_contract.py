@@ -378,7 +378,7 @@ def test_insert_replacing_a_tag_cancels_its_pending_row_and_ignoring_keeps_it(
 
 def test_a_second_pending_row_of_a_tag_is_refused_by_the_table_itself(backend: SQLiteBackend) -> None:
     backend.insert(tag="t")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(worker.DatabaseError, match="UNIQUE"):
         backend.insert(tag="t")
     backend.insert(tag="t", status="cancelled")  # only pending rows are held to one per tag
 

@@ -747,7 +747,7 @@ def test_enqueue_on_an_autocommit_connection_is_still_all_or_nothing(db: str, qu
     conn.execute(
         "CREATE TRIGGER refuse BEFORE INSERT ON worker_jobs WHEN NEW.tag = 't' BEGIN SELECT RAISE(ABORT, 'no'); END"
     )
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(worker.DatabaseError, match="no"):
         app_queue.enqueue("tagged", tag="t")  # cancels the pending row, then the insert fails
     assert [(r["id"], r["status"]) for r in rows(db)] == [(first.id, "pending")], "the cancel was rolled back too"
     conn.close()
@@ -831,8 +831,8 @@ def test_a_version_1_database_is_upgraded_in_place(db: str, ok_job: None) -> Non
 
     w = Worker(db, cron=False)
     assert w.work() == 1
-    indexes = {row[1] for row in w.conn.execute("PRAGMA index_list(worker_jobs)")}
-    assert w.conn.execute("SELECT version FROM worker_schema").fetchone()[0] == worker.schema_version() >= 2
+    indexes = {row[1] for row in w.store.conn.execute("PRAGMA index_list(worker_jobs)")}
+    assert w.store.conn.execute("SELECT version FROM worker_schema").fetchone()[0] == worker.schema_version() >= 2
     assert "worker_jobs_next_due" not in indexes and "worker_jobs_claim" in indexes
     w.close()
     assert [(r["status"], r["result"]) for r in rows(db)] == [("succeeded", "3")]
@@ -875,8 +875,8 @@ def test_last_hour_counts_are_kept_per_minute_and_outlive_pruned_rows(
     assert w.work() == 4
     assert queue.prune(now=at(clock, 1)) == 5
     assert rows(db) == []
-    assert finished_last_hour(w.conn, at(clock, 1)) == {"succeeded": 3, "failed": 1, "cancelled": 1}
-    assert finished_last_hour(w.conn, at(clock, 3600 + 120)) == {"succeeded": 0, "failed": 0, "cancelled": 0}
+    assert finished_last_hour(w.store.conn, at(clock, 1)) == {"succeeded": 3, "failed": 1, "cancelled": 1}
+    assert finished_last_hour(w.store.conn, at(clock, 3600 + 120)) == {"succeeded": 0, "failed": 0, "cancelled": 0}
 
 
 def test_a_rescued_job_counts_as_failed(queue: Queue, make_worker: Any, clock: FakeClock, ok_job: None) -> None:
@@ -886,7 +886,7 @@ def test_a_rescued_job_counts_as_failed(queue: Queue, make_worker: Any, clock: F
     clock.advance(2)
     rescuer = make_worker(lease=1)
     assert rescuer.rescue() == 1
-    assert finished_last_hour(rescuer.conn, at(clock)) == {"succeeded": 0, "failed": 1, "cancelled": 0}
+    assert finished_last_hour(rescuer.store.conn, at(clock)) == {"succeeded": 0, "failed": 1, "cancelled": 0}
 
 
 def test_per_minute_counts_are_pruned_after_a_day(
@@ -896,11 +896,11 @@ def test_per_minute_counts_are_pruned_after_a_day(
     w = make_worker()
     w.work()
     count = "SELECT count(*) FROM worker_finished_per_minute"
-    assert w.conn.execute(count).fetchone()[0] == 1
+    assert w.store.conn.execute(count).fetchone()[0] == 1
     queue.prune(now=at(clock, 86400 - 60))
-    assert w.conn.execute(count).fetchone()[0] == 1
+    assert w.store.conn.execute(count).fetchone()[0] == 1
     queue.prune(now=at(clock, 86400 + 60))
-    assert w.conn.execute(count).fetchone()[0] == 0
+    assert w.store.conn.execute(count).fetchone()[0] == 0
 
 
 def test_schema_newer_than_the_code_is_refused(db: str) -> None:
@@ -1104,11 +1104,11 @@ def test_idle_worker_is_woken_by_a_commit_not_by_its_safety_poll(
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_worker_connection_refuses_use_after_fork(db: str) -> None:
     w = Worker(db)
-    w.conn  # noqa: B018 -- open it in the parent
+    w.store.conn  # noqa: B018 -- open it in the parent
     pid = os.fork()
     if pid == 0:  # the child: must refuse, then leave without cleanup
         try:
-            w.conn  # noqa: B018
+            w.store.conn  # noqa: B018
         except worker.ForkedConnection:
             os._exit(0)
         os._exit(1)

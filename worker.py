@@ -45,6 +45,7 @@ import dataclasses
 import enum
 import functools
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -160,6 +161,10 @@ class DatabaseError(WorkerError):
 
 class DatabaseUnavailable(DatabaseError):
     """For now only: busy, locked, full, or out of reach.  The worker backs off and tries again."""
+
+
+class DatabaseBusy(DatabaseUnavailable):
+    """Another connection holds the lock this one waits for (longer than the store waits by itself)."""
 
 
 class DatabaseUnusable(DatabaseError):
@@ -409,6 +414,7 @@ SHUTDOWN_HOOKS: list[Callable[[SimpleNamespace], Any]] = []
 
 
 JobFunction = TypeVar("JobFunction", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 
 @overload
@@ -724,7 +730,8 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.Error as e:
-        raise DatabaseUnusable(f"cannot use database {path}: {e}") from e
+        kind = DatabaseBusy if isinstance(engine_error(e), DatabaseBusy) else DatabaseUnusable
+        raise kind(f"cannot use database {path}: {e}") from e
     return conn
 
 
@@ -751,21 +758,60 @@ def _open(target: str, *, uri: bool) -> sqlite3.Connection:
 
 
 # SQLite's primary result codes that mean "try again later", not "this is wrong".
-TRANSIENT_ERRORS = {5: "busy", 6: "locked", 10: "I/O error", 13: "disk full"}
+LOCKED_ERRORS = {5: "busy", 6: "locked"}
+TRANSIENT_ERRORS = {**LOCKED_ERRORS, 10: "I/O error", 13: "disk full"}
 
 
-def _is_locked(error: BaseException) -> bool:
-    """Busy or locked (another connection holds the lock), directly or as the cause of DatabaseUnusable."""
-    if isinstance(error, DatabaseUnusable):
-        error = error.__cause__ or error
-    code = getattr(error, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (5, 6)
+def engine_error(error: sqlite3.Error) -> DatabaseError:
+    """The engine's own error for a sqlite3 one, which stays its cause: busy, transient, or neither."""
+    code = (getattr(error, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in LOCKED_ERRORS:
+        kind: type[DatabaseError] = DatabaseBusy
+    else:
+        kind = DatabaseUnavailable if code in TRANSIENT_ERRORS else DatabaseError
+    translated = kind(str(error))
+    translated.__cause__ = error
+    return translated
 
 
-def is_transient(error: BaseException) -> bool:
-    """A busy, locked, full or I/O-failing database: wait and retry, never give up the work."""
-    code = getattr(error, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in TRANSIENT_ERRORS
+class _InEngineErrors:
+    """A transaction of the SQLite store's, whose sqlite3 errors (in it, or beginning or ending it) leave as the
+    engine's."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: contextlib.AbstractContextManager[Any]) -> None:
+        self.inner = inner
+
+    def __enter__(self) -> Any:
+        try:
+            return self.inner.__enter__()
+        except sqlite3.Error as e:
+            raise engine_error(e) from e
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        try:
+            self.inner.__exit__(kind, error, trace)
+        except sqlite3.Error as e:  # COMMIT failed, or the block's own error raised again (a savepoint's)
+            raise engine_error(e) from e
+        if isinstance(error, sqlite3.Error):
+            raise engine_error(error) from error
+
+
+def _in_engine_errors(cls: type[_T]) -> type[_T]:
+    """Wrap each public method of a SQLite store: a sqlite3 error leaves it as the engine's own (engine_error)."""
+    for name, method in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.isfunction(method) or name == "transaction":
+            continue
+
+        def translating(*args: Any, __method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+            try:
+                return __method(*args, **kwargs)
+            except sqlite3.Error as e:
+                raise engine_error(e) from e
+
+        setattr(cls, name, functools.wraps(method)(translating))
+    return cls
 
 
 @functools.cache
@@ -812,8 +858,9 @@ def apply_schema(conn: Any, *, transaction: Callable[[Any], Any] | None = None) 
             _restore_schema_objects(conn)
             conn.execute(RECORD_SCHEMA_VERSION_SQL, {"version": latest})
     except sqlite3.Error as e:
-        if is_transient(e):
-            raise
+        translated = engine_error(e)
+        if isinstance(translated, DatabaseUnavailable):
+            raise translated from e
         raise DatabaseUnusable(f"cannot create the schema: {e}") from e
     return latest
 
@@ -956,29 +1003,30 @@ class _Immediate:
 class _Write:
     """A worker's write transaction (``immediate``) that tells the worker how long it waited for the lock.
 
-    See Worker._waited.  It wraps ``immediate()``, looked up at each call, so
-    what wraps that (the crash points of test_reliability.py) wraps this too.
+    See Worker._waited.  It wraps the store's ``transaction()``, made at each
+    call (the SQLite store's looks ``immediate()`` up each time, so what wraps
+    that, as the crash points of test_reliability.py do, wraps this too).
     """
 
     __slots__ = ("held_up", "transaction", "worker")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self.transaction = immediate(worker.conn)
+        self.transaction = worker.store.transaction()
         self.held_up = False  # whether this worker had to wait long for the lock, up to this transaction
 
-    def __enter__(self) -> sqlite3.Connection:
+    def __enter__(self) -> Any:
         began = time.monotonic()
         try:
             conn = self.transaction.__enter__()
-        except sqlite3.Error as e:
-            if is_transient(e) and self.worker._refused_since is None:
+        except DatabaseUnavailable:
+            if self.worker._refused_since is None:
                 self.worker._refused_since = began
             raise
         self.held_up = self.worker._waited(began)
         return conn
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
         self.transaction.__exit__(kind, error, trace)
 
 
@@ -1016,13 +1064,25 @@ def resolve_db_path(environ: Mapping[str, str] | None = None) -> str:
     for variable in ("WORKER_DB", "DATABASE_URL"):
         if environ.get(variable):
             try:
-                return sqlite_path(environ[variable])
+                return database_target(environ[variable])
             except ConfigError as e:
                 raise ConfigError(f"{variable}: {e}") from e
     return DEFAULT_DB
 
 
 URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def is_postgres(target: object) -> bool:
+    """Whether ``target`` is a postgresql:// (or postgres://) URL: the PostgreSQL store's."""
+    scheme = URL_SCHEME.match(target) if isinstance(target, str) else None
+    return scheme is not None and scheme.group(1).lower() in POSTGRES_SCHEMES
+
+
+def database_target(target: str) -> str:
+    """What --db, WORKER_DB or DATABASE_URL names: a PostgreSQL URL as it is, else a SQLite path (sqlite_path)."""
+    return target if is_postgres(target) else sqlite_path(target)
 
 
 def sqlite_path(target: str) -> str:
@@ -1037,7 +1097,7 @@ def sqlite_path(target: str) -> str:
     if scheme.group(1).lower() != "sqlite":
         raise ConfigError(
             f"unsupported database URL {scheme.group(1)}://...: this worker serves SQLite files "
-            "(a path, or sqlite:///relative.db, sqlite:////absolute.db)"
+            "(a path, or sqlite:///relative.db, sqlite:////absolute.db) and PostgreSQL (postgresql://...)"
         )
     path = target[len(scheme.group(0)) :]
     # sqlite:///relative.db and sqlite:////absolute.db, as SQLAlchemy reads them
@@ -1064,6 +1124,18 @@ class Store(Protocol):
 
     def now(self) -> int:
         """The time that leases are judged by, in epoch ms (the SQLite store's is its worker's own clock)."""
+        ...
+
+    def close(self) -> None:
+        """Close its connections."""
+        ...
+
+    def replaced(self) -> str | None:
+        """Why the target now names another database than the one this store opened (a file replaced); or None."""
+        ...
+
+    def repair_schema(self) -> bool:
+        """Re-create the worker's tables, indexes or triggers that were dropped by hand; whether any were."""
         ...
 
     # Producing rows (Queue)
@@ -1284,6 +1356,7 @@ def _begin_as_an_insert_would(conn: Any) -> None:
 LEGACY_TRANSACTION_CONTROL = getattr(sqlite3, "LEGACY_TRANSACTION_CONTROL", -1)
 
 
+@_in_engine_errors
 class SQLiteStore:
     """The Store on one SQLite connection (a worker's): the SQL of each verb beside it.
 
@@ -1299,8 +1372,12 @@ class SQLiteStore:
         *,
         nested: bool = False,
         clock: Callable[[], int] | None = None,
+        path: str | None = None,
     ) -> None:
         self.now = clock or now_ms  # each worker judges leases by its own clock: SQLite has no server to ask
+        # The file to watch for replacement (absolute: a job may chdir), and which file it was when opened.
+        self._path = None if path is None or path.startswith(("file:", ":memory:")) else os.path.abspath(path)
+        self._file = _file_identity(self._path)
         # A stdlib sqlite3 connection; an app's own (Queue(conn)) may be apsw's, which
         # the producer's verbs allow for (_changes, _last_rowid); the worker's do not need to.
         self.conn: sqlite3.Connection = conn
@@ -1318,7 +1395,36 @@ class SQLiteStore:
         self._queues_json = json.dumps(queues)
 
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
-        return _savepoint(self.conn) if self.nested else immediate(self.conn)
+        return _InEngineErrors(_savepoint(self.conn) if self.nested else immediate(self.conn))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def replaced(self) -> str | None:
+        """Deleted or replaced (a restored backup moved into place, the file
+        removed and made anew), the old file lives on under this connection
+        alone: it would claim nothing enqueued since.  Closing it is safe:
+        SQLite neither checkpoints into nor deletes the -wal and -shm of a
+        database file that has moved.
+        """
+        if self._file is None:
+            return None
+        try:
+            now_there = _file_identity(self._path)
+        except FileNotFoundError:
+            now_there = None
+        except OSError:
+            return None  # cannot look (permissions): no evidence either way
+        if now_there == self._file:
+            return None
+        return (f"database file {self._path} was {'deleted' if now_there is None else 'replaced'} under the worker; "
+                "stopping, so that a restart opens the file now there")  # fmt: skip
+
+    def repair_schema(self) -> bool:
+        if not missing_schema_objects(self.conn):
+            return False
+        apply_schema(self.conn)
+        return True
 
     # -- what the producer writes and reads (Queue) --
 
@@ -1706,6 +1812,45 @@ class SQLiteStore:
     def rescue_if_expired(self, id: int, now: int, error: str, keep_ms: int) -> bool:
         params = {"id": id, "now": now, "error": error, "keep_ms": keep_ms}
         return self.conn.execute(self.RESCUE_SQL, params).rowcount == 1
+
+
+# --- Opening a store ---------------------------------------------------------------
+
+
+def open_store(target: str, *, queues: list[str] | None = None, clock: Callable[[], int] | None = None) -> Store:
+    """The store of a worker or a Queue on ``target``, connected and its schema applied (or upgraded).
+
+    A SQLite path (or sqlite:// URL), or a postgresql:// URL: then the
+    PostgreSQL store, imported only now (worker_postgres.py, its extra).
+    """
+    if is_postgres(target):
+        return cast(Store, postgres_module().open_store(target, queues=queues, clock=clock))
+    conn = connect(target)
+    try:
+        apply_schema(conn)
+    except BaseException:
+        conn.close()  # not kept: the next use would take it for one with the schema applied
+        raise
+    return SQLiteStore(conn, queues, clock=clock, path=sqlite_path(target))
+
+
+def open_wake_up(target: str, store: Callable[[], Store]) -> WakeUp:
+    """How a worker on ``target`` learns of commits by others (``store`` gives the worker's current store)."""
+    if is_postgres(target):
+        return cast(WakeUp, postgres_module().PostgresWakeUp(target))
+    return SQLiteWakeUp(sqlite_path(target), lambda: cast(SQLiteStore, store()).conn)
+
+
+def postgres_module() -> ModuleType:
+    """worker_postgres, the PostgreSQL store; ConfigError naming the extra when psycopg is not installed."""
+    try:
+        import psycopg  # noqa: F401 -- only to say which extra is missing
+    except ImportError as e:
+        raise ConfigError(
+            "a postgresql:// database needs psycopg: pip install 'rowworker[postgres]' "
+            "(or 'rowworker[postgres-binary]' where libpq is not installed)"
+        ) from e
+    return importlib.import_module("worker_postgres")
 
 
 # --- Enqueue --------------------------------------------------------------------
@@ -2415,13 +2560,9 @@ class Worker:
         self._registered: tuple[str, ...] = ()  # the job types when _types_json was made
         self._types_json = "[]"
 
-        self._conn: sqlite3.Connection | None = None
-        self._store: Store = cast(Store, None)  # made with the connection (see conn)
-        self._pid = 0
-        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection opened
-        # The file to watch for replacement (absolute: a job may chdir); none for ":memory:" and URIs.
-        self._file_path = None if self.db.startswith(("file:", ":memory:")) else os.path.abspath(self.db)
-        self._replaced: str | None = None  # why the worker stopped: its file was replaced
+        self._store: Store = cast(Store, None)  # opened on first use (see store): the hot path reads it directly
+        self._pid = 0  # of the process that opened it
+        self._replaced: str | None = None  # why the worker stopped: its database was replaced
         self._started_up = False
         # Claimed and not yet recorded: started, or waiting in _todo for a thread.
         self._running: dict[int, Job] = {}
@@ -2433,7 +2574,7 @@ class Worker:
         self._ahead = 0  # how many jobs a claim may take beyond the free slots now
         self._progress_at = 0.0  # time.monotonic() when a claim last queued jobs or a thread started one
         self._alone: int | None = None  # a job run alone (see _claim)
-        self._wake_up: WakeUp = SQLiteWakeUp(self.db, lambda: self.conn)
+        self._wake_up: WakeUp = open_wake_up(self.db, lambda: self.store)
         self._wants_commits = False  # idle: a commit by another process may bring work
         self._woken_at = 0.0  # time.monotonic() of the watcher's last wake-up
         self._last_now = 0
@@ -2466,26 +2607,12 @@ class Worker:
     # -- connection ---------------------------------------------------------------
 
     @property
-    def conn(self) -> sqlite3.Connection:
-        """This worker's own connection, opened (and the schema applied) on first use."""
-        if self._conn is None:
-            conn = connect(self.db)
-            try:
-                apply_schema(conn)
-            except BaseException:
-                conn.close()  # not kept: the next use would take it for one with the schema applied
-                raise
-            self._conn, self._pid = conn, _process_id
-            self._store = SQLiteStore(conn, self.queues, clock=self.now)
-            self._file = _file_identity(self._file_path)
+    def store(self) -> Store:
+        """This worker's own store (its connection), opened and the schema applied on first use; refused after fork."""
+        if self._store is None:
+            self._store, self._pid = open_store(self.db, queues=self.queues, clock=self.now), _process_id
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
-        return self._conn
-
-    @property
-    def store(self) -> Store:
-        """The store on this worker's connection (opened on first use, refused after fork, as ``conn``)."""
-        self.conn  # noqa: B018 -- opens the connection, and the store with it
         return self._store
 
     @property
@@ -2504,7 +2631,7 @@ class Worker:
         if self._started_up:
             return
         began = time.monotonic()
-        self.conn  # noqa: B018 -- fail early, before any hook runs, if the database is unusable
+        self.store  # noqa: B018 -- fail early, before any hook runs, if the database is unusable
         if self.cron:
             self.sync_cron()
         now = self.now()
@@ -2572,11 +2699,11 @@ class Worker:
             self._started_up = False
         if self._producer is not None:
             self._producer.close()
-        if self._conn is not None and self._pid == _process_id:
-            with contextlib.suppress(sqlite3.Error):  # a stale row is harmless; status shows it as such
+        if self._store is not None and self._pid == _process_id:
+            with contextlib.suppress(DatabaseError):  # a stale row is harmless; status shows it as such
                 self._store.forget_process(self.owner)
-            self._conn.close()
-        self._conn = None
+            self._store.close()
+        self._store = cast(Store, None)
         self._wake_up.forget_connection()
 
     # -- the steps ----------------------------------------------------------------
@@ -2637,9 +2764,9 @@ class Worker:
         try:
             self._store.finish_if_owned(job.id, self.owner, Status.FAILED.value, now, None, error, None,
                                         self.keep_failed_ms)  # fmt: skip
-        except sqlite3.Error as e:
-            if is_transient(e):
-                raise
+        except DatabaseUnavailable:
+            raise
+        except DatabaseError as e:
             # Not even this write is possible (a trigger of the app's?): the row stays
             # `running` under this worker, set aside, and is rescued once it stops.
             error = f"{error}; and it could not be marked failed ({e}): set aside"
@@ -2952,18 +3079,16 @@ class Worker:
         while True:
             try:
                 self.start_up()
-            except (sqlite3.Error, DatabaseUnusable) as e:
-                if not _is_locked(e):
-                    raise
+            except DatabaseBusy as e:
                 if waited_since is None:
                     waited_since = time.monotonic()
                     logger.warning("database %s is locked by another process (%s); starting once it is free",
                                    self.db, e)  # fmt: skip
                 if self._stopping.wait(delay):
                     logger.info("worker %s stopped before it started (the database was still locked)", self.name)
-                    if self._conn is not None:  # not registered yet: no row to delete, and deleting would wait
-                        self._conn.close()
-                        self._conn = None
+                    if self._store is not None:  # not registered yet: no row to delete, and deleting would wait
+                        self._store.close()
+                        self._store = cast(Store, None)
                     self.close()
                     return False
                 delay = min(delay * 2, MAX_BUSY_BACKOFF)
@@ -3068,11 +3193,11 @@ class Worker:
                     notes = self._record(self._unrecorded, now)
                     if want_claim:
                         claimed = self._claim(free, now)
-            except sqlite3.Error as e:
-                if is_transient(e):
-                    self._back_off(e)
-                else:
-                    self._after_error(e, now)
+            except DatabaseUnavailable as e:
+                self._back_off(e)
+                return None
+            except DatabaseError as e:
+                self._after_error(e, now)
                 return None
             self._busy_backoff = 0.0
             self._unrecorded = []
@@ -3097,33 +3222,20 @@ class Worker:
             self._nothing_due = False
         return kept
 
-    def _notice_file_replaced(self) -> None:
-        """Stop (run() then raises DatabaseReplaced) if the path no longer names the file the connection has open.
+    def _notice_database_replaced(self) -> None:
+        """Stop (run() then raises DatabaseReplaced) if the store says its target names another database now.
 
-        Deleted or replaced (a restored backup moved into place, the file
-        removed and made anew), the old file lives on under this worker alone:
-        it would claim nothing enqueued since.  A fresh process is the one state
-        known to be right (the worker's own connection, those of its jobs and
-        the -wal it watches all hold the old file), so the worker stops as on
-        SIGTERM and exits 1, and its supervisor (`--processes`, systemd's
-        Restart=) starts it on the new file.  Closing the old connection is
-        safe: SQLite neither checkpoints into nor deletes the -wal and -shm of
-        a database file that has moved.
+        A fresh process is the one state known to be right (the worker's own
+        connection, and those of its jobs, all hold the old database), so the
+        worker stops as on SIGTERM and exits 1, and its supervisor
+        (`--processes`, systemd's Restart=) starts it on the new one.
         """
-        if self._file is None or self._replaced is not None:
+        if self._replaced is not None or self._store is None:
             return
-        try:
-            now_there = _file_identity(self._file_path)
-        except FileNotFoundError:
-            now_there = None
-        except OSError:
-            return  # cannot look (permissions): no evidence either way
-        if now_there == self._file:
-            return
-        self._replaced = (f"database file {self.db} was {'deleted' if now_there is None else 'replaced'} under the "
-                          "worker; stopping, so that a restart opens the file now there")  # fmt: skip
-        logger.error("%s", self._replaced)
-        self.stop()
+        self._replaced = self._store.replaced()
+        if self._replaced is not None:
+            logger.error("%s", self._replaced)
+            self.stop()
 
     def _notice_clock_jump(self, now: int, monotonic: float) -> None:
         """After the wall clock jumps forward, heartbeat at once and sweep for lost jobs only a lease later.
@@ -3211,7 +3323,7 @@ class Worker:
             return
         try:
             self.give_back(waiting, f"not started: {why}", logging.INFO)
-        except sqlite3.Error as e:
+        except DatabaseError as e:
             logger.warning("could not give back %d job(s) claimed ahead (%s); they stay claimed", len(waiting), e)
             for job in waiting:
                 self._todo.put(job)
@@ -3224,7 +3336,7 @@ class Worker:
             return True
         return self._wake_up.changed()
 
-    def _back_off(self, error: sqlite3.Error) -> None:
+    def _back_off(self, error: DatabaseError) -> None:
         self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
         logger.warning(
             "database busy or full (%s); %d outcome(s) kept, retrying in %.2f s",
@@ -3233,29 +3345,28 @@ class Worker:
             self._busy_backoff,
         )
 
-    def _after_error(self, error: sqlite3.Error, now: int) -> None:
+    def _after_error(self, error: DatabaseError, now: int) -> None:
         """A step (record and claim) failed for a reason other than busy/full."""
         try:
-            if missing_schema_objects(self.conn):  # dropped by hand while we run: the claim names an index
-                apply_schema(self.conn)
+            if self.store.repair_schema():  # an index dropped by hand while we run: the claim names it
                 return
-        except (sqlite3.Error, DatabaseUnusable) as e:
+        except DatabaseError as e:
             logger.error("could not re-create the schema: %s", e)
         self._record_one_by_one(error, now)
         # Should the error come back at every step, it is logged every 2 s at most, not every few ms.
         self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
 
-    def _record_one_by_one(self, error: sqlite3.Error, now: int) -> None:
+    def _record_one_by_one(self, error: DatabaseError, now: int) -> None:
         """A batch failed for a reason other than busy/full: isolate the bad outcome."""
         logger.error("recording a batch failed (%s); recording one by one", error)
         kept = []
         for outcome in self._unrecorded:
             try:
                 self.record([outcome], now)
-            except sqlite3.Error as e:
-                if is_transient(e):
-                    kept.append(outcome)
-                    continue
+            except DatabaseUnavailable:
+                kept.append(outcome)
+                continue
+            except DatabaseError as e:
                 # Bookkeeping failure: the job fails with a clear error, never stays running.
                 first_line = (outcome.error or "").partition("\n")[0]
                 ended = Status.SUCCEEDED.value if outcome.succeeded else f"{Status.FAILED.value}: {first_line}"
@@ -3263,10 +3374,10 @@ class Worker:
                 failure = Outcome(outcome.job, False, error=message, kind="unrecordable")
                 try:
                     self.record([failure], now)
-                except sqlite3.Error as again:
-                    if is_transient(again):
-                        kept.append(outcome)
-                        continue
+                except DatabaseUnavailable:
+                    kept.append(outcome)
+                    continue
+                except DatabaseError as again:
                     # Not even that: set aside (still `running` here, rescued once this worker is gone).
                     logger.error("job %d %s: %s; and not even its failure could be recorded (%s): set aside",
                                  outcome.job.id, outcome.job.type, message, again)  # fmt: skip
@@ -3282,15 +3393,16 @@ class Worker:
             if now >= self._next_heartbeat:
                 self.heartbeat(now)
                 self._next_heartbeat = now + self.lease_ms // 3
-                self._notice_file_replaced()
+                self._notice_database_replaced()
             if now >= self._next_rescue:
                 self.rescue(now)
                 # Jitter keeps several workers from sweeping in lockstep; max: a
                 # sweep that waited for the lock was postponed further (_waited).
                 self._next_rescue = max(self._next_rescue, now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0)))
-        except sqlite3.Error as e:
+        except DatabaseError as e:
             # Postponed, not given up: the next tick tries again.
-            logger.log(logging.WARNING if is_transient(e) else logging.ERROR, "heartbeat or rescue failed: %s", e)
+            transient = isinstance(e, DatabaseUnavailable)
+            logger.log(logging.WARNING if transient else logging.ERROR, "heartbeat or rescue failed: %s", e)
 
     def _shut_down(self) -> None:
         deadline = time.monotonic() + max(self.shutdown_timeout, 5.0)
@@ -3305,7 +3417,7 @@ class Worker:
                     self.give_back(list(self._running.values()))
                     self._running.clear()
                 break
-            except sqlite3.Error as e:
+            except DatabaseError as e:
                 logger.warning("could not write at shutdown (%s); retrying", e)
                 time.sleep(0.2)
         for _ in range(self.concurrency):
@@ -3898,7 +4010,7 @@ def exit_code_of(command: Callable[[], int]) -> int:
     except DatabaseUnusable as e:
         print(f"worker: {printable(str(e))}", file=sys.stderr)
         return EXIT_DATABASE
-    except sqlite3.DatabaseError as e:
+    except DatabaseError as e:
         print(f"worker: database error: {printable(str(e))}", file=sys.stderr)
         return EXIT_DATABASE
     except (UnknownJobType, InvalidJobData, ValueError) as e:
@@ -4036,7 +4148,7 @@ def _run_command(
         worker.run()
     except BaseException as e:
         # exit_code_of turns it into an exit code, but the process would not exit while a job's thread runs.
-        code = EXIT_DATABASE if isinstance(e, DatabaseUnusable | sqlite3.DatabaseError) else EXIT_FAILURE
+        code = EXIT_DATABASE if isinstance(e, DatabaseError) else EXIT_FAILURE
         exit_if_threads_are_left(EXIT_USAGE if isinstance(e, ConfigError) else code, e)
         raise
     exit_if_threads_are_left(EXIT_OK)
