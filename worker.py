@@ -1138,6 +1138,10 @@ class Store(Protocol):
         """Re-create the worker's tables, indexes or triggers that were dropped by hand; whether any were."""
         ...
 
+    def missing_schema(self) -> list[str]:
+        """The names of the worker's tables, indexes and triggers that are not there (``worker check``)."""
+        ...
+
     # Producing rows (Queue)
 
     def insert(self, row: dict[str, Any], on_conflict: str = "replace") -> Job:
@@ -1280,6 +1284,52 @@ class Store(Protocol):
         """The newest slot a run of this schedule has had, or None."""
         ...
 
+    # What the operating tools read (status, jobs, show, the dashboard)
+
+    def describe(self) -> dict[str, Any]:
+        """``database`` (never a password), ``schema_version``, and ``engine``: the database and its state, one line."""
+        ...
+
+    def pending_by_queue(self, now: int) -> list[tuple[str, int, int, int | None]]:
+        """Per queue: pending rows due by ``now``, due later, and the oldest due time of the first kind."""
+        ...
+
+    def running_by_queue(self) -> list[tuple[str, int]]:
+        """Per queue: running rows."""
+        ...
+
+    def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
+        """Per queue and status: rows finished since ``since`` (from the per-minute counts: the whole minute)."""
+        ...
+
+    def running_by_owner(self) -> dict[str, int]:
+        """Per claim token (a worker process's id): running rows, jobs claimed ahead included."""
+        ...
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The registered worker processes (PROCESS_COLUMNS and ``types``, as stored), oldest first."""
+        ...
+
+    def cron_schedules(self) -> list[tuple[Job, Job | None]]:
+        """Each recurring job's pending row, with its last run that started (None if none), soonest first."""
+        ...
+
+    def unrunnable(self, known: list[str]) -> list[tuple[str, int, int]]:
+        """Per type not in ``known``: pending rows and the oldest due time."""
+        ...
+
+    def jobs(self, *, status: str | None, type: str | None, queue: str | None, limit: int) -> list[Job]:
+        """Up to ``limit`` rows, newest first, of this status, type and queue (None: any), read as read_job does."""
+        ...
+
+    def chain(self, id: int, *, reach: int) -> list[Job]:
+        """The rows the job came from and led to (at most ``reach`` each way), oldest first, read as read_job does."""
+        ...
+
+    def retried_as(self, ids: list[int]) -> dict[int, int]:
+        """For each of these rows that was retried (a later attempt points back to it), the id of that attempt."""
+        ...
+
 
 # --- The SQLite store -------------------------------------------------------------
 
@@ -1419,6 +1469,9 @@ class SQLiteStore:
             return None
         return (f"database file {self._path} was {'deleted' if now_there is None else 'replaced'} under the worker; "
                 "stopping, so that a restart opens the file now there")  # fmt: skip
+
+    def missing_schema(self) -> list[str]:
+        return missing_schema_objects(self.conn)
 
     def repair_schema(self) -> bool:
         if not missing_schema_objects(self.conn):
@@ -1812,6 +1865,128 @@ class SQLiteStore:
     def rescue_if_expired(self, id: int, now: int, error: str, keep_ms: int) -> bool:
         params = {"id": id, "now": now, "error": error, "keep_ms": keep_ms}
         return self.conn.execute(self.RESCUE_SQL, params).rowcount == 1
+
+    # -- what the operating tools read (status, jobs, show, the dashboard): indexed queries only --
+
+    def describe(self) -> dict[str, Any]:
+        path = next(row[2] for row in self.conn.execute("PRAGMA database_list") if row[1] == "main")
+        wal = Path(f"{path}-wal")
+        wal_bytes = wal.stat().st_size if wal.exists() else 0
+        return {"database": path, "schema_version": installed_schema_version(self.conn),
+                "engine": f"SQLite {sqlite3.sqlite_version}, WAL {wal_bytes / 1e6:.1f} MB",
+                "sqlite_version": sqlite3.sqlite_version, "wal_bytes": wal_bytes}  # fmt: skip
+
+    PENDING_BY_QUEUE_SQL = """
+    SELECT queue, sum(due <= :now), sum(due > :now), min(CASE WHEN due <= :now THEN due END)
+      FROM worker_jobs WHERE status = 'pending' GROUP BY queue
+    """
+
+    def pending_by_queue(self, now: int) -> list[tuple[str, int, int, int | None]]:
+        return self.conn.execute(self.PENDING_BY_QUEUE_SQL, {"now": now}).fetchall()
+
+    def running_by_queue(self) -> list[tuple[str, int]]:
+        sql = "SELECT queue, count(*) FROM worker_jobs WHERE status = 'running' GROUP BY queue"
+        return self.conn.execute(sql).fetchall()
+
+    FINISHED_PER_MINUTE_SQL = """
+    SELECT queue, status, sum(count) FROM worker_finished_per_minute WHERE minute >= :since GROUP BY queue, status
+    """
+    FINISHED_SINCE_SQL = """
+    SELECT queue, status, count(*) FROM worker_jobs WHERE finished >= :since GROUP BY queue, status
+    """
+
+    def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
+        if installed_schema_version(self.conn) >= 3:  # from the minute ``since`` falls in
+            return self.conn.execute(self.FINISHED_PER_MINUTE_SQL, {"since": since - since % MINUTE_MS}).fetchall()
+        return self.conn.execute(self.FINISHED_SINCE_SQL, {"since": since}).fetchall()  # not upgraded: the rows
+
+    def running_by_owner(self) -> dict[str, int]:
+        # Exact now, where worker_processes.running is as old as the process's
+        # last heartbeat.  It walks the small index of running rows.
+        sql = "SELECT owner, count(*) FROM worker_jobs WHERE status = 'running' GROUP BY owner"
+        return dict(self.conn.execute(sql).fetchall())
+
+    def processes(self) -> list[dict[str, Any]]:
+        columns = (*PROCESS_COLUMNS, "types" if installed_schema_version(self.conn) >= 5 else "NULL AS types")
+        rows = self.conn.execute(f"SELECT {', '.join(columns)} FROM worker_processes ORDER BY started")
+        return [dict(zip((*PROCESS_COLUMNS, "types"), row, strict=True)) for row in rows]
+
+    CRON_PENDING_SQL = f"""
+    SELECT {SELECT_COLUMNS} FROM worker_jobs
+     WHERE status = 'pending' AND cron_schedule IS NOT NULL ORDER BY due
+    """
+    LAST_CRON_RUN_SQL = f"""
+    SELECT {SELECT_COLUMNS} FROM worker_jobs
+     WHERE tag = :tag AND cron_slot IS NOT NULL AND status IN ('running', 'succeeded', 'failed')
+     ORDER BY cron_slot DESC, id DESC LIMIT 1
+    """
+
+    def cron_schedules(self) -> list[tuple[Job, Job | None]]:
+        schedules = []
+        for row in self.conn.execute(self.CRON_PENDING_SQL).fetchall():
+            pending = read_job(row)
+            last = self.conn.execute(self.LAST_CRON_RUN_SQL, {"tag": pending.tag}).fetchone() if pending.tag else None
+            schedules.append((pending, read_job(last) if last else None))
+        return schedules
+
+    # It reads every pending row, as the claim's index holds them; a backlog of
+    # 100,000 rows costs it tens of milliseconds.
+    UNRUNNABLE_SQL = """
+    SELECT type, count(*), min(due) FROM worker_jobs
+     WHERE status = 'pending' AND type NOT IN (SELECT value FROM json_each(:known))
+     GROUP BY type ORDER BY type
+    """
+
+    def unrunnable(self, known: list[str]) -> list[tuple[str, int, int]]:
+        return self.conn.execute(self.UNRUNNABLE_SQL, {"known": json.dumps(known)}).fetchall()
+
+    def jobs(self, *, status: str | None, type: str | None, queue: str | None, limit: int) -> list[Job]:
+        filters = {"status": status, "type": type, "queue": queue}
+        # Only the filters given, so SQLite can use an index for them (an
+        # "(:x IS NULL OR x = :x)" form would force a scan of the whole table).
+        where = " AND ".join(f"{column} = :{column}" for column, value in filters.items() if value is not None)
+        sql = f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE {where or '1'} ORDER BY id DESC LIMIT :limit"
+        return [read_job(row) for row in self.conn.execute(sql, {**filters, "limit": limit})]
+
+    CHAIN_SQL = f"""
+    WITH RECURSIVE
+      back(id, parent, depth) AS (
+        SELECT id, rescheduled_from_job, 0 FROM worker_jobs WHERE id = :id
+        UNION SELECT w.id, w.rescheduled_from_job, back.depth + 1
+                FROM worker_jobs w JOIN back ON w.id = back.parent WHERE back.depth < :reach),
+      forward(id, depth) AS (
+        SELECT :id, 0
+        UNION SELECT w.id, forward.depth + 1
+                FROM worker_jobs w JOIN forward ON w.rescheduled_from_job = forward.id WHERE forward.depth < :reach)
+    SELECT {SELECT_COLUMNS} FROM worker_jobs
+     WHERE id IN (SELECT id FROM back UNION SELECT id FROM forward) ORDER BY id
+    """
+
+    def chain(self, id: int, *, reach: int) -> list[Job]:
+        return [read_job(row) for row in self.conn.execute(self.CHAIN_SQL, {"id": id, "reach": reach}).fetchall()]
+
+    # As `worker retry` sees it; walks the chain index, one probe per row.
+    RETRIED_AS_SQL = """
+    SELECT old.id, new.id FROM worker_jobs AS old
+      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id AND new.attempt > old.attempt
+     WHERE old.id IN (SELECT value FROM json_each(:ids))
+    """
+
+    def retried_as(self, ids: list[int]) -> dict[int, int]:
+        return dict(self.conn.execute(self.RETRIED_AS_SQL, {"ids": json.dumps(ids)}).fetchall())
+
+
+def as_store(source: Any) -> Store:
+    """A store as it is; a SQLite connection (the operating tools' readers, a test's) as a store on it."""
+    return SQLiteStore(source) if isinstance(source, sqlite3.Connection) else cast(Store, source)
+
+
+def open_reader(target: str) -> Store:
+    """A store that only reads ``target`` (status, jobs, show, the dashboard): looking never writes."""
+    if is_postgres(target):
+        module = postgres_module()
+        return cast(Store, getattr(module, "open_reader", module.open_store)(target))
+    return SQLiteStore(connect_readonly(target))
 
 
 # --- Opening a store ---------------------------------------------------------------
@@ -3562,45 +3737,6 @@ def _end_forked_child(error: BaseException | None) -> NoReturn:
 
 # --- Operating: what `worker status / jobs / show` and the dashboard read ---------
 
-PENDING_BY_QUEUE_SQL = """
-SELECT queue, sum(due <= :now), sum(due > :now), min(CASE WHEN due <= :now THEN due END)
-  FROM worker_jobs WHERE status = 'pending' GROUP BY queue
-"""
-RUNNING_BY_QUEUE_SQL = "SELECT queue, count(*) FROM worker_jobs WHERE status = 'running' GROUP BY queue"
-# By claim token (worker_processes.id): exact now, where worker_processes.running
-# is as old as the process's last heartbeat.  Both walk the small running index.
-RUNNING_BY_OWNER_SQL = "SELECT owner, count(*) FROM worker_jobs WHERE status = 'running' GROUP BY owner"
-FINISHED_SINCE_SQL = """
-SELECT queue, status, count(*) FROM worker_jobs WHERE finished >= :since GROUP BY queue, status
-"""
-FINISHED_PER_MINUTE_SQL = """
-SELECT queue, status, sum(count) FROM worker_finished_per_minute WHERE minute >= :since GROUP BY queue, status
-"""
-CRON_PENDING_SQL = f"""
-SELECT {SELECT_COLUMNS} FROM worker_jobs
- WHERE status = 'pending' AND cron_schedule IS NOT NULL ORDER BY due
-"""
-LAST_CRON_RUN_SQL = f"""
-SELECT {SELECT_COLUMNS} FROM worker_jobs
- WHERE tag = :tag AND cron_slot IS NOT NULL AND status IN ('running', 'succeeded', 'failed')
- ORDER BY cron_slot DESC, id DESC LIMIT 1
-"""
-# The chain around a job, at most :reach rows each way (a cron job's chain has a
-# row per run: a minutely one keeps some 10,000 within the default retention).
-CHAIN_SQL = f"""
-WITH RECURSIVE
-  back(id, parent, depth) AS (
-    SELECT id, rescheduled_from_job, 0 FROM worker_jobs WHERE id = :id
-    UNION SELECT w.id, w.rescheduled_from_job, back.depth + 1
-            FROM worker_jobs w JOIN back ON w.id = back.parent WHERE back.depth < :reach),
-  forward(id, depth) AS (
-    SELECT :id, 0
-    UNION SELECT w.id, forward.depth + 1
-            FROM worker_jobs w JOIN forward ON w.rescheduled_from_job = forward.id WHERE forward.depth < :reach)
-SELECT {SELECT_COLUMNS} FROM worker_jobs
- WHERE id IN (SELECT id FROM back UNION SELECT id FROM forward) ORDER BY id
-"""
-CHAIN_REACH = 500
 # Named, so that a column another program adds to worker_processes changes nothing here.
 PROCESS_COLUMNS = ("id", "host", "pid", "started", "last_seen", "lease_ms", "concurrency", "running", "queues",
                    "version")  # fmt: skip
@@ -3657,11 +3793,13 @@ def _nests_within(value: Any, depth: int) -> bool:
     return True
 
 
-def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any]:
-    """The state of the worker: queues, worker processes and cron jobs, from indexed queries only."""
+def status(source: Any, *, now: int | None = None) -> dict[str, Any]:
+    """The state of the worker: queues, worker processes and cron jobs, from indexed queries only.
+
+    ``source`` is a store (open_reader's), or a SQLite connection.
+    """
+    store = as_store(source)
     now = now_ms() if now is None else now
-    path = next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main")
-    version = installed_schema_version(conn)
     queues: dict[str, dict[str, Any]] = {}
 
     def of(name: str) -> dict[str, Any]:
@@ -3669,45 +3807,31 @@ def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any
                   "failed_last_hour": 0, "cancelled_last_hour": 0, "oldest_waiting_seconds": None}  # fmt: skip
         return queues.setdefault(name, {"queue": name, **counts})
 
-    for name, due, later, oldest in conn.execute(PENDING_BY_QUEUE_SQL, {"now": now}):
+    for name, due, later, oldest in store.pending_by_queue(now):
         entry = of(name)
         entry.update(pending_due=due, pending_later=later)
         entry["oldest_waiting_seconds"] = None if oldest is None else (now - oldest) / 1000
-    for name, count in conn.execute(RUNNING_BY_QUEUE_SQL):
+    for name, count in store.running_by_queue():
         of(name)["running"] = count
-    hour_ago = now - 3_600_000
-    if version >= 3:  # the last 60 whole minutes, and the current one
-        finished = conn.execute(FINISHED_PER_MINUTE_SQL, {"since": hour_ago - hour_ago % MINUTE_MS})
-    else:  # a file not yet upgraded: count the rows themselves
-        finished = conn.execute(FINISHED_SINCE_SQL, {"since": hour_ago})
-    for name, state, count in finished:
+    for name, state, count in store.finished_by_queue(since=now - 3_600_000):
         of(name)[f"{state}_last_hour"] = count
     workers = []
-    running_by_owner = dict(conn.execute(RUNNING_BY_OWNER_SQL).fetchall())
-    columns = (*PROCESS_COLUMNS, "types" if version >= 5 else "NULL AS types")
-    for row in conn.execute(f"SELECT {', '.join(columns)} FROM worker_processes ORDER BY started"):
-        process = dict(zip((*PROCESS_COLUMNS, "types"), row, strict=True))
+    running_by_owner = store.running_by_owner()
+    for process in store.processes():
         process["types"] = _type_list(process["types"])
         process["running"] = running_by_owner.get(process["id"], 0)  # jobs claimed ahead included
         process["heartbeat_age_seconds"] = (now - process["last_seen"]) / 1000
         process["fresh"] = now - process["last_seen"] <= process["lease_ms"]
         workers.append(process)
     cron = []
-    for row in conn.execute(CRON_PENDING_SQL):
-        pending = read_job(row)
-        last_row = conn.execute(LAST_CRON_RUN_SQL, {"tag": pending.tag}).fetchone() if pending.tag else None
-        last = read_job(last_row) if last_row else None
+    for pending, last in store.cron_schedules():
         cron.append({"type": pending.type, "tag": pending.tag, "schedule": pending.cron_schedule,
                      "timezone": pending.cron_timezone or "UTC", "next_job": pending.id, "next_due": pending.due,
                      "last_job": last and last.id, "last_status": last and last.status,
                      "last_finished": last and last.finished})  # fmt: skip
-    wal = Path(f"{path}-wal")
     return {
-        "unrunnable": _unrunnable(conn, [process for process in workers if process["fresh"]], now),
-        "database": path,
-        "schema_version": version,
-        "sqlite_version": sqlite3.sqlite_version,
-        "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+        "unrunnable": _unrunnable(store, [process for process in workers if process["fresh"]], now),
+        **store.describe(),
         "now": now,
         "queues": sorted(queues.values(), key=lambda q: q["queue"]),
         "workers": workers,
@@ -3716,25 +3840,18 @@ def status(conn: sqlite3.Connection, *, now: int | None = None) -> dict[str, Any
     }
 
 
-# Pending rows of the types no live worker has registered: a rolling deploy's
-# new types until a new worker starts, or a type no worker will ever know (a
-# typo written by another program, a job removed from the code).  It reads
-# every pending row, as the claim's index holds them; a backlog of 100,000
-# rows costs it tens of milliseconds.
-UNRUNNABLE_SQL = """
-SELECT type, count(*), min(due) FROM worker_jobs
- WHERE status = 'pending' AND type NOT IN (SELECT value FROM json_each(:known))
- GROUP BY type ORDER BY type
-"""
+def _unrunnable(store: Store, live: list[dict[str, Any]], now: int) -> list[dict[str, Any]]:
+    """Pending rows by type that none of the live workers can run (none when a live worker's types are unknown).
 
-
-def _unrunnable(conn: sqlite3.Connection, live: list[dict[str, Any]], now: int) -> list[dict[str, Any]]:
-    """Pending rows by type that none of the live workers can run (none when a live worker's types are unknown)."""
+    A rolling deploy's new types until a new worker starts, or a type no
+    worker will ever know (a typo written by another program, a job removed
+    from the code).
+    """
     if not live or any(process["types"] is None for process in live):
         return []  # no worker alive says so already; one older than schema 5 did not say what it runs
-    known = json.dumps(sorted({name for process in live for name in process["types"]}))
+    known = sorted({name for process in live for name in process["types"]})
     return [{"type": type, "pending": count, "oldest_due": oldest, "waiting_seconds": (now - oldest) / 1000}
-            for type, count, oldest in conn.execute(UNRUNNABLE_SQL, {"known": known})]  # fmt: skip
+            for type, count, oldest in store.unrunnable(known)]  # fmt: skip
 
 
 def _type_list(text: str | None) -> list[str] | None:
@@ -3747,30 +3864,27 @@ def _type_list(text: str | None) -> list[str] | None:
 
 
 def list_jobs(
-    conn: sqlite3.Connection,
+    source: Any,
     *,
     status: str | None = None,
     type: str | None = None,
     queue: str | None = None,
     limit: int = 50,
 ) -> list[Job]:
-    """Rows, newest first, filtered by status, type and queue."""
+    """Rows, newest first, filtered by status, type and queue (``source``: a store, or a SQLite connection)."""
     if status is not None and status not in STATUSES:
         raise ValueError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
-    filters = {"status": status, "type": type, "queue": queue}
-    # Only the filters given, so SQLite can use an index for them (an
-    # "(:x IS NULL OR x = :x)" form would force a scan of the whole table).
-    where = " AND ".join(f"{column} = :{column}" for column, value in filters.items() if value is not None)
-    sql = f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE {where or '1'} ORDER BY id DESC LIMIT :limit"
-    return [read_job(row) for row in conn.execute(sql, {**filters, "limit": limit})]
+    return as_store(source).jobs(status=status, type=type, queue=queue, limit=limit)
 
 
-def job_chain(conn: sqlite3.Connection, id: int) -> list[Job]:
+def job_chain(source: Any, id: int) -> list[Job]:
     """The job's chain (the retries and cron runs it came from and led to), oldest first."""
-    if not -(2**63) <= id < 2**63:  # no row has an id SQLite cannot hold
+    if not -(2**63) <= id < 2**63:  # no row has an id a database can hold
         return []
-    rows = conn.execute(CHAIN_SQL, {"id": id, "reach": CHAIN_REACH}).fetchall()
-    return [read_job(row) for row in rows]
+    return as_store(source).chain(id, reach=CHAIN_REACH)
+
+
+CHAIN_REACH = 500  # rows each way: a minutely cron job's chain keeps some 10,000 within the default retention
 
 
 def job_as_dict(job: Job) -> dict[str, Any]:

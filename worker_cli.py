@@ -42,7 +42,7 @@ from worker import (
     ago,
     check_cron,
     configure_logging,
-    connect_readonly,
+    database_target,
     exit_code_of,
     iso_time,
     job_as_dict,
@@ -50,8 +50,8 @@ from worker import (
     list_jobs,
     load_jobs,
     logger,
-    missing_schema_objects,
     next_cron_slot,
+    open_reader,
     option_help,
     positive,
     printable,
@@ -59,7 +59,6 @@ from worker import (
     run_engine_command,
     schema_version,
     setting,
-    sqlite_path,
     status,
 )
 
@@ -111,8 +110,7 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
         for c in report["cron"]
     ]  # fmt: skip
     lines = [
-        f"database  {printable(report['database'])}  (schema {report['schema_version']}, "
-        f"SQLite {report['sqlite_version']}, WAL {report['wal_bytes'] / 1e6:.1f} MB)",
+        f"database  {printable(report['database'])}  (schema {report['schema_version']}, {report['engine']})",
         "",
         _table(["queue", "due", "later", "running", "succeeded/1h", "failed/1h", "cancelled/1h", "oldest waiting"],
                queues or [["(no jobs)"] + [""] * 7]),
@@ -325,7 +323,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command in ("run", "enqueue", "schema", "migrate"):
         return run_engine_command(args, supervise=supervise)
     configure_logging(setting(args, "log_level", str, "INFO"), setting(args, "log_format", str, "text"))
-    db = sqlite_path(args.db) if getattr(args, "db", None) else resolve_db_path()
+    db = database_target(args.db) if getattr(args, "db", None) else resolve_db_path()
     if args.command in OPERATING_COMMANDS:
         return OPERATING_COMMANDS[args.command](args, db)
     load_jobs(setting(args, "jobs", str, None))
@@ -380,11 +378,11 @@ def _colour_wanted() -> bool:
 
 def _status_command(args: argparse.Namespace, db: str) -> int:
     while True:
-        conn = connect_readonly(db)
+        store = open_reader(db)
         try:
-            report = status(conn)
+            report = status(store)
         finally:
-            conn.close()
+            store.close()
         if args.json:
             print(json.dumps(report, indent=2))
         else:
@@ -398,11 +396,11 @@ def _status_command(args: argparse.Namespace, db: str) -> int:
 
 
 def _jobs_command(args: argparse.Namespace, db: str) -> int:
-    conn = connect_readonly(db)
+    store = open_reader(db)
     try:
-        found = list_jobs(conn, status=args.status, type=args.type, queue=args.queue, limit=args.limit)
+        found = list_jobs(store, status=args.status, type=args.type, queue=args.queue, limit=args.limit)
     finally:
-        conn.close()
+        store.close()
     if args.json:
         print(json.dumps([job_as_dict(j) for j in found], indent=2))
     else:
@@ -411,11 +409,11 @@ def _jobs_command(args: argparse.Namespace, db: str) -> int:
 
 
 def _show_command(args: argparse.Namespace, db: str) -> int:
-    conn = connect_readonly(db)
+    store = open_reader(db)
     try:
-        chain = job_chain(conn, args.id)
+        chain = job_chain(store, args.id)
     finally:
-        conn.close()
+        store.close()
     found = next((j for j in chain if j.id == args.id), None)
     if found is None:
         print(f"worker: no job {args.id}", file=sys.stderr)
@@ -467,18 +465,20 @@ def _cancel_command(args: argparse.Namespace, db: str) -> int:
 
 def _check_command(db: str) -> int:
     """The jobs module imported (else we exited 2 already); now cron rows and the schema."""
-    conn = connect_readonly(db)
+    store = open_reader(db)
     try:
-        for row in conn.execute("SELECT id, type, cron_schedule, cron_timezone, coalesce(cron_slot, due) "
-                                "FROM worker_jobs WHERE status = 'pending' AND cron_schedule IS NOT NULL"):  # fmt: skip
+        for pending, _ in store.cron_schedules():
+            schedule = str(pending.cron_schedule)
             try:
-                check_cron(row[2], row[3])
-                next_cron_slot(row[2], row[3], row[4])  # the run after this one: its slot may be past the year 9999
+                check_cron(schedule, pending.cron_timezone)
+                # The run after this one: its slot may be past the year 9999.
+                slot = pending.due if pending.cron_slot is None else pending.cron_slot
+                next_cron_slot(schedule, pending.cron_timezone, slot)
             except ValueError as e:
-                raise ConfigError(f"pending job {row[0]} {row[1]}: {e}") from e
-        missing = missing_schema_objects(conn)
+                raise ConfigError(f"pending job {pending.id} {pending.type}: {e}") from e
+        missing = store.missing_schema()
     finally:
-        conn.close()
+        store.close()
     if missing:  # say so: the worker names some of them in its SQL
         raise DatabaseUnusable(f"schema objects missing: {', '.join(missing)} (the worker re-creates them at start)")
     declared = sorted(name for name, job_type in REGISTRY.items() if job_type.cron)

@@ -62,22 +62,13 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 JOB_PATH = re.compile(r"/jobs/(\d+)")
 ACTION_PATH = re.compile(r"/jobs/(\d+)/(retry|cancel)")
 
-# The rows that retried these (as `worker retry` sees it: a later attempt that
-# points back); walks the chain index, one probe per row shown.
-RETRIES_SQL = """
-SELECT old.id, new.id FROM worker_jobs AS old
-  JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id AND new.attempt > old.attempt
- WHERE old.id IN (SELECT value FROM json_each(:ids))
-"""
-
-
 logger = logging.getLogger("worker.dashboard")
 
 
-def retries_of(conn: Any, jobs: list[worker.Job]) -> dict[int, int]:
+def retries_of(store: worker.Store, jobs: list[worker.Job]) -> dict[int, int]:
     """For each failed or cancelled job that was retried, the id of its retry."""
     ids = [j.id for j in jobs if j.status in ("failed", "cancelled")]
-    return dict(conn.execute(RETRIES_SQL, {"ids": json.dumps(ids)}).fetchall()) if ids else {}
+    return store.retried_as(ids) if ids else {}
 
 
 # --- HTML: everything not marked Html is escaped ---------------------------------
@@ -214,7 +205,7 @@ def render_index(
         Html(
             f"<h1>{e(report['database'])}</h1><p>{health} {e(fresh)} of {e(len(report['workers']))} workers "
             f"with a fresh heartbeat &middot; schema {e(report['schema_version'])} &middot; "
-            f"SQLite {e(report['sqlite_version'])} &middot; WAL {report['wal_bytes'] / 1e6:.1f} MB "
+            f"{e(report['engine'])} "
             f"&middot; {e(when(report['now']))}</p>"
         )
     ]
@@ -603,7 +594,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
     def _read(self, respond: Callable[[Any], None]) -> None:
         """Answer from a read-only connection opened for this request."""
         try:
-            conn = worker.connect_readonly(self.server.db)
+            conn = worker.open_reader(self.server.db)
         except worker.DatabaseUnusable as error:
             self._message(HTTPStatus.SERVICE_UNAVAILABLE, str(error))
             return
@@ -670,11 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The ``worker dashboard`` command; runs until SIGINT or SIGTERM and returns the exit code."""
     args = build_parser().parse_args(argv)
-    db = args.db or worker.resolve_db_path()
+    db = worker.database_target(args.db) if args.db else worker.resolve_db_path()
     try:
         level, log_format = os.environ.get("WORKER_LOG_LEVEL") or "INFO", os.environ.get("WORKER_LOG_FORMAT") or "text"
         worker.configure_logging(level, log_format)
-        worker.connect_readonly(db).close()
+        worker.open_reader(db).close()
     except worker.ConfigError as error:
         print(f"worker: {error}", file=sys.stderr)
         return worker.EXIT_USAGE
