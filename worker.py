@@ -2009,6 +2009,20 @@ def open_store(target: str, *, queues: list[str] | None = None, clock: Callable[
     return SQLiteStore(conn, queues, clock=clock, path=sqlite_path(target))
 
 
+def store_in_callers_transaction(conn: Any) -> Store:
+    """A store on the caller's own DB-API connection, whose verbs join the caller's transaction (savepoints).
+
+    The tables come with the first use, in the caller's transaction as an
+    enqueue would be (a test database, an app before any worker ran).
+    """
+    if type(conn).__module__.startswith("psycopg"):
+        return cast(Store, postgres_module().store_in_callers_transaction(conn))
+    if not isinstance(conn, sqlite3.Connection) and not _is_apsw(conn):
+        raise TypeError(f"Queue takes a path, a URL or a connection (sqlite3, apsw, psycopg), not {type(conn)!r}")
+    apply_schema(conn, transaction=_savepoint)
+    return SQLiteStore(conn, nested=True)
+
+
 def open_wake_up(target: str, store: Callable[[], Store]) -> WakeUp:
     """How a worker on ``target`` learns of commits by others (``store`` gives the worker's current store)."""
     if is_postgres(target):
@@ -2034,69 +2048,49 @@ def postgres_module() -> ModuleType:
 class Queue:
     """The producer side: enqueue, look up and cancel jobs.
 
-    ``Queue(path)`` opens its own connection per thread (and per process: after
-    fork the child opens a new one) and creates the schema if needed.
-    ``Queue(connection)`` writes on the caller's open apsw or stdlib sqlite3
-    connection, inside the caller's transaction, so a job commits or rolls back
-    together with the app's own writes.
+    ``Queue(path)`` (or a postgresql:// URL) opens its own connection per
+    thread (and per process: after fork the child opens a new one) and creates
+    the schema if needed.  ``Queue(connection)`` writes on the caller's open
+    connection (stdlib sqlite3, apsw, psycopg 3; or Django's, or SQLAlchemy's
+    Session or Connection on one of those), inside the caller's transaction,
+    so a job commits or rolls back together with the app's own writes.
     """
 
-    def __init__(
-        self,
-        db: str | os.PathLike[str] | sqlite3.Connection | Any,
-        *,
-        check_types: bool = True,
-    ) -> None:
+    def __init__(self, db: str | os.PathLike[str] | Any, *, check_types: bool = True) -> None:
         self.check_types = check_types
         db = _dbapi_connection(db)
-        if isinstance(db, sqlite3.Connection) or _is_apsw(db):
-            self.path: str | None = None
-            self._caller_conn: Any = db
-            self._caller_store: SQLiteStore | None = SQLiteStore(db, nested=True)
-            # The tables come with the first use, in the caller's transaction as
-            # an enqueue would be (a test database, an app before any worker ran).
-            apply_schema(db, transaction=_savepoint)
-        else:
-            self.path = os.fspath(db)
-            self._caller_conn = self._caller_store = None
+        if isinstance(db, str | os.PathLike):
+            self.path: str | None = database_target(os.fspath(db))
+            self._caller_store: Store | None = None
             self._local = threading.local()
-            self._schema_ready_pid = 0
-            self._conn()  # fail now, not at the first enqueue, if the file is unusable
+            self._store()  # fail now, not at the first enqueue, if the database is unusable
+        else:
+            self.path = None
+            self._caller_store = store_in_callers_transaction(db)
 
     @classmethod
     def from_env(cls, **options: Any) -> Queue:
-        """A Queue on WORKER_DB (or DATABASE_URL's sqlite file, or ./worker.db)."""
+        """A Queue on WORKER_DB (or DATABASE_URL, or ./worker.db)."""
         return cls(resolve_db_path(), **options)
 
-    def _conn(self) -> Any:
-        if self._caller_conn is not None:
-            return self._caller_conn
+    def _store(self) -> Store:
+        """The store on this thread's own connection, or on the caller's (where its transaction is a savepoint)."""
+        if self._caller_store is not None:
+            return self._caller_store
         local = self._local
         if getattr(local, "pid", None) != _process_id:
             # A connection must never cross fork(): the child opens its own and
             # leaves the parent's untouched.
             assert self.path is not None
-            local.conn = connect(self.path)
-            local.store = SQLiteStore(local.conn)
-            local.pid = _process_id
-            if self._schema_ready_pid != _process_id:
-                apply_schema(local.conn)
-                self._schema_ready_pid = _process_id
-        return local.conn
-
-    def _store(self) -> SQLiteStore:
-        """The store on this thread's connection, or on the caller's (where its transaction is a savepoint)."""
-        if self._caller_store is not None:
-            return self._caller_store
-        self._conn()
-        store: SQLiteStore = self._local.store
+            local.store, local.pid = open_store(self.path), _process_id
+        store: Store = local.store
         return store
 
     def close(self) -> None:
         """Close this thread's own connection (a caller's connection is left open)."""
-        if self._caller_conn is None and getattr(self._local, "pid", None) == _process_id:
-            self._local.conn.close()
-            del self._local.conn, self._local.store, self._local.pid
+        if self._caller_store is None and getattr(self._local, "pid", None) == _process_id:
+            self._local.store.close()
+            del self._local.store, self._local.pid
 
     def __enter__(self) -> Queue:
         return self
@@ -2138,7 +2132,7 @@ class Queue:
             type, data, delay=delay, at=at, priority=priority, persistent=persistent, tag=tag, now=now, options=options
         )
         store = self._store()
-        if row["tag"] is None and self._caller_conn is None:
+        if row["tag"] is None and self._caller_store is None:
             # One INSERT is a transaction of its own, and (like BEGIN IMMEDIATE)
             # SQLite takes the write lock before it reads anything, waiting up to
             # busy_timeout: the same transaction without two more round trips.
