@@ -165,7 +165,7 @@ def test_default_jobs_module_is_only_the_current_directorys(installed: Path, app
 
 
 @pytest.mark.parametrize(
-    "env", [{"DATABASE_URL": "postgresql://app@db/app"}, {"WORKER_DB": "mysql://x/y"}, {"DATABASE_URL": "redis://x"}]
+    "env", [{"DATABASE_URL": "mssql://app@db/app"}, {"WORKER_DB": "mysql://x/y"}, {"DATABASE_URL": "redis://x"}]
 )
 def test_a_database_url_the_worker_does_not_serve_is_exit_2_and_no_file(
     installed: Path, app: Path, env: dict[str, str]
@@ -176,11 +176,21 @@ def test_a_database_url_the_worker_does_not_serve_is_exit_2_and_no_file(
     assert not list(app.glob("*.db*"))
 
 
+@pytest.mark.parametrize("url", ["postgresql://app@db/app", "postgres://app@db/app"])
+def test_a_postgresql_url_without_the_extra_installed_is_exit_2_naming_it_and_no_file(
+    installed: Path, app: Path, url: str
+) -> None:
+    ran = run([str(installed / "worker"), "run", "--burst", "--jobs", "myjobs"], cwd=app, env={"DATABASE_URL": url})
+    assert ran.returncode == 2
+    assert ran.stderr.count("\n") == 1 and "pip install 'rowworker[postgres]'" in ran.stderr, ran.stderr
+    assert not list(app.glob("*.db*"))
+
+
 def test_a_database_url_flag_is_checked_like_the_environment(tmp_path: Path) -> None:
-    with pytest.raises(worker.ConfigError, match="unsupported database URL postgres://"):
-        worker.Queue("postgres://app@db/app")
+    with pytest.raises(worker.ConfigError, match="unsupported database URL mysql://"):
+        worker.Queue("mysql://app@db/app")
     assert worker.sqlite_path("sqlite:///app.db") == "app.db"
-    assert worker_cli.main(["jobs", "--db", "postgresql://x/y"]) == worker.EXIT_USAGE
+    assert worker_cli.main(["jobs", "--db", "mysql://x/y"]) == worker.EXIT_USAGE
 
 
 # --- worker.py + schema.sql copied into another project --------------------------------
