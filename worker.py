@@ -366,7 +366,7 @@ class JobOptions:
         keep: Seconds | None = None,
     ) -> JobOptions:
         """The options from the API's keywords; ValueError naming the first that is not usable."""
-        # Most rows set none: a frozen dataclass takes a microsecond to make, 3 % of an enqueue.
+        # Most rows set none: skip making a frozen dataclass, a measurable part of an enqueue (bench/README.md).
         given = (queue, max_attempts, retry_delay, backoff, timeout, keep)
         if given == _NOTHING_GIVEN:
             return _NO_OPTIONS
@@ -726,7 +726,7 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
         conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         # Checkpoint when the WAL holds about that much, not SQLite's 4 MiB: a
         # quarter as many checkpoints (each one syncs), and the pages that every
-        # job touches are copied once per checkpoint.  Measured: 5-7 % more jobs/s.
+        # job touches are copied once per checkpoint (bench/README.md has the gain).
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.Error as e:
@@ -1532,8 +1532,8 @@ class SQLiteStore:
         SQLite's single writer makes the ids of one statement's rows
         consecutive (AUTOINCREMENT, under the write lock), in the order of the
         array, ending at last_insert_rowid().  A store with concurrent writers
-        takes them from RETURNING instead; here RETURNING cost a tenth of the
-        statement (measured: 0.5 ms per 1,000 rows), for ids already known.
+        takes them from RETURNING instead; here RETURNING would cost a tenth of
+        the statement (bench/README.md), for ids already known.
         """
         params = {column: shared[column] for column in INSERT_COLUMNS[3:]} | {"rows": rows}
         count = _changes(self.conn, self.conn.execute(self.UNIFORM_INSERT_SQL, params))
@@ -2206,7 +2206,7 @@ class Queue:
 
         Only type, data and queue differ from row to row; SQLite takes them from
         one JSON text and the shared columns as parameters, instead of binding
-        16 parameters per row.  Measured: about 3x the rate of executemany.
+        16 parameters per row: several times the rate of executemany (bench/README.md).
         """
         now = now_ms() if options.get("now") is None else options["now"]
         shared: dict[str, dict[str, Any]] = {}  # job type -> its row, validated once per type
@@ -2748,17 +2748,20 @@ class Worker:
         self._woken_at = 0.0  # time.monotonic() of the watcher's last wake-up
         self._last_now = 0
         self._last_tick: tuple[int, float] | None = None  # (now, time.monotonic()) of the last tick
-        self._unrecorded: list[Outcome] = []
         self._todo: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
-        # Job threads put outcomes here; the main loop sleeps on it, so a finished
-        # job wakes it at once (None only wakes it: stop() was called).
-        self._done: queue_module.SimpleQueue[Outcome | None] = queue_module.SimpleQueue()
-        self._arrived: list[Outcome] = []
+        # An outcome goes through three hands, in this order.  1: job threads hand
+        # it over here; the main loop sleeps on it, so a finished job wakes it at
+        # once (None only wakes it: stop() was called).
+        self._handed_over: queue_module.SimpleQueue[Outcome | None] = queue_module.SimpleQueue()
+        # 2: taken off that queue by the loop (or given by a job thread's own step).
+        self._received: list[Outcome] = []
+        # 3: its job is no longer running here (timeouts noted): written by the next step's transaction.
+        self._to_record: list[Outcome] = []
         self._stopping = threading.Event()
         # Held for every step of the loop: by the main thread, or by a job thread
         # that has just finished a job (see _job_thread).  It guards the
-        # connection and the loop's state (_running, _unrecorded, ...).
-        self._loop = threading.Lock()
+        # store and the loop's state (_running, _to_record, ...).
+        self._step_lock = threading.Lock()
         self._step_failure: BaseException | None = None  # raised by a job thread's step, for run() to raise
         self._threads_lock = threading.Lock()
         self._surplus_threads = 0  # replacements started for threads stuck in timed-out jobs
@@ -3186,7 +3189,7 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; ``run()`` returns once running jobs finish or the timeout passes."""
         self._stopping.set()
-        self._done.put(None)
+        self._handed_over.put(None)
 
     def run(self) -> None:
         """Claim and run jobs until stop() (or, with burst, until nothing is due)."""
@@ -3208,9 +3211,9 @@ class Worker:
         woken_by: Outcome | None = None
         try:
             while True:
-                with self._loop:
+                with self._step_lock:
                     if woken_by is not None:
-                        self._arrived.append(woken_by)
+                        self._received.append(woken_by)
                     if self._step_failure is not None:
                         raise self._step_failure
                     if self._stopping.is_set():
@@ -3224,13 +3227,13 @@ class Worker:
                             )
                         if not self._running or time.monotonic() >= shutdown_deadline:
                             break
-                    elif self.burst and self._nothing_due and not self._running and not self._unrecorded:
+                    elif self.burst and self._nothing_due and not self._running and not self._to_record:
                         break
                     self._tick()
                     wait = self._busy_backoff or self._wait_seconds()
                 woken_by = self._sleep(wait)
         finally:
-            with self._loop:
+            with self._step_lock:
                 self._shut_down()
         if self._replaced is not None:
             raise DatabaseReplaced(self._replaced)
@@ -3270,7 +3273,7 @@ class Worker:
         # Called by the watcher's thread.
         if self._wants_commits:
             self._woken_at = time.monotonic()
-            self._done.put(None)
+            self._handed_over.put(None)
 
     def _wait_seconds(self) -> float:
         """How long the loop may sleep before it looks again (a finished job wakes it sooner)."""
@@ -3286,7 +3289,7 @@ class Worker:
     def _sleep(self, seconds: float) -> Outcome | None:
         """Wait until an outcome arrives, stop() is called, or ``seconds`` pass."""
         try:
-            return self._done.get(timeout=seconds)
+            return self._handed_over.get(timeout=seconds)
         except queue_module.Empty:
             return None
 
@@ -3306,42 +3309,42 @@ class Worker:
                 with self._threads_lock:
                     if self._surplus_threads > 0:
                         self._surplus_threads -= 1
-                        self._done.put(outcome)
+                        self._handed_over.put(outcome)
                         return
             claimed = self._step_after(outcome) or self._todo.get()
 
     def _step_after(self, outcome: Outcome) -> Job | None:
         """Record the outcome of the worker's only claimed job, and claim the thread's next job right here.
 
-        This saves the hand-off to the main thread and back, which cost a
-        quarter of the time per job at concurrency 1 without prefetch.  With
+        This saves the hand-off to the main thread and back, a large part of
+        the time per job at concurrency 1 without prefetch.  With
         other jobs claimed (running in other threads, or claimed ahead and
         waiting in _todo, where this thread takes its next one) the outcome
         goes to the main thread, which records the outcomes that finish close
-        together in one transaction (measured: at concurrency 4, one
-        transaction per job here was 15 % slower); so it does when the main
-        thread holds the loop, or the worker is stopping or backing off.
+        together in one transaction (one transaction per job here is slower at
+        concurrency 4: bench/README.md); so it does when the main thread holds
+        the loop, or the worker is stopping or backing off.
         """
-        if self._stopping.is_set() or self._busy_backoff or not self._loop.acquire(blocking=False):
-            self._done.put(outcome)
+        if self._stopping.is_set() or self._busy_backoff or not self._step_lock.acquire(blocking=False):
+            self._handed_over.put(outcome)
             return None
         try:
-            if len(self._running) > 1 or not self._done.empty():
-                self._done.put(outcome)
+            if len(self._running) > 1 or not self._handed_over.empty():
+                self._handed_over.put(outcome)
                 return None
-            self._arrived.append(outcome)
+            self._received.append(outcome)
             return self._tick(keep_one=True)
         except BaseException as e:
             # The main thread meeting this would have ended run(): so it still
             # does, rather than this thread dying and its slot with it.
             self._step_failure = e
-            self._done.put(None)
+            self._handed_over.put(None)
             return None
         finally:
-            self._loop.release()
+            self._step_lock.release()
 
     def _tick(self, keep_one: bool = False) -> Job | None:
-        """One step of the loop (holding self._loop): record outcomes, claim free slots, housekeeping.
+        """One step of the loop (holding self._step_lock): record outcomes, claim free slots, housekeeping.
 
         With ``keep_one`` (a job thread's step) the first job claimed is
         returned for the caller to run, not queued for the job threads.
@@ -3356,10 +3359,10 @@ class Worker:
         want_claim = free > 0 and self._maybe_due(now)
         claimed: list[Job] = []
         kept = None
-        if self._unrecorded or want_claim:
+        if self._to_record or want_claim:
             try:
                 with self._write():
-                    notes = self._record(self._unrecorded, now)
+                    notes = self._record(self._to_record, now)
                     if want_claim:
                         claimed = self._claim(free, now)
             except DatabaseUnavailable as e:
@@ -3369,7 +3372,7 @@ class Worker:
                 self._after_error(e, now)
                 return None
             self._busy_backoff = 0.0
-            self._unrecorded = []
+            self._to_record = []
             _emit(notes + self._claim_notes if want_claim else notes)
             for job in claimed:
                 self._running[job.id] = job
@@ -3426,12 +3429,12 @@ class Worker:
         self._last_tick = (now, monotonic)
 
     def _collect_outcomes(self, now: int) -> None:
-        if not self._arrived and not self._deadlines and self._done.empty():
+        if not self._received and not self._deadlines and self._handed_over.empty():
             return  # the idle case, 200 times a second: keep it cheap
-        arrived, self._arrived = self._arrived, []
+        arrived, self._received = self._received, []
         while True:
             try:
-                outcome = self._done.get_nowait()
+                outcome = self._handed_over.get_nowait()
             except queue_module.Empty:
                 break
             if outcome is not None:
@@ -3446,7 +3449,7 @@ class Worker:
             if self._deadlines:
                 with self._deadlines_lock:
                     self._deadlines.pop(outcome.job.id, None)
-            self._unrecorded.append(outcome)
+            self._to_record.append(outcome)
         if arrived:
             # Claim ahead only while jobs are short: a job waiting behind a long
             # one would wait as long, and no idle worker could take it meanwhile.
@@ -3465,7 +3468,7 @@ class Worker:
             if running is None:
                 continue
             seconds = timeout_ms / 1000
-            self._unrecorded.append(
+            self._to_record.append(
                 Outcome(running, False, error=f"timed out after {seconds:g} s", seconds=seconds, kind="timeout")
             )
             self._ahead = 0
@@ -3510,7 +3513,7 @@ class Worker:
         logger.warning(
             "database busy or full (%s); %d outcome(s) kept, retrying in %.2f s",
             error,
-            len(self._unrecorded),
+            len(self._to_record),
             self._busy_backoff,
         )
 
@@ -3529,7 +3532,7 @@ class Worker:
         """A batch failed for a reason other than busy/full: isolate the bad outcome."""
         logger.error("recording a batch failed (%s); recording one by one", error)
         kept = []
-        for outcome in self._unrecorded:
+        for outcome in self._to_record:
             try:
                 self.record([outcome], now)
             except DatabaseUnavailable:
@@ -3550,7 +3553,7 @@ class Worker:
                     # Not even that: set aside (still `running` here, rescued once this worker is gone).
                     logger.error("job %d %s: %s; and not even its failure could be recorded (%s): set aside",
                                  outcome.job.id, outcome.job.type, message, again)  # fmt: skip
-        self._unrecorded = kept
+        self._to_record = kept
 
     def _housekeeping(self, now: int) -> None:
         try:
@@ -3579,9 +3582,9 @@ class Worker:
         self._collect_outcomes(self.now())
         while time.monotonic() < deadline:
             try:
-                if self._unrecorded:
-                    self.record(self._unrecorded)
-                    self._unrecorded = []
+                if self._to_record:
+                    self.record(self._to_record)
+                    self._to_record = []
                 if self._running:
                     self.give_back(list(self._running.values()))
                     self._running.clear()
