@@ -91,6 +91,8 @@ DEFAULT_BACKOFF = 2.0
 RETRY_JITTER = 0.1  # +-10 %, so a burst of failures does not retry in lockstep
 MAX_RETRY_DELAY = 3600.0  # backoff growth stops at an hour
 DAY_MS = 86_400_000
+MINUTE_MS = 60_000
+PRUNE_BATCH_SIZE = 2_000  # rows a prune deletes per transaction, so a worker's claims wait little
 KEEP_SUCCEEDED = 7 * 86400.0
 KEEP_FAILED = 30 * 86400.0
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
@@ -670,7 +672,712 @@ def load_jobs(spec: str | None = None) -> ModuleType:
         raise ConfigError(f"jobs module {spec!r} failed to import: {type(e).__name__}: {e}") from e
 
 
-# --- The database ---------------------------------------------------------------
+# --- Which database -----------------------------------------------------------------
+
+
+def resolve_db_path(environ: Mapping[str, str] | None = None) -> str:
+    """WORKER_DB, else DATABASE_URL, else ./worker.db; ConfigError for a URL this worker does not serve."""
+    environ = os.environ if environ is None else environ
+    for variable in ("WORKER_DB", "DATABASE_URL"):
+        if environ.get(variable):
+            try:
+                return database_target(environ[variable])
+            except ConfigError as e:
+                raise ConfigError(f"{variable}: {e}") from e
+    return DEFAULT_DB
+
+
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def is_postgres(target: object) -> bool:
+    """Whether ``target`` is a postgresql:// (or postgres://) URL: the PostgreSQL store's."""
+    scheme = URL_SCHEME.match(target) if isinstance(target, str) else None
+    return scheme is not None and scheme.group(1).lower() in POSTGRES_SCHEMES
+
+
+def database_target(target: str) -> str:
+    """What --db, WORKER_DB or DATABASE_URL names: a PostgreSQL URL as it is, else a SQLite path (sqlite_path)."""
+    return target if is_postgres(target) else sqlite_path(target)
+
+
+def sqlite_path(target: str) -> str:
+    """A database path, from a path or a sqlite:// URL; ConfigError for any other URL.
+
+    Never a fallback: a worker told to use postgresql://... that quietly served
+    ./worker.db would leave every job pending.
+    """
+    scheme = URL_SCHEME.match(target)
+    if scheme is None:
+        return target
+    if scheme.group(1).lower() != "sqlite":
+        raise ConfigError(
+            f"unsupported database URL {scheme.group(1)}://...: this worker serves SQLite files "
+            "(a path, or sqlite:///relative.db, sqlite:////absolute.db) and PostgreSQL (postgresql://...)"
+        )
+    path = target[len(scheme.group(0)) :]
+    # sqlite:///relative.db and sqlite:////absolute.db, as SQLAlchemy reads them
+    return path[1:] if path.startswith("/") else path
+
+
+# --- Enqueue --------------------------------------------------------------------
+
+
+class Queue:
+    """The producer side: enqueue, look up and cancel jobs.
+
+    ``Queue(path)`` (or a postgresql:// URL) opens its own connection per
+    thread (and per process: after fork the child opens a new one) and creates
+    the schema if needed.  ``Queue(connection)`` writes on the caller's open
+    connection (stdlib sqlite3, apsw, psycopg 3; or Django's, or SQLAlchemy's
+    Session or Connection on one of those), inside the caller's transaction,
+    so a job commits or rolls back together with the app's own writes.
+    """
+
+    def __init__(self, db: str | os.PathLike[str] | Any, *, check_types: bool = True) -> None:
+        self.check_types = check_types
+        db = _dbapi_connection(db)
+        if isinstance(db, str | os.PathLike):
+            self.path: str | None = database_target(os.fspath(db))
+            self._caller_store: Store | None = None
+            self._local = threading.local()
+            self._store()  # fail now, not at the first enqueue, if the database is unusable
+        else:
+            self.path = None
+            self._caller_store = store_in_callers_transaction(db)
+
+    @classmethod
+    def from_env(cls, **options: Any) -> Queue:
+        """A Queue on WORKER_DB (or DATABASE_URL, or ./worker.db)."""
+        return cls(resolve_db_path(), **options)
+
+    def _store(self) -> Store:
+        """The store on this thread's own connection, or on the caller's (where its transaction is a savepoint)."""
+        if self._caller_store is not None:
+            return self._caller_store
+        local = self._local
+        if getattr(local, "pid", None) != _process_id:
+            # A connection must never cross fork(): the child opens its own and
+            # leaves the parent's untouched.
+            assert self.path is not None
+            local.store, local.pid = open_store(self.path), _process_id
+        store: Store = local.store
+        return store
+
+    def close(self) -> None:
+        """Close this thread's own connection (a caller's connection is left open)."""
+        if self._caller_store is None and getattr(self._local, "pid", None) == _process_id:
+            self._local.store.close()
+            del self._local.store, self._local.pid
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def enqueue(
+        self,
+        type: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        delay: Seconds | None = None,
+        at: datetime | float | None = None,
+        priority: int = 0,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        retry_delay: Seconds | None = None,
+        backoff: float | None = None,
+        timeout: Seconds | None = None,
+        keep: Seconds | None = None,
+        persistent: bool = False,
+        tag: str | None = None,
+        on_conflict: str = "replace",
+        now: int | None = None,
+    ) -> Job:
+        """Schedule one job; returns its row.  Nothing is written if anything is invalid.
+
+        ``delay`` (seconds) or ``at`` (a datetime; naive means UTC) sets when it
+        is due; the policy options override the job type's for this row only.
+        With a ``tag`` there is at most one pending job per tag: ``on_conflict=
+        "replace"`` cancels the pending one and inserts this, ``"ignore"`` keeps
+        it and returns it instead.
+        """
+        options = JobOptions.of(
+            queue=queue, max_attempts=max_attempts, retry_delay=retry_delay, backoff=backoff, timeout=timeout, keep=keep
+        )
+        row = self._new_row(
+            type, data, delay=delay, at=at, priority=priority, persistent=persistent, tag=tag, now=now, options=options
+        )
+        store = self._store()
+        if row["tag"] is None and self._caller_store is None:
+            # One INSERT is a transaction of its own, and (like BEGIN IMMEDIATE)
+            # SQLite takes the write lock before it reads anything, waiting up to
+            # busy_timeout: the same transaction without two more round trips.
+            return store.insert(row, on_conflict)
+        with store.transaction():
+            return store.insert(row, on_conflict)
+
+    def schedule_cron(
+        self,
+        type: str,
+        cron: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        tag: str | None = None,
+        timezone: str | None = None,
+        now: int | None = None,
+        **options: Any,
+    ) -> Job:
+        """Make ``type`` recurring on ``cron`` (replacing its schedule); returns the next run.
+
+        Five fields, or six with seconds first; ``timezone`` defaults to UTC.  The
+        tag defaults to ``cron:<type>``: one pending row per schedule.
+        """
+        try:
+            check_cron(cron, timezone)
+        except ValueError as e:
+            raise ValueError(f"cannot schedule {type!r}: {e}") from e
+        now = now_ms() if now is None else now
+        tag = tag or f"cron:{type}"
+        store = self._store()
+        with store.transaction():
+            due = first_free_cron_slot(store, tag, cron, timezone, now)
+            row = self._new_row(type, data, at=due / 1000, tag=tag, cron=cron, timezone=timezone, now=now, **options)
+            return store.insert(row, "replace")
+
+    def unschedule_cron(self, type: str, *, tag: str | None = None, now: int | None = None) -> bool:
+        """Stop a recurring job: cancel its pending row.  False if it had none."""
+        now = now_ms() if now is None else now
+        store = self._store()
+        with store.transaction():
+            return (
+                store.cancel_pending(now, "unscheduled", default_keep_ms(succeeded=False), tag=tag or f"cron:{type}")
+                > 0
+            )
+
+    def enqueue_many(
+        self, jobs: Iterable[tuple[str, Mapping[str, Any] | None] | Mapping[str, Any]], **options: Any
+    ) -> list[Job]:
+        """Schedule many jobs in one transaction: all or none.
+
+        Each item is ``(type, data)`` or a mapping of ``enqueue`` arguments
+        (``{"type": ..., "data": ..., "delay": ...}``); ``options`` apply to all.
+        """
+        items = list(jobs)
+        if options.get("tag") is None and all(type(item) is tuple for item in items):
+            return self._enqueue_uniform(cast(list[tuple[str, Any]], items), options)  # the common case, made fast
+        rows = []
+        for item in items:
+            arguments = dict(options)
+            if isinstance(item, Mapping):
+                arguments.update(item)
+            else:
+                arguments["type"], arguments["data"] = item
+            rows.append(self._new_row(arguments.pop("type"), arguments.pop("data", None), **arguments))
+        store = self._store()
+        with store.transaction():
+            return [store.insert(row) for row in rows]
+
+    def _enqueue_uniform(self, items: list[tuple[str, Any]], options: dict[str, Any]) -> list[Job]:
+        """``(type, data)`` items sharing ``options``: one INSERT of a JSON array.
+
+        Only type, data and queue differ from row to row; SQLite takes them from
+        one JSON text and the shared columns as parameters, instead of binding
+        16 parameters per row: several times the rate of executemany (bench/README.md).
+        """
+        now = now_ms() if options.get("now") is None else options["now"]
+        shared: dict[str, dict[str, Any]] = {}  # job type -> its row, validated once per type
+        batch = []
+        for job_type, data in items:
+            row = shared.get(job_type) if isinstance(job_type, str) else None
+            if row is None:  # _new_row checks the type (and the options) once per type
+                row = shared[job_type] = self._new_row(job_type, None, **{**options, "now": now})
+            batch.append((job_type, job_data(data), row["queue"]))
+        if not batch:
+            return []
+        try:
+            payload = JSON.encode(batch)
+        except (TypeError, ValueError):
+            for number, (_, data, _) in enumerate(batch):
+                try:
+                    encode_data(data)
+                except InvalidJobData as e:
+                    raise InvalidJobData(f"item {number}: {e}") from e
+            raise
+        any_row = next(iter(shared.values()))  # all columns after queue are the same in every row
+        store = self._store()
+        with store.transaction():
+            ids = store.insert_uniform(any_row, payload)
+        # Positional arguments: keywords would double the cost of each Job.
+        shared_job = _new_job(0, any_row)
+        rest = tuple(getattr(shared_job, field) for field in COLUMNS[5:])  # the fields after queue
+        return [
+            Job(id, job_type, dict(data), Status.PENDING.value, queue, *rest)
+            for id, (job_type, data, queue) in zip(ids, batch, strict=True)
+        ]
+
+    def get(self, id: int) -> Job | None:
+        """The row with this id, or None."""
+        return self._store().get(id)
+
+    def cancel(self, id: int, *, reason: str = "cancelled", now: int | None = None) -> bool:
+        """Cancel a pending job; False when it is not pending (running or finished)."""
+        now = now_ms() if now is None else now
+        store = self._store()
+        with store.transaction():
+            return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1
+
+    def cancel_type(self, type: str, *, reason: str | None = None, now: int | None = None) -> int:
+        """Cancel every pending job of a type (one no worker will ever run: a typo, a removed job); how many."""
+        now = now_ms() if now is None else now
+        reason = reason or f"cancelled: every pending {type!r} job"
+        store = self._store()
+        with store.transaction():
+            return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), type=type)
+
+    def retry(self, id: int, *, now: int | None = None) -> Job | None:
+        """Run a failed or cancelled job again now, as a new row in its chain; None if it can't be.
+
+        Only the newest row of a chain is retried (one that nothing was
+        rescheduled from).  A recurring run is retried once, outside its schedule.
+        """
+        now = now_ms() if now is None else now
+        store = self._store()
+        with store.transaction():
+            return store.manual_retry(id, now)
+
+    def retry_failed(self, *, type: str | None = None, now: int | None = None) -> list[Job]:
+        """Retry every failed job (of one type) whose chain ended in failure."""
+        ids = self._store().retryable_failed(type)
+        return [retried for id in ids if (retried := self.retry(id, now=now)) is not None]
+
+    def prune(self, *, now: int | None = None, dry_run: bool = False, batch_size: int = PRUNE_BATCH_SIZE) -> int:
+        """Delete finished rows whose ``remove_at`` has passed; returns how many (would) go.
+
+        Pending, running and persistent rows are never removed.  Deletes run in
+        short transactions of ``batch_size`` rows, pausing between them at least
+        as long as each took, so workers keep claiming while a big prune runs.
+        """
+        now = now_ms() if now is None else now
+        store = self._store()
+        if dry_run:
+            return store.prunable(now)
+        removed = 0
+        while True:
+            started = time.monotonic()
+            with store.transaction():
+                deleted = store.prune(now, batch_size)
+                if removed == 0:  # the per-minute counts are kept for a day
+                    store.forget_counts_before(now - DAY_MS)
+            removed += deleted
+            if deleted < batch_size:
+                return removed
+            time.sleep(max(0.001, time.monotonic() - started))
+
+    def _new_row(
+        self,
+        type: str,
+        data: Mapping[str, Any] | None,
+        *,
+        delay: Seconds | None = None,
+        at: datetime | float | None = None,
+        priority: int = 0,
+        persistent: bool = False,
+        tag: str | None = None,
+        cron: str | None = None,
+        timezone: str | None = None,
+        now: int | None = None,
+        options: JobOptions | None = None,
+        **policy: Any,
+    ) -> dict[str, Any]:
+        """The INSERT parameters of one row (and its data, for the Job returned).
+
+        Its policy is ``options``, or else made from ``policy``, JobOptions.of's keywords.
+        """
+        if not isinstance(type, str) or not type:
+            raise UnknownJobType(f"job type must be a non-empty string, not {type!r}")
+        job_type = REGISTRY.get(type)
+        if job_type is None and self.check_types:
+            raise UnknownJobType(
+                f"unknown job type {type!r} (registered: {', '.join(sorted(REGISTRY)) or 'none'};"
+                " import the module that defines it, or pass check_types=False)"
+            )
+        if delay is not None and at is not None:
+            raise ValueError("give delay or at, not both")
+        if tag is not None and (not isinstance(tag, str) or not tag):
+            raise ValueError(f"tag must be a non-empty string, not {tag!r}")
+        _check_integer(priority, "priority", -MAX_INTEGER - 1, MAX_INTEGER)
+        options = JobOptions.of(**policy) if options is None else options
+        now = now_ms() if now is None else now
+        due = epoch_ms(at) if at is not None else now + (_optional_ms(delay, "delay") or 0)
+        if not MIN_TIME_MS <= due <= MAX_TIME_MS:
+            raise ValueError(f"the job would be due {'after 9999' if due > 0 else 'before year 1'} (due {due} ms)")
+        return {
+            "type": type,
+            "data": encode_data(data),
+            "data_object": dict(data or {}),  # for the returned Job; not a column
+            "queue": options.queue or (job_type and job_type.queue) or "default",
+            "priority": priority,
+            "due": due,
+            "tag": tag,
+            "cron_schedule": cron,
+            "cron_timezone": timezone,
+            "cron_slot": due if cron else None,
+            "created_at": now,
+            **options.columns(),
+            "persistent": int(bool(persistent)),
+        }
+
+
+def _dbapi_connection(db: Any) -> Any:
+    """The DB-API connection under Django's connection or SQLAlchemy's Session, Connection or pooled proxy.
+
+    Duck-typed, so that neither is ever imported here; anything else is returned as it is.
+    """
+    # django.db.connection is a proxy (django.utils.connection) to this thread's wrapper (django.db.backends...).
+    django_module = type(db).__module__.startswith(("django.db.backends.", "django.utils.connection"))
+    if django_module and callable(getattr(db, "ensure_connection", None)):
+        db.ensure_connection()  # Django's connection wrapper: the sqlite3 connection it wraps
+        return db.connection
+    if not type(db).__module__.startswith("sqlalchemy."):
+        return db
+    if callable(getattr(db, "get_bind", None)) and callable(getattr(db, "connection", None)):
+        db = db.connection()  # a Session: its Connection, in the session's transaction
+    if callable(getattr(db, "in_transaction", None)) and callable(getattr(db, "begin", None)):
+        if not db.in_transaction():
+            db.begin()  # a Connection begins as its own execute() would, for its commit() to end
+        db = db.connection  # the pool's proxy of the DB-API connection
+    return getattr(db, "dbapi_connection", db)
+
+
+def _new_job(id: int, row: dict[str, Any]) -> Job:
+    """The Job of a row just inserted (its data is the caller's, copied, not parsed back)."""
+    return Job(
+        id=id,
+        type=row["type"],
+        data=row["data_object"],
+        queue=row["queue"],
+        priority=row["priority"],
+        due=row["due"],
+        tag=row["tag"],
+        cron_schedule=row["cron_schedule"],
+        cron_timezone=row["cron_timezone"],
+        cron_slot=row["cron_slot"],
+        created_at=row["created_at"],
+        max_attempts=row["max_attempts"],
+        retry_delay_ms=row["retry_delay_ms"],
+        backoff=row["backoff"],
+        timeout_ms=row["timeout_ms"],
+        keep_ms=row["keep_ms"],
+        persistent=bool(row["persistent"]),
+    )
+
+
+def default_keep_ms(*, succeeded: bool) -> int:
+    """How long finished rows stay: WORKER_KEEP_SUCCEEDED / WORKER_KEEP_FAILED seconds, else 7 / 30 days."""
+    variable, default = ("WORKER_KEEP_SUCCEEDED", KEEP_SUCCEEDED) if succeeded else ("WORKER_KEEP_FAILED", KEEP_FAILED)
+    raw = os.environ.get(variable)
+    if not raw:
+        return to_ms(default)
+    try:
+        keep = float(raw)
+    except ValueError:
+        keep = -1
+    if not 0 <= keep <= MAX_DURATION_MS / 1000:  # NaN too
+        raise ConfigError(f"invalid {variable}={raw!r}: must be seconds, 0 to 100 years")
+    return to_ms(keep)
+
+
+def now_ms() -> int:
+    """The current time as integer epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+# One encoder for all: json.dumps() with options builds a new encoder per call.
+# allow_nan=False: NaN and Infinity are not JSON, and SQLite would store null.
+JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
+def job_data(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Job data as a dict with string keys (not yet checked to be JSON); else InvalidJobData."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise InvalidJobData(f"job data must be a JSON object (a dict), not {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):
+            raise InvalidJobData(f"job data keys must be strings, got {key!r}")
+    return data if type(data) is dict else dict(data)
+
+
+def encode_data(data: Mapping[str, Any] | None) -> str:
+    """Job data as JSON text; InvalidJobData unless it is a JSON object."""
+    try:
+        return JSON.encode(job_data(data))
+    except (TypeError, ValueError) as e:
+        raise InvalidJobData(f"job data is not JSON-serialisable: {e}") from e
+
+
+def encode_result(value: Any) -> str:
+    """A job's return value as JSON text (TypeError/ValueError if it has none)."""
+    return "null" if value is None else JSON.encode(value)
+
+
+# --- The store interface ----------------------------------------------------------
+
+
+class Store(Protocol):
+    """What Queue and Worker ask of their database: the transitions of a row, each with the fence that makes it safe.
+
+    A verb runs inside the caller's write transaction (``transaction()``) and
+    changes a row only while the fence it names holds: ``..._if_owned`` only
+    while the row is running under that owner, so a worker that lost its lease
+    (rescued, given back, timed out) changes nothing.  The SQLite store is
+    below; a store for another database implements the same verbs, and
+    test_store_contract.py holds each store to them.
+    """
+
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """A write transaction, all or nothing, with the write lock taken at its start."""
+        ...
+
+    def now(self) -> int:
+        """The time that leases are judged by, in epoch ms (the SQLite store's is its worker's own clock)."""
+        ...
+
+    def close(self) -> None:
+        """Close its connections."""
+        ...
+
+    def replaced(self) -> str | None:
+        """Why the target now names another database than the one this store opened (a file replaced); or None."""
+        ...
+
+    def repair_schema(self) -> bool:
+        """Re-create the worker's tables, indexes or triggers that were dropped by hand; whether any were."""
+        ...
+
+    def missing_schema(self) -> list[str]:
+        """The names of the worker's tables, indexes and triggers that are not there (``worker check``)."""
+        ...
+
+    # Producing rows (Queue)
+
+    def insert(self, row: dict[str, Any], on_conflict: str = "replace") -> Job:
+        """Insert one row under the tag rule (one pending row per tag): ``replace`` or ``ignore`` the pending one."""
+        ...
+
+    def insert_uniform(self, shared: Mapping[str, Any], rows: str) -> list[int]:
+        """Insert untagged rows alike but for type, data and queue (a JSON array of those); their ids, in order."""
+        ...
+
+    def cancel_pending(
+        self, now: int, reason: str, keep_ms: int, *, id: int | None = None, tag: str | None = None,
+        type: str | None = None,
+    ) -> int:  # fmt: skip
+        """Cancel the pending row of this id, or the pending rows of this tag or type; how many (pending only)."""
+        ...
+
+    def manual_retry(self, id: int, now: int) -> Job | None:
+        """Insert the next attempt of a failed or cancelled row that ends its chain; None if it is not one."""
+        ...
+
+    def retryable_failed(self, type: str | None) -> list[int]:
+        """The ids of the failed rows (of one type) that end their chain."""
+        ...
+
+    def get(self, id: int) -> Job | None:
+        """The row with this id, or None."""
+        ...
+
+    def prune(self, now: int, batch_size: int) -> int:
+        """Delete up to ``batch_size`` finished, non-persistent rows whose remove_at has passed; how many."""
+        ...
+
+    def prunable(self, now: int) -> int:
+        """How many rows ``prune`` would delete."""
+        ...
+
+    def forget_counts_before(self, before: int) -> None:
+        """Drop the per-minute counts of finished rows older than ``before``."""
+        ...
+
+    # Claiming, and ending what was claimed (fenced on the owner)
+
+    def claim(
+        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
+        *, suspect: bool = False,
+    ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
+        """Take up to ``limit`` due pending rows for ``owner``, leased until ``lease_until``; no row twice, ever.
+
+        Only rows of ``types`` (a JSON array) in the store's queues, highest
+        priority first, then oldest due; ``suspect`` takes only rows whose
+        chain killed a worker, otherwise only the others.  Returns the jobs and
+        the rows taken that cannot be read (each with why; ``held`` are rows the
+        owner held before, not to be returned again), which the caller fails.
+        """
+        ...
+
+    def any_suspect(self) -> bool:
+        """Whether a pending row's chain has already killed a worker (deaths > 0): such a row is claimed alone."""
+        ...
+
+    def next_due(self, types: str) -> int | None:
+        """The earliest due time of a pending row of ``types`` in the store's queues (None: no such row)."""
+        ...
+
+    def finish_if_owned(
+        self, id: int, owner: str, status: str, now: int, result: str | None, error: str | None,
+        started: int | None, keep_ms: int,
+    ) -> bool:  # fmt: skip
+        """End the row (``succeeded`` or ``failed``) if it is running under ``owner``; whether it was.
+
+        ``result`` is JSON text; ``started`` is when the function was called
+        (None: the claim's time stands); the row is removable ``keep_ms``
+        after, unless it says otherwise (its own keep_ms, persistent).
+        """
+        ...
+
+    def give_back_if_owned(self, id: int, owner: str) -> bool:
+        """Make the row pending again, unclaimed, if it is running under ``owner``; whether it was."""
+        ...
+
+    def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
+        """Insert the next attempt of row ``id`` (its policy and cron slot copied), unless a pending row holds its tag.
+
+        The new row's id, or None when the tag was taken.
+        """
+        ...
+
+    def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
+        """Insert the run of row ``id``'s schedule at slot ``due`` (a new chain), unless a pending row holds its tag.
+
+        The new row's id, or None when the tag was taken.
+        """
+        ...
+
+    def count_finished(self, finished: Iterable[tuple[int, str, str]]) -> None:
+        """Add rows just finished, as (finished ms, queue, status), to the per-minute counts ``status`` reads."""
+        ...
+
+    # Leases and processes
+
+    def renew_leases(self, owner: str, lease_until: int) -> None:
+        """Extend to ``lease_until`` the lease of every row running under ``owner``."""
+        ...
+
+    def expired_leases(self, owner: str, now: int) -> tuple[list[Job], list[tuple[Job, str]]]:
+        """Running rows whose lease ended before ``now``, not ``owner``'s (it is alive); unreadable ones apart.
+
+        A running row with no lease at all counts as expired long ago.
+        """
+        ...
+
+    def rescue_if_expired(self, id: int, now: int, error: str, keep_ms: int) -> bool:
+        """Fail the row (its worker was lost) if it is still running with its lease ended; whether it was."""
+        ...
+
+    def register_process(self, process: Mapping[str, Any], now: int) -> None:
+        """Record a worker process as started and alive now; forget the processes gone for a day."""
+        ...
+
+    def process_alive(self, owner: str, running: int, now: int) -> None:
+        """Record that the process ``owner`` is alive now and runs ``running`` jobs."""
+        ...
+
+    def forget_process(self, owner: str) -> None:
+        """Remove the process's row (it stopped), and those of processes gone for a day."""
+        ...
+
+    # A recurring job's rows
+
+    def pending_with_tag(self, tag: str) -> Job | None:
+        """The pending row of this tag, or None."""
+        ...
+
+    def cron_run_running(self, tag: str, cron: str, timezone: str | None) -> bool:
+        """Whether a run of this very schedule is running now."""
+        ...
+
+    def last_cron_slot(self, tag: str) -> int | None:
+        """The newest slot a run of this schedule has had, or None."""
+        ...
+
+    # What the operating tools read (status, jobs, show, the dashboard)
+
+    def describe(self) -> dict[str, Any]:
+        """``database`` (never a password), ``schema_version``, and ``engine``: the database and its state, one line."""
+        ...
+
+    def pending_by_queue(self, now: int) -> list[tuple[str, int, int, int | None]]:
+        """Per queue: pending rows due by ``now``, due later, and the oldest due time of the first kind."""
+        ...
+
+    def running_by_queue(self) -> list[tuple[str, int]]:
+        """Per queue: running rows."""
+        ...
+
+    def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
+        """Per queue and status: rows finished since ``since`` (from the per-minute counts: the whole minute)."""
+        ...
+
+    def running_by_owner(self) -> dict[str, int]:
+        """Per claim token (a worker process's id): running rows, jobs claimed ahead included."""
+        ...
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The registered worker processes (PROCESS_COLUMNS and ``types``, as stored), oldest first."""
+        ...
+
+    def cron_schedules(self) -> list[tuple[Job, Job | None]]:
+        """Each recurring job's pending row, with its last run that started (None if none), soonest first."""
+        ...
+
+    def unrunnable(self, known: list[str]) -> list[tuple[str, int, int]]:
+        """Per type not in ``known``: pending rows and the oldest due time."""
+        ...
+
+    def jobs(self, *, status: str | None, type: str | None, queue: str | None, limit: int) -> list[Job]:
+        """Up to ``limit`` rows, newest first, of this status, type and queue (None: any), read as read_job does."""
+        ...
+
+    def chain(self, id: int, *, reach: int) -> list[Job]:
+        """The rows the job came from and led to (at most ``reach`` each way), oldest first, read as read_job does."""
+        ...
+
+    def retried_as(self, ids: list[int]) -> dict[int, int]:
+        """For each of these rows that was retried (a later attempt points back to it), the id of that attempt."""
+        ...
+
+
+class WakeUp(Protocol):
+    """How an idle worker learns that another process committed: a seam of its own, beside the store.
+
+    SQLite's watches the ``-wal`` file and reads PRAGMA data_version; another
+    database brings its own (PostgreSQL: LISTEN on a connection of its own).
+    """
+
+    pushes: bool  # whether start() got a watch that calls ``wake``; else the worker polls
+
+    def start(self, wake: Callable[[], None]) -> None:
+        """Begin calling ``wake`` (from a thread of its own) when another process commits, where it can."""
+
+    def arm(self, armed: bool) -> None:
+        """Call ``wake`` only while armed: an idle worker wants it, a busy one would only pay for it."""
+
+    def changed(self) -> bool:
+        """Cheap, no disk read: did any other connection commit since the last call?"""
+
+    def forget_connection(self) -> None:
+        """The worker closed its connection; ``changed`` uses the next one."""
+
+    def stop(self) -> None:
+        """End the watch."""
+
+
+# --- The SQLite store: connecting, the schema, transactions -------------------------
 
 
 def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
@@ -1000,36 +1707,6 @@ class _Immediate:
                 self.conn.execute("ROLLBACK")
 
 
-class _Write:
-    """A worker's write transaction (``immediate``) that tells the worker how long it waited for the lock.
-
-    See Worker._waited.  It wraps the store's ``transaction()``, made at each
-    call (the SQLite store's looks ``immediate()`` up each time, so what wraps
-    that, as the crash points of test_reliability.py do, wraps this too).
-    """
-
-    __slots__ = ("held_up", "transaction", "worker")
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.transaction = worker.store.transaction()
-        self.held_up = False  # whether this worker had to wait long for the lock, up to this transaction
-
-    def __enter__(self) -> Any:
-        began = time.monotonic()
-        try:
-            conn = self.transaction.__enter__()
-        except DatabaseUnavailable:
-            if self.worker._refused_since is None:
-                self.worker._refused_since = began
-            raise
-        self.held_up = self.worker._waited(began)
-        return conn
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
-        self.transaction.__exit__(kind, error, trace)
-
-
 def _file_identity(path: str | None) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the file at ``path`` (None for no path)."""
     if path is None:
@@ -1058,280 +1735,8 @@ def _last_rowid(conn: Any, cursor: Any) -> int:
     return int(conn.last_insert_rowid() if _is_apsw(conn) else cursor.lastrowid)
 
 
-def resolve_db_path(environ: Mapping[str, str] | None = None) -> str:
-    """WORKER_DB, else DATABASE_URL, else ./worker.db; ConfigError for a URL this worker does not serve."""
-    environ = os.environ if environ is None else environ
-    for variable in ("WORKER_DB", "DATABASE_URL"):
-        if environ.get(variable):
-            try:
-                return database_target(environ[variable])
-            except ConfigError as e:
-                raise ConfigError(f"{variable}: {e}") from e
-    return DEFAULT_DB
+# --- The SQLite store: its verbs ----------------------------------------------------
 
-
-URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-POSTGRES_SCHEMES = ("postgresql", "postgres")
-
-
-def is_postgres(target: object) -> bool:
-    """Whether ``target`` is a postgresql:// (or postgres://) URL: the PostgreSQL store's."""
-    scheme = URL_SCHEME.match(target) if isinstance(target, str) else None
-    return scheme is not None and scheme.group(1).lower() in POSTGRES_SCHEMES
-
-
-def database_target(target: str) -> str:
-    """What --db, WORKER_DB or DATABASE_URL names: a PostgreSQL URL as it is, else a SQLite path (sqlite_path)."""
-    return target if is_postgres(target) else sqlite_path(target)
-
-
-def sqlite_path(target: str) -> str:
-    """A database path, from a path or a sqlite:// URL; ConfigError for any other URL.
-
-    Never a fallback: a worker told to use postgresql://... that quietly served
-    ./worker.db would leave every job pending.
-    """
-    scheme = URL_SCHEME.match(target)
-    if scheme is None:
-        return target
-    if scheme.group(1).lower() != "sqlite":
-        raise ConfigError(
-            f"unsupported database URL {scheme.group(1)}://...: this worker serves SQLite files "
-            "(a path, or sqlite:///relative.db, sqlite:////absolute.db) and PostgreSQL (postgresql://...)"
-        )
-    path = target[len(scheme.group(0)) :]
-    # sqlite:///relative.db and sqlite:////absolute.db, as SQLAlchemy reads them
-    return path[1:] if path.startswith("/") else path
-
-
-# --- The store interface ----------------------------------------------------------
-
-
-class Store(Protocol):
-    """What Queue and Worker ask of their database: the transitions of a row, each with the fence that makes it safe.
-
-    A verb runs inside the caller's write transaction (``transaction()``) and
-    changes a row only while the fence it names holds: ``..._if_owned`` only
-    while the row is running under that owner, so a worker that lost its lease
-    (rescued, given back, timed out) changes nothing.  The SQLite store is
-    below; a store for another database implements the same verbs, and
-    test_store_contract.py holds each store to them.
-    """
-
-    def transaction(self) -> contextlib.AbstractContextManager[Any]:
-        """A write transaction, all or nothing, with the write lock taken at its start."""
-        ...
-
-    def now(self) -> int:
-        """The time that leases are judged by, in epoch ms (the SQLite store's is its worker's own clock)."""
-        ...
-
-    def close(self) -> None:
-        """Close its connections."""
-        ...
-
-    def replaced(self) -> str | None:
-        """Why the target now names another database than the one this store opened (a file replaced); or None."""
-        ...
-
-    def repair_schema(self) -> bool:
-        """Re-create the worker's tables, indexes or triggers that were dropped by hand; whether any were."""
-        ...
-
-    def missing_schema(self) -> list[str]:
-        """The names of the worker's tables, indexes and triggers that are not there (``worker check``)."""
-        ...
-
-    # Producing rows (Queue)
-
-    def insert(self, row: dict[str, Any], on_conflict: str = "replace") -> Job:
-        """Insert one row under the tag rule (one pending row per tag): ``replace`` or ``ignore`` the pending one."""
-        ...
-
-    def insert_uniform(self, shared: Mapping[str, Any], rows: str) -> list[int]:
-        """Insert untagged rows alike but for type, data and queue (a JSON array of those); their ids, in order."""
-        ...
-
-    def cancel_pending(
-        self, now: int, reason: str, keep_ms: int, *, id: int | None = None, tag: str | None = None,
-        type: str | None = None,
-    ) -> int:  # fmt: skip
-        """Cancel the pending row of this id, or the pending rows of this tag or type; how many (pending only)."""
-        ...
-
-    def manual_retry(self, id: int, now: int) -> Job | None:
-        """Insert the next attempt of a failed or cancelled row that ends its chain; None if it is not one."""
-        ...
-
-    def retryable_failed(self, type: str | None) -> list[int]:
-        """The ids of the failed rows (of one type) that end their chain."""
-        ...
-
-    def get(self, id: int) -> Job | None:
-        """The row with this id, or None."""
-        ...
-
-    def prune(self, now: int, batch_size: int) -> int:
-        """Delete up to ``batch_size`` finished, non-persistent rows whose remove_at has passed; how many."""
-        ...
-
-    def prunable(self, now: int) -> int:
-        """How many rows ``prune`` would delete."""
-        ...
-
-    def forget_counts_before(self, before: int) -> None:
-        """Drop the per-minute counts of finished rows older than ``before``."""
-        ...
-
-    # Claiming, and ending what was claimed (fenced on the owner)
-
-    def claim(
-        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
-        *, suspect: bool = False,
-    ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
-        """Take up to ``limit`` due pending rows for ``owner``, leased until ``lease_until``; no row twice, ever.
-
-        Only rows of ``types`` (a JSON array) in the store's queues, highest
-        priority first, then oldest due; ``suspect`` takes only rows whose
-        chain killed a worker, otherwise only the others.  Returns the jobs and
-        the rows taken that cannot be read (each with why; ``held`` are rows the
-        owner held before, not to be returned again), which the caller fails.
-        """
-        ...
-
-    def any_suspect(self) -> bool:
-        """Whether a pending row's chain has already killed a worker (deaths > 0): such a row is claimed alone."""
-        ...
-
-    def next_due(self, types: str) -> int | None:
-        """The earliest due time of a pending row of ``types`` in the store's queues (None: no such row)."""
-        ...
-
-    def finish_if_owned(
-        self, id: int, owner: str, status: str, now: int, result: str | None, error: str | None,
-        started: int | None, keep_ms: int,
-    ) -> bool:  # fmt: skip
-        """End the row (``succeeded`` or ``failed``) if it is running under ``owner``; whether it was.
-
-        ``result`` is JSON text; ``started`` is when the function was called
-        (None: the claim's time stands); the row is removable ``keep_ms``
-        after, unless it says otherwise (its own keep_ms, persistent).
-        """
-        ...
-
-    def give_back_if_owned(self, id: int, owner: str) -> bool:
-        """Make the row pending again, unclaimed, if it is running under ``owner``; whether it was."""
-        ...
-
-    def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
-        """Insert the next attempt of row ``id`` (its policy and cron slot copied), unless a pending row holds its tag.
-
-        The new row's id, or None when the tag was taken.
-        """
-        ...
-
-    def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
-        """Insert the run of row ``id``'s schedule at slot ``due`` (a new chain), unless a pending row holds its tag.
-
-        The new row's id, or None when the tag was taken.
-        """
-        ...
-
-    def count_finished(self, finished: Iterable[tuple[int, str, str]]) -> None:
-        """Add rows just finished, as (finished ms, queue, status), to the per-minute counts ``status`` reads."""
-        ...
-
-    # Leases and processes
-
-    def renew_leases(self, owner: str, lease_until: int) -> None:
-        """Extend to ``lease_until`` the lease of every row running under ``owner``."""
-        ...
-
-    def expired_leases(self, owner: str, now: int) -> tuple[list[Job], list[tuple[Job, str]]]:
-        """Running rows whose lease ended before ``now``, not ``owner``'s (it is alive); unreadable ones apart.
-
-        A running row with no lease at all counts as expired long ago.
-        """
-        ...
-
-    def rescue_if_expired(self, id: int, now: int, error: str, keep_ms: int) -> bool:
-        """Fail the row (its worker was lost) if it is still running with its lease ended; whether it was."""
-        ...
-
-    def register_process(self, process: Mapping[str, Any], now: int) -> None:
-        """Record a worker process as started and alive now; forget the processes gone for a day."""
-        ...
-
-    def process_alive(self, owner: str, running: int, now: int) -> None:
-        """Record that the process ``owner`` is alive now and runs ``running`` jobs."""
-        ...
-
-    def forget_process(self, owner: str) -> None:
-        """Remove the process's row (it stopped), and those of processes gone for a day."""
-        ...
-
-    # A recurring job's rows
-
-    def pending_with_tag(self, tag: str) -> Job | None:
-        """The pending row of this tag, or None."""
-        ...
-
-    def cron_run_running(self, tag: str, cron: str, timezone: str | None) -> bool:
-        """Whether a run of this very schedule is running now."""
-        ...
-
-    def last_cron_slot(self, tag: str) -> int | None:
-        """The newest slot a run of this schedule has had, or None."""
-        ...
-
-    # What the operating tools read (status, jobs, show, the dashboard)
-
-    def describe(self) -> dict[str, Any]:
-        """``database`` (never a password), ``schema_version``, and ``engine``: the database and its state, one line."""
-        ...
-
-    def pending_by_queue(self, now: int) -> list[tuple[str, int, int, int | None]]:
-        """Per queue: pending rows due by ``now``, due later, and the oldest due time of the first kind."""
-        ...
-
-    def running_by_queue(self) -> list[tuple[str, int]]:
-        """Per queue: running rows."""
-        ...
-
-    def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
-        """Per queue and status: rows finished since ``since`` (from the per-minute counts: the whole minute)."""
-        ...
-
-    def running_by_owner(self) -> dict[str, int]:
-        """Per claim token (a worker process's id): running rows, jobs claimed ahead included."""
-        ...
-
-    def processes(self) -> list[dict[str, Any]]:
-        """The registered worker processes (PROCESS_COLUMNS and ``types``, as stored), oldest first."""
-        ...
-
-    def cron_schedules(self) -> list[tuple[Job, Job | None]]:
-        """Each recurring job's pending row, with its last run that started (None if none), soonest first."""
-        ...
-
-    def unrunnable(self, known: list[str]) -> list[tuple[str, int, int]]:
-        """Per type not in ``known``: pending rows and the oldest due time."""
-        ...
-
-    def jobs(self, *, status: str | None, type: str | None, queue: str | None, limit: int) -> list[Job]:
-        """Up to ``limit`` rows, newest first, of this status, type and queue (None: any), read as read_job does."""
-        ...
-
-    def chain(self, id: int, *, reach: int) -> list[Job]:
-        """The rows the job came from and led to (at most ``reach`` each way), oldest first, read as read_job does."""
-        ...
-
-    def retried_as(self, ids: list[int]) -> dict[int, int]:
-        """For each of these rows that was retried (a later attempt points back to it), the id of that attempt."""
-        ...
-
-
-# --- The SQLite store -------------------------------------------------------------
 
 INSERT_COLUMNS = (
     "type data queue priority due tag cron_schedule cron_timezone cron_slot created_at max_attempts retry_delay_ms "
@@ -1355,8 +1760,6 @@ COUNT_FINISHED_SQL = """
 INSERT INTO worker_finished_per_minute (minute, queue, status, count) VALUES (?, ?, ?, ?)
     ON CONFLICT DO UPDATE SET count = count + excluded.count
 """
-MINUTE_MS = 60_000
-PRUNE_BATCH_SIZE = 2_000
 
 
 def count_finished(conn: Any, finished: Iterable[Iterable[Any]]) -> None:
@@ -1989,6 +2392,106 @@ def open_reader(target: str) -> Store:
     return SQLiteStore(connect_readonly(target))
 
 
+# --- The SQLite wake-up: inotify on the -wal, PRAGMA data_version -------------------
+
+
+class CommitWatcher:
+    """Wakes an idle worker when any process commits: inotify on the ``-wal`` file.
+
+    In WAL mode every commit writes to the -wal file, so a modify event there
+    means "look again" (the worker then reads PRAGMA data_version).  An idle
+    worker can then sleep instead of polling every few milliseconds.  Linux
+    only; ``start`` returns None elsewhere, and the worker polls.
+    """
+
+    IN_MODIFY, IN_CLOEXEC = 0x2, 0o2000000
+
+    def __init__(self, libc: Any, fd: int, watch: int, wake: Callable[[], None]) -> None:
+        self._libc, self._fd, self._watch, self._wake = libc, fd, watch, wake
+        self._stopped = False
+        # Disarmed (a busy worker), the thread reads nothing: the kernel merges the
+        # queued events into one, and no thread wakes per commit.
+        self.armed = threading.Event()
+        self._thread = threading.Thread(target=self._watch_loop, name="worker-commit-watcher", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def start(cls, wal_path: str, wake: Callable[[], None]) -> CommitWatcher | None:
+        """Watch ``wal_path``; None if inotify is not available here."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(cls.IN_CLOEXEC)
+        except (OSError, AttributeError):
+            return None
+        if fd < 0:
+            return None
+        watch = libc.inotify_add_watch(fd, os.fsencode(wal_path), cls.IN_MODIFY)
+        if watch < 0:
+            os.close(fd)
+            return None
+        return cls(libc, fd, watch, wake)
+
+    def _watch_loop(self) -> None:
+        while not self._stopped:
+            self.armed.wait()
+            try:
+                os.read(self._fd, 4096)  # one read takes every event queued so far
+            except OSError:
+                return
+            if not self._stopped and self.armed.is_set():
+                self._wake()
+
+    def stop(self) -> None:
+        """End the watch; removing it queues an event that ends the blocked read."""
+        self._stopped = True
+        self.armed.set()
+        self._libc.inotify_rm_watch(self._fd, self._watch)
+        self._thread.join(timeout=1)
+        os.close(self._fd)
+
+
+class SQLiteWakeUp:
+    """The SQLite wake-up: CommitWatcher on the ``-wal`` file, PRAGMA data_version on the worker's connection."""
+
+    def __init__(self, db: str, connection: Callable[[], sqlite3.Connection]) -> None:
+        self._db, self._connection = db, connection
+        self._watcher: CommitWatcher | None = None
+        self._cursor: sqlite3.Cursor | None = None
+        self._data_version: int | None = None
+        self.pushes = False
+
+    def start(self, wake: Callable[[], None]) -> None:
+        if not self._db.startswith(("file:", ":memory:")):
+            self._watcher = CommitWatcher.start(self._db + "-wal", wake)
+        self.pushes = self._watcher is not None
+
+    def arm(self, armed: bool) -> None:
+        if self._watcher is not None and self._watcher.armed.is_set() != armed:
+            (self._watcher.armed.set if armed else self._watcher.armed.clear)()
+
+    def changed(self) -> bool:
+        if self._cursor is None:
+            self._cursor = self._connection().cursor()
+        version = int(self._cursor.execute("PRAGMA data_version").fetchone()[0])
+        changed, self._data_version = version != self._data_version, version
+        return changed
+
+    @property
+    def armed(self) -> bool:
+        """Whether a commit would call ``wake`` now."""
+        return self._watcher is not None and self._watcher.armed.is_set()
+
+    def forget_connection(self) -> None:
+        self._cursor = None
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+        self.pushes = False
+
+
+# The status an outcome ends its row in, by whether it succeeded (a plain str: it is bound for every job).
 # --- Opening a store ---------------------------------------------------------------
 
 
@@ -2040,410 +2543,6 @@ def postgres_module() -> ModuleType:
             "(or 'rowworker[postgres-binary]' where libpq is not installed)"
         ) from e
     return importlib.import_module("worker_postgres")
-
-
-# --- Enqueue --------------------------------------------------------------------
-
-
-class Queue:
-    """The producer side: enqueue, look up and cancel jobs.
-
-    ``Queue(path)`` (or a postgresql:// URL) opens its own connection per
-    thread (and per process: after fork the child opens a new one) and creates
-    the schema if needed.  ``Queue(connection)`` writes on the caller's open
-    connection (stdlib sqlite3, apsw, psycopg 3; or Django's, or SQLAlchemy's
-    Session or Connection on one of those), inside the caller's transaction,
-    so a job commits or rolls back together with the app's own writes.
-    """
-
-    def __init__(self, db: str | os.PathLike[str] | Any, *, check_types: bool = True) -> None:
-        self.check_types = check_types
-        db = _dbapi_connection(db)
-        if isinstance(db, str | os.PathLike):
-            self.path: str | None = database_target(os.fspath(db))
-            self._caller_store: Store | None = None
-            self._local = threading.local()
-            self._store()  # fail now, not at the first enqueue, if the database is unusable
-        else:
-            self.path = None
-            self._caller_store = store_in_callers_transaction(db)
-
-    @classmethod
-    def from_env(cls, **options: Any) -> Queue:
-        """A Queue on WORKER_DB (or DATABASE_URL, or ./worker.db)."""
-        return cls(resolve_db_path(), **options)
-
-    def _store(self) -> Store:
-        """The store on this thread's own connection, or on the caller's (where its transaction is a savepoint)."""
-        if self._caller_store is not None:
-            return self._caller_store
-        local = self._local
-        if getattr(local, "pid", None) != _process_id:
-            # A connection must never cross fork(): the child opens its own and
-            # leaves the parent's untouched.
-            assert self.path is not None
-            local.store, local.pid = open_store(self.path), _process_id
-        store: Store = local.store
-        return store
-
-    def close(self) -> None:
-        """Close this thread's own connection (a caller's connection is left open)."""
-        if self._caller_store is None and getattr(self._local, "pid", None) == _process_id:
-            self._local.store.close()
-            del self._local.store, self._local.pid
-
-    def __enter__(self) -> Queue:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def enqueue(
-        self,
-        type: str,
-        data: Mapping[str, Any] | None = None,
-        *,
-        delay: Seconds | None = None,
-        at: datetime | float | None = None,
-        priority: int = 0,
-        queue: str | None = None,
-        max_attempts: int | None = None,
-        retry_delay: Seconds | None = None,
-        backoff: float | None = None,
-        timeout: Seconds | None = None,
-        keep: Seconds | None = None,
-        persistent: bool = False,
-        tag: str | None = None,
-        on_conflict: str = "replace",
-        now: int | None = None,
-    ) -> Job:
-        """Schedule one job; returns its row.  Nothing is written if anything is invalid.
-
-        ``delay`` (seconds) or ``at`` (a datetime; naive means UTC) sets when it
-        is due; the policy options override the job type's for this row only.
-        With a ``tag`` there is at most one pending job per tag: ``on_conflict=
-        "replace"`` cancels the pending one and inserts this, ``"ignore"`` keeps
-        it and returns it instead.
-        """
-        options = JobOptions.of(
-            queue=queue, max_attempts=max_attempts, retry_delay=retry_delay, backoff=backoff, timeout=timeout, keep=keep
-        )
-        row = self._new_row(
-            type, data, delay=delay, at=at, priority=priority, persistent=persistent, tag=tag, now=now, options=options
-        )
-        store = self._store()
-        if row["tag"] is None and self._caller_store is None:
-            # One INSERT is a transaction of its own, and (like BEGIN IMMEDIATE)
-            # SQLite takes the write lock before it reads anything, waiting up to
-            # busy_timeout: the same transaction without two more round trips.
-            return store.insert(row, on_conflict)
-        with store.transaction():
-            return store.insert(row, on_conflict)
-
-    def schedule_cron(
-        self,
-        type: str,
-        cron: str,
-        data: Mapping[str, Any] | None = None,
-        *,
-        tag: str | None = None,
-        timezone: str | None = None,
-        now: int | None = None,
-        **options: Any,
-    ) -> Job:
-        """Make ``type`` recurring on ``cron`` (replacing its schedule); returns the next run.
-
-        Five fields, or six with seconds first; ``timezone`` defaults to UTC.  The
-        tag defaults to ``cron:<type>``: one pending row per schedule.
-        """
-        try:
-            check_cron(cron, timezone)
-        except ValueError as e:
-            raise ValueError(f"cannot schedule {type!r}: {e}") from e
-        now = now_ms() if now is None else now
-        tag = tag or f"cron:{type}"
-        store = self._store()
-        with store.transaction():
-            due = first_free_cron_slot(store, tag, cron, timezone, now)
-            row = self._new_row(type, data, at=due / 1000, tag=tag, cron=cron, timezone=timezone, now=now, **options)
-            return store.insert(row, "replace")
-
-    def unschedule_cron(self, type: str, *, tag: str | None = None, now: int | None = None) -> bool:
-        """Stop a recurring job: cancel its pending row.  False if it had none."""
-        now = now_ms() if now is None else now
-        store = self._store()
-        with store.transaction():
-            return (
-                store.cancel_pending(now, "unscheduled", default_keep_ms(succeeded=False), tag=tag or f"cron:{type}")
-                > 0
-            )
-
-    def enqueue_many(
-        self, jobs: Iterable[tuple[str, Mapping[str, Any] | None] | Mapping[str, Any]], **options: Any
-    ) -> list[Job]:
-        """Schedule many jobs in one transaction: all or none.
-
-        Each item is ``(type, data)`` or a mapping of ``enqueue`` arguments
-        (``{"type": ..., "data": ..., "delay": ...}``); ``options`` apply to all.
-        """
-        items = list(jobs)
-        if options.get("tag") is None and all(type(item) is tuple for item in items):
-            return self._enqueue_uniform(cast(list[tuple[str, Any]], items), options)  # the common case, made fast
-        rows = []
-        for item in items:
-            arguments = dict(options)
-            if isinstance(item, Mapping):
-                arguments.update(item)
-            else:
-                arguments["type"], arguments["data"] = item
-            rows.append(self._new_row(arguments.pop("type"), arguments.pop("data", None), **arguments))
-        store = self._store()
-        with store.transaction():
-            return [store.insert(row) for row in rows]
-
-    def _enqueue_uniform(self, items: list[tuple[str, Any]], options: dict[str, Any]) -> list[Job]:
-        """``(type, data)`` items sharing ``options``: one INSERT of a JSON array.
-
-        Only type, data and queue differ from row to row; SQLite takes them from
-        one JSON text and the shared columns as parameters, instead of binding
-        16 parameters per row: several times the rate of executemany (bench/README.md).
-        """
-        now = now_ms() if options.get("now") is None else options["now"]
-        shared: dict[str, dict[str, Any]] = {}  # job type -> its row, validated once per type
-        batch = []
-        for job_type, data in items:
-            row = shared.get(job_type) if isinstance(job_type, str) else None
-            if row is None:  # _new_row checks the type (and the options) once per type
-                row = shared[job_type] = self._new_row(job_type, None, **{**options, "now": now})
-            batch.append((job_type, job_data(data), row["queue"]))
-        if not batch:
-            return []
-        try:
-            payload = JSON.encode(batch)
-        except (TypeError, ValueError):
-            for number, (_, data, _) in enumerate(batch):
-                try:
-                    encode_data(data)
-                except InvalidJobData as e:
-                    raise InvalidJobData(f"item {number}: {e}") from e
-            raise
-        any_row = next(iter(shared.values()))  # all columns after queue are the same in every row
-        store = self._store()
-        with store.transaction():
-            ids = store.insert_uniform(any_row, payload)
-        # Positional arguments: keywords would double the cost of each Job.
-        shared_job = _new_job(0, any_row)
-        rest = tuple(getattr(shared_job, field) for field in COLUMNS[5:])  # the fields after queue
-        return [
-            Job(id, job_type, dict(data), Status.PENDING.value, queue, *rest)
-            for id, (job_type, data, queue) in zip(ids, batch, strict=True)
-        ]
-
-    def get(self, id: int) -> Job | None:
-        """The row with this id, or None."""
-        return self._store().get(id)
-
-    def cancel(self, id: int, *, reason: str = "cancelled", now: int | None = None) -> bool:
-        """Cancel a pending job; False when it is not pending (running or finished)."""
-        now = now_ms() if now is None else now
-        store = self._store()
-        with store.transaction():
-            return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1
-
-    def cancel_type(self, type: str, *, reason: str | None = None, now: int | None = None) -> int:
-        """Cancel every pending job of a type (one no worker will ever run: a typo, a removed job); how many."""
-        now = now_ms() if now is None else now
-        reason = reason or f"cancelled: every pending {type!r} job"
-        store = self._store()
-        with store.transaction():
-            return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), type=type)
-
-    def retry(self, id: int, *, now: int | None = None) -> Job | None:
-        """Run a failed or cancelled job again now, as a new row in its chain; None if it can't be.
-
-        Only the newest row of a chain is retried (one that nothing was
-        rescheduled from).  A recurring run is retried once, outside its schedule.
-        """
-        now = now_ms() if now is None else now
-        store = self._store()
-        with store.transaction():
-            return store.manual_retry(id, now)
-
-    def retry_failed(self, *, type: str | None = None, now: int | None = None) -> list[Job]:
-        """Retry every failed job (of one type) whose chain ended in failure."""
-        ids = self._store().retryable_failed(type)
-        return [retried for id in ids if (retried := self.retry(id, now=now)) is not None]
-
-    def prune(self, *, now: int | None = None, dry_run: bool = False, batch_size: int = PRUNE_BATCH_SIZE) -> int:
-        """Delete finished rows whose ``remove_at`` has passed; returns how many (would) go.
-
-        Pending, running and persistent rows are never removed.  Deletes run in
-        short transactions of ``batch_size`` rows, pausing between them at least
-        as long as each took, so workers keep claiming while a big prune runs.
-        """
-        now = now_ms() if now is None else now
-        store = self._store()
-        if dry_run:
-            return store.prunable(now)
-        removed = 0
-        while True:
-            started = time.monotonic()
-            with store.transaction():
-                deleted = store.prune(now, batch_size)
-                if removed == 0:  # the per-minute counts are kept for a day
-                    store.forget_counts_before(now - DAY_MS)
-            removed += deleted
-            if deleted < batch_size:
-                return removed
-            time.sleep(max(0.001, time.monotonic() - started))
-
-    def _new_row(
-        self,
-        type: str,
-        data: Mapping[str, Any] | None,
-        *,
-        delay: Seconds | None = None,
-        at: datetime | float | None = None,
-        priority: int = 0,
-        persistent: bool = False,
-        tag: str | None = None,
-        cron: str | None = None,
-        timezone: str | None = None,
-        now: int | None = None,
-        options: JobOptions | None = None,
-        **policy: Any,
-    ) -> dict[str, Any]:
-        """The INSERT parameters of one row (and its data, for the Job returned).
-
-        Its policy is ``options``, or else made from ``policy``, JobOptions.of's keywords.
-        """
-        if not isinstance(type, str) or not type:
-            raise UnknownJobType(f"job type must be a non-empty string, not {type!r}")
-        job_type = REGISTRY.get(type)
-        if job_type is None and self.check_types:
-            raise UnknownJobType(
-                f"unknown job type {type!r} (registered: {', '.join(sorted(REGISTRY)) or 'none'};"
-                " import the module that defines it, or pass check_types=False)"
-            )
-        if delay is not None and at is not None:
-            raise ValueError("give delay or at, not both")
-        if tag is not None and (not isinstance(tag, str) or not tag):
-            raise ValueError(f"tag must be a non-empty string, not {tag!r}")
-        _check_integer(priority, "priority", -MAX_INTEGER - 1, MAX_INTEGER)
-        options = JobOptions.of(**policy) if options is None else options
-        now = now_ms() if now is None else now
-        due = epoch_ms(at) if at is not None else now + (_optional_ms(delay, "delay") or 0)
-        if not MIN_TIME_MS <= due <= MAX_TIME_MS:
-            raise ValueError(f"the job would be due {'after 9999' if due > 0 else 'before year 1'} (due {due} ms)")
-        return {
-            "type": type,
-            "data": encode_data(data),
-            "data_object": dict(data or {}),  # for the returned Job; not a column
-            "queue": options.queue or (job_type and job_type.queue) or "default",
-            "priority": priority,
-            "due": due,
-            "tag": tag,
-            "cron_schedule": cron,
-            "cron_timezone": timezone,
-            "cron_slot": due if cron else None,
-            "created_at": now,
-            **options.columns(),
-            "persistent": int(bool(persistent)),
-        }
-
-
-def _dbapi_connection(db: Any) -> Any:
-    """The DB-API connection under Django's connection or SQLAlchemy's Session, Connection or pooled proxy.
-
-    Duck-typed, so that neither is ever imported here; anything else is returned as it is.
-    """
-    # django.db.connection is a proxy (django.utils.connection) to this thread's wrapper (django.db.backends...).
-    django_module = type(db).__module__.startswith(("django.db.backends.", "django.utils.connection"))
-    if django_module and callable(getattr(db, "ensure_connection", None)):
-        db.ensure_connection()  # Django's connection wrapper: the sqlite3 connection it wraps
-        return db.connection
-    if not type(db).__module__.startswith("sqlalchemy."):
-        return db
-    if callable(getattr(db, "get_bind", None)) and callable(getattr(db, "connection", None)):
-        db = db.connection()  # a Session: its Connection, in the session's transaction
-    if callable(getattr(db, "in_transaction", None)) and callable(getattr(db, "begin", None)):
-        if not db.in_transaction():
-            db.begin()  # a Connection begins as its own execute() would, for its commit() to end
-        db = db.connection  # the pool's proxy of the DB-API connection
-    return getattr(db, "dbapi_connection", db)
-
-
-def _new_job(id: int, row: dict[str, Any]) -> Job:
-    """The Job of a row just inserted (its data is the caller's, copied, not parsed back)."""
-    return Job(
-        id=id,
-        type=row["type"],
-        data=row["data_object"],
-        queue=row["queue"],
-        priority=row["priority"],
-        due=row["due"],
-        tag=row["tag"],
-        cron_schedule=row["cron_schedule"],
-        cron_timezone=row["cron_timezone"],
-        cron_slot=row["cron_slot"],
-        created_at=row["created_at"],
-        max_attempts=row["max_attempts"],
-        retry_delay_ms=row["retry_delay_ms"],
-        backoff=row["backoff"],
-        timeout_ms=row["timeout_ms"],
-        keep_ms=row["keep_ms"],
-        persistent=bool(row["persistent"]),
-    )
-
-
-def default_keep_ms(*, succeeded: bool) -> int:
-    """How long finished rows stay: WORKER_KEEP_SUCCEEDED / WORKER_KEEP_FAILED seconds, else 7 / 30 days."""
-    variable, default = ("WORKER_KEEP_SUCCEEDED", KEEP_SUCCEEDED) if succeeded else ("WORKER_KEEP_FAILED", KEEP_FAILED)
-    raw = os.environ.get(variable)
-    if not raw:
-        return to_ms(default)
-    try:
-        keep = float(raw)
-    except ValueError:
-        keep = -1
-    if not 0 <= keep <= MAX_DURATION_MS / 1000:  # NaN too
-        raise ConfigError(f"invalid {variable}={raw!r}: must be seconds, 0 to 100 years")
-    return to_ms(keep)
-
-
-def now_ms() -> int:
-    """The current time as integer epoch milliseconds."""
-    return time.time_ns() // 1_000_000
-
-
-# One encoder for all: json.dumps() with options builds a new encoder per call.
-# allow_nan=False: NaN and Infinity are not JSON, and SQLite would store null.
-JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
-
-
-def job_data(data: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Job data as a dict with string keys (not yet checked to be JSON); else InvalidJobData."""
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise InvalidJobData(f"job data must be a JSON object (a dict), not {type(data).__name__}")
-    for key in data:
-        if not isinstance(key, str):
-            raise InvalidJobData(f"job data keys must be strings, got {key!r}")
-    return data if type(data) is dict else dict(data)
-
-
-def encode_data(data: Mapping[str, Any] | None) -> str:
-    """Job data as JSON text; InvalidJobData unless it is a JSON object."""
-    try:
-        return JSON.encode(job_data(data))
-    except (TypeError, ValueError) as e:
-        raise InvalidJobData(f"job data is not JSON-serialisable: {e}") from e
-
-
-def encode_result(value: Any) -> str:
-    """A job's return value as JSON text (TypeError/ValueError if it has none)."""
-    return "null" if value is None else JSON.encode(value)
 
 
 # --- The worker -----------------------------------------------------------------
@@ -2544,128 +2643,36 @@ class Outcome:
     follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
 
 
-class CommitWatcher:
-    """Wakes an idle worker when any process commits: inotify on the ``-wal`` file.
+class _Write:
+    """A worker's write transaction (``immediate``) that tells the worker how long it waited for the lock.
 
-    In WAL mode every commit writes to the -wal file, so a modify event there
-    means "look again" (the worker then reads PRAGMA data_version).  An idle
-    worker can then sleep instead of polling every few milliseconds.  Linux
-    only; ``start`` returns None elsewhere, and the worker polls.
+    See Worker._waited.  It wraps the store's ``transaction()``, made at each
+    call (the SQLite store's looks ``immediate()`` up each time, so what wraps
+    that, as the crash points of test_reliability.py do, wraps this too).
     """
 
-    IN_MODIFY, IN_CLOEXEC = 0x2, 0o2000000
+    __slots__ = ("held_up", "transaction", "worker")
 
-    def __init__(self, libc: Any, fd: int, watch: int, wake: Callable[[], None]) -> None:
-        self._libc, self._fd, self._watch, self._wake = libc, fd, watch, wake
-        self._stopped = False
-        # Disarmed (a busy worker), the thread reads nothing: the kernel merges the
-        # queued events into one, and no thread wakes per commit.
-        self.armed = threading.Event()
-        self._thread = threading.Thread(target=self._watch_loop, name="worker-commit-watcher", daemon=True)
-        self._thread.start()
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transaction = worker.store.transaction()
+        self.held_up = False  # whether this worker had to wait long for the lock, up to this transaction
 
-    @classmethod
-    def start(cls, wal_path: str, wake: Callable[[], None]) -> CommitWatcher | None:
-        """Watch ``wal_path``; None if inotify is not available here."""
+    def __enter__(self) -> Any:
+        began = time.monotonic()
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(cls.IN_CLOEXEC)
-        except (OSError, AttributeError):
-            return None
-        if fd < 0:
-            return None
-        watch = libc.inotify_add_watch(fd, os.fsencode(wal_path), cls.IN_MODIFY)
-        if watch < 0:
-            os.close(fd)
-            return None
-        return cls(libc, fd, watch, wake)
+            conn = self.transaction.__enter__()
+        except DatabaseUnavailable:
+            if self.worker._refused_since is None:
+                self.worker._refused_since = began
+            raise
+        self.held_up = self.worker._waited(began)
+        return conn
 
-    def _watch_loop(self) -> None:
-        while not self._stopped:
-            self.armed.wait()
-            try:
-                os.read(self._fd, 4096)  # one read takes every event queued so far
-            except OSError:
-                return
-            if not self._stopped and self.armed.is_set():
-                self._wake()
-
-    def stop(self) -> None:
-        """End the watch; removing it queues an event that ends the blocked read."""
-        self._stopped = True
-        self.armed.set()
-        self._libc.inotify_rm_watch(self._fd, self._watch)
-        self._thread.join(timeout=1)
-        os.close(self._fd)
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        self.transaction.__exit__(kind, error, trace)
 
 
-class WakeUp(Protocol):
-    """How an idle worker learns that another process committed: a seam of its own, beside the store.
-
-    SQLite's watches the ``-wal`` file and reads PRAGMA data_version; another
-    database brings its own (PostgreSQL: LISTEN on a connection of its own).
-    """
-
-    pushes: bool  # whether start() got a watch that calls ``wake``; else the worker polls
-
-    def start(self, wake: Callable[[], None]) -> None:
-        """Begin calling ``wake`` (from a thread of its own) when another process commits, where it can."""
-
-    def arm(self, armed: bool) -> None:
-        """Call ``wake`` only while armed: an idle worker wants it, a busy one would only pay for it."""
-
-    def changed(self) -> bool:
-        """Cheap, no disk read: did any other connection commit since the last call?"""
-
-    def forget_connection(self) -> None:
-        """The worker closed its connection; ``changed`` uses the next one."""
-
-    def stop(self) -> None:
-        """End the watch."""
-
-
-class SQLiteWakeUp:
-    """The SQLite wake-up: CommitWatcher on the ``-wal`` file, PRAGMA data_version on the worker's connection."""
-
-    def __init__(self, db: str, connection: Callable[[], sqlite3.Connection]) -> None:
-        self._db, self._connection = db, connection
-        self._watcher: CommitWatcher | None = None
-        self._cursor: sqlite3.Cursor | None = None
-        self._data_version: int | None = None
-        self.pushes = False
-
-    def start(self, wake: Callable[[], None]) -> None:
-        if not self._db.startswith(("file:", ":memory:")):
-            self._watcher = CommitWatcher.start(self._db + "-wal", wake)
-        self.pushes = self._watcher is not None
-
-    def arm(self, armed: bool) -> None:
-        if self._watcher is not None and self._watcher.armed.is_set() != armed:
-            (self._watcher.armed.set if armed else self._watcher.armed.clear)()
-
-    def changed(self) -> bool:
-        if self._cursor is None:
-            self._cursor = self._connection().cursor()
-        version = int(self._cursor.execute("PRAGMA data_version").fetchone()[0])
-        changed, self._data_version = version != self._data_version, version
-        return changed
-
-    @property
-    def armed(self) -> bool:
-        """Whether a commit would call ``wake`` now."""
-        return self._watcher is not None and self._watcher.armed.is_set()
-
-    def forget_connection(self) -> None:
-        self._cursor = None
-
-    def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher = None
-        self.pushes = False
-
-
-# The status an outcome ends its row in, by whether it succeeded (a plain str: it is bound for every job).
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
 
 
