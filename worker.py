@@ -1237,14 +1237,19 @@ MINUTE_MS = 60_000
 PRUNE_BATCH_SIZE = 2_000
 
 
-def count_finished(conn: Any, finished: Iterable[Iterable[Any]]) -> None:
-    """Add rows just finished, as (finished ms, queue, status), to worker_finished_per_minute."""
+def finished_per_minute(finished: Iterable[Iterable[Any]]) -> list[tuple[int, str, str, int]]:
+    """Rows just finished, as (finished ms, queue, status), counted as (minute, queue, status, count)."""
     per_minute: dict[tuple[int, str, str], int] = {}
     for ms, queue, status in finished:
         key = (ms - ms % MINUTE_MS, queue, status)
         per_minute[key] = per_minute.get(key, 0) + 1
-    for (minute, queue, status), count in per_minute.items():  # mostly one: a batch shares its minute
-        conn.execute(COUNT_FINISHED_SQL, (minute, queue, status, count))
+    return [(*key, count) for key, count in per_minute.items()]  # mostly one: a batch shares its minute
+
+
+def count_finished(conn: Any, finished: Iterable[Iterable[Any]]) -> None:
+    """Add rows just finished, as (finished ms, queue, status), to worker_finished_per_minute."""
+    for counted in finished_per_minute(finished):
+        conn.execute(COUNT_FINISHED_SQL, counted)
 
 
 @contextlib.contextmanager
