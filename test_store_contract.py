@@ -418,6 +418,76 @@ def test_two_connections_claiming_at_once_never_take_the_same_row(backend: Backe
         assert {backend.row(id)["owner"] for id in taken[number]} <= {f"owner{number}"}
 
 
+def in_threads(count: int, step: Callable[[int], None]) -> None:
+    """Run ``step(number)`` on ``count`` threads that start together; re-raise the first error one of them met."""
+    start, errors = threading.Barrier(count), []
+
+    def run(number: int) -> None:
+        try:
+            start.wait(timeout=30)
+            step(number)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(number,)) for number in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    if errors:
+        raise errors[0]
+
+
+def test_many_connections_claiming_and_finishing_at_once_run_every_row_exactly_once(backend: Backend) -> None:
+    ids = {backend.insert() for _ in range(600)}
+    stores = [backend.another_store() for _ in range(6)]
+    ledger: list[tuple[int, str]] = []  # (row, owner) for every claim and every finish that held its fence
+
+    def work(number: int) -> None:
+        owner = f"owner{number}"
+        while batch := claim(stores[number], owner, 5):
+            with stores[number].transaction():
+                for job in batch:
+                    status = worker.Status.SUCCEEDED.value
+                    assert stores[number].finish_if_owned(job.id, owner, status, NOW + 1, "null", None, None, 10)
+            ledger.extend((job.id, owner) for job in batch)
+
+    in_threads(len(stores), work)
+    assert sorted(id for id, _ in ledger) == sorted(ids)  # each row claimed and finished once: none twice, none lost
+    for id, owner in ledger:
+        assert (backend.row(id)["status"], backend.row(id)["owner"]) == ("succeeded", owner)
+
+
+def test_tag_replace_racing_from_two_connections_leaves_one_pending_row(backend: Backend) -> None:
+    stores = [backend.another_store(), backend.another_store()]
+
+    def replace(number: int) -> None:
+        for attempt in range(40):
+            with stores[number].transaction():
+                stores[number].insert(new_row("t", {"by": number, "attempt": attempt}), "replace")
+
+    in_threads(2, replace)
+    rows = backend.all_rows()
+    assert len(rows) == 80  # every insert made its row
+    assert [row["status"] for row in rows].count("pending") == 1
+    assert {row["status"] for row in rows} == {"pending", "cancelled"}
+
+
+def test_tag_ignore_racing_from_two_connections_makes_one_row(backend: Backend) -> None:
+    stores = [backend.another_store(), backend.another_store()]
+    found: list[int] = []
+
+    def ignore(number: int) -> None:
+        for _ in range(40):
+            with stores[number].transaction():
+                found.append(stores[number].insert(new_row("t"), "ignore").id)
+
+    in_threads(2, ignore)
+    (only,) = backend.all_rows()
+    assert set(found) == {only["id"]} and only["status"] == "pending"
+
+
 # --- Rescue -------------------------------------------------------------------------------------
 
 
@@ -575,3 +645,152 @@ def test_wake_up_calls_wake_on_a_commit_only_while_armed(backend: Backend) -> No
     finally:
         wake_up.stop()
     assert not wake_up.pushes
+
+
+# --- PostgreSQL only: many writers, the server's clock, its errors as the engine's ---------
+
+
+@pytest.fixture
+def postgres(postgres_db: str) -> Iterator[PostgresBackend]:
+    made = PostgresBackend(postgres_db)
+    yield made
+    made.close()
+
+
+def backend_pid(store: Any) -> int:
+    return int(store.conn.info.backend_pid)
+
+
+def test_a_terminated_connection_is_unavailable_and_the_next_transaction_connects_again(
+    postgres: PostgresBackend,
+) -> None:
+    id = postgres.insert()
+    store = postgres.postgres_store
+    postgres.raw.execute("SELECT pg_terminate_backend(%s)", (backend_pid(store),))
+    with pytest.raises(worker.DatabaseUnavailable) as lost, store.transaction():
+        store.get(id)
+    assert lost.value.__cause__ is not None  # chained to psycopg's error, which never escapes
+    with store.transaction():
+        job = store.get(id)
+    assert job is not None and job.id == id
+
+
+def test_a_terminated_connection_at_commit_is_unavailable_and_writes_nothing(postgres: PostgresBackend) -> None:
+    id = postgres.running("a")
+    store = postgres.postgres_store
+    with pytest.raises(worker.DatabaseUnavailable), store.transaction():
+        assert store.give_back_if_owned(id, "a")
+        postgres.raw.execute("SELECT pg_terminate_backend(%s)", (backend_pid(store),))
+    assert postgres.row(id)["status"] == "running"
+
+
+def test_a_statement_the_table_refuses_is_a_database_error_not_psycopgs(postgres: PostgresBackend) -> None:
+    import psycopg
+
+    failed = postgres.insert(status="failed", attempt=worker.MAX_COUNT)  # its next attempt cannot exist
+    store = postgres.postgres_store
+    with pytest.raises(worker.DatabaseError) as refused, store.transaction():
+        store.schedule_next_attempt(failed, due=NOW, deaths=0, now=NOW)
+    assert not isinstance(refused.value, worker.DatabaseUnavailable)  # retrying would not help
+    assert isinstance(refused.value.__cause__, psycopg.errors.CheckViolation)
+    with pytest.raises(worker.DatabaseError), store.transaction() as conn:
+        conn.execute("SELECT no_such_column FROM worker_jobs")  # the caller's own statement, in the transaction
+
+
+def test_a_missing_database_is_unusable_and_the_message_hides_the_password(postgres_db: str) -> None:
+    import worker_postgres
+
+    url = "postgresql://postgres:s3cret@127.0.0.1:5432/worker_no_such_database"
+    with pytest.raises(worker.DatabaseUnusable) as unusable:
+        worker_postgres.open_store(url)
+    message = str(unusable.value)
+    assert "postgresql://postgres@127.0.0.1:5432/worker_no_such_database" in message and "s3cret" not in message
+    assert "does not exist" in message and "\n" not in message
+
+
+def test_a_server_out_of_reach_is_unavailable_for_now(postgres_db: str) -> None:
+    import worker_postgres
+
+    with pytest.raises(worker.DatabaseUnavailable) as unavailable:
+        worker_postgres.open_store("postgresql://postgres:s3cret@127.0.0.1:1/worker")  # nothing listens on port 1
+    assert not isinstance(unavailable.value, worker.DatabaseUnusable)
+    assert "s3cret" not in str(unavailable.value) and "\n" not in str(unavailable.value)
+
+
+def test_leases_are_judged_by_the_servers_clock_not_the_hosts(
+    postgres: PostgresBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker_postgres
+
+    two_hours_ns = 2 * 3600 * 10**9
+    real_time_ns, real_time = time.time_ns, time.time
+    monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() + two_hours_ns)  # this host's wall clock is wrong
+    monkeypatch.setattr(time, "time", lambda: real_time() + two_hours_ns / 1e9)
+    store = worker_postgres.open_store(postgres.url)
+    try:
+        server_ms = postgres.raw.execute(worker_postgres.PostgresStore.SERVER_TIME_SQL).fetchone()
+        assert server_ms is not None
+        assert abs(store.now() - next(iter(server_ms.values()))) < 1_000
+        store.refresh_clock()  # as the worker's heartbeat does
+        assert abs(store.now() - worker.now_ms() + two_hours_ns // 10**6) < 1_000
+    finally:
+        store.close()
+
+
+def test_a_given_clock_is_what_the_store_judges_leases_by(postgres: PostgresBackend) -> None:
+    import worker_postgres
+
+    store = worker_postgres.open_store(postgres.url, clock=lambda: NOW)
+    try:
+        assert store.now() == NOW
+    finally:
+        store.close()
+
+
+def test_wake_up_listens_again_after_its_connection_is_terminated(postgres: PostgresBackend) -> None:
+    import worker_postgres
+
+    woken = threading.Event()
+    wake_up = worker_postgres.PostgresWakeUp(postgres.url)
+    wake_up.start(woken.set)
+    try:
+        wake_up.arm(True)
+        postgres.raw.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = 'LISTEN worker_jobs'"
+        )
+        assert eventually(lambda: not wake_up.pushes)
+        assert wake_up.changed()  # meanwhile the worker polls: every look may find something
+        assert eventually(lambda: wake_up.pushes)  # listening again, after a backoff
+        woken.clear()
+        postgres.insert()
+        assert woken.wait(10)
+    finally:
+        wake_up.stop()
+
+
+def test_poll_only_wake_up_never_listens_and_always_says_look(postgres: PostgresBackend) -> None:
+    import worker_postgres
+
+    wake_up = worker_postgres.PostgresWakeUp(postgres.url, listen=False)  # PgBouncer in transaction mode
+    wake_up.start(lambda: None)
+    try:
+        assert not wake_up.pushes
+        assert wake_up.changed() and wake_up.changed()
+        listening = postgres.raw.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'")
+        assert listening.fetchone() == {"n": 0}
+    finally:
+        wake_up.stop()
+
+
+def test_one_insert_statement_of_many_rows_sends_one_notification(postgres: PostgresBackend) -> None:
+    import psycopg
+
+    listener = psycopg.connect(postgres.url, autocommit=True)
+    try:
+        listener.execute("LISTEN worker_jobs")
+        postgres.raw.execute("INSERT INTO worker_jobs (type, data) SELECT 'noop', '{}' FROM generate_series(1, 50)")
+        postgres.raw.execute("INSERT INTO worker_jobs (type, data) VALUES ('noop', '{}')")
+        notified = list(listener.notifies(timeout=0.5))
+    finally:
+        listener.close()
+    assert [notice.channel for notice in notified] == ["worker_jobs", "worker_jobs"]

@@ -47,6 +47,7 @@ SCHEMA_FILES = (
 )
 # pg_advisory_xact_lock's key while the schema is applied: "worker" in ASCII.
 SCHEMA_LOCK = 0x776F726B6572
+TAG_LOCK_SPACE = 0x776B7267  # pg_advisory_xact_lock's first key while a tag's pending row is replaced
 CHANNEL = "worker_jobs"  # what schema_postgres.sql's trigger NOTIFYs on every INSERT
 CONNECT_TIMEOUT = 10  # seconds; libpq's default is to wait for ever
 LISTEN_BACKOFF, MAX_LISTEN_BACKOFF = 0.05, 5.0  # seconds between attempts to LISTEN again
@@ -305,6 +306,10 @@ class PostgresStore:
     """
     INSERT_RETURNING_SQL = INSERT_SQL + "RETURNING id"
     INSERT_UNLESS_TAGGED_SQL = INSERT_SQL + UNLESS_TAG_IS_PENDING + " RETURNING id"
+    # Held to the end of the transaction, in a statement of its own: the cancel
+    # that follows takes its snapshot after the last holder committed.  The
+    # two-key form, whose keys never meet an app's one-key advisory locks.
+    LOCK_TAG_SQL = f"SELECT pg_advisory_xact_lock({TAG_LOCK_SPACE}, hashtext(%(tag)s))"
     PENDING_WITH_TAG_SQL = f"SELECT {SELECT_COLUMNS} FROM worker_jobs WHERE tag = %(tag)s AND status = 'pending'"
 
     def insert(self, row: dict[str, Any], on_conflict: str = "replace") -> Job:
@@ -315,11 +320,15 @@ class PostgresStore:
         can make or end the tag's pending row between two statements; the
         unique index then refuses the insert (DO NOTHING), and the step is
         taken again: each later statement sees what that writer committed.
+        Replacing writers of one tag take turns (LOCK_TAG_SQL), or two of
+        them could keep cancelling each other's row and neither get in.
         """
         if row["tag"] is None:
             return worker._new_job(self._execute(self.INSERT_RETURNING_SQL, row).fetchone()[0], row)  # type: ignore[index]
         if on_conflict not in ("replace", "ignore"):
             raise ValueError(f"on_conflict must be 'replace' or 'ignore', not {on_conflict!r}")
+        if on_conflict == "replace":
+            self._execute(self.LOCK_TAG_SQL, {"tag": row["tag"]})
         for _ in range(TAG_RACE_ATTEMPTS):
             if on_conflict == "replace":
                 reason = f"replaced by a newer job with tag {row['tag']!r}"
