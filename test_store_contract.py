@@ -794,3 +794,25 @@ def test_one_insert_statement_of_many_rows_sends_one_notification(postgres: Post
     finally:
         listener.close()
     assert [notice.channel for notice in notified] == ["worker_jobs", "worker_jobs"]
+
+
+def test_a_batch_finish_writes_each_outcome_only_where_that_owner_holds_the_row(postgres: PostgresBackend) -> None:
+    mine, theirs, failing, persistent = (postgres.running("a"), postgres.running("b"), postgres.running("a"),
+                                         postgres.running("a", persistent=1))  # fmt: skip
+    store = postgres.postgres_store
+    outcomes = [
+        (mine, "succeeded", '{"ok":1}', None, NOW + 1, 10),
+        (theirs, "succeeded", "null", None, None, 10),
+        (failing, "failed", None, "boom", None, 20),
+        (persistent, "succeeded", "null", None, None, 10),
+    ]
+    with store.transaction():
+        assert store.finish_many_if_owned("a", NOW + 5, outcomes) == {mine, failing, persistent}
+        assert store.finish_many_if_owned("a", NOW + 6, outcomes) == set()  # ended already
+        assert store.finish_many_if_owned("a", NOW + 6, []) == set()
+    done = postgres.row(mine)
+    assert (done["status"], done["result"], done["started"], done["finished"], done["remove_at"]) == (
+        "succeeded", '{"ok":1}', NOW + 1, NOW + 5, NOW + 15)  # fmt: skip
+    assert (postgres.row(failing)["error"], postgres.row(failing)["started"]) == ("boom", NOW)
+    assert postgres.row(failing)["remove_at"] == NOW + 25 and postgres.row(persistent)["remove_at"] is None
+    assert postgres.row(theirs)["status"] == "running"
