@@ -313,3 +313,47 @@ def serve(db: str) -> Iterator[Callable[..., DashboardServer]]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+# --- PostgreSQL: a database of the test run's own ------------------------------------
+
+POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The URL of a database made for this test run (worker_test_<pid>_<random>), dropped at its end.
+
+    When PostgreSQL is unreachable the PostgreSQL cases skip, saying so, except
+    under CI=true, where that is a failure: CI must never pass by skipping them.
+    """
+    import psycopg  # the dev extra has it; only the PostgreSQL cases need it
+
+    try:
+        admin = psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True, connect_timeout=5)
+    except psycopg.Error as e:
+        why = f"PostgreSQL is unreachable at 127.0.0.1:5432: {str(e).strip().splitlines()[0]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    name = f"worker_test_{os.getpid()}_{random.randrange(16**8):08x}"
+    with admin:
+        admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield f"{POSTGRES_SERVER}/{name}"
+        finally:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_db(postgres_url: str) -> str:
+    """The test run's database with the worker's tables, and no rows in them (ids start at 1 again)."""
+    import worker_postgres
+
+    store = worker_postgres.open_store(postgres_url)
+    try:
+        with store.transaction() as conn:
+            conn.execute("TRUNCATE worker_jobs, worker_processes, worker_finished_per_minute RESTART IDENTITY")
+    finally:
+        store.close()
+    return postgres_url

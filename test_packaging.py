@@ -86,12 +86,15 @@ def wheel_of(dist: Path) -> Path:
     return found
 
 
-def test_wheel_holds_three_modules_of_this_projects_names_and_the_schema(dist: Path) -> None:
+def test_wheel_holds_four_modules_of_this_projects_names_and_both_schemas(dist: Path) -> None:
     with zipfile.ZipFile(wheel_of(dist)) as wheel:
         names = {name for name in wheel.namelist() if ".dist-info/" not in name}
         schema = wheel.read("worker_schema.sql").decode()
-    assert names == {"worker.py", "worker_cli.py", "worker_dashboard.py", "worker_schema.sql"}
+        postgres_schema = wheel.read("worker_schema_postgres.sql").decode()
+    modules = {"worker.py", "worker_cli.py", "worker_dashboard.py", "worker_postgres.py"}
+    assert names == modules | {"worker_schema.sql", "worker_schema_postgres.sql"}
     assert schema == (HERE / "schema.sql").read_text()
+    assert postgres_schema == (HERE / "schema_postgres.sql").read_text()
     assert wheel_of(dist).name.startswith("rowworker-")
 
 
@@ -100,6 +103,7 @@ def test_sdist_carries_what_the_code_reads_and_builds_the_wheel(dist: Path) -> N
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     assert {"worker.py", "worker_cli.py", "worker_dashboard.py", "schema.sql", "pyproject.toml", "LICENSE"} <= names
+    assert {"worker_postgres.py", "schema_postgres.sql"} <= names
     assert {"deploy/worker.service", "deploy/Dockerfile", "test_packaging.py"} <= names
 
 

@@ -1762,14 +1762,19 @@ INSERT INTO worker_finished_per_minute (minute, queue, status, count) VALUES (?,
 """
 
 
-def count_finished(conn: Any, finished: Iterable[Iterable[Any]]) -> None:
-    """Add rows just finished, as (finished ms, queue, status), to worker_finished_per_minute."""
+def finished_per_minute(finished: Iterable[Iterable[Any]]) -> list[tuple[int, str, str, int]]:
+    """Rows just finished, as (finished ms, queue, status), counted as (minute, queue, status, count)."""
     per_minute: dict[tuple[int, str, str], int] = {}
     for ms, queue, status in finished:
         key = (ms - ms % MINUTE_MS, queue, status)
         per_minute[key] = per_minute.get(key, 0) + 1
-    for (minute, queue, status), count in per_minute.items():  # mostly one: a batch shares its minute
-        conn.execute(COUNT_FINISHED_SQL, (minute, queue, status, count))
+    return [(*key, count) for key, count in per_minute.items()]  # mostly one: a batch shares its minute
+
+
+def count_finished(conn: Any, finished: Iterable[Iterable[Any]]) -> None:
+    """Add rows just finished, as (finished ms, queue, status), to worker_finished_per_minute."""
+    for counted in finished_per_minute(finished):
+        conn.execute(COUNT_FINISHED_SQL, counted)
 
 
 @contextlib.contextmanager
@@ -2789,7 +2794,9 @@ class Worker:
     def store(self) -> Store:
         """This worker's own store (its connection), opened and the schema applied on first use; refused after fork."""
         if self._store is None:
-            self._store, self._pid = open_store(self.db, queues=self.queues, clock=self.now), _process_id
+            # A clock given to the worker (a test's) is the store's too; else the store's own judges leases.
+            clock = None if self.clock is time.time else self.now
+            self._store, self._pid = open_store(self.db, queues=self.queues, clock=clock), _process_id
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
         return self._store
@@ -2802,7 +2809,10 @@ class Worker:
         return self._producer
 
     def now(self) -> int:
-        """The worker's clock in epoch milliseconds."""
+        """The time leases are judged by, in epoch ms: the store's clock (PostgreSQL's is the server's), or the
+        ``clock`` the worker was given."""
+        if self.clock is time.time and self._store is not None:
+            return self._store.now()
         return int(self.clock() * 1000)
 
     def start_up(self) -> None:
@@ -4039,7 +4049,8 @@ def add_engine_commands(commands: Any) -> None:
     enqueue.add_argument("--cron", help="make it recurring: 5 fields, or 6 with seconds first (tag: cron:TYPE)")
     enqueue.add_argument("--timezone", help="of --cron (default UTC)")
 
-    commands.add_parser("schema", help="print the table definition (DDL) for other tools")
+    schema = commands.add_parser("schema", help="print the table definition (DDL) for other tools")
+    schema.add_argument("--postgres", action="store_true", help="PostgreSQL's (schema_postgres.sql), not SQLite's")
 
     migrate = commands.add_parser("migrate", help="print the DDL the database lacks, and apply it")
     migrate.add_argument("--db", help=option_help("db"))
@@ -4144,13 +4155,17 @@ def run_engine_command(args: argparse.Namespace, *, supervise: Supervise | None 
     """``run``, ``enqueue``, ``schema`` or ``migrate``; ``supervise`` runs --processes (worker_cli's)."""
     log_level, log_format = setting(args, "log_level", str, "INFO"), setting(args, "log_format", str, "text")
     configure_logging(log_level, log_format)
-    schema_text()  # each of them needs it: say so before anything else
+    if args.command == "schema" and args.postgres:
+        print(postgres_module().schema_script(), end="")
+        return EXIT_OK
     if args.command == "schema":
         print(schema_text().split("-- version 1", 1)[0] + ddl_script(schema_statements_after(0)), end="")
         return EXIT_OK
+    db = database_target(args.db) if args.db else resolve_db_path()
+    if not is_postgres(db):
+        schema_text()  # each of them needs it: say so before anything else
     if args.command == "migrate":
-        return _migrate_command(args)
-    db = sqlite_path(args.db) if args.db else resolve_db_path()
+        return postgres_module().migrate(db, dry_run=args.dry_run) if is_postgres(db) else _migrate_command(args, db)
     jobs_module = setting(args, "jobs", str, None)
     load_jobs(jobs_module)
     if args.command == "enqueue":
@@ -4164,9 +4179,8 @@ def ddl_script(statements: list[str]) -> str:
     return "\n".join(statement.strip() + "\n" for statement in [*statements, record.strip() + ";"])
 
 
-def _migrate_command(args: argparse.Namespace) -> int:
+def _migrate_command(args: argparse.Namespace, db: str) -> int:
     """``migrate``: for teams whose own migrations must own every table (the worker also does this at start)."""
-    db = sqlite_path(args.db) if args.db else resolve_db_path()
     conn = connect(db)
     try:
         current = installed_schema_version(conn)
@@ -4237,11 +4251,7 @@ def _run_command(
     if supervise is not None and processes > 1:
         # Check the database once here, so a bad path is one clear error rather
         # than P children dying; the connection is closed before any child starts.
-        check = connect(db)
-        try:
-            apply_schema(check)
-        finally:
-            check.close()
+        open_store(db).close()
         child_args = ["--db", db] + ["--jobs", jobs_module] * (jobs_module is not None)
         for dest, value in settings.items():
             if value is not None:

@@ -57,7 +57,6 @@ from worker import (
     printable,
     resolve_db_path,
     run_engine_command,
-    schema_version,
     setting,
     status,
 )
@@ -477,12 +476,13 @@ def _check_command(db: str) -> int:
             except ValueError as e:
                 raise ConfigError(f"pending job {pending.id} {pending.type}: {e}") from e
         missing = store.missing_schema()
+        version = store.describe()["schema_version"]
     finally:
         store.close()
     if missing:  # say so: the worker names some of them in its SQL
         raise DatabaseUnusable(f"schema objects missing: {', '.join(missing)} (the worker re-creates them at start)")
     declared = sorted(name for name, job_type in REGISTRY.items() if job_type.cron)
-    print(f"ok: {len(REGISTRY)} job types, {len(declared)} cron jobs, schema version {schema_version()}")
+    print(f"ok: {len(REGISTRY)} job types, {len(declared)} cron jobs, schema version {version}")
     return EXIT_OK
 
 
