@@ -816,3 +816,16 @@ def test_a_batch_finish_writes_each_outcome_only_where_that_owner_holds_the_row(
     assert (postgres.row(failing)["error"], postgres.row(failing)["started"]) == ("boom", NOW)
     assert postgres.row(failing)["remove_at"] == NOW + 25 and postgres.row(persistent)["remove_at"] is None
     assert postgres.row(theirs)["status"] == "running"
+
+
+def test_a_claim_walks_the_claim_index_for_its_limit_whatever_the_backlog(postgres: PostgresBackend) -> None:
+    store = postgres.postgres_store
+    postgres.raw.execute(
+        "INSERT INTO worker_jobs (type, due) SELECT 'noop', %s - n FROM generate_series(1, 20000) AS n", (NOW,)
+    )
+    params = {"now": NOW, "worker": "w", "owner": "a", "lease_until": NOW + LEASE, "limit": 10, "queues": None,
+              "types": ["noop"]}  # fmt: skip
+    with store.transaction() as conn:  # no statistics: autovacuum is off here, and ANALYZE never ran
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN ANALYZE " + store._claim_sql, params))
+    assert "Index Scan using worker_jobs_claim" in plan and "Sort" not in plan, plan
+    assert re.search(r"Index Scan using worker_jobs_claim .* rows=10 loops=1", plan), plan  # read 10 rows, not 20,000
