@@ -488,6 +488,22 @@ def test_tag_ignore_racing_from_two_connections_makes_one_row(backend: Backend) 
     assert set(found) == {only["id"]} and only["status"] == "pending"
 
 
+def test_manual_retry_racing_from_two_connections_makes_one_retry(backend: Backend) -> None:
+    stores = [backend.another_store(), backend.another_store()]
+    failed = [backend.insert(status="failed") for _ in range(20)]
+    retried: list[int] = []
+
+    def retry(number: int) -> None:
+        for id in failed:
+            with stores[number].transaction():
+                if stores[number].manual_retry(id, NOW) is not None:
+                    retried.append(id)
+
+    in_threads(2, retry)
+    assert sorted(retried) == failed  # each failed row retried once, by one of them
+    assert len(backend.all_rows()) == 40
+
+
 # --- Rescue -------------------------------------------------------------------------------------
 
 
