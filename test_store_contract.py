@@ -845,3 +845,23 @@ def test_a_claim_walks_the_claim_index_for_its_limit_whatever_the_backlog(postgr
         plan = "\n".join(row[0] for row in conn.execute("EXPLAIN ANALYZE " + store._claim_sql, params))
     assert "Index Scan using worker_jobs_claim" in plan and "Sort" not in plan, plan
     assert re.search(r"Index Scan using worker_jobs_claim .* rows=10 loops=1", plan), plan  # read 10 rows, not 20,000
+
+
+def test_a_store_used_after_fork_refuses_and_leaves_the_parents_connection_working(postgres: PostgresBackend) -> None:
+    import os
+
+    store = postgres.postgres_store
+    pid = os.fork()
+    if pid == 0:  # the child: a transaction on the parent's connection is refused, and nothing is sent on it
+        try:
+            with store.transaction():
+                pass
+        except worker.ForkedConnection:
+            os._exit(0)
+        except BaseException:
+            os._exit(2)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with store.transaction():
+        assert store.get(postgres.insert()) is not None

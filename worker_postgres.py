@@ -249,6 +249,7 @@ class PostgresStore:
     ) -> None:
         self.conn = conn
         self.url = url  # to connect again once the connection is lost
+        self._pid = worker._process_id  # the process the connection belongs to
         self._clock = clock
         self._offset_ms = 0
         self._queues = queues
@@ -274,6 +275,12 @@ class PostgresStore:
         A lost connection is made again here, at the start of the next
         transaction (never inside one, which would lose its writes).
         """
+        if worker._process_id != self._pid:
+            # The socket is the parent's: a statement here would interleave with
+            # its own, and closing it would end the parent's session.
+            raise worker.ForkedConnection(
+                f"PostgreSQL connection opened in process {self._pid} used in process {worker._process_id}"
+            )
         if self.conn.closed:
             self.conn = connect(self.url)
             if self._clock is None:
