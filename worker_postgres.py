@@ -13,7 +13,7 @@ differs is how it stays safe with many writers at once:
   two connections never take the same row and never wait for each other;
 - every insert that a tag could refuse goes through the partial unique index
   on pending tags (``ON CONFLICT ... DO NOTHING``), never read-then-insert;
-- leases are judged by the server's clock (``now()``), not the host's.
+- leases are judged by the server's clock (``clock_timestamp()``), not the host's.
 
 This is the only module that imports psycopg; worker.py imports without it.
 """
@@ -298,6 +298,12 @@ class PostgresStore:
         except psycopg.Error as e:
             raise _engine_error(self.url, self.conn, e) from e
 
+    def _scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """The first column of the one row a statement returns."""
+        row = self._execute(sql, params).fetchone()
+        assert row is not None, "the statement returns one row"
+        return row[0]
+
     SERVER_TIME_SQL = "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 
     def refresh_clock(self) -> None:
@@ -308,7 +314,7 @@ class PostgresStore:
         still judges leases as the server does, within half a round trip.
         """
         before = time.monotonic_ns()
-        server_ms = self._execute(self.SERVER_TIME_SQL).fetchone()[0]  # type: ignore[index]
+        server_ms = self._scalar(self.SERVER_TIME_SQL)
         after = time.monotonic_ns()
         self._offset_ms = int(server_ms) - (before + after) // 2_000_000
 
@@ -347,7 +353,7 @@ class PostgresStore:
         them could keep cancelling each other's row and neither get in.
         """
         if row["tag"] is None:
-            return worker._new_job(self._execute(self.INSERT_RETURNING_SQL, row).fetchone()[0], row)  # type: ignore[index]
+            return worker._new_job(self._scalar(self.INSERT_RETURNING_SQL, row), row)
         if on_conflict not in ("replace", "ignore"):
             raise ValueError(f"on_conflict must be 'replace' or 'ignore', not {on_conflict!r}")
         if on_conflict == "replace":
@@ -480,7 +486,7 @@ class PostgresStore:
 
     def prunable(self, now: int) -> int:
         """How many rows ``prune`` would delete."""
-        return int(self._execute(self.PRUNABLE_SQL, {"now": now}).fetchone()[0])  # type: ignore[index]
+        return int(self._scalar(self.PRUNABLE_SQL, {"now": now}))
 
     def forget_counts_before(self, before: int) -> None:
         """Drop the per-minute counts of finished rows older than ``before``."""
@@ -737,7 +743,7 @@ class PostgresStore:
 
     def any_suspect(self) -> bool:
         """Whether a pending row's chain has already killed a worker (deaths > 0)."""
-        return bool(self._execute(self.ANY_SUSPECT_SQL).fetchone()[0])  # type: ignore[index]
+        return bool(self._scalar(self.ANY_SUSPECT_SQL))
 
     def claim(
         self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
@@ -761,7 +767,7 @@ class PostgresStore:
     def next_due(self, types: str) -> int | None:
         """The earliest due time of a pending row of ``types`` in the store's queues (None: no such row)."""
         params = {"queues": self._queues, "types": _names(types)}
-        due = self._execute(self._next_due_sql, params).fetchone()[0]  # type: ignore[index]
+        due = self._scalar(self._next_due_sql, params)
         return None if due is None else int(due)
 
     def expired_leases(self, owner: str, now: int) -> tuple[list[Job], list[tuple[Job, str]]]:
