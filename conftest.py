@@ -332,7 +332,8 @@ def postgres_url() -> Iterator[str]:
     try:
         admin = psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True, connect_timeout=5)
     except psycopg.Error as e:
-        why = f"PostgreSQL is unreachable at 127.0.0.1:5432: {str(e).strip().splitlines()[0]}"
+        detail = str(e).strip().splitlines()[0].removeprefix("connection failed: ")
+        why = f"PostgreSQL is unreachable at 127.0.0.1:5432: {detail}"
         if os.environ.get("CI") == "true":
             pytest.fail(why, pytrace=False)
         pytest.skip(why)

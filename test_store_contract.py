@@ -487,6 +487,22 @@ def test_tag_ignore_racing_from_two_connections_makes_one_row(backend: Backend) 
     assert set(found) == {only["id"]} and only["status"] == "pending"
 
 
+def test_manual_retry_racing_from_two_connections_makes_one_retry(backend: Backend) -> None:
+    stores = [backend.another_store(), backend.another_store()]
+    failed = [backend.insert(status="failed") for _ in range(20)]
+    retried: list[int] = []
+
+    def retry(number: int) -> None:
+        for id in failed:
+            with stores[number].transaction():
+                if stores[number].manual_retry(id, NOW) is not None:
+                    retried.append(id)
+
+    in_threads(2, retry)
+    assert sorted(retried) == failed  # each failed row retried once, by one of them
+    assert len(backend.all_rows()) == 40
+
+
 # --- Rescue -------------------------------------------------------------------------------------
 
 
@@ -815,3 +831,36 @@ def test_a_batch_finish_writes_each_outcome_only_where_that_owner_holds_the_row(
     assert (postgres.row(failing)["error"], postgres.row(failing)["started"]) == ("boom", NOW)
     assert postgres.row(failing)["remove_at"] == NOW + 25 and postgres.row(persistent)["remove_at"] is None
     assert postgres.row(theirs)["status"] == "running"
+
+
+def test_a_claim_walks_the_claim_index_for_its_limit_whatever_the_backlog(postgres: PostgresBackend) -> None:
+    store = postgres.postgres_store
+    postgres.raw.execute(
+        "INSERT INTO worker_jobs (type, due) SELECT 'noop', %s - n FROM generate_series(1, 20000) AS n", (NOW,)
+    )
+    params = {"now": NOW, "worker": "w", "owner": "a", "lease_until": NOW + LEASE, "limit": 10, "queues": None,
+              "types": ["noop"]}  # fmt: skip
+    with store.transaction() as conn:  # no statistics: autovacuum is off here, and ANALYZE never ran
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN ANALYZE " + store._claim_sql, params))
+    assert "Index Scan using worker_jobs_claim" in plan and "Sort" not in plan, plan
+    assert re.search(r"Index Scan using worker_jobs_claim .* rows=10 loops=1", plan), plan  # read 10 rows, not 20,000
+
+
+def test_a_store_used_after_fork_refuses_and_leaves_the_parents_connection_working(postgres: PostgresBackend) -> None:
+    import os
+
+    store = postgres.postgres_store
+    pid = os.fork()
+    if pid == 0:  # the child: a transaction on the parent's connection is refused, and nothing is sent on it
+        try:
+            with store.transaction():
+                pass
+        except worker.ForkedConnection:
+            os._exit(0)
+        except BaseException:
+            os._exit(2)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with store.transaction():
+        assert store.get(postgres.insert()) is not None

@@ -13,7 +13,7 @@ differs is how it stays safe with many writers at once:
   two connections never take the same row and never wait for each other;
 - every insert that a tag could refuse goes through the partial unique index
   on pending tags (``ON CONFLICT ... DO NOTHING``), never read-then-insert;
-- leases are judged by the server's clock (``now()``), not the host's.
+- leases are judged by the server's clock (``clock_timestamp()``), not the host's.
 
 This is the only module that imports psycopg; worker.py imports without it.
 """
@@ -61,10 +61,13 @@ TAG_RACE_ATTEMPTS = 10  # see PostgresStore.insert: each retry means another wri
 # claim sorted every due row (100 ms at 100,000, against 2.5 ms), a batch
 # finish hashed the bitmap scan of every row ever leased (dead entries, until a
 # vacuum).  Measured draining 20,000 rows: 6,300 jobs/s before, 9,800 after.
-# A sort, hash or bitmap still runs where nothing else can.  Only the worker's
-# own sessions are set so, never an app's connection.
+# A sort, hash or bitmap still runs where nothing else can, priced as "disabled"
+# (10^10): so JIT is off too, or that price alone would compile the statement
+# (150 ms for a one-row upsert that sorts its input).  Only the worker's own
+# sessions are set so, never an app's connection.
 SESSION_SETTINGS = (
-    "SET enable_sort = off; SET enable_hashjoin = off; SET enable_mergejoin = off; SET enable_bitmapscan = off"
+    "SET enable_sort = off; SET enable_hashjoin = off; SET enable_mergejoin = off; SET enable_bitmapscan = off;"
+    " SET jit = off"
 )
 
 # FATAL errors at connect that pass: the server is starting, stopping or full.
@@ -384,6 +387,7 @@ class PostgresStore(OperatingReads):
     ) -> None:
         self.conn = conn
         self.url = url  # to connect again once the connection is lost
+        self._pid = worker._process_id  # the process the connection belongs to
         self._clock = clock
         self._offset_ms = 0
         self._queues = queues
@@ -409,6 +413,12 @@ class PostgresStore(OperatingReads):
         A lost connection is made again here, at the start of the next
         transaction (never inside one, which would lose its writes).
         """
+        if worker._process_id != self._pid:
+            # The socket is the parent's: a statement here would interleave with
+            # its own, and closing it would end the parent's session.
+            raise worker.ForkedConnection(
+                f"PostgreSQL connection opened in process {self._pid} used in process {worker._process_id}"
+            )
         if self.conn.closed:
             self.conn = connect(self.url)
             if self._clock is None:
@@ -426,11 +436,11 @@ class PostgresStore(OperatingReads):
         except psycopg.Error as e:
             raise _engine_error(self.url, self.conn, e) from e
 
-    def _executemany(self, sql: str, params: Iterable[Any]) -> None:
-        try:
-            self.conn.cursor().executemany(sql, params)  # pipelined: one round trip for the lot
-        except psycopg.Error as e:
-            raise _engine_error(self.url, self.conn, e) from e
+    def _scalar(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """The first column of the one row a statement returns."""
+        row = self._execute(sql, params).fetchone()
+        assert row is not None, "the statement returns one row"
+        return row[0]
 
     SERVER_TIME_SQL = "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 
@@ -442,7 +452,7 @@ class PostgresStore(OperatingReads):
         still judges leases as the server does, within half a round trip.
         """
         before = time.monotonic_ns()
-        server_ms = self._execute(self.SERVER_TIME_SQL).fetchone()[0]  # type: ignore[index]
+        server_ms = self._scalar(self.SERVER_TIME_SQL)
         after = time.monotonic_ns()
         self._offset_ms = int(server_ms) - (before + after) // 2_000_000
 
@@ -481,7 +491,7 @@ class PostgresStore(OperatingReads):
         them could keep cancelling each other's row and neither get in.
         """
         if row["tag"] is None:
-            return worker._new_job(self._execute(self.INSERT_RETURNING_SQL, row).fetchone()[0], row)  # type: ignore[index]
+            return worker._new_job(self._scalar(self.INSERT_RETURNING_SQL, row), row)
         if on_conflict not in ("replace", "ignore"):
             raise ValueError(f"on_conflict must be 'replace' or 'ignore', not {on_conflict!r}")
         if on_conflict == "replace":
@@ -614,7 +624,7 @@ class PostgresStore(OperatingReads):
 
     def prunable(self, now: int) -> int:
         """How many rows ``prune`` would delete."""
-        return int(self._execute(self.PRUNABLE_SQL, {"now": now}).fetchone()[0])  # type: ignore[index]
+        return int(self._scalar(self.PRUNABLE_SQL, {"now": now}))
 
     def forget_counts_before(self, before: int) -> None:
         """Drop the per-minute counts of finished rows older than ``before``."""
@@ -730,7 +740,11 @@ class PostgresStore(OperatingReads):
         return self._execute(self.FINISH_SQL, params).rowcount == 1
 
     # finish_if_owned for a batch, in one statement (one round trip, not one per
-    # row): the outcomes come as parallel arrays, unnested into rows.
+    # row): the outcomes come as parallel arrays, unnested into rows, each row
+    # looked up by its key.  `status || ''`: the same fence, in a form that does
+    # not match worker_jobs_lease's predicate, so the planner cannot walk that
+    # index instead (with no statistics it thinks one row runs; without a vacuum
+    # the index still holds every row ever leased: 7.6 ms a batch, not 1.3 ms).
     FINISH_MANY_SQL = f"""
     UPDATE worker_jobs AS job
        SET status = given.status, result = given.result, error = given.error, lease_until = NULL,
@@ -739,7 +753,7 @@ class PostgresStore(OperatingReads):
                             ELSE %(now)s + least(coalesce(job.keep_ms, given.keep_ms), {MAX_DURATION_MS}) END
       FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(results)s::text[], %(errors)s::text[],
                   %(started)s::bigint[], %(keep_ms)s::bigint[]) AS given (id, status, result, error, started, keep_ms)
-     WHERE job.id = given.id AND job.status = 'running' AND job.owner = %(owner)s
+     WHERE job.id = given.id AND job.status || '' = 'running' AND job.owner = %(owner)s
     RETURNING job.id
     """
 
@@ -796,15 +810,24 @@ class PostgresStore(OperatingReads):
         inserted = self._execute(self.NEXT_CRON_RUN_SQL, {"id": id, "due": due, "now": now}).fetchone()
         return None if inserted is None else int(inserted[0])
 
+    # One statement for all the minutes, queues and statuses of a batch (each key
+    # once: finished_per_minute sums them), in key order: two workers that lock
+    # the same counters in different orders could deadlock.
     COUNT_FINISHED_SQL = """
-    INSERT INTO worker_finished_per_minute AS counted (minute, queue, status, count) VALUES (%s, %s, %s, %s)
+    INSERT INTO worker_finished_per_minute AS counted (minute, queue, status, count)
+    SELECT * FROM unnest(%(minutes)s::bigint[], %(queues)s::text[], %(statuses)s::text[], %(counts)s::bigint[])
+     ORDER BY 1, 2, 3
         ON CONFLICT (minute, queue, status) DO UPDATE SET count = counted.count + excluded.count
     """
 
     def count_finished(self, finished: Iterable[tuple[int, str, str]]) -> None:
         """Add rows just finished, as (finished ms, queue, status), to the per-minute counts."""
-        # Sorted: two workers that lock the same counters in different orders could deadlock.
-        self._executemany(self.COUNT_FINISHED_SQL, sorted(worker.finished_per_minute(finished)))
+        counted = worker.finished_per_minute(finished)
+        if not counted:
+            return
+        minutes, queues, statuses, counts = (list(column) for column in zip(*counted, strict=True))
+        self._execute(self.COUNT_FINISHED_SQL, {"minutes": minutes, "queues": queues, "statuses": statuses,
+                                                "counts": counts})  # fmt: skip
 
     # The SELECT in a CTE, so the planner can never lock or update more rows than
     # the LIMIT (Oban's engines/basic.ex); SKIP LOCKED: rows another claim holds
@@ -864,7 +887,7 @@ class PostgresStore(OperatingReads):
 
     def any_suspect(self) -> bool:
         """Whether a pending row's chain has already killed a worker (deaths > 0)."""
-        return bool(self._execute(self.ANY_SUSPECT_SQL).fetchone()[0])  # type: ignore[index]
+        return bool(self._scalar(self.ANY_SUSPECT_SQL))
 
     def claim(
         self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
@@ -888,7 +911,7 @@ class PostgresStore(OperatingReads):
     def next_due(self, types: str) -> int | None:
         """The earliest due time of a pending row of ``types`` in the store's queues (None: no such row)."""
         params = {"queues": self._queues, "types": _names(types)}
-        due = self._execute(self._next_due_sql, params).fetchone()[0]  # type: ignore[index]
+        due = self._scalar(self._next_due_sql, params)
         return None if due is None else int(due)
 
     def expired_leases(self, owner: str, now: int) -> tuple[list[Job], list[tuple[Job, str]]]:
