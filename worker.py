@@ -1240,6 +1240,12 @@ class Store(Protocol):
         """
         ...
 
+    def finish_many_if_owned(
+        self, owner: str, now: int, outcomes: Iterable[tuple[int, str, str | None, str | None, int | None, int]]
+    ) -> set[int]:
+        """``finish_if_owned`` for each (id, status, result, error, started, keep_ms); the ids that were owned."""
+        ...
+
     def give_back_if_owned(self, id: int, owner: str) -> bool:
         """Make the row pending again, unclaimed, if it is running under ``owner``; whether it was."""
         ...
@@ -2128,6 +2134,20 @@ class SQLiteStore:
                   "started": started, "keep_ms": keep_ms}  # fmt: skip
         return self.conn.execute(self.FINISH_SQL, params).rowcount == 1
 
+    def finish_many_if_owned(
+        self, owner: str, now: int, outcomes: Iterable[tuple[int, str, str | None, str | None, int | None, int]]
+    ) -> set[int]:
+        # One statement each: in-process SQLite has no round trip to save, and a
+        # batch statement would only add the cost of building it.
+        execute, sql = self.conn.execute, self.FINISH_SQL
+        owned = set()
+        for id, status, result, error, started, keep_ms in outcomes:
+            params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": error,
+                      "started": started, "keep_ms": keep_ms}  # fmt: skip
+            if execute(sql, params).rowcount == 1:
+                owned.add(id)
+        return owned
+
     # OR IGNORE: a newer pending job with the same tag supersedes the retry.  A
     # retry keeps the cron slot of the run it repeats.
     RETRY_SQL = f"""
@@ -2867,7 +2887,9 @@ class Worker:
                 row = producer._new_row(
                     job_type.name, None, at=due / 1000, tag=tag, cron=job_type.cron, timezone=job_type.timezone, now=now
                 )
-                scheduled = store.insert(row, "replace")
+                # With no pending row, "ignore": a worker on another host that made one
+                # meanwhile wins, and no second row is made and cancelled for the slot.
+                scheduled = store.insert(row, "ignore" if pending is None else "replace")
             logger.info(
                 "cron job %s (%s%s): next run %d due %s",
                 job_type.name,
@@ -3007,19 +3029,26 @@ class Worker:
         _emit(notes)
 
     def _record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
+        """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
+        ended = [(o.job.id, _ENDED_AS[o.succeeded], o.result, o.error, o.started, self._keep_ms(o)) for o in outcomes]
+        owned = self._store.finish_many_if_owned(self.owner, now, ended) if ended else set()
         notes: list[_Note] = []
         finished: list[tuple[int, str, str]] = []
         for outcome in outcomes:
-            notes.extend(self._finish(outcome, now, finished))
+            notes.extend(self._finish(outcome, now, finished, outcome.job.id in owned))
         self._store.count_finished(finished)
         return notes
 
-    def _finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
+    def _keep_ms(self, outcome: Outcome) -> int:
+        keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
+        keep_ms: int = _first(_job_type(outcome.job).keep_ms, keep_default)
+        return keep_ms
+
+    def _finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]], owned: bool) -> list[_Note]:
+        """What follows a row ended (``owned``: it was still this worker's): follow-ups, retry, next cron run, notes."""
         job = outcome.job
         status = _ENDED_AS[outcome.succeeded]
-        keep_ms = _first(_job_type(job).keep_ms, self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms)
-        if not self._store.finish_if_owned(job.id, self.owner, status, now, outcome.result, outcome.error,
-                                           outcome.started, keep_ms):  # fmt: skip
+        if not owned:
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
         finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
