@@ -219,11 +219,10 @@ def open_store(url: str, queues: list[str] | None = None, clock: Callable[[], in
 # The columns of a row as a claim returns them (the CTE's `picked` has an id too).
 JOB_COLUMNS = ", ".join(f"job.{column}" for column in worker.COLUMNS)
 
-# A new row copies its policy from the old one; clamped, as worker.COPIED_POLICY.
-COPIED_POLICY = (
-    f"least(max_attempts, {MAX_COUNT}), least(retry_delay_ms, {MAX_DURATION_MS}), backoff,"
-    f" least(timeout_ms, {MAX_DURATION_MS}), least(keep_ms, {MAX_DURATION_MS})"
-)
+# A new row copies its policy from the old one as it is: the table's CHECKs hold
+# each within worker.py's bounds already (SQLite's older rows needed clamping).
+# Never least(): PostgreSQL's ignores NULLs, and a NULL here means "the job type's".
+COPIED_POLICY = "max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms"
 REMOVE_AT = (
     f"CASE WHEN persistent <> 0 THEN NULL ELSE %(now)s + least(coalesce(keep_ms, %(keep_ms)s), {MAX_DURATION_MS}) END"
 )
