@@ -2554,7 +2554,10 @@ def store_in_callers_transaction(conn: Any) -> Store:
 def open_wake_up(target: str, store: Callable[[], Store]) -> WakeUp:
     """How a worker on ``target`` learns of commits by others (``store`` gives the worker's current store)."""
     if is_postgres(target):
-        return cast(WakeUp, postgres_module().PostgresWakeUp(target))
+        listen = os.environ.get("WORKER_PG_LISTEN", "1").strip()
+        if listen not in ("0", "1"):
+            raise ConfigError(f"invalid WORKER_PG_LISTEN={listen!r} (use 1, or 0 to poll)")
+        return cast(WakeUp, postgres_module().PostgresWakeUp(target, listen=listen == "1"))
     return SQLiteWakeUp(sqlite_path(target), lambda: cast(SQLiteStore, store()).conn)
 
 
@@ -3959,7 +3962,7 @@ EXIT_CODES_HELP = "Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration
 ENGINE_COMMANDS = ("run", "enqueue", "schema", "migrate")
 
 ENVIRONMENT = {
-    "db": ("WORKER_DB", "database file or sqlite:/// URL (else DATABASE_URL, else ./worker.db)"),
+    "db": ("WORKER_DB", "database file, sqlite:/// or postgresql:// URL (else DATABASE_URL, else ./worker.db)"),
     "jobs": ("WORKER_JOBS", f"module name or .py path that registers the jobs (default ./{DEFAULT_JOBS_MODULE}.py)"),
     "concurrency": ("WORKER_CONCURRENCY", f"job threads per process (default {DEFAULT_CONCURRENCY})"),
     "processes": ("WORKER_PROCESSES", "worker processes run by a supervisor (default 1)"),
@@ -3981,6 +3984,10 @@ ENVIRONMENT = {
     "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
     "keep_failed": ("WORKER_KEEP_FAILED", "seconds a failed or cancelled row is kept (default 30 days)"),
     "synchronous": ("WORKER_SYNCHRONOUS", "NORMAL (a power cut may lose the last commits) or FULL (default NORMAL)"),
+    "pg_listen": (
+        "WORKER_PG_LISTEN",
+        "PostgreSQL: 0 polls instead of LISTEN (PgBouncer in transaction mode; default 1)",
+    ),
     "log_level": ("WORKER_LOG_LEVEL", "the worker's own log threshold: DEBUG, INFO, WARNING, ERROR (default INFO)"),
     "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
 }
@@ -4047,7 +4054,9 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
 def add_engine_commands(commands: Any) -> None:
     """The subcommands worker.py serves alone: run, enqueue, schema."""
     run = commands.add_parser(
-        "run", help="claim and run jobs until stopped", epilog=f"Environment only: {option_help('synchronous')}"
+        "run",
+        help="claim and run jobs until stopped",
+        epilog=f"Environment only: {option_help('synchronous')}; {option_help('pg_listen')}",
     )
     add_common_options(run)
     run.add_argument("--concurrency", type=int, help=option_help("concurrency"))
