@@ -4,7 +4,14 @@ A web app schedules jobs by inserting rows into the table ``worker_jobs`` of a
 local SQLite database (WAL mode); ``worker run`` claims due rows in a
 transaction, runs the registered Python function and stores what it returned
 (as JSON), or the error and its traceback, in that same row.  A retry or the
-next run of a recurring job is a new row pointing back to the old one.
+next run of a recurring job is a new row pointing back to the old one.  Given a
+postgresql:// URL, the same API, CLI and table run on PostgreSQL, for workers on
+many hosts (worker_postgres.py, the extra ``rowworker[postgres]``).
+
+The engine reaches its database only through a store (``Store``: one verb per
+transition of a row, each naming its fence) and learns of other writers'
+commits through a wake-up (``WakeUp``).  This file holds the SQLite store, so
+that worker.py and schema.sql alone are a working copy.
 
     # jobs.py -- what the worker runs
     from worker import job
