@@ -880,3 +880,22 @@ def test_a_store_used_after_fork_refuses_and_leaves_the_parents_connection_worki
     assert os.waitstatus_to_exitcode(status) == 0
     with store.transaction():
         assert store.get(postgres.insert()) is not None
+
+
+def test_maintain_vacuums_only_where_nothing_else_would(backend: Backend, store: worker.Store) -> None:
+    """SQLite needs no upkeep; PostgreSQL gets VACUUM from the worker only when the server's autovacuum is off."""
+    for _ in range(20):
+        backend.insert(status="succeeded", finished=NOW)
+    done = store.maintain()
+    if backend.name == "sqlite":
+        assert done is None
+        return
+    autovacuum = backend.raw.execute("SELECT current_setting('autovacuum')::bool").fetchone()  # type: ignore[attr-defined]
+    if autovacuum and next(iter(autovacuum.values())):
+        assert done is None
+    else:
+        assert done is not None and done.startswith("vacuumed worker_jobs")
+        vacuumed = backend.raw.execute(  # type: ignore[attr-defined]
+            "SELECT last_vacuum IS NOT NULL AS done FROM pg_stat_user_tables WHERE relname = 'worker_jobs'"
+        ).fetchone()
+        assert vacuumed == {"done": True}

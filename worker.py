@@ -983,6 +983,10 @@ class Queue:
                 return removed
             time.sleep(max(0.001, time.monotonic() - started))
 
+    def maintain(self) -> str | None:
+        """The database's upkeep (PostgreSQL without autovacuum: VACUUM the worker's tables); what was done."""
+        return self._store().maintain()
+
     def _new_row(
         self,
         type: str,
@@ -1209,6 +1213,10 @@ class Store(Protocol):
 
     def forget_counts_before(self, before: int) -> None:
         """Drop the per-minute counts of finished rows older than ``before``."""
+        ...
+
+    def maintain(self) -> str | None:
+        """The upkeep the database needs and would not get otherwise (the hourly job runs it); what was done."""
         ...
 
     # Claiming, and ending what was claimed (fenced on the owner)
@@ -1893,6 +1901,9 @@ class SQLiteStore:
 
     def missing_schema(self) -> list[str]:
         return missing_schema_objects(self.conn)
+
+    def maintain(self) -> str | None:
+        return None  # SQLite checkpoints the WAL itself (wal_autocheckpoint), and reuses the pages freed
 
     def repair_schema(self) -> bool:
         if not missing_schema_objects(self.conn):
@@ -3954,6 +3965,9 @@ def remove_old_jobs(ctx: JobContext) -> int:
     """Hourly: delete finished rows whose retention ran out (``worker prune`` on demand)."""
     removed = ctx.producer.prune()
     ctx.logger.info("removed %d finished rows past their retention", removed)
+    done = ctx.producer.maintain()
+    if done:
+        ctx.logger.info("%s", done)
     return removed
 
 

@@ -270,6 +270,19 @@ class OperatingReads:
             raise _engine_error(self.url, self.conn, e) from e
         return True
 
+    # Every claim, finish and renewal is an UPDATE, and leaves a dead row
+    # version behind: with autovacuum off, the table and its indexes would grow
+    # with every job ever run, and the claim slow with them (bench/README.md).
+    VACUUMED = "worker_jobs, worker_finished_per_minute, worker_processes"
+
+    def maintain(self) -> str | None:
+        on = self._execute("SELECT current_setting('autovacuum')::bool").fetchone()
+        if on and on[0]:
+            return None  # the server's autovacuum keeps up, with schema_postgres.sql's settings for worker_jobs
+        started = time.monotonic()
+        self._execute(f"VACUUM (ANALYZE) {self.VACUUMED}")  # on an autocommit connection: no transaction
+        return f"vacuumed {self.VACUUMED} in {time.monotonic() - started:.1f} s (autovacuum is off on this server)"
+
     def describe(self) -> dict[str, Any]:
         version = self._execute("SELECT version FROM worker_schema WHERE id = 1").fetchone()
         server = self._execute("SHOW server_version").fetchone()
