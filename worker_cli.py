@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from worker import (
     EXIT_CODES_HELP,
@@ -354,14 +355,29 @@ def _set_up_django(args: argparse.Namespace) -> None:
         database = settings.DATABASES["default"]  # read before setup(), which loads the database's driver
     except Exception as e:
         raise ConfigError(f"Django settings {module!r}: {type(e).__name__}: {e}") from e
-    if not given and not str(database.get("ENGINE", "")).endswith("sqlite3"):
-        raise ConfigError(f"Django's default database is {database.get('ENGINE')!r}: this worker serves SQLite (--db)")
+    engine = str(database.get("ENGINE", ""))
+    if not given and not engine.endswith(("sqlite3", "postgresql")):
+        raise ConfigError(f"Django's default database is {engine!r}: this worker serves SQLite and PostgreSQL (--db)")
     try:
         django.setup()
     except Exception as e:
         raise ConfigError(f"Django settings {module!r}: {type(e).__name__}: {e}") from e
     if not given:
-        args.db = str(database["NAME"])
+        args.db = str(database["NAME"]) if engine.endswith("sqlite3") else _django_postgres_url(database)
+
+
+def _django_postgres_url(database: dict[str, Any]) -> str:
+    """A postgresql:// URL for Django's PostgreSQL settings (NAME, USER, PASSWORD, HOST, PORT, OPTIONS)."""
+    user = quote(str(database.get("USER") or ""), safe="")
+    password = quote(str(database.get("PASSWORD") or ""), safe="")
+    credentials = f"{user}:{password}@" if password else f"{user}@" if user else ""
+    host, port = str(database.get("HOST") or ""), str(database.get("PORT") or "")
+    host = f"[{host}]" if ":" in host else quote(host, safe="")  # an IPv6 address; a socket directory is escaped
+    options = {key: value for key, value in (database.get("OPTIONS") or {}).items() if isinstance(value, str | int)}
+    query = f"?{urlencode(options)}" if options else ""
+    return (
+        f"postgresql://{credentials}{host}{':' + port if port else ''}/{quote(str(database['NAME']), safe='')}{query}"
+    )
 
 
 def _dashboard_command(argv: list[str]) -> int:
