@@ -899,3 +899,13 @@ def test_maintain_vacuums_only_where_nothing_else_would(backend: Backend, store:
             "SELECT last_vacuum IS NOT NULL AS done FROM pg_stat_user_tables WHERE relname = 'worker_jobs'"
         ).fetchone()
         assert vacuumed == {"done": True}
+
+
+def test_a_savepoint_fails_alone_and_its_transaction_goes_on(backend: Backend, store: worker.Store) -> None:
+    """What the worker needs to fail one unreadable row inside a claim (PostgreSQL aborts a whole transaction)."""
+    first, second = backend.running("me"), backend.running("me")
+    with store.transaction():
+        with pytest.raises(worker.DatabaseError), store.savepoint():  # result must be JSON: the table refuses it
+            store.finish_if_owned(first, "me", "succeeded", NOW, "{oops", None, None, 1000)
+        assert store.finish_if_owned(second, "me", "succeeded", NOW, "1", None, None, 1000)
+    assert (backend.row(first)["status"], backend.row(second)["status"]) == ("running", "succeeded")

@@ -1154,6 +1154,13 @@ class Store(Protocol):
         """A write transaction, all or nothing, with the write lock taken at its start."""
         ...
 
+    def savepoint(self) -> contextlib.AbstractContextManager[Any]:
+        """Inside ``transaction()``: a part that may fail alone, undone without undoing the rest.
+
+        (PostgreSQL aborts a whole transaction at its first failed statement.)
+        """
+        ...
+
     def now(self) -> int:
         """The time that leases are judged by, in epoch ms (the SQLite store's is its worker's own clock)."""
         ...
@@ -1875,6 +1882,9 @@ class SQLiteStore:
 
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         return _InEngineErrors(_savepoint(self.conn) if self.nested else immediate(self.conn))
+
+    def savepoint(self) -> contextlib.AbstractContextManager[Any]:
+        return _InEngineErrors(_savepoint(self.conn))
 
     def close(self) -> None:
         self.conn.close()
@@ -3050,8 +3060,9 @@ class Worker:
         """End a claimed row that cannot be run: failed, no retry (it would be as unreadable), logged once."""
         error = f"cannot run this row: {why}"
         try:
-            self._store.finish_if_owned(job.id, self.owner, Status.FAILED.value, now, None, error, None,
-                                        self.keep_failed_ms)  # fmt: skip
+            with self._store.savepoint():  # its failure must not fail the claim it is part of
+                self._store.finish_if_owned(job.id, self.owner, Status.FAILED.value, now, None, error, None,
+                                            self.keep_failed_ms)  # fmt: skip
         except DatabaseUnavailable:
             raise
         except DatabaseError as e:

@@ -441,6 +441,15 @@ class PostgresStore(OperatingReads):
         except psycopg.Error as e:  # BEGIN, COMMIT, or the caller's own statement on this connection
             raise _engine_error(self.url, self.conn, e) from e
 
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[psycopg.Connection[Any]]:
+        """Inside transaction(): psycopg's nested transaction() is a SAVEPOINT, rolled back alone on an error."""
+        try:
+            with self.conn.transaction():
+                yield self.conn
+        except psycopg.Error as e:
+            raise _engine_error(self.url, self.conn, e) from e
+
     def _execute(self, sql: str, params: Mapping[str, Any] | tuple[Any, ...] | None = None) -> psycopg.Cursor[Any]:
         """Run one statement; the engine's errors for psycopg's.  Its rows are fetched already (a client cursor)."""
         try:
