@@ -159,17 +159,17 @@ if CRASH_AT in ("claim", "claim_committed"):
     worker.Worker._claim = claim_and_crash
 
 if CRASH_AT == "after_return":
-    _record = worker.Worker._record
+    _record = worker.Recording.record
 
     def crash_before_recording(self, outcomes, now):
         if outcomes:
             crash()  # the job returned; nothing of its outcome is written yet
         return _record(self, outcomes, now)
 
-    worker.Worker._record = crash_before_recording
+    worker.Recording.record = crash_before_recording
 
 if CRASH_AT in ("in_finish", "finish_committed"):
-    _finish = worker.Worker._finish
+    _finish = worker.Recording.finish
 
     def finish_and_crash(self, outcome, now, *counts):
         notes = _finish(self, outcome, now, *counts)
@@ -178,7 +178,7 @@ if CRASH_AT in ("in_finish", "finish_committed"):
         _armed.set()
         return notes
 
-    worker.Worker._finish = finish_and_crash
+    worker.Recording.finish = finish_and_crash
 
 if CRASH_AT in ("claim_committed", "finish_committed"):
     _immediate = worker.immediate

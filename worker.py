@@ -2788,6 +2788,173 @@ class HousekeepingSchedule:
         return jumped_ms
 
 
+class Recording:
+    """How a worker ends what it claimed, by each job's policy: the part of the worker that writes outcomes.
+
+    Each outcome's row is finished, fenced on the worker's ownership; then
+    what follows it: its follow-up jobs, its next attempt, its next cron run.
+    Rows whose worker was lost are rescued, and unreadable claimed rows failed.
+    Every method runs inside the worker's write transaction and returns the
+    log notes, emitted once that commits.  ``scheduled`` is told the due time
+    of each row it makes, so the loop knows when to claim again.
+    """
+
+    def __init__(
+        self, owner: str, *, keep_succeeded_ms: int, keep_failed_ms: int, max_deaths: int, rng: random.Random,
+        scheduled: Callable[[int], None],
+    ) -> None:  # fmt: skip
+        self.store: Store = cast(Store, None)  # the worker's, set each time it opens one
+        self.owner, self.max_deaths, self.rng, self.scheduled = owner, max_deaths, rng, scheduled
+        self.keep_succeeded_ms, self.keep_failed_ms = keep_succeeded_ms, keep_failed_ms
+
+    def record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
+        """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
+        ended = [(o.job.id, _ENDED_AS[o.succeeded], o.result, o.error, o.started, self.keep_ms(o)) for o in outcomes]
+        owned = self.store.finish_many_if_owned(self.owner, now, ended) if ended else set()
+        notes: list[_Note] = []
+        finished: list[tuple[int, str, str]] = []
+        for outcome in outcomes:
+            notes.extend(self.finish(outcome, now, finished, outcome.job.id in owned))
+        self.store.count_finished(finished)
+        return notes
+
+    def keep_ms(self, outcome: Outcome) -> int:
+        keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
+        keep_ms: int = _first(_job_type(outcome.job).keep_ms, keep_default)
+        return keep_ms
+
+    def finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]], owned: bool) -> list[_Note]:
+        """What follows a row ended (``owned``: it was still this worker's): follow-ups, retry, next cron run, notes."""
+        job = outcome.job
+        status = _ENDED_AS[outcome.succeeded]
+        if not owned:
+            message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
+            return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
+        finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
+        if outcome.succeeded:
+            for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
+                self.store.insert(row, on_conflict)
+                self.scheduled(row["due"])
+            notes = []
+            if logger.isEnabledFor(logging.INFO):  # the one note of every job: skipped when it would not show
+                message = "job %d %s succeeded in %.1f ms (attempt %d)"
+                notes.append(_Note.about(job, "succeeded", logging.INFO, message, job.id, job.type,
+                                         outcome.seconds * 1000, job.attempt))  # fmt: skip
+            return notes + self.schedule_next_cron_run(job, now)
+        # An outcome that could not be recorded ends its row with no retry and no next cron run:
+        # inserting either copies the row, which is what may have failed (sync_cron restores a schedule).
+        unrecordable = outcome.kind == "unrecordable"
+        retry = None if unrecordable else self.schedule_retry(job, now, deaths=job.deaths)
+        level = logging.ERROR if outcome.kind in ("timeout", "unknown", "unrecordable") else logging.WARNING
+        summary = outcome.error.splitlines()[0] if outcome.error else "failed"
+        then = f"retry {retry[0]} due in {retry[1] / 1000:.1f} s" if retry else "no retry left"
+        message = "job %d %s failed (attempt %d): %s; %s\n%s"
+        notes = [_Note.about(job, "failed", level, message, job.id, job.type, job.attempt, summary, then,
+                             outcome.error)]  # fmt: skip
+        return notes + ([] if retry or unrecordable else self.schedule_next_cron_run(job, now))
+
+    def schedule_next_cron_run(self, job: Job, now: int) -> list[_Note]:
+        """After the last attempt of a recurring job's run: insert the run for the next slot."""
+        if not job.cron_schedule:
+            return []
+        try:
+            due, skipped = next_cron_due(job.cron_schedule, job.cron_timezone, _first(job.cron_slot, job.due), now)
+        except ValueError as e:
+            return [_Note.about(job, "cron", logging.ERROR, "job %d %s: no next run: %s", job.id, job.type, e)]
+        next_id = self.store.schedule_next_cron_run(job.id, due=due, now=now)
+        if next_id is None:
+            return []  # another writer already holds the pending row of this schedule
+        self.scheduled(due)
+        if skipped:
+            message = "job %d %s: missed cron slots skipped (not run late); next run %d due %s"
+            return [_Note.about(job, "cron", logging.WARNING, message, job.id, job.type, next_id, iso_time(due))]
+        message = "job %d %s: next run %d due %s"
+        return [_Note.about(job, "cron", logging.DEBUG, message, job.id, job.type, next_id, iso_time(due))]
+
+    def schedule_retry(self, job: Job, now: int, *, deaths: int, at_once: bool = False) -> tuple[int, int] | None:
+        """Insert the next attempt if the policy allows; returns (its id, delay ms)."""
+        if job.attempt >= MAX_COUNT:  # a row written by another program: attempt + 1 would leave the table's range
+            return None
+        if not at_once:
+            max_attempts = _first(job.max_attempts, _job_type(job).max_attempts, 1)
+            if job.attempt - _deaths(job) >= max_attempts:  # a worker's death used up no attempt
+                return None
+        delay = 0 if at_once else self.retry_delay_ms(job)
+        due = min(now + delay, MAX_TIME_MS)
+        # deaths clamped as _deaths() counts them (the retry is attempt + 1): a nonsense count is not copied on.
+        deaths = min(max(deaths, 0), job.attempt)
+        retry_id = self.store.schedule_next_attempt(job.id, due=due, deaths=deaths, now=now)
+        if retry_id is None:
+            return None
+        self.scheduled(due)
+        return retry_id, delay
+
+    def retry_delay_ms(self, job: Job) -> int:
+        """How long after a failure of ``job`` its next attempt is due."""
+        job_type = _job_type(job)
+        return retry_delay_ms(
+            _first(job.retry_delay_ms, job_type.retry_delay_ms, to_ms(DEFAULT_RETRY_DELAY)),
+            _first(job.backoff, job_type.backoff, DEFAULT_BACKOFF),
+            failures_before=job.attempt - _deaths(job) - 1,
+            jitter=self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER),
+        )
+
+    def rescue(self, now: int) -> list[_Note]:
+        notes = []
+        finished: list[tuple[int, str, str]] = []
+        lost, unreadable = self.store.expired_leases(self.owner, now)
+        for unreadable_row, why in unreadable:
+            notes += self.rescue_unreadable(unreadable_row, why, now, finished)
+        for job in lost:
+            deaths = job.deaths + 1
+            poisoned = deaths >= self.max_deaths
+            if poisoned:
+                error = f"worker died {deaths} times running this job; giving up (last: worker {job.worker})"
+            else:
+                error = f"worker lost: lease expired (worker {job.worker})"
+            keep_ms = _first(_job_type(job).keep_ms, self.keep_failed_ms)
+            if not self.store.rescue_if_expired(job.id, now, error, keep_ms):
+                continue
+            finished.append((now, job.queue, Status.FAILED.value))
+            # A worker's death is not the job's failure: retry at once, whatever
+            # max_attempts says, until the chain has killed max_deaths workers.
+            retry = None if poisoned else self.schedule_retry(job, now, deaths=deaths, at_once=True)
+            then = f"retry {retry[0]} due now" if retry else "no retry"
+            message = "job %d %s failed (attempt %d): %s; %s"
+            notes.append(
+                _Note.about(job, "rescued", logging.ERROR, message, job.id, job.type, job.attempt, error, then)
+            )
+            if not retry:
+                notes += self.schedule_next_cron_run(job, now)
+        self.store.count_finished(finished)
+        return notes
+
+    def rescue_unreadable(self, job: Job, why: str, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
+        """An expired row that cannot be read: failed, with no retry (it would be as unreadable)."""
+        error = f"cannot run this row: {why} (and its worker was lost: lease expired)"
+        if not self.store.rescue_if_expired(job.id, now, error, self.keep_failed_ms):
+            return []
+        finished.append((now, job.queue, Status.FAILED.value))
+        return [_Note.about(job, "rescued", logging.ERROR, "job %d %s failed: %s", job.id, job.type, error)]
+
+    def fail_unreadable(self, job: Job, why: str, now: int) -> _Note:
+        """End a claimed row that cannot be run: failed, no retry (it would be as unreadable), logged once."""
+        error = f"cannot run this row: {why}"
+        try:
+            with self.store.savepoint():  # its failure must not fail the claim it is part of
+                self.store.finish_if_owned(job.id, self.owner, Status.FAILED.value, now, None, error, None,
+                                            self.keep_failed_ms)  # fmt: skip
+        except DatabaseUnavailable:
+            raise
+        except DatabaseError as e:
+            # Not even this write is possible (a trigger of the app's?): the row stays
+            # `running` under this worker, set aside, and is rescued once it stops.
+            error = f"{error}; and it could not be marked failed ({e}): set aside"
+        else:
+            self.store.count_finished([(now, job.queue, Status.FAILED.value)])
+        return _Note.about(job, "unreadable", logging.ERROR, "job %d %s failed: %s", job.id, job.type, error)
+
+
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
 
 
@@ -2845,6 +3012,10 @@ class Worker:
         self.keep_failed_ms = default_keep_ms(succeeded=False) if keep_failed_ms is None else keep_failed_ms
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.owner = secrets.token_hex(8)
+        self._recording = Recording(
+            self.owner, keep_succeeded_ms=self.keep_succeeded_ms, keep_failed_ms=self.keep_failed_ms,
+            max_deaths=max_deaths, rng=self.rng, scheduled=self._scheduled,
+        )  # fmt: skip
         self.app = SimpleNamespace()
         self._producer: Queue | None = None
 
@@ -2904,6 +3075,7 @@ class Worker:
             # A clock given to the worker (a test's) is the store's too; else the store's own judges leases.
             clock = None if self.clock is time.time else self.now
             self._store, self._pid = open_store(self.db, queues=self.queues, clock=clock), _process_id
+            self._recording.store = self._store
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
         return self._store
@@ -3025,14 +3197,14 @@ class Worker:
             suspect, unreadable = store.claim(self.owner, self.name, now, lease_until, 1, types, self._running,
                                               suspect=True)  # fmt: skip
             for job, why in unreadable:
-                self._fail_unreadable(job, why, now)
+                self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
             if suspect:
                 self._alone = suspect[0].id
                 self._last_claim_full = True
                 return suspect
         jobs, unreadable = store.claim(self.owner, self.name, now, lease_until, limit, types, self._running)
         for job, why in unreadable:
-            self._fail_unreadable(job, why, now)
+            self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
             jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
         self._last_claim_full = len(jobs) == limit
@@ -3055,24 +3227,6 @@ class Worker:
             self._registered = tuple(REGISTRY)
             self._types_json = json.dumps(sorted(self._registered))
         return self._types_json
-
-    def _fail_unreadable(self, job: Job, why: str, now: int) -> None:
-        """End a claimed row that cannot be run: failed, no retry (it would be as unreadable), logged once."""
-        error = f"cannot run this row: {why}"
-        try:
-            with self._store.savepoint():  # its failure must not fail the claim it is part of
-                self._store.finish_if_owned(job.id, self.owner, Status.FAILED.value, now, None, error, None,
-                                            self.keep_failed_ms)  # fmt: skip
-        except DatabaseUnavailable:
-            raise
-        except DatabaseError as e:
-            # Not even this write is possible (a trigger of the app's?): the row stays
-            # `running` under this worker, set aside, and is rescued once it stops.
-            error = f"{error}; and it could not be marked failed ({e}): set aside"
-        else:
-            self._store.count_finished([(now, job.queue, Status.FAILED.value)])
-        self._claim_notes.append(_Note.about(job, "unreadable", logging.ERROR, "job %d %s failed: %s", job.id,
-                                             job.type, error))  # fmt: skip
 
     def execute(self, job: Job) -> Outcome:
         """Run one claimed job's function and capture how it ended (never raises).
@@ -3113,100 +3267,16 @@ class Worker:
         """Write outcomes (and any retries) in one write transaction."""
         now = self.now() if now is None else now
         with self._write():
-            notes = self._record(outcomes, now)
+            notes = self._recording.record(outcomes, now)
         _emit(notes)
-
-    def _record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
-        """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
-        ended = [(o.job.id, _ENDED_AS[o.succeeded], o.result, o.error, o.started, self._keep_ms(o)) for o in outcomes]
-        owned = self._store.finish_many_if_owned(self.owner, now, ended) if ended else set()
-        notes: list[_Note] = []
-        finished: list[tuple[int, str, str]] = []
-        for outcome in outcomes:
-            notes.extend(self._finish(outcome, now, finished, outcome.job.id in owned))
-        self._store.count_finished(finished)
-        return notes
-
-    def _keep_ms(self, outcome: Outcome) -> int:
-        keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
-        keep_ms: int = _first(_job_type(outcome.job).keep_ms, keep_default)
-        return keep_ms
-
-    def _finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]], owned: bool) -> list[_Note]:
-        """What follows a row ended (``owned``: it was still this worker's): follow-ups, retry, next cron run, notes."""
-        job = outcome.job
-        status = _ENDED_AS[outcome.succeeded]
-        if not owned:
-            message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
-            return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
-        finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
-        if outcome.succeeded:
-            for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
-                self._store.insert(row, on_conflict)
-                self._next_due = min(self._next_due, row["due"])
-            notes = []
-            if logger.isEnabledFor(logging.INFO):  # the one note of every job: skipped when it would not show
-                message = "job %d %s succeeded in %.1f ms (attempt %d)"
-                notes.append(_Note.about(job, "succeeded", logging.INFO, message, job.id, job.type,
-                                         outcome.seconds * 1000, job.attempt))  # fmt: skip
-            return notes + self._schedule_next_cron_run(job, now)
-        # An outcome that could not be recorded ends its row with no retry and no next cron run:
-        # inserting either copies the row, which is what may have failed (sync_cron restores a schedule).
-        unrecordable = outcome.kind == "unrecordable"
-        retry = None if unrecordable else self._schedule_retry(job, now, deaths=job.deaths)
-        level = logging.ERROR if outcome.kind in ("timeout", "unknown", "unrecordable") else logging.WARNING
-        summary = outcome.error.splitlines()[0] if outcome.error else "failed"
-        then = f"retry {retry[0]} due in {retry[1] / 1000:.1f} s" if retry else "no retry left"
-        message = "job %d %s failed (attempt %d): %s; %s\n%s"
-        notes = [_Note.about(job, "failed", level, message, job.id, job.type, job.attempt, summary, then,
-                             outcome.error)]  # fmt: skip
-        return notes + ([] if retry or unrecordable else self._schedule_next_cron_run(job, now))
-
-    def _schedule_next_cron_run(self, job: Job, now: int) -> list[_Note]:
-        """After the last attempt of a recurring job's run: insert the run for the next slot."""
-        if not job.cron_schedule:
-            return []
-        try:
-            due, skipped = next_cron_due(job.cron_schedule, job.cron_timezone, _first(job.cron_slot, job.due), now)
-        except ValueError as e:
-            return [_Note.about(job, "cron", logging.ERROR, "job %d %s: no next run: %s", job.id, job.type, e)]
-        next_id = self._store.schedule_next_cron_run(job.id, due=due, now=now)
-        if next_id is None:
-            return []  # another writer already holds the pending row of this schedule
-        self._next_due = min(self._next_due, due)
-        if skipped:
-            message = "job %d %s: missed cron slots skipped (not run late); next run %d due %s"
-            return [_Note.about(job, "cron", logging.WARNING, message, job.id, job.type, next_id, iso_time(due))]
-        message = "job %d %s: next run %d due %s"
-        return [_Note.about(job, "cron", logging.DEBUG, message, job.id, job.type, next_id, iso_time(due))]
-
-    def _schedule_retry(self, job: Job, now: int, *, deaths: int, at_once: bool = False) -> tuple[int, int] | None:
-        """Insert the next attempt if the policy allows; returns (its id, delay ms)."""
-        if job.attempt >= MAX_COUNT:  # a row written by another program: attempt + 1 would leave the table's range
-            return None
-        if not at_once:
-            max_attempts = _first(job.max_attempts, _job_type(job).max_attempts, 1)
-            if job.attempt - _deaths(job) >= max_attempts:  # a worker's death used up no attempt
-                return None
-        delay = 0 if at_once else self.retry_delay_ms(job)
-        due = min(now + delay, MAX_TIME_MS)
-        # deaths clamped as _deaths() counts them (the retry is attempt + 1): a nonsense count is not copied on.
-        deaths = min(max(deaths, 0), job.attempt)
-        retry_id = self._store.schedule_next_attempt(job.id, due=due, deaths=deaths, now=now)
-        if retry_id is None:
-            return None
-        self._next_due = min(self._next_due, due)
-        return retry_id, delay
 
     def retry_delay_ms(self, job: Job) -> int:
         """How long after a failure of ``job`` its next attempt is due."""
-        job_type = _job_type(job)
-        return retry_delay_ms(
-            _first(job.retry_delay_ms, job_type.retry_delay_ms, to_ms(DEFAULT_RETRY_DELAY)),
-            _first(job.backoff, job_type.backoff, DEFAULT_BACKOFF),
-            failures_before=job.attempt - _deaths(job) - 1,
-            jitter=self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER),
-        )
+        return self._recording.retry_delay_ms(job)
+
+    def _scheduled(self, due: int) -> None:
+        """A row was made due at ``due`` (a retry, a follow-up, a cron run): claim again by then."""
+        self._next_due = min(self._next_due, due)
 
     def _write(self) -> _Write:
         """A write transaction of the worker's own (BEGIN IMMEDIATE) that times its wait for the lock."""
@@ -3246,47 +3316,9 @@ class Worker:
         with write:
             # A lease that ran out while this worker waited for the lock may have
             # run out because its holder waited too (_waited postponed the sweep).
-            notes = [] if write.held_up else self._rescue(now)
+            notes = [] if write.held_up else self._recording.rescue(now)
         _emit(notes)
         return len(notes)
-
-    def _rescue(self, now: int) -> list[_Note]:
-        notes = []
-        finished: list[tuple[int, str, str]] = []
-        lost, unreadable = self._store.expired_leases(self.owner, now)
-        for unreadable_row, why in unreadable:
-            notes += self._rescue_unreadable(unreadable_row, why, now, finished)
-        for job in lost:
-            deaths = job.deaths + 1
-            poisoned = deaths >= self.max_deaths
-            if poisoned:
-                error = f"worker died {deaths} times running this job; giving up (last: worker {job.worker})"
-            else:
-                error = f"worker lost: lease expired (worker {job.worker})"
-            keep_ms = _first(_job_type(job).keep_ms, self.keep_failed_ms)
-            if not self._store.rescue_if_expired(job.id, now, error, keep_ms):
-                continue
-            finished.append((now, job.queue, Status.FAILED.value))
-            # A worker's death is not the job's failure: retry at once, whatever
-            # max_attempts says, until the chain has killed max_deaths workers.
-            retry = None if poisoned else self._schedule_retry(job, now, deaths=deaths, at_once=True)
-            then = f"retry {retry[0]} due now" if retry else "no retry"
-            message = "job %d %s failed (attempt %d): %s; %s"
-            notes.append(
-                _Note.about(job, "rescued", logging.ERROR, message, job.id, job.type, job.attempt, error, then)
-            )
-            if not retry:
-                notes += self._schedule_next_cron_run(job, now)
-        self._store.count_finished(finished)
-        return notes
-
-    def _rescue_unreadable(self, job: Job, why: str, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
-        """An expired row that cannot be read: failed, with no retry (it would be as unreadable)."""
-        error = f"cannot run this row: {why} (and its worker was lost: lease expired)"
-        if not self._store.rescue_if_expired(job.id, now, error, self.keep_failed_ms):
-            return []
-        finished.append((now, job.queue, Status.FAILED.value))
-        return [_Note.about(job, "rescued", logging.ERROR, "job %d %s failed: %s", job.id, job.type, error)]
 
     def give_back(
         self, jobs: Iterable[Job], why: str = "still running at shutdown", level: int = logging.WARNING
@@ -3496,7 +3528,7 @@ class Worker:
         if self._to_record or want_claim:
             try:
                 with self._write():
-                    notes = self._record(self._to_record, now)
+                    notes = self._recording.record(self._to_record, now)
                     if want_claim:
                         claimed = self._claim(free, now)
             except DatabaseUnavailable as e:
