@@ -822,7 +822,10 @@ class PostgresStore(OperatingReads):
 
     def count_finished(self, finished: Iterable[tuple[int, str, str]]) -> None:
         """Add rows just finished, as (finished ms, queue, status), to the per-minute counts."""
-        counted = worker.finished_per_minute(finished)
+        self.add_finished_counts(worker.finished_per_minute(finished))
+
+    def add_finished_counts(self, counted: list[tuple[int, str, str, int]]) -> None:
+        """Add (minute, queue, status, count) to the per-minute counts of finished rows."""
         if not counted:
             return
         minutes, queues, statuses, counts = (list(column) for column in zip(*counted, strict=True))
@@ -922,6 +925,50 @@ class PostgresStore(OperatingReads):
         """Fail the row (its worker was lost) if it is still running with its lease ended; whether it was."""
         params = {"id": id, "now": now, "error": error, "keep_ms": keep_ms}
         return self._execute(self.RESCUE_SQL, params).rowcount == 1
+
+    # -- what `worker copy` writes: another store's rows, with their own ids --
+
+    # Held to the end of the copy's transaction: no writer can add a row between
+    # the look at the table and the copy's commit (readers go on meanwhile).
+    LOCK_FOR_COPY_SQL = "LOCK TABLE worker_jobs IN SHARE ROW EXCLUSIVE MODE"
+    COPY_SQL = f"COPY worker_jobs ({SELECT_COLUMNS}) FROM STDIN"
+
+    def lock_for_copy(self) -> int:
+        """Keep every other writer out of worker_jobs until this transaction ends; how many rows it holds now."""
+        self._execute(self.LOCK_FOR_COPY_SQL)
+        return int(self._scalar("SELECT count(*) FROM worker_jobs"))
+
+    def copy_rows(self, rows: Iterable[tuple[Any, ...]]) -> int:
+        """Write rows given as SELECT_COLUMNS, ids and all, as they are (one COPY); how many.
+
+        The table checks each row as it would an INSERT's (and the insert
+        trigger wakes the workers at commit).  DatabaseError naming the row it refused.
+        """
+        ids: list[int] = []
+        try:
+            with self.conn.cursor() as cursor, cursor.copy(self.COPY_SQL) as copy:
+                for row in rows:
+                    ids.append(row[0])
+                    copy.write_row(row)
+        except psycopg.Error as e:
+            line = re.search(r"COPY worker_jobs, line (\d+)", e.diag.context or "")
+            if line is None or not 0 < int(line.group(1)) <= len(ids):
+                raise _engine_error(self.url, self.conn, e) from e
+            refused = ids[int(line.group(1)) - 1]
+            raise worker.DatabaseError(f"job {refused} cannot be copied: {_first_line(e)}") from e
+        return len(ids)
+
+    # setval is not undone by a rollback: so the copy's last step, and never down
+    # (an id once given is never given again).
+    MOVE_IDS_PAST_SQL = """
+    SELECT setval(seq, greatest(%(highest)s, coalesce(pg_sequence_last_value(seq), 0),
+                                (SELECT coalesce(max(id), 0) FROM worker_jobs)))
+      FROM (SELECT pg_get_serial_sequence('worker_jobs', 'id')::regclass AS seq) AS identity
+    """
+
+    def move_ids_past(self, highest: int) -> int:
+        """Make the next id given above ``highest`` (and above every id in the table); the last id taken."""
+        return int(self._scalar(self.MOVE_IDS_PAST_SQL, {"highest": max(highest, 1)}))
 
 
 _PRIORITY, _DUE = worker.COLUMNS.index("priority"), worker.COLUMNS.index("due")
