@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg.types.numeric import Int8Dumper
 
 import worker
@@ -157,9 +158,10 @@ def schema_objects() -> list[tuple[str, str]]:
 
 def installed_schema_version(conn: psycopg.Connection[Any]) -> int:
     """The version recorded in worker_schema (0 for none); DatabaseUnusable when newer than this code."""
-    if conn.execute("SELECT to_regclass('worker_schema')").fetchone() == (None,):
+    cursor = conn.cursor(row_factory=tuple_row)  # an app's connection may read rows as dicts
+    if cursor.execute("SELECT to_regclass('worker_schema')").fetchone() == (None,):
         return 0
-    row = conn.execute("SELECT version FROM worker_schema WHERE id = 1").fetchone()
+    row = cursor.execute("SELECT version FROM worker_schema WHERE id = 1").fetchone()
     version = 0 if row is None else int(row[0])
     if version > schema_version():
         raise worker.DatabaseUnusable(
@@ -1023,12 +1025,13 @@ class StoreInCallersTransaction(PostgresStore):
     """The store on an app's psycopg connection: each transaction a savepoint in the app's own, so that a job
     commits or rolls back with the app's writes.
 
-    The app's connection keeps its own settings and adapters: this store binds
-    ints as BIGINT on cursors of its own, and never connects again.
+    The app's connection keeps its own settings, adapters and row factory: this
+    store binds ints as BIGINT, and reads rows as tuples, on cursors of its
+    own, and never connects again.
     """
 
     def _cursor(self) -> psycopg.Cursor[Any]:
-        cursor = self.conn.cursor()
+        cursor = self.conn.cursor(row_factory=tuple_row)
         cursor.adapters.register_dumper(int, Int8Dumper)
         return cursor
 
@@ -1061,10 +1064,12 @@ class StoreInCallersTransaction(PostgresStore):
 
 def store_in_callers_transaction(conn: psycopg.Connection[Any]) -> StoreInCallersTransaction:
     """worker.Queue(conn) on a psycopg 3 connection: the schema made if needed, in the app's transaction."""
+    if not isinstance(conn, psycopg.Connection):  # its statements would be coroutines, never run
+        raise TypeError(f"Queue takes a psycopg Connection, not {type(conn).__name__}: enqueue through a sync one")
     url = "postgresql://" + (conn.info.host or "") + "/" + (conn.info.dbname or "")  # for messages only
     store = StoreInCallersTransaction(conn, url, clock=worker.now_ms)
-    if installed_schema_version(conn) != schema_version():
-        with store.transaction():
+    with store.transaction():  # a savepoint: an error here leaves the app's transaction as it was
+        if installed_schema_version(conn) != schema_version():
             apply_schema(conn)
     return store
 
