@@ -259,10 +259,13 @@ def test_worker_migrate_with_django_settings_creates_the_worker_tables_in_django
     assert not (django_shop / "worker.db").exists()
 
 
-@pytest.mark.parametrize("engine", ["django.db.backends.dummy", "django.db.backends.postgresql"])
-def test_a_django_database_other_than_sqlite_is_a_configuration_error(django_shop: Path, engine: str) -> None:
-    # The engine is read before django.setup(), which would load the backend's driver: psycopg is not
-    # installed here, and the error is still the worker's own, not "Error loading psycopg".
+@pytest.mark.parametrize("engine", ["django.db.backends.dummy", "django.db.backends.mysql"])
+def test_a_django_database_other_than_sqlite_or_postgresql_is_a_configuration_error(
+    django_shop: Path, engine: str
+) -> None:
+    # The engine is read before django.setup(), which would load the backend's driver: mysqlclient is not
+    # installed here, and the error is still the worker's own, not "Error loading MySQLdb module".
+    # (Django on PostgreSQL: test_postgres_web_apps.py.)
     (django_shop / "django_shop" / "settings_elsewhere.py").write_text(
         "from django_shop.settings import *  # noqa: F403\n"
         f"DATABASES = {{'default': {{'ENGINE': '{engine}', 'NAME': 'shop'}}}}\n"
@@ -279,7 +282,7 @@ def test_a_django_database_other_than_sqlite_is_a_configuration_error(django_sho
         "shop.jobs",
     )
     assert result.returncode == 2, result.stderr
-    assert f"'{engine}': this worker serves SQLite" in result.stderr
+    assert f"'{engine}': this worker serves SQLite and PostgreSQL" in result.stderr
     assert not (django_shop / "worker.db").exists()
 
 

@@ -368,3 +368,51 @@ def test_django_atomic_commits_and_rolls_back_the_job_with_the_apps_writes(
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["rolled back 0 0", "committed 1 2", "autocommit 1 3"]
     assert counts(app_db) == (1, 3)
+
+
+DJANGO_SETTINGS = """
+SECRET_KEY = "test-only"
+INSTALLED_APPS = []
+DATABASES = {{"default": {{"ENGINE": "django.db.backends.postgresql", "NAME": "{name}", "USER": "postgres",
+                           "HOST": "127.0.0.1", "PORT": "5432"}}}}
+"""
+DJANGO_JOBS = """
+import worker
+
+@worker.job
+def send_receipt(ctx, order):
+    from django.db import connection  # Django is set up before the jobs module is imported
+    return {"sent": order, "vendor": connection.vendor}
+"""
+
+
+@pytest.mark.slow
+def test_worker_run_with_django_settings_serves_djangos_postgresql_database(app_db: str, tmp_path: Any) -> None:
+    (tmp_path / "pg_settings.py").write_text(DJANGO_SETTINGS.format(name=app_db.rsplit("/", 1)[1]))
+    (tmp_path / "pg_jobs.py").write_text(DJANGO_JOBS)
+    with psycopg.connect(app_db) as conn:
+        Queue(conn, check_types=False).enqueue("send_receipt", {"order": 7})
+    command = [sys.executable, "-m", "worker_cli", "run", "--burst", "--no-cron", "--django-settings", "pg_settings",
+               "--jobs", "pg_jobs"]  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(HERE)}  # no WORKER_DB, no DATABASE_URL: Django's settings say
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    with Queue(app_db) as queue:
+        done = queue.get(1)
+    assert done is not None and (done.status, done.result) == ("succeeded", {"sent": 7, "vendor": "postgresql"})
+
+
+@pytest.mark.parametrize(
+    ("database", "url"),
+    [
+        ({"NAME": "shop", "USER": "app", "PASSWORD": "p@ss:/word", "HOST": "db.internal", "PORT": 6432},
+         "postgresql://app:p%40ss%3A%2Fword@db.internal:6432/shop"),
+        ({"NAME": "shop", "HOST": "/var/run/postgresql"}, "postgresql://%2Fvar%2Frun%2Fpostgresql/shop"),
+        ({"NAME": "shop", "USER": "app", "OPTIONS": {"sslmode": "require"}}, "postgresql://app@/shop?sslmode=require"),
+    ],
+)  # fmt: skip
+def test_djangos_postgresql_settings_as_a_url(database: dict[str, Any], url: str) -> None:
+    import worker_cli
+
+    assert worker_cli.django_postgres_url(database) == url
+    assert psycopg.conninfo.conninfo_to_dict(url)["dbname"] == "shop"  # libpq reads it back

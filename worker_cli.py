@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -386,7 +387,7 @@ def _copy_command(args: argparse.Namespace) -> int:
 
 DJANGO_HELP = (
     "a Django project's settings: django.setup() runs before the jobs are imported, and the database is "
-    "Django's default (SQLite) unless --db or WORKER_DB is given [env DJANGO_SETTINGS_MODULE]"
+    "Django's default (SQLite or PostgreSQL) unless --db or WORKER_DB is given [env DJANGO_SETTINGS_MODULE]"
 )
 
 
@@ -502,14 +503,28 @@ def _set_up_django(args: argparse.Namespace) -> None:
         database = settings.DATABASES["default"]  # read before setup(), which loads the database's driver
     except Exception as e:
         raise ConfigError(f"Django settings {module!r}: {type(e).__name__}: {e}") from e
-    if not given and not str(database.get("ENGINE", "")).endswith("sqlite3"):
-        raise ConfigError(f"Django's default database is {database.get('ENGINE')!r}: this worker serves SQLite (--db)")
+    engine = str(database.get("ENGINE", ""))
+    if not given and not engine.endswith(("sqlite3", "postgresql")):
+        raise ConfigError(f"Django's default database is {engine!r}: this worker serves SQLite and PostgreSQL (--db)")
     try:
         django.setup()
     except Exception as e:
         raise ConfigError(f"Django settings {module!r}: {type(e).__name__}: {e}") from e
     if not given:
-        args.db = str(database["NAME"])
+        args.db = django_postgres_url(database) if engine.endswith("postgresql") else str(database["NAME"])
+
+
+def django_postgres_url(database: dict[str, Any]) -> str:
+    """The postgresql:// URL of a Django DATABASES entry: its NAME, USER, PASSWORD, HOST and PORT (and sslmode)."""
+    user = urllib.parse.quote(str(database.get("USER") or ""), safe="")
+    password = urllib.parse.quote(str(database.get("PASSWORD") or ""), safe="")
+    userinfo = f"{user}:{password}@" if password else f"{user}@" if user else ""
+    host = str(database.get("HOST") or "")
+    host = urllib.parse.quote(host, safe="") if host.startswith("/") else host  # a socket directory
+    port = f":{database['PORT']}" if database.get("PORT") else ""
+    sslmode = (database.get("OPTIONS") or {}).get("sslmode")
+    query = f"?sslmode={urllib.parse.quote(str(sslmode))}" if sslmode else ""
+    return f"postgresql://{userinfo}{host}{port}/{urllib.parse.quote(str(database.get('NAME') or ''))}{query}"
 
 
 def _dashboard_command(argv: list[str]) -> int:
