@@ -18,7 +18,7 @@ import pytest
 
 import worker
 import worker_cli
-from conftest import HERE, FakeClock, NoJitter, at
+from conftest import HERE, FakeClock, NoJitter, Processes, at, wait_for
 from worker import JobContext, Queue, Worker
 
 # Every column but the claim's, whose copy a pending row does not have anyway.
@@ -341,3 +341,20 @@ def test_a_worker_on_postgresql_runs_the_copied_jobs_and_continues_their_chains(
     ]
     with Queue(target, check_types=False) as queue:
         assert queue.enqueue("flaky", {"fail_until": 1}).id == 4
+
+
+@pytest.mark.slow
+def test_a_worker_process_holds_two_connections_its_store_and_its_listen(
+    target: str, tmp_path: Path, processes: Processes
+) -> None:
+    """What the README's sizing rests on: cron on (the default), idle, a worker holds no connection beyond those."""
+    (tmp_path / "copy_jobs.py").write_text(JOBS)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{HERE}", "WORKER_JOBS": "copy_jobs", "WORKER_DB": target}
+    started = processes.start("run", "--concurrency", "4", name="worker", env=env)
+    wait_for(lambda: " started: " in started.log(), 30, "the worker to start")
+    with psycopg.connect(target, autocommit=True) as conn:
+        name = target.rsplit("/", 1)[1]
+        sql = "SELECT query FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() ORDER BY query"
+        wait_for(lambda: ("LISTEN worker_jobs",) in conn.execute(sql, (name,)).fetchall(), 10, "the LISTEN")
+        assert len(conn.execute(sql, (name,)).fetchall()) == 2
+    assert started.stop() == 0

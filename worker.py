@@ -2867,9 +2867,16 @@ class Worker:
 
     @property
     def producer(self) -> Queue:
-        """The Queue that jobs' ``ctx.enqueue`` writes through (a connection per thread)."""
+        """The Queue that jobs' ``ctx.enqueue_now`` writes through (a connection per job thread that does).
+
+        The worker's own threads only build rows with it (cron sync, follow-ups)
+        and write them through the store: so the connection that Queue opens
+        to check the database is closed again, not held for the worker's life
+        (on PostgreSQL, a third connection per worker process).
+        """
         if self._producer is None:
             self._producer = Queue(self.db)
+            self._producer.close()
         return self._producer
 
     def now(self) -> int:
