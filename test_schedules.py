@@ -20,6 +20,10 @@ import worker
 from conftest import FakeClock, at, rows
 from worker import JobContext, Queue, Worker
 
+# On every store; a test that reaches into SQLite itself (its file, its locks) is SQLite's alone.
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+SQLITE_ONLY = pytest.mark.stores("sqlite")
+
 DAY = 86_400_000
 # 2027-01-15 12:00:00 UTC: a round minute, in winter (Paris is UTC+1).
 NOON = datetime(2027, 1, 15, 12, 0, 0, tzinfo=UTC).timestamp()
@@ -296,6 +300,7 @@ def test_tag_never_cancels_a_running_row(queue: Queue, make_worker: Any, db: str
     assert rows(db)[0]["id"] == running.id
 
 
+@SQLITE_ONLY
 def test_table_refuses_a_second_pending_row_with_a_tag_from_any_writer(queue: Queue, db: str, tick: None) -> None:
     queue.enqueue("tick", tag="unique")
     with sqlite3.connect(db) as conn, pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
@@ -370,6 +375,7 @@ def test_prune_removes_expired_finished_rows_only(
     assert queue.enqueue("tick").id == running.id + 1, "ids are never reused after pruning"
 
 
+@SQLITE_ONLY
 @pytest.mark.slow
 def test_big_prune_holds_the_write_lock_briefly_while_a_worker_keeps_claiming(
     queue: Queue, db: str, tick: None
@@ -418,6 +424,7 @@ def test_big_prune_holds_the_write_lock_briefly_while_a_worker_keeps_claiming(
     print(f"\nprune of 200,000 rows: {len(waits)} probes, longest lock wait {max(waits) * 1000:.1f} ms")
 
 
+@SQLITE_ONLY
 def test_prune_command_prints_how_many(queue: Queue, db: str, tick: None) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("INSERT INTO worker_jobs (type, status, finished, remove_at) VALUES ('tick', 'failed', 1, 1)")

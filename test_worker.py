@@ -30,6 +30,13 @@ import worker_cli
 from conftest import FakeClock, NoJitter, at, rows, wait_for
 from worker import Job, JobContext, Queue, Worker
 
+# The engine's tests run on every store; those that reach into SQLite itself (the
+# file through sqlite3 or apsw, its query plans, its schema history, its locks)
+# are SQLite's alone.  test_store_contract.py and test_postgres_*.py hold
+# PostgreSQL to the same meanings.
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+SQLITE_ONLY = pytest.mark.stores("sqlite")
+
 HERE = Path(__file__).parent
 
 
@@ -166,6 +173,7 @@ def test_row_policy_overrides_the_job_types(
     assert chain[1]["due"] - chain[0]["finished"] == 1_000
 
 
+@SQLITE_ONLY
 def test_row_from_another_program_gets_the_job_types_policy(
     queue: Queue, make_worker: Any, db: str, failing_job: None
 ) -> None:
@@ -178,6 +186,7 @@ def test_row_from_another_program_gets_the_job_types_policy(
     assert retry["attempt"] == 2
 
 
+@SQLITE_ONLY
 def test_a_row_of_a_type_this_worker_does_not_know_waits_and_the_others_run(
     queue: Queue, make_worker: Any, db: str, ok_job: None
 ) -> None:
@@ -291,6 +300,7 @@ def test_job_longer_than_its_timeout_fails_and_frees_its_slot(queue: Queue, db: 
     assert queue.get(after.id).status == "succeeded"  # type: ignore[union-attr]
 
 
+@SQLITE_ONLY
 def test_without_prefetch_at_concurrency_1_each_job_is_recorded_before_the_next_starts(queue: Queue, db: str) -> None:
     @worker.job
     def look_back(ctx: JobContext) -> str | None:
@@ -693,6 +703,7 @@ def test_enqueue_many_names_the_item_whose_data_is_not_json(queue: Queue, db: st
     assert rows(db) == []
 
 
+@SQLITE_ONLY
 def test_enqueue_waits_for_another_writer_instead_of_failing(queue: Queue, db: str, ok_job: None) -> None:
     queue.enqueue("add", {"a": 0, "b": 0})  # the connection is open and the schema made
     blocker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
@@ -706,6 +717,7 @@ def test_enqueue_waits_for_another_writer_instead_of_failing(queue: Queue, db: s
     blocker.close()
 
 
+@SQLITE_ONLY
 def test_enqueue_joins_the_callers_stdlib_sqlite3_transaction(db: str, queue: Queue, ok_job: None) -> None:
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
@@ -724,6 +736,7 @@ def test_enqueue_joins_the_callers_stdlib_sqlite3_transaction(db: str, queue: Qu
     conn.close()
 
 
+@SQLITE_ONLY
 def test_enqueue_joins_the_callers_apsw_transaction(db: str, queue: Queue, ok_job: None) -> None:
     conn = apsw.Connection(db)
     app_queue = Queue(conn)
@@ -736,6 +749,7 @@ def test_enqueue_joins_the_callers_apsw_transaction(db: str, queue: Queue, ok_jo
     assert len(rows(db)) == 1
 
 
+@SQLITE_ONLY
 def test_enqueue_on_an_autocommit_connection_is_still_all_or_nothing(db: str, queue: Queue) -> None:
     @worker.job
     def tagged(ctx: JobContext) -> None:
@@ -772,6 +786,7 @@ def test_job_fields_are_the_columns_in_order() -> None:
     assert [field.name for field in worker.dataclasses.fields(Job)] == list(worker.COLUMNS)
 
 
+@SQLITE_ONLY
 def test_row_with_only_a_type_is_valid_and_due_now(queue: Queue, db: str) -> None:
     before = int(time.time() * 1000)
     with sqlite3.connect(db) as conn:
@@ -799,12 +814,14 @@ def test_row_with_only_a_type_is_valid_and_due_now(queue: Queue, db: str) -> Non
         "INSERT INTO worker_jobs (data) VALUES ('{}')",
     ],
 )
+@SQLITE_ONLY
 def test_table_refuses_invalid_rows_from_any_writer(queue: Queue, db: str, bad: str) -> None:
     with sqlite3.connect(db) as conn, pytest.raises(sqlite3.IntegrityError):
         conn.execute(bad)
     assert rows(db) == []
 
 
+@SQLITE_ONLY
 def test_ids_are_never_reused(queue: Queue, db: str, ok_job: None) -> None:
     last = queue.enqueue("add", {"a": 1, "b": 1})
     with sqlite3.connect(db) as conn:
@@ -812,6 +829,7 @@ def test_ids_are_never_reused(queue: Queue, db: str, ok_job: None) -> None:
     assert queue.enqueue("add", {"a": 1, "b": 1}).id == last.id + 1
 
 
+@SQLITE_ONLY
 def test_schema_is_idempotent_and_versioned(db: str) -> None:
     conn = worker.connect(db)
     assert worker.apply_schema(conn) == worker.schema_version()
@@ -822,6 +840,7 @@ def test_schema_is_idempotent_and_versioned(db: str) -> None:
     conn.close()
 
 
+@SQLITE_ONLY
 def test_a_version_1_database_is_upgraded_in_place(db: str, ok_job: None) -> None:
     (version, first_section), *_ = worker.schema_sections()
     assert version == 1
@@ -838,6 +857,7 @@ def test_a_version_1_database_is_upgraded_in_place(db: str, ok_job: None) -> Non
     assert [(r["status"], r["result"]) for r in rows(db)] == [("succeeded", "3")]
 
 
+@SQLITE_ONLY
 def test_a_version_2_database_keeps_its_last_hour_counts_when_upgraded(db: str, clock: FakeClock) -> None:
     sections = worker.schema_sections()
     assert [version for version, _ in sections[:2]] == [1, 2]
@@ -861,6 +881,7 @@ def finished_last_hour(conn: Any, now: int) -> dict[str, int]:
     return {state: default.get(f"{state}_last_hour", 0) for state in ("succeeded", "failed", "cancelled")}
 
 
+@SQLITE_ONLY
 def test_last_hour_counts_are_kept_per_minute_and_outlive_pruned_rows(
     queue: Queue, make_worker: Any, clock: FakeClock, db: str, ok_job: None
 ) -> None:
@@ -879,6 +900,7 @@ def test_last_hour_counts_are_kept_per_minute_and_outlive_pruned_rows(
     assert finished_last_hour(w.store.conn, at(clock, 3600 + 120)) == {"succeeded": 0, "failed": 0, "cancelled": 0}
 
 
+@SQLITE_ONLY
 def test_a_rescued_job_counts_as_failed(queue: Queue, make_worker: Any, clock: FakeClock, ok_job: None) -> None:
     queue.enqueue("add", {"a": 1, "b": 1}, now=at(clock))
     dead = make_worker(lease=1)
@@ -903,6 +925,7 @@ def test_per_minute_counts_are_pruned_after_a_day(
     assert w.store.conn.execute(count).fetchone()[0] == 0
 
 
+@SQLITE_ONLY
 def test_schema_newer_than_the_code_is_refused(db: str) -> None:
     Queue(db).close()
     with sqlite3.connect(db) as conn:
@@ -911,6 +934,7 @@ def test_schema_newer_than_the_code_is_refused(db: str) -> None:
         Queue(db).enqueue("x")
 
 
+@SQLITE_ONLY
 def test_claim_uses_the_partial_index_not_a_table_scan(queue: Queue) -> None:
     conn = worker.connect(queue.path or "")
     sql = worker.SQLiteStore.CLAIM_SQL.format(queue_filter="", columns="id", deaths="deaths = 0")
@@ -925,6 +949,7 @@ def test_claim_uses_the_partial_index_not_a_table_scan(queue: Queue) -> None:
     conn.close()
 
 
+@SQLITE_ONLY
 def test_next_due_is_the_earliest_pending_due_across_priorities_and_queues(
     queue: Queue, make_worker: Any, clock: FakeClock, ok_job: None
 ) -> None:
@@ -949,6 +974,7 @@ def test_next_due_is_the_earliest_pending_due_across_priorities_and_queues(
     conn.close()
 
 
+@SQLITE_ONLY
 def test_claim_of_a_job_whose_worker_died_uses_its_own_small_index(queue: Queue) -> None:
     conn = worker.connect(queue.path or "")
     sql = worker.SQLiteStore.CLAIM_SQL.format(queue_filter="", columns="id", deaths="deaths > 0")
@@ -976,6 +1002,7 @@ def test_file_that_is_not_a_database_is_refused_and_left_unchanged(tmp_path: Pat
 # --- The job function's view ------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_context_carries_row_logger_app_and_follow_up_enqueue(queue: Queue, db: str) -> None:
     seen: dict[str, Any] = {}
 
@@ -1069,6 +1096,7 @@ def test_commit_watcher_wakes_on_a_write_to_the_wal_file_only_when_armed(tmp_pat
         watcher.stop()
 
 
+@SQLITE_ONLY
 def test_idle_worker_is_woken_by_a_commit_not_by_its_safety_poll(
     db: str, queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,7 +4,14 @@ A web app schedules jobs by inserting rows into the table ``worker_jobs`` of a
 local SQLite database (WAL mode); ``worker run`` claims due rows in a
 transaction, runs the registered Python function and stores what it returned
 (as JSON), or the error and its traceback, in that same row.  A retry or the
-next run of a recurring job is a new row pointing back to the old one.
+next run of a recurring job is a new row pointing back to the old one.  Given a
+postgresql:// URL, the same API, CLI and table run on PostgreSQL, for workers on
+many hosts (worker_postgres.py, the extra ``rowworker[postgres]``).
+
+The engine reaches its database only through a store (``Store``: one verb per
+transition of a row, each naming its fence) and learns of other writers'
+commits through a wake-up (``WakeUp``).  This file holds the SQLite store, so
+that worker.py and schema.sql alone are a working copy.
 
     # jobs.py -- what the worker runs
     from worker import job
@@ -976,6 +983,10 @@ class Queue:
                 return removed
             time.sleep(max(0.001, time.monotonic() - started))
 
+    def maintain(self) -> str | None:
+        """The database's upkeep (PostgreSQL without autovacuum: VACUUM the worker's tables); what was done."""
+        return self._store().maintain()
+
     def _new_row(
         self,
         type: str,
@@ -1204,6 +1215,10 @@ class Store(Protocol):
         """Drop the per-minute counts of finished rows older than ``before``."""
         ...
 
+    def maintain(self) -> str | None:
+        """The upkeep the database needs and would not get otherwise (the hourly job runs it); what was done."""
+        ...
+
     # Claiming, and ending what was claimed (fenced on the owner)
 
     def claim(
@@ -1238,6 +1253,12 @@ class Store(Protocol):
         (None: the claim's time stands); the row is removable ``keep_ms``
         after, unless it says otherwise (its own keep_ms, persistent).
         """
+        ...
+
+    def finish_many_if_owned(
+        self, owner: str, now: int, outcomes: Iterable[tuple[int, str, str | None, str | None, int | None, int]]
+    ) -> set[int]:
+        """``finish_if_owned`` for each (id, status, result, error, started, keep_ms); the ids that were owned."""
         ...
 
     def give_back_if_owned(self, id: int, owner: str) -> bool:
@@ -1881,6 +1902,9 @@ class SQLiteStore:
     def missing_schema(self) -> list[str]:
         return missing_schema_objects(self.conn)
 
+    def maintain(self) -> str | None:
+        return None  # SQLite checkpoints the WAL itself (wal_autocheckpoint), and reuses the pages freed
+
     def repair_schema(self) -> bool:
         if not missing_schema_objects(self.conn):
             return False
@@ -2127,6 +2151,20 @@ class SQLiteStore:
         params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": error,
                   "started": started, "keep_ms": keep_ms}  # fmt: skip
         return self.conn.execute(self.FINISH_SQL, params).rowcount == 1
+
+    def finish_many_if_owned(
+        self, owner: str, now: int, outcomes: Iterable[tuple[int, str, str | None, str | None, int | None, int]]
+    ) -> set[int]:
+        # One statement each: in-process SQLite has no round trip to save, and a
+        # batch statement would only add the cost of building it.
+        execute, sql = self.conn.execute, self.FINISH_SQL
+        owned = set()
+        for id, status, result, error, started, keep_ms in outcomes:
+            params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": error,
+                      "started": started, "keep_ms": keep_ms}  # fmt: skip
+            if execute(sql, params).rowcount == 1:
+                owned.add(id)
+        return owned
 
     # OR IGNORE: a newer pending job with the same tag supersedes the retry.  A
     # retry keeps the cron slot of the run it repeats.
@@ -2598,7 +2636,10 @@ def store_in_callers_transaction(conn: Any) -> Store:
 def open_wake_up(target: str, store: Callable[[], Store]) -> WakeUp:
     """How a worker on ``target`` learns of commits by others (``store`` gives the worker's current store)."""
     if is_postgres(target):
-        return cast(WakeUp, postgres_module().PostgresWakeUp(target))
+        listen = os.environ.get("WORKER_PG_LISTEN", "1").strip()
+        if listen not in ("0", "1"):
+            raise ConfigError(f"invalid WORKER_PG_LISTEN={listen!r} (use 1, or 0 to poll)")
+        return cast(WakeUp, postgres_module().PostgresWakeUp(target, listen=listen == "1"))
     return SQLiteWakeUp(sqlite_path(target), lambda: cast(SQLiteStore, store()).conn)
 
 
@@ -2938,7 +2979,9 @@ class Worker:
                 row = producer._new_row(
                     job_type.name, None, at=due / 1000, tag=tag, cron=job_type.cron, timezone=job_type.timezone, now=now
                 )
-                scheduled = store.insert(row, "replace")
+                # With no pending row, "ignore": a worker on another host that made one
+                # meanwhile wins, and no second row is made and cancelled for the slot.
+                scheduled = store.insert(row, "ignore" if pending is None else "replace")
             logger.info(
                 "cron job %s (%s%s): next run %d due %s",
                 job_type.name,
@@ -3078,19 +3121,26 @@ class Worker:
         _emit(notes)
 
     def _record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
+        """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
+        ended = [(o.job.id, _ENDED_AS[o.succeeded], o.result, o.error, o.started, self._keep_ms(o)) for o in outcomes]
+        owned = self._store.finish_many_if_owned(self.owner, now, ended) if ended else set()
         notes: list[_Note] = []
         finished: list[tuple[int, str, str]] = []
         for outcome in outcomes:
-            notes.extend(self._finish(outcome, now, finished))
+            notes.extend(self._finish(outcome, now, finished, outcome.job.id in owned))
         self._store.count_finished(finished)
         return notes
 
-    def _finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
+    def _keep_ms(self, outcome: Outcome) -> int:
+        keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
+        keep_ms: int = _first(_job_type(outcome.job).keep_ms, keep_default)
+        return keep_ms
+
+    def _finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]], owned: bool) -> list[_Note]:
+        """What follows a row ended (``owned``: it was still this worker's): follow-ups, retry, next cron run, notes."""
         job = outcome.job
         status = _ENDED_AS[outcome.succeeded]
-        keep_ms = _first(_job_type(job).keep_ms, self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms)
-        if not self._store.finish_if_owned(job.id, self.owner, status, now, outcome.result, outcome.error,
-                                           outcome.started, keep_ms):  # fmt: skip
+        if not owned:
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
         finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
@@ -3986,6 +4036,9 @@ def remove_old_jobs(ctx: JobContext) -> int:
     """Hourly: delete finished rows whose retention ran out (``worker prune`` on demand)."""
     removed = ctx.producer.prune()
     ctx.logger.info("removed %d finished rows past their retention", removed)
+    done = ctx.producer.maintain()
+    if done:
+        ctx.logger.info("%s", done)
     return removed
 
 
@@ -4001,7 +4054,7 @@ EXIT_CODES_HELP = "Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration
 ENGINE_COMMANDS = ("run", "enqueue", "schema", "migrate")
 
 ENVIRONMENT = {
-    "db": ("WORKER_DB", "database file or sqlite:/// URL (else DATABASE_URL, else ./worker.db)"),
+    "db": ("WORKER_DB", "database file, sqlite:/// or postgresql:// URL (else DATABASE_URL, else ./worker.db)"),
     "jobs": ("WORKER_JOBS", f"module name or .py path that registers the jobs (default ./{DEFAULT_JOBS_MODULE}.py)"),
     "concurrency": ("WORKER_CONCURRENCY", f"job threads per process (default {DEFAULT_CONCURRENCY})"),
     "processes": ("WORKER_PROCESSES", "worker processes run by a supervisor (default 1)"),
@@ -4023,6 +4076,10 @@ ENVIRONMENT = {
     "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
     "keep_failed": ("WORKER_KEEP_FAILED", "seconds a failed or cancelled row is kept (default 30 days)"),
     "synchronous": ("WORKER_SYNCHRONOUS", "NORMAL (a power cut may lose the last commits) or FULL (default NORMAL)"),
+    "pg_listen": (
+        "WORKER_PG_LISTEN",
+        "PostgreSQL: 0 polls instead of LISTEN (PgBouncer in transaction mode; default 1)",
+    ),
     "log_level": ("WORKER_LOG_LEVEL", "the worker's own log threshold: DEBUG, INFO, WARNING, ERROR (default INFO)"),
     "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
 }
@@ -4089,7 +4146,9 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
 def add_engine_commands(commands: Any) -> None:
     """The subcommands worker.py serves alone: run, enqueue, schema."""
     run = commands.add_parser(
-        "run", help="claim and run jobs until stopped", epilog=f"Environment only: {option_help('synchronous')}"
+        "run",
+        help="claim and run jobs until stopped",
+        epilog=f"Environment only: {option_help('synchronous')}; {option_help('pg_listen')}",
     )
     add_common_options(run)
     run.add_argument("--concurrency", type=int, help=option_help("concurrency"))
