@@ -281,6 +281,16 @@ def test_a_row_postgresql_cannot_hold_fails_the_copy_naming_it_and_nothing_is_wr
         assert conn.execute("SELECT pg_sequence_last_value('worker_jobs_id_seq')").fetchone() == (None,)
 
 
+def test_a_file_of_an_older_schema_is_upgraded_by_migrate_not_by_a_worker(
+    source: Path, target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with sqlite3.connect(source) as conn:
+        conn.execute("UPDATE worker_schema SET version = version - 1")
+    code, _, err = copy("--from", str(source), "--to", target, capsys=capsys)
+    assert code == worker.EXIT_DATABASE and f"`worker migrate --db {source}` first" in err
+    assert "run the worker" not in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -295,7 +295,13 @@ def copy_jobs(
         raise ConfigError("--from is the SQLite file to copy from, not a postgresql:// URL")
     if not is_postgres(target):
         raise ConfigError(f"--to must be a postgresql:// URL (the database to copy into), not {printable(target)!r}")
-    reader = cast(SQLiteStore, open_reader(source))
+    try:
+        reader = cast(SQLiteStore, open_reader(source))
+    except DatabaseUnusable as e:
+        if "schema version" not in str(e):
+            raise
+        # Not "run the worker": a worker started on it now would claim the jobs about to move.
+        raise DatabaseUnusable(f"{e.args[0].split(': run the worker')[0]}: `worker migrate --db {source}` first") from e
     try:
         with reader.snapshot():
             _refuse_a_live_source(reader, source, running_as_pending)
@@ -377,7 +383,8 @@ def _copy_command(args: argparse.Namespace) -> int:
         parts.append(f"{copied['running']} running, as pending")
     if args.history:
         parts.append(", ".join(f"{copied[state]} {state}" for state in FINISHED))
-    print(f"copied {copied['rows']} jobs from {printable(args.source)} to {printable(copied['database'])}: "
+    jobs = f"{copied['rows']} job{'' if copied['rows'] == 1 else 's'}"
+    print(f"copied {jobs} from {printable(args.source)} to {printable(copied['database'])}: "
           f"{'; '.join(parts)}; new ids start after {copied['last_id']}")  # fmt: skip
     return EXIT_OK
 
