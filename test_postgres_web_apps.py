@@ -170,6 +170,20 @@ def test_a_failed_enqueue_leaves_the_apps_transaction_usable_and_as_it_was(
     other.rollback()
 
 
+def test_a_transaction_the_app_has_already_failed_is_the_engines_error_not_psycopgs(
+    app_db: str, connect: Callable[..., psycopg.Connection[Any]]
+) -> None:
+    conn = connect()
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        conn.execute("SELECT * FROM no_such_table")
+    with pytest.raises(worker.DatabaseError, match="current transaction is aborted"):
+        Queue(conn, check_types=False).enqueue("send_receipt", {"order": 1})
+    conn.rollback()
+    enqueue_first(conn)
+    conn.commit()
+    assert counts(app_db) == (1, 1)
+
+
 @pytest.mark.parametrize("row_factory", [dict_row, namedtuple_row])
 def test_the_apps_row_factory_is_the_apps_own(
     app_db: str, connect: Callable[..., psycopg.Connection[Any]], row_factory: Any
