@@ -616,6 +616,41 @@ def test_cancelled_or_given_back_job_is_not_finished_by_its_old_worker(
     assert queue.get(enqueued.id).status == "pending"  # type: ignore[union-attr]
 
 
+def test_housekeeping_schedule_heartbeats_every_third_of_a_lease_and_sweeps_about_every_half() -> None:
+    schedule = worker.HousekeepingSchedule(60_000, NoJitter())
+    assert schedule.heartbeat_due(0) and schedule.rescue_due(0)  # at once, at start
+    schedule.heartbeat_done(0)
+    schedule.rescue_done(0)
+    assert not schedule.heartbeat_due(19_999) and schedule.heartbeat_due(20_000)
+    assert not schedule.rescue_due(26_999) and schedule.rescue_due(27_000)  # lease/2 x 0.9, the jitter's middle
+
+
+def test_housekeeping_schedule_after_the_wall_clock_steps_back_heartbeats_and_sweeps_at_once() -> None:
+    schedule = worker.HousekeepingSchedule(60_000, NoJitter())
+    schedule.heartbeat_due(1_000_000)
+    schedule.heartbeat_done(1_000_000)
+    schedule.rescue_done(1_000_000)
+    assert schedule.heartbeat_due(500_000) and schedule.rescue_due(500_000)
+
+
+def test_housekeeping_schedule_after_a_forward_jump_heartbeats_now_and_sweeps_only_a_lease_later() -> None:
+    schedule = worker.HousekeepingSchedule(60_000, NoJitter())
+    assert schedule.clock_jump(0, monotonic=100.0) is None  # the first look only notes the time
+    schedule.heartbeat_done(0)
+    schedule.rescue_done(0)
+    assert schedule.clock_jump(1_000, monotonic=101.0) is None  # wall and monotonic clocks agree
+    assert schedule.clock_jump(3_601_000, monotonic=102.0) == 3_599_000  # an hour, in one second
+    assert schedule.heartbeat_due(3_601_000)
+    assert not schedule.rescue_due(3_660_999) and schedule.rescue_due(3_661_000)
+
+
+def test_housekeeping_schedule_postponed_by_a_long_wait_for_the_lock_keeps_the_later_time() -> None:
+    schedule = worker.HousekeepingSchedule(60_000, NoJitter())
+    schedule.postpone_rescue(90_000)
+    schedule.rescue_done(0)  # a sweep now would plan the next at 27 s: the postponement stands
+    assert not schedule.rescue_due(89_999) and schedule.rescue_due(90_000)
+
+
 # --- Enqueue --------------------------------------------------------------------
 
 

@@ -2783,6 +2783,65 @@ class _Write:
         self.transaction.__exit__(kind, error, trace)
 
 
+class HousekeepingSchedule:
+    """When a worker renews its leases (every lease/3) and sweeps for lost jobs (about every lease/2).
+
+    Pure: no database, no clock of its own; the worker asks what is due and
+    says what it did.  A wall clock that steps back, or jumps forward, and a
+    long wait for the write lock move the times, as each method says.
+    """
+
+    def __init__(self, lease_ms: int, rng: random.Random) -> None:
+        self.lease_ms, self.rng = lease_ms, rng
+        self.next_heartbeat = self.next_rescue = 0
+        self._last_now = 0
+        self._last_tick: tuple[int, float] | None = None  # (now, time.monotonic()) when clock_jump last looked
+
+    def heartbeat_due(self, now: int) -> bool:
+        """Whether a heartbeat is due at ``now`` (asked first, each tick)."""
+        if now < self._last_now:
+            # The wall clock stepped back: the next heartbeat and sweep would
+            # wait as long, and the leases of our jobs would lapse meanwhile.
+            self.next_heartbeat = self.next_rescue = now
+        self._last_now = now
+        return now >= self.next_heartbeat
+
+    def rescue_due(self, now: int) -> bool:
+        """Whether a sweep is due (asked after the heartbeat, which may have postponed it)."""
+        return now >= self.next_rescue
+
+    def heartbeat_done(self, now: int) -> None:
+        self.next_heartbeat = now + self.lease_ms // 3
+
+    def rescue_done(self, now: int) -> None:
+        # Jitter keeps several workers from sweeping in lockstep; max: a sweep
+        # may have been postponed further meanwhile (postpone_rescue).
+        self.next_rescue = max(self.next_rescue, now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0)))
+
+    def postpone_rescue(self, until: int) -> None:
+        """Take no lease for lost before ``until``."""
+        self.next_rescue = max(self.next_rescue, until)
+
+    def clock_jump(self, now: int, monotonic: float) -> float | None:
+        """After the wall clock jumped forward (ms, returned; else None): heartbeat at once, sweep a lease later.
+
+        A jump (an NTP step, a VM resumed from suspend) makes every lease on
+        this host look expired, though their workers are alive: each of them
+        notices it at its next tick and renews its leases, so a worker that
+        waits a lease before its next sweep re-runs nothing.
+        """
+        jumped_ms = None
+        if self._last_tick is not None:
+            then, monotonic_then = self._last_tick
+            jumped = (now - then) - (monotonic - monotonic_then) * 1000
+            if jumped > self.lease_ms / 10:
+                jumped_ms = jumped
+                self.next_heartbeat = now
+                self.postpone_rescue(now + self.lease_ms)
+        self._last_tick = (now, monotonic)
+        return jumped_ms
+
+
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
 
 
@@ -2863,8 +2922,6 @@ class Worker:
         self._wake_up: WakeUp = open_wake_up(self.db, lambda: self.store)
         self._wants_commits = False  # idle: a commit by another process may bring work
         self._woken_at = 0.0  # time.monotonic() of the watcher's last wake-up
-        self._last_now = 0
-        self._last_tick: tuple[int, float] | None = None  # (now, time.monotonic()) of the last tick
         self._todo: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
         # An outcome goes through three hands, in this order.  1: job threads hand
         # it over here; the main loop sleeps on it, so a finished job wakes it at
@@ -2885,8 +2942,7 @@ class Worker:
         self._next_due = 0
         self._last_claim_full = True
         self._nothing_due = False
-        self._next_heartbeat = 0
-        self._next_rescue = 0
+        self._schedule = HousekeepingSchedule(self.lease_ms, self.rng)
         self._busy_backoff = 0.0
         # time.monotonic() since when this worker's writes have been refused as
         # busy (None while they go through): how long it has waited for the lock.
@@ -3232,7 +3288,7 @@ class Worker:
         postponed_until = self.now() + self.lease_ms
         logger.warning("waited %.1f s for the write lock: no job is taken for lost before %s, a lease from now",
                        waited_ms / 1000, iso_time(postponed_until))  # fmt: skip
-        self._next_rescue = max(self._next_rescue, postponed_until)
+        self._schedule.postpone_rescue(postponed_until)
         return True
 
     def heartbeat(self, now: int | None = None) -> None:
@@ -3548,23 +3604,11 @@ class Worker:
             self.stop()
 
     def _notice_clock_jump(self, now: int, monotonic: float) -> None:
-        """After the wall clock jumps forward, heartbeat at once and sweep for lost jobs only a lease later.
-
-        A jump (an NTP step, a VM resumed from suspend) makes every lease on
-        this host look expired, though their workers are alive: each of them
-        notices it at its next tick and renews its leases, so a worker that
-        waits a lease before its next sweep re-runs nothing.  Only in the loop
-        (not ``work()``): a test's fake clock moves without the monotonic one.
-        """
-        if self._last_tick is not None:
-            then, monotonic_then = self._last_tick
-            jumped_ms = (now - then) - (monotonic - monotonic_then) * 1000
-            if jumped_ms > self.lease_ms / 10:
-                logger.warning("the wall clock jumped %.1f s forward: leases renewed now, the next sweep for lost "
-                               "jobs in %.1f s", jumped_ms / 1000, self.lease_ms / 1000)  # fmt: skip
-                self._next_heartbeat = now
-                self._next_rescue = max(self._next_rescue, now + self.lease_ms)
-        self._last_tick = (now, monotonic)
+        """Only in the loop (not ``work()``): a test's fake clock moves without the monotonic one."""
+        jumped_ms = self._schedule.clock_jump(now, monotonic)
+        if jumped_ms is not None:
+            logger.warning("the wall clock jumped %.1f s forward: leases renewed now, the next sweep for lost "
+                           "jobs in %.1f s", jumped_ms / 1000, self.lease_ms / 1000)  # fmt: skip
 
     def _collect_outcomes(self, now: int) -> None:
         if not self._received and not self._deadlines and self._handed_over.empty():
@@ -3694,21 +3738,15 @@ class Worker:
         self._to_record = kept
 
     def _housekeeping(self, now: int) -> None:
+        schedule = self._schedule
         try:
-            if now < self._last_now:
-                # The wall clock stepped back: the next heartbeat and sweep would
-                # wait as long, and the leases of our jobs would lapse meanwhile.
-                self._next_heartbeat = self._next_rescue = now
-            self._last_now = now
-            if now >= self._next_heartbeat:
+            if schedule.heartbeat_due(now):
                 self.heartbeat(now)
-                self._next_heartbeat = now + self.lease_ms // 3
+                schedule.heartbeat_done(now)
                 self._notice_database_replaced()
-            if now >= self._next_rescue:
+            if schedule.rescue_due(now):
                 self.rescue(now)
-                # Jitter keeps several workers from sweeping in lockstep; max: a
-                # sweep that waited for the lock was postponed further (_waited).
-                self._next_rescue = max(self._next_rescue, now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0)))
+                schedule.rescue_done(now)
         except DatabaseError as e:
             # Postponed, not given up: the next tick tries again.
             transient = isinstance(e, DatabaseUnavailable)

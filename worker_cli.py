@@ -18,10 +18,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, cast
+from urllib.parse import quote, urlencode
 
 from worker import (
     COLUMNS,
@@ -518,20 +518,21 @@ def _set_up_django(args: argparse.Namespace) -> None:
     except Exception as e:
         raise ConfigError(f"Django settings {module!r}: {type(e).__name__}: {e}") from e
     if not given:
-        args.db = django_postgres_url(database) if engine.endswith("postgresql") else str(database["NAME"])
+        args.db = str(database["NAME"]) if engine.endswith("sqlite3") else _django_postgres_url(database)
 
 
-def django_postgres_url(database: dict[str, Any]) -> str:
-    """The postgresql:// URL of a Django DATABASES entry: its NAME, USER, PASSWORD, HOST and PORT (and sslmode)."""
-    user = urllib.parse.quote(str(database.get("USER") or ""), safe="")
-    password = urllib.parse.quote(str(database.get("PASSWORD") or ""), safe="")
-    userinfo = f"{user}:{password}@" if password else f"{user}@" if user else ""
-    host = str(database.get("HOST") or "")
-    host = urllib.parse.quote(host, safe="") if host.startswith("/") else host  # a socket directory
-    port = f":{database['PORT']}" if database.get("PORT") else ""
-    sslmode = (database.get("OPTIONS") or {}).get("sslmode")
-    query = f"?sslmode={urllib.parse.quote(str(sslmode))}" if sslmode else ""
-    return f"postgresql://{userinfo}{host}{port}/{urllib.parse.quote(str(database.get('NAME') or ''))}{query}"
+def _django_postgres_url(database: dict[str, Any]) -> str:
+    """A postgresql:// URL for Django's PostgreSQL settings (NAME, USER, PASSWORD, HOST, PORT, OPTIONS)."""
+    user = quote(str(database.get("USER") or ""), safe="")
+    password = quote(str(database.get("PASSWORD") or ""), safe="")
+    credentials = f"{user}:{password}@" if password else f"{user}@" if user else ""
+    host, port = str(database.get("HOST") or ""), str(database.get("PORT") or "")
+    host = f"[{host}]" if ":" in host else quote(host, safe="")  # an IPv6 address; a socket directory is escaped
+    options = {key: value for key, value in (database.get("OPTIONS") or {}).items() if isinstance(value, str | int)}
+    query = f"?{urlencode(options)}" if options else ""
+    return (
+        f"postgresql://{credentials}{host}{':' + port if port else ''}/{quote(str(database['NAME']), safe='')}{query}"
+    )
 
 
 def _dashboard_command(argv: list[str]) -> int:
