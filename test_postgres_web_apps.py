@@ -382,3 +382,14 @@ def test_django_atomic_commits_and_rolls_back_the_job_with_the_apps_writes(
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["rolled back 0 0", "committed 1 2", "autocommit 1 3"]
     assert counts(app_db) == (1, 3)
+
+
+def test_djangos_own_options_stay_out_of_the_workers_url() -> None:
+    """server_side_binding (as the Django app above sets it), isolation_level, ...: Django's, not libpq's."""
+    import worker_cli
+
+    options = {"server_side_binding": True, "isolation_level": psycopg.IsolationLevel.SERIALIZABLE,
+               "prepare_threshold": None, "sslmode": "require", "connect_timeout": 5}  # fmt: skip
+    url = worker_cli._django_postgres_url({"NAME": "shop", "USER": "app", "HOST": "db.internal", "OPTIONS": options})
+    assert url == "postgresql://app@db.internal/shop?sslmode=require&connect_timeout=5"
+    assert psycopg.conninfo.conninfo_to_dict(url)["sslmode"] == "require"  # libpq takes it

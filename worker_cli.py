@@ -521,6 +521,13 @@ def _set_up_django(args: argparse.Namespace) -> None:
         args.db = str(database["NAME"]) if engine.endswith("sqlite3") else _django_postgres_url(database)
 
 
+# OPTIONS that Django's backend takes for itself, or passes to psycopg.connect()
+# as arguments of psycopg's own: none is a libpq parameter, which would refuse the URL.
+NOT_LIBPQ_OPTIONS = frozenset(
+    ("isolation_level", "server_side_binding", "assume_role", "pool", "prepare_threshold", "cursor_factory", "context")
+)
+
+
 def _django_postgres_url(database: dict[str, Any]) -> str:
     """A postgresql:// URL for Django's PostgreSQL settings (NAME, USER, PASSWORD, HOST, PORT, OPTIONS)."""
     user = quote(str(database.get("USER") or ""), safe="")
@@ -528,7 +535,8 @@ def _django_postgres_url(database: dict[str, Any]) -> str:
     credentials = f"{user}:{password}@" if password else f"{user}@" if user else ""
     host, port = str(database.get("HOST") or ""), str(database.get("PORT") or "")
     host = f"[{host}]" if ":" in host else quote(host, safe="")  # an IPv6 address; a socket directory is escaped
-    options = {key: value for key, value in (database.get("OPTIONS") or {}).items() if isinstance(value, str | int)}
+    options = {key: value for key, value in (database.get("OPTIONS") or {}).items()
+               if key not in NOT_LIBPQ_OPTIONS and type(value) in (str, int)}  # fmt: skip
     query = f"?{urlencode(options)}" if options else ""
     return (
         f"postgresql://{credentials}{host}{':' + port if port else ''}/{quote(str(database['NAME']), safe='')}{query}"
