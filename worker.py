@@ -2431,6 +2431,70 @@ class SQLiteStore:
     def retried_as(self, ids: list[int]) -> dict[int, int]:
         return dict(self.conn.execute(self.RETRIED_AS_SQL, {"ids": json.dumps(ids)}).fetchall())
 
+    # -- what `worker copy` reads, to move the rows to PostgreSQL --
+
+    def snapshot(self) -> contextlib.AbstractContextManager[Any]:
+        """One read transaction: everything read inside it is the database at one moment, whatever others commit."""
+        return _InEngineErrors(_read_transaction(self.conn))
+
+    EXPORT_SQL = f"""
+    SELECT {SELECT_COLUMNS} FROM worker_jobs
+     WHERE id > :after AND status IN (SELECT value FROM json_each(:statuses)) ORDER BY id LIMIT :limit
+    """
+
+    def rows_to_copy(self, statuses: list[str], *, after: int, limit: int) -> list[tuple[Any, ...]]:
+        """Up to ``limit`` rows in one of ``statuses`` with ids above ``after``, in id order, each column as stored.
+
+        Text exactly as it is in the file (no JSON is parsed and written again);
+        UnreadableRow, naming the row, for text that is not UTF-8, which no
+        PostgreSQL text column can hold.
+        """
+        params = {"after": after, "statuses": json.dumps(statuses), "limit": limit}
+        with _text_as_bytes(self.conn):
+            raw = self.conn.execute(self.EXPORT_SQL, params).fetchall()
+        rows = []
+        for values in raw:
+            try:
+                rows.append(tuple(value.decode() if isinstance(value, bytes) else value for value in values))
+            except UnicodeDecodeError:
+                bad = next(i for i, value in enumerate(values) if isinstance(value, bytes) and not _is_utf8(value))
+                raise UnreadableRow(
+                    f"job {values[0]}: its {COLUMNS[bad]} is not valid UTF-8 ({_excerpt(values[bad])})"
+                ) from None
+        return rows
+
+    # AUTOINCREMENT's record of the highest id ever given: rows pruned since
+    # held ids above every row left, and a chain may still point at them.
+    HIGHEST_ID_SQL = """
+    SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'worker_jobs'), 0),
+               coalesce((SELECT max(id) FROM worker_jobs), 0))
+    """
+
+    def highest_id(self) -> int:
+        """The highest id this table ever gave a row (0 for none): ids a copy must never give again."""
+        return int(_scalar(self.conn, self.HIGHEST_ID_SQL))
+
+    def finished_counts(self) -> list[tuple[int, str, str, int]]:
+        """The per-minute counts of finished rows, as (minute, queue, status, count)."""
+        return self.conn.execute("SELECT minute, queue, status, count FROM worker_finished_per_minute").fetchall()
+
+
+@contextlib.contextmanager
+def _read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN")  # deferred: its snapshot is taken at the first read, and it never takes the write lock
+    try:
+        yield conn
+    finally:
+        conn.execute("ROLLBACK")
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
 
 def as_store(source: Any) -> Store:
     """A store as it is; a SQLite connection (the operating tools' readers, a test's) as a store on it."""
@@ -3082,9 +3146,16 @@ class Worker:
 
     @property
     def producer(self) -> Queue:
-        """The Queue that jobs' ``ctx.enqueue`` writes through (a connection per thread)."""
+        """The Queue that jobs' ``ctx.enqueue_now`` writes through (a connection per job thread that does).
+
+        The worker's own threads only build rows with it (cron sync, follow-ups)
+        and write them through the store: so the connection that Queue opens
+        to check the database is closed again, not held for the worker's life
+        (on PostgreSQL, a third connection per worker process).
+        """
         if self._producer is None:
             self._producer = Queue(self.db)
+            self._producer.close()
         return self._producer
 
     def now(self) -> int:

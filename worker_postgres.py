@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg.types.numeric import Int8Dumper
 
 import worker
@@ -157,9 +158,10 @@ def schema_objects() -> list[tuple[str, str]]:
 
 def installed_schema_version(conn: psycopg.Connection[Any]) -> int:
     """The version recorded in worker_schema (0 for none); DatabaseUnusable when newer than this code."""
-    if conn.execute("SELECT to_regclass('worker_schema')").fetchone() == (None,):
+    cursor = conn.cursor(row_factory=tuple_row)  # an app's connection may read rows as dicts
+    if cursor.execute("SELECT to_regclass('worker_schema')").fetchone() == (None,):
         return 0
-    row = conn.execute("SELECT version FROM worker_schema WHERE id = 1").fetchone()
+    row = cursor.execute("SELECT version FROM worker_schema WHERE id = 1").fetchone()
     version = 0 if row is None else int(row[0])
     if version > schema_version():
         raise worker.DatabaseUnusable(
@@ -843,7 +845,10 @@ class PostgresStore(OperatingReads):
 
     def count_finished(self, finished: Iterable[tuple[int, str, str]]) -> None:
         """Add rows just finished, as (finished ms, queue, status), to the per-minute counts."""
-        counted = worker.finished_per_minute(finished)
+        self.add_finished_counts(worker.finished_per_minute(finished))
+
+    def add_finished_counts(self, counted: list[tuple[int, str, str, int]]) -> None:
+        """Add (minute, queue, status, count) to the per-minute counts of finished rows."""
         if not counted:
             return
         minutes, queues, statuses, counts = (list(column) for column in zip(*counted, strict=True))
@@ -944,6 +949,50 @@ class PostgresStore(OperatingReads):
         params = {"id": id, "now": now, "error": error, "keep_ms": keep_ms}
         return self._execute(self.RESCUE_SQL, params).rowcount == 1
 
+    # -- what `worker copy` writes: another store's rows, with their own ids --
+
+    # Held to the end of the copy's transaction: no writer can add a row between
+    # the look at the table and the copy's commit (readers go on meanwhile).
+    LOCK_FOR_COPY_SQL = "LOCK TABLE worker_jobs IN SHARE ROW EXCLUSIVE MODE"
+    COPY_SQL = f"COPY worker_jobs ({SELECT_COLUMNS}) FROM STDIN"
+
+    def lock_for_copy(self) -> int:
+        """Keep every other writer out of worker_jobs until this transaction ends; how many rows it holds now."""
+        self._execute(self.LOCK_FOR_COPY_SQL)
+        return int(self._scalar("SELECT count(*) FROM worker_jobs"))
+
+    def copy_rows(self, rows: Iterable[tuple[Any, ...]]) -> int:
+        """Write rows given as SELECT_COLUMNS, ids and all, as they are (one COPY); how many.
+
+        The table checks each row as it would an INSERT's (and the insert
+        trigger wakes the workers at commit).  DatabaseError naming the row it refused.
+        """
+        ids: list[int] = []
+        try:
+            with self.conn.cursor() as cursor, cursor.copy(self.COPY_SQL) as copy:
+                for row in rows:
+                    ids.append(row[0])
+                    copy.write_row(row)
+        except psycopg.Error as e:
+            line = re.search(r"COPY worker_jobs, line (\d+)", e.diag.context or "")
+            if line is None or not 0 < int(line.group(1)) <= len(ids):
+                raise _engine_error(self.url, self.conn, e) from e
+            refused = ids[int(line.group(1)) - 1]
+            raise worker.DatabaseError(f"job {refused} cannot be copied: {_first_line(e)}") from e
+        return len(ids)
+
+    # setval is not undone by a rollback: so the copy's last step, and never down
+    # (an id once given is never given again).
+    MOVE_IDS_PAST_SQL = """
+    SELECT setval(seq, greatest(%(highest)s, coalesce(pg_sequence_last_value(seq), 0),
+                                (SELECT coalesce(max(id), 0) FROM worker_jobs)))
+      FROM (SELECT pg_get_serial_sequence('worker_jobs', 'id')::regclass AS seq) AS identity
+    """
+
+    def move_ids_past(self, highest: int) -> int:
+        """Make the next id given above ``highest`` (and above every id in the table); the last id taken."""
+        return int(self._scalar(self.MOVE_IDS_PAST_SQL, {"highest": max(highest, 1)}))
+
 
 _PRIORITY, _DUE = worker.COLUMNS.index("priority"), worker.COLUMNS.index("due")
 
@@ -997,12 +1046,13 @@ class StoreInCallersTransaction(PostgresStore):
     """The store on an app's psycopg connection: each transaction a savepoint in the app's own, so that a job
     commits or rolls back with the app's writes.
 
-    The app's connection keeps its own settings and adapters: this store binds
-    ints as BIGINT on cursors of its own, and never connects again.
+    The app's connection keeps its own settings, adapters and row factory: this
+    store binds ints as BIGINT, and reads rows as tuples, on cursors of its
+    own, and never connects again.
     """
 
     def _cursor(self) -> psycopg.Cursor[Any]:
-        cursor = self.conn.cursor()
+        cursor = self.conn.cursor(row_factory=tuple_row)
         cursor.adapters.register_dumper(int, Int8Dumper)
         return cursor
 
@@ -1035,10 +1085,12 @@ class StoreInCallersTransaction(PostgresStore):
 
 def store_in_callers_transaction(conn: psycopg.Connection[Any]) -> StoreInCallersTransaction:
     """worker.Queue(conn) on a psycopg 3 connection: the schema made if needed, in the app's transaction."""
+    if not isinstance(conn, psycopg.Connection):  # its statements would be coroutines, never run
+        raise TypeError(f"Queue takes a psycopg Connection, not {type(conn).__name__}: enqueue through a sync one")
     url = "postgresql://" + (conn.info.host or "") + "/" + (conn.info.dbname or "")  # for messages only
     store = StoreInCallersTransaction(conn, url, clock=worker.now_ms)
-    if installed_schema_version(conn) != schema_version():
-        with store.transaction():
+    with store.transaction():  # a savepoint: an error here leaves the app's transaction as it was
+        if installed_schema_version(conn) != schema_version():
             apply_schema(conn)
     return store
 
