@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import worker
-from conftest import FakeClock, at, rows
+from conftest import FakeClock, at, rows, wait_for
 from worker import JobContext, Queue, Worker
 
 # On every store; a test that reaches into SQLite itself (its file, its locks) is SQLite's alone.
@@ -258,7 +258,9 @@ def test_three_workers_run_each_one_second_slot_exactly_once(tmp_path: Path, db:
     env = {**os.environ, "WORKER_LOG_LEVEL": "WARNING"}
     workers = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE) for _ in range(3)]
     try:
-        time.sleep(5)  # real time must pass: five one-second slots
+        # Real time must pass: four one-second slots run, however long the three took to start.
+        ran = "type = 'every_second' AND status = 'succeeded'"
+        wait_for(lambda: len(rows(db, ran)) >= 4, 30, "four one-second slots to run")
     finally:
         for process in workers:
             process.send_signal(signal.SIGTERM)
