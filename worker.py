@@ -299,16 +299,6 @@ class UnreadableRow(WorkerError):
     """A row the worker cannot turn into a job (text that is not UTF-8, data Python's json cannot decode)."""
 
 
-@contextlib.contextmanager
-def _text_as_bytes(conn: sqlite3.Connection) -> Iterator[None]:
-    """Read text columns as bytes: a text that is not UTF-8 can then be read, and named."""
-    conn.text_factory = bytes
-    try:
-        yield
-    finally:
-        conn.text_factory = str
-
-
 def read_row(raw: Iterable[Any]) -> Job:
     """A Job from a row selected as SELECT_COLUMNS with text as bytes; UnreadableRow says why it cannot be one."""
     values = list(raw)
@@ -1764,6 +1754,16 @@ def _last_rowid(conn: Any, cursor: Any) -> int:
 
 
 # --- The SQLite store: its verbs ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def _text_as_bytes(conn: sqlite3.Connection) -> Iterator[None]:
+    """Read text columns as bytes: a text that is not UTF-8 can then be read, and named."""
+    conn.text_factory = bytes
+    try:
+        yield
+    finally:
+        conn.text_factory = str
 
 
 INSERT_COLUMNS = (
