@@ -22,22 +22,27 @@ fail under CI=true.  About 60 s in all.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 import worker
+import worker_postgres
 from conftest import Processes, WorkerProcess, wait_for
-
-psycopg = pytest.importorskip("psycopg")
 
 pytestmark = [
     pytest.mark.slow,
@@ -92,6 +97,25 @@ def flaky(ctx):
         raise RuntimeError("the first attempt fails")
     note(ctx, "end")
     return proof(ctx)
+
+
+# A pause inside the heartbeat's transaction, once, when the test asks for it
+# (creates PAUSE): its row locks held, its COMMIT not sent yet, for the test to
+# cut the link then.  PAUSE.paused says the pause has begun.
+PAUSE = os.environ.get("HOSTS_PAUSE")
+if PAUSE:
+    import worker_postgres
+
+    _process_alive = worker_postgres.PostgresStore.process_alive
+
+    def process_alive_then_pause(self, *args, **kwargs):
+        _process_alive(self, *args, **kwargs)  # after renew_leases: the job's row is locked
+        if os.path.exists(PAUSE):
+            os.remove(PAUSE)
+            open(PAUSE + ".paused", "w").close()
+            time.sleep(0.5)
+
+    worker_postgres.PostgresStore.process_alive = process_alive_then_pause
 '''
 
 # Adds SHIFT_WALL_CLOCK_SECONDS to the wall clock of the process it is preloaded into.
@@ -164,6 +188,12 @@ def row(url: str, job_id: int) -> dict[str, Any]:
 def server_ms(url: str) -> int:
     """The server's clock, in epoch ms: what leases are judged by."""
     return int(read(url, "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint")[0][0])
+
+
+def waiting_for_locks(url: str) -> list[str]:
+    """The statements of this database's sessions that wait for a lock now."""
+    sql = "SELECT query FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    return [query for (query,) in read(url, sql)]
 
 
 def pid_of(job: dict[str, Any]) -> int | None:
@@ -368,3 +398,211 @@ def test_a_worker_whose_wall_clock_is_two_hours_off_rescues_after_the_lease_and_
     assert abs(failed["finished"] - server_ms(postgres_db)) < 10_000
     assert wrong.stop() == 0
     assert_each_ran_once(postgres_db, ledger)
+
+
+# --- Several hosts: network namespaces, and a TCP forwarder to PostgreSQL ----------------------
+
+
+class Forwarder:
+    """Listens on one address (any free port) and joins each connection to PostgreSQL on loopback.
+
+    One thread per direction of each connection; when either side ends, both
+    sockets are closed.  Nothing here notices a cut link: as with a real
+    network, the connections just stop carrying anything.
+    """
+
+    def __init__(self, address: str, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
+        self.target = target
+        self.listener = socket.create_server((address, 0))
+        self.port = int(self.listener.getsockname()[1])
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name=f"forward {address}", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                return  # closed
+            server.settimeout(None)
+            with self._lock:
+                self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for each in (source, sink):
+                with contextlib.suppress(OSError):
+                    each.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        self.listener.close()
+        with self._lock:
+            for each in self._sockets:
+                with contextlib.suppress(OSError):
+                    each.shutdown(socket.SHUT_RDWR)
+                each.close()
+
+
+def ip(*args: str) -> None:
+    """Run ``ip ARGS``; fails the test with ip's own message."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr.strip()}"
+
+
+@dataclasses.dataclass
+class Host:
+    """A network namespace joined to this one by a veth pair: another machine, as far as TCP can tell."""
+
+    namespace: str
+    link: str  # the host side of the veth: down is a cut cable
+    address: str  # the host side's address, where the forwarder listens
+    url: str  # the test's database, as a worker in the namespace reaches it
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        """The command that runs a program inside this host."""
+        return ("ip", "netns", "exec", self.namespace)
+
+    def cut(self) -> None:
+        ip("link", "set", self.link, "down")
+
+    def restore(self) -> None:
+        ip("link", "set", self.link, "up")
+
+
+def private_subnet() -> str:
+    """The first three octets of a 10.x.y.0/24 that no address or route here uses yet."""
+    taken = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True, check=False).stdout
+    taken += subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=False).stdout
+    rng = random.Random()
+    for _ in range(100):
+        subnet = f"10.{rng.randrange(100, 250)}.{rng.randrange(256)}"
+        if f"{subnet}." not in taken:
+            return subnet
+    raise AssertionError("no free 10.x.y.0/24 found")
+
+
+def cannot_make_hosts(why: str) -> None:
+    """Skip, saying why, except under CI=true: CI runs as root, and must never pass by skipping this."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"network namespaces are needed under CI: {why}", pytrace=False)
+    pytest.skip(f"cannot make network namespaces: {why}")
+
+
+@pytest.fixture
+def make_host(postgres_db: str) -> Iterator[Callable[[], Host]]:
+    """Hosts for one test; their forwarders, links and namespaces removed at its end, even on failure.
+
+    Host n gets the /30 10.x.y.4n: .4n+1 on the host side, .4n+2 inside.
+    """
+    if shutil.which("ip") is None:
+        cannot_make_hosts("no ip command (iproute2)")
+    if os.geteuid() != 0:
+        cannot_make_hosts("not root")
+    subnet = private_subnet()
+    tag = f"{random.randrange(16**4):04x}"  # names of this test's own, never another's
+    made: list[Host] = []
+    forwarders: list[Forwarder] = []
+
+    def make() -> Host:
+        number = len(made) + 1
+        namespace, link, inside = f"wk{tag}h{number}", f"wk{tag}h{number}", f"wk{tag}n{number}"
+        outside_address, inside_address = f"{subnet}.{4 * number + 1}", f"{subnet}.{4 * number + 2}"
+        added = subprocess.run(["ip", "netns", "add", namespace], capture_output=True, text=True, check=False)
+        if added.returncode != 0:
+            cannot_make_hosts(added.stderr.strip())
+        host = Host(namespace, link, outside_address, "")
+        made.append(host)  # removed at the end from here on
+        ip("link", "add", link, "type", "veth", "peer", "name", inside)
+        ip("link", "set", inside, "netns", namespace)
+        ip("addr", "add", f"{outside_address}/30", "dev", link)
+        ip("link", "set", link, "up")
+        ip("-n", namespace, "addr", "add", f"{inside_address}/30", "dev", inside)
+        ip("-n", namespace, "link", "set", inside, "up")
+        ip("-n", namespace, "link", "set", "lo", "up")
+        forwarders.append(Forwarder(outside_address))
+        host.url = postgres_db.replace("@127.0.0.1:5432/", f"@{outside_address}:{forwarders[-1].port}/")
+        return host
+
+    try:
+        yield make
+    finally:
+        for forwarder in forwarders:
+            forwarder.close()
+        for host in made:
+            subprocess.run(["ip", "link", "del", host.link], capture_output=True, check=False)  # and its peer
+            subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize("inside_a_transaction", [False, True], ids=["between-transactions", "mid-transaction"])
+def test_a_host_whose_link_is_cut_mid_job_loses_it_to_another_host_and_then_writes_nothing_over_it(
+    make_host: Callable[[], Host], run_worker: Callable[..., WorkerProcess], queue: worker.Queue,
+    postgres_db: str, ledger: Path, tmp_path: Path, inside_a_transaction: bool,
+) -> None:  # fmt: skip
+    """Two hosts, a worker on each.  The first's link is cut while it runs a 3 s job (lease 2 s).
+
+    The second host's worker rescues the job once its lease has expired and
+    runs its retry.  The cut-off worker finishes the job meanwhile, but cannot
+    say so; when the link returns, its outcome is fenced out (the row is no
+    longer its own), and it takes new jobs again.  Cut inside the heartbeat's
+    transaction, the cut-off worker leaves the job's row locked on the server,
+    which must not keep the other host from rescuing it for long.
+    """
+    first_host, second_host = make_host(), make_host()
+    pause = tmp_path / "pause"
+    cut_off = run_worker("cut-off", url=first_host.url, prefix=first_host.prefix, env={"HOSTS_PAUSE": str(pause)})
+    job = queue.enqueue("work", {"ms": 3000, "first_only": True})
+    wait_for(lambda: pid_of(row(postgres_db, job.id)) == cut_off.pid, 10, "the first host to run the job")
+    other = run_worker("other", url=second_host.url, prefix=second_host.prefix)
+    if inside_a_transaction:
+        pause.touch()
+        wait_for(lambda: pause.with_suffix(".paused").exists(), 5, "the heartbeat to pause in its transaction")
+    first_host.cut()
+    cut_at = server_ms(postgres_db)
+    lease_until = row(postgres_db, job.id)["lease_until"]
+
+    waits: set[str] = set()  # what any session of this database waited for, sampled until the rescue
+
+    def rescued_yet() -> bool:
+        waits.update(waiting_for_locks(postgres_db))
+        return bool(row(postgres_db, job.id)["status"] == "failed")
+
+    wait_for(rescued_yet, 15, "the other host to rescue the job")
+    rescued = row(postgres_db, job.id)
+    assert rescued["error"].startswith(RESCUED) and rescued["finished"] >= lease_until, rescued
+    assert waits == set(), "a session waited for the cut-off worker's locks"
+    held_ms = worker_postgres.IDLE_IN_TRANSACTION_TIMEOUT_MS if inside_a_transaction else 0
+    assert rescued["finished"] <= max(lease_until, cut_at + held_ms) + worker.to_ms(LEASE) // 2 + 1500
+    (retry,) = wait_for(lambda: rows(postgres_db, "rescheduled_from_job = %s AND status = 'succeeded'", (job.id,)),
+                        10, "the retry to run on the other host")  # fmt: skip
+    assert pid_of(retry) == other.pid
+    ended = f"{job.id} 1 {cut_off.pid} end"
+    wait_for(lambda: ended in ledger.read_text().splitlines(), 10, "the cut-off worker to end its run")
+
+    first_host.restore()
+    restored_at = server_ms(postgres_db)
+    wait_for(lambda: read(postgres_db, "SELECT count(*) FROM worker_processes WHERE pid = %s AND last_seen > %s",
+                          (cut_off.pid, restored_at))[0][0], 30, "the cut-off worker's heartbeat")  # fmt: skip
+    later = [each.id for each in queue.enqueue_many([("work", {"ms": 1000})] * 6)]
+    wait_for(lambda: len(rows(postgres_db, "status = 'succeeded' AND id = ANY(%s)", (later,))) == 6, 20,
+             "the new jobs to run")  # fmt: skip
+    assert [cut_off.stop(), other.stop()] == [0, 0]
+
+    assert row(postgres_db, job.id) == rescued, "the cut-off worker wrote over the rescued row"
+    assert row(postgres_db, retry["id"]) == retry
+    assert starts(ledger)[job.id] == [cut_off.pid], "it did run the job, to its end"
+    assert cut_off.pid in {pid_of(row(postgres_db, each)) for each in later}, "the cut-off worker took new jobs"
+    assert_each_ran_once(postgres_db, ledger)
+    print(f"\nlink cut at {cut_at}, rescued {rescued['finished'] - cut_at} ms later; back at {restored_at}")
