@@ -80,7 +80,7 @@ def proof(ctx):
 
 
 @job
-def work(ctx, ms=0, first_only=False):
+def work(ctx, ms=0, first_only=False, **labels):
     """Sleeps ``ms`` (with ``first_only``, on the first attempt only: a rescued job's retry is quick)."""
     note(ctx, "start")
     if ctx.job.attempt == 1 or not first_only:
@@ -95,6 +95,17 @@ def flaky(ctx):
     note(ctx, "start")
     if ctx.job.attempt == 1:
         raise RuntimeError("the first attempt fails")
+    note(ctx, "end")
+    return proof(ctx)
+
+
+@job
+def spawn(ctx):
+    """Enqueues, on this process's wall clock (shifted or not), a follow-up due now and one due in 1 s."""
+    note(ctx, "start")
+    ctx.enqueue("work", {"after": ctx.job.id})
+    ctx.enqueue("work", {"after": ctx.job.id}, delay=1)
+    ctx.enqueue_now("work", {"after": ctx.job.id, "now": True})
     note(ctx, "end")
     return proof(ctx)
 
@@ -397,6 +408,29 @@ def test_a_worker_whose_wall_clock_is_two_hours_off_rescues_after_the_lease_and_
     assert again["started"] >= again["due"], "not claimed before it was due"
     assert abs(failed["finished"] - server_ms(postgres_db)) < 10_000
     assert wrong.stop() == 0
+    assert_each_ran_once(postgres_db, ledger)
+
+
+@OFFSETS
+def test_jobs_enqueued_on_a_host_whose_wall_clock_is_two_hours_off_are_due_by_the_servers_clock(
+    clock_shim: Path, offset: int, run_worker: Callable[..., WorkerProcess], queue: worker.Queue,
+    postgres_db: str, ledger: Path,
+) -> None:  # fmt: skip
+    """A job on the worker 2 h off enqueues follow-ups (ctx.enqueue, and ctx.enqueue_now through a Queue):
+    they are created and due by the server's clock, so they run now and 1 s later, not 2 h later (or sooner)."""
+    wrong = run_worker("wrong", env=shifted(clock_shim, offset))
+    parent = queue.enqueue("spawn")
+    follow_ups = wait_for(lambda: rows(postgres_db, "type = 'work' AND status = 'succeeded'"), 10,
+                          "the follow-ups to run")  # fmt: skip
+    wait_for(lambda: len(rows(postgres_db, "type = 'work' AND status = 'succeeded'")) == 3, 10, "all three")
+    assert wrong.stop() == 0
+    spawned = row(postgres_db, parent.id)
+    follow_ups = rows(postgres_db, "type = 'work'")
+    for follow_up in follow_ups:
+        assert spawned["started"] <= follow_up["created_at"] <= spawned["finished"], follow_up
+    delays = sorted(follow_up["due"] - follow_up["created_at"] for follow_up in follow_ups)
+    assert delays == [0, 0, 1000]
+    assert all(follow_up["started"] >= follow_up["due"] for follow_up in follow_ups)
     assert_each_ran_once(postgres_db, ledger)
 
 
