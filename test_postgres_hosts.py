@@ -420,9 +420,8 @@ def test_jobs_enqueued_on_a_host_whose_wall_clock_is_two_hours_off_are_due_by_th
     they are created and due by the server's clock, so they run now and 1 s later, not 2 h later (or sooner)."""
     wrong = run_worker("wrong", env=shifted(clock_shim, offset))
     parent = queue.enqueue("spawn")
-    follow_ups = wait_for(lambda: rows(postgres_db, "type = 'work' AND status = 'succeeded'"), 10,
-                          "the follow-ups to run")  # fmt: skip
-    wait_for(lambda: len(rows(postgres_db, "type = 'work' AND status = 'succeeded'")) == 3, 10, "all three")
+    succeeded = "type = 'work' AND status = 'succeeded'"
+    wait_for(lambda: len(rows(postgres_db, succeeded)) == 3, 10, "the three follow-ups to run")
     assert wrong.stop() == 0
     spawned = row(postgres_db, parent.id)
     follow_ups = rows(postgres_db, "type = 'work'")
