@@ -762,6 +762,14 @@ class Queue:
         store: Store = local.store
         return store
 
+    def now(self) -> int:
+        """The time rows are created and due by, in epoch ms: the store's clock (PostgreSQL's is the server's).
+
+        Not this host's wall clock: a host whose clock is off would make jobs due
+        hours late (ahead) or jump the queue (behind) on a database shared by many.
+        """
+        return self._store().now()
+
     def close(self) -> None:
         """Close this thread's own connection (a caller's connection is left open)."""
         if self._caller_store is None and getattr(self._local, "pid", None) == _process_id:
@@ -836,7 +844,7 @@ class Queue:
             check_cron(cron, timezone)
         except ValueError as e:
             raise ValueError(f"cannot schedule {type!r}: {e}") from e
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         tag = tag or f"cron:{type}"
         store = self._store()
         with store.transaction():
@@ -846,7 +854,7 @@ class Queue:
 
     def unschedule_cron(self, type: str, *, tag: str | None = None, now: int | None = None) -> bool:
         """Stop a recurring job: cancel its pending row.  False if it had none."""
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         store = self._store()
         with store.transaction():
             return (
@@ -884,7 +892,7 @@ class Queue:
         one JSON text and the shared columns as parameters, instead of binding
         16 parameters per row: several times the rate of executemany (bench/README.md).
         """
-        now = now_ms() if options.get("now") is None else options["now"]
+        now = self.now() if options.get("now") is None else options["now"]
         shared: dict[str, dict[str, Any]] = {}  # job type -> its row, validated once per type
         batch = []
         for job_type, data in items:
@@ -921,14 +929,14 @@ class Queue:
 
     def cancel(self, id: int, *, reason: str = "cancelled", now: int | None = None) -> bool:
         """Cancel a pending job; False when it is not pending (running or finished)."""
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         store = self._store()
         with store.transaction():
             return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1
 
     def cancel_type(self, type: str, *, reason: str | None = None, now: int | None = None) -> int:
         """Cancel every pending job of a type (one no worker will ever run: a typo, a removed job); how many."""
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         reason = reason or f"cancelled: every pending {type!r} job"
         store = self._store()
         with store.transaction():
@@ -940,7 +948,7 @@ class Queue:
         Only the newest row of a chain is retried (one that nothing was
         rescheduled from).  A recurring run is retried once, outside its schedule.
         """
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         store = self._store()
         with store.transaction():
             return store.manual_retry(id, now)
@@ -957,7 +965,7 @@ class Queue:
         short transactions of ``batch_size`` rows, pausing between them at least
         as long as each took, so workers keep claiming while a big prune runs.
         """
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         store = self._store()
         if dry_run:
             return store.prunable(now)
@@ -1011,7 +1019,7 @@ class Queue:
             raise ValueError(f"tag must be a non-empty string, not {tag!r}")
         _check_integer(priority, "priority", -MAX_INTEGER - 1, MAX_INTEGER)
         options = JobOptions.of(**policy) if options is None else options
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         due = epoch_ms(at) if at is not None else now + (_optional_ms(delay, "delay") or 0)
         if not MIN_TIME_MS <= due <= MAX_TIME_MS:
             raise ValueError(f"the job would be due {'after 9999' if due > 0 else 'before year 1'} (due {due} ms)")
@@ -2703,8 +2711,11 @@ class JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 class JobContext:
     """What a job function receives first: its row, a logger, app resources, enqueue."""
 
-    def __init__(self, job: Job, *, app: SimpleNamespace, producer: Queue, worker_name: str) -> None:
+    def __init__(
+        self, job: Job, *, app: SimpleNamespace, producer: Queue, worker_name: str, clock: Callable[[], int] = now_ms
+    ) -> None:
         self.job = job
+        self._clock = clock  # the worker's: the follow-ups' times are the server's, as their parent's
         self.app = app
         self.worker = worker_name
         self.producer = producer
@@ -2742,6 +2753,7 @@ class JobContext:
         on_conflict = options.pop("on_conflict", "replace")
         if on_conflict not in ("replace", "ignore"):
             raise ValueError(f"on_conflict must be 'replace' or 'ignore', not {on_conflict!r}")
+        options.setdefault("now", self._clock())
         self.follow_ups.append((self.producer._new_row(type, data, **options), on_conflict))
 
     def enqueue_now(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
@@ -3310,7 +3322,7 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
-        ctx = JobContext(job, app=self.app, producer=self.producer, worker_name=self.name)
+        ctx = JobContext(job, app=self.app, producer=self.producer, worker_name=self.name, clock=self.now)
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()

@@ -66,9 +66,19 @@ TAG_RACE_ATTEMPTS = 10  # see PostgresStore.insert: each retry means another wri
 # (10^10): so JIT is off too, or that price alone would compile the statement
 # (150 ms for a one-row upsert that sorts its input).  Only the worker's own
 # sessions are set so, never an app's connection.
+#
+# idle_in_transaction_session_timeout: a worker whose network is cut in the
+# middle of a transaction leaves that transaction open on the server, its row
+# locks held, for as long as the server's TCP takes to notice (hours) or until
+# the link returns.  Those rows are its own running jobs (a heartbeat, a
+# finish) and the per-minute counters every finish updates; the rescue of its
+# jobs, and every other worker's finishes, would wait for them.  The worker's
+# own transactions never wait for anything but the server between their
+# statements, so the server ends one that has waited this long for its client.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 5000
 SESSION_SETTINGS = (
     "SET enable_sort = off; SET enable_hashjoin = off; SET enable_mergejoin = off; SET enable_bitmapscan = off;"
-    " SET jit = off"
+    f" SET jit = off; SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT_MS}"
 )
 
 # FATAL errors at connect that pass: the server is starting, stopping or full.
@@ -905,10 +915,14 @@ class PostgresStore(OperatingReads):
     SELECT {SELECT_COLUMNS} FROM worker_jobs
      WHERE status = 'running' AND lease_until < %(now)s AND owner IS DISTINCT FROM %(owner)s::text
     """
+    # SKIP LOCKED: a row another transaction holds is not taken now, nor waited
+    # for (the holder may be a worker cut off mid-transaction: the sweep would
+    # hang until the server ends that transaction); the next sweep sees it again.
     RESCUE_SQL = f"""
     UPDATE worker_jobs
        SET status = 'failed', finished = %(now)s, error = %(error)s, lease_until = NULL, remove_at = {REMOVE_AT}
-     WHERE id = %(id)s AND status = 'running' AND lease_until < %(now)s
+     WHERE id = (SELECT id FROM worker_jobs WHERE id = %(id)s FOR UPDATE SKIP LOCKED)
+       AND status = 'running' AND lease_until < %(now)s
     """
 
     def any_suspect(self) -> bool:
