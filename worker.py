@@ -3379,8 +3379,8 @@ class Worker:
         if waited_ms <= self.lease_ms / 3:
             return False
         postponed_until = self.now() + self.lease_ms
-        logger.warning("waited %.1f s for the write lock: no job is taken for lost before %s, a lease from now",
-                       waited_ms / 1000, iso_time(postponed_until))  # fmt: skip
+        logger.warning("waited %.1f s to write (a lock, or the database out of reach): no job is taken for lost "
+                       "before %s, a lease from now", waited_ms / 1000, iso_time(postponed_until))  # fmt: skip
         self._schedule.postpone_rescue(postponed_until)
         return True
 
