@@ -2588,12 +2588,18 @@ class JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 class JobContext:
     """What a job function receives first: its row, a logger, app resources, enqueue."""
 
-    def __init__(self, job: Job, *, app: SimpleNamespace, producer: Queue, worker_name: str) -> None:
+    def __init__(self, job: Job, *, app: SimpleNamespace, producer: Callable[[], Queue], worker_name: str) -> None:
         self.job = job
         self.app = app
         self.worker = worker_name
-        self.producer = producer
+        self._producer = producer
         self.follow_ups: list[tuple[dict[str, Any], str]] = []  # (row, on_conflict), inserted with the success
+
+    @functools.cached_property
+    def producer(self) -> Queue:
+        """The worker's Queue, got when a job first enqueues: getting it may connect, and fail if the database is
+        out of reach, which is then the job's error (made before the job ran, it killed the job's thread)."""
+        return self._producer()
 
     @functools.cached_property
     def logger(self) -> JobLogger:
@@ -2975,7 +2981,7 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
-        ctx = JobContext(job, app=self.app, producer=self.producer, worker_name=self.name)
+        ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name)
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
