@@ -359,8 +359,14 @@ def logical_key(row: dict[str, Any], by_id: dict[int, dict[str, Any]]) -> tuple[
     return ("job", first["id"])
 
 
-def check(
-    db: Path,
+def check(db: Path, ledger: Path, enqueued: Iterable[int], **options: Any) -> Report:
+    """check_table() on the whole table of a SQLite database, and its integrity_check."""
+    assert integrity(db) == "ok"
+    return check_table(rows(db), ledger, enqueued, **options)
+
+
+def check_table(
+    table: list[dict[str, Any]],
     ledger: Path,
     enqueued: Iterable[int],
     *,
@@ -370,15 +376,16 @@ def check(
     poison: Collection[int] = (),
     max_attempts: int = 1,
     max_deaths: int = worker.DEFAULT_MAX_DEATHS,
+    now: int | None = None,
 ) -> Report:
-    """Assert the guarantees on the whole table and ledger; return the counts.
+    """Assert the guarantees on the table's rows (dicts of worker.COLUMNS, from any store) and the ledger.
 
     ``died`` and ``stalled`` are the pids of worker processes that died or
     stalled (or saw their leases expire by a clock step): only their jobs may
     have run again.  ``poison`` lists first rows of chains that must end failed.
+    ``now`` (epoch ms; this host's clock by default) judges leases and due times.
     """
-    now = worker.now_ms()
-    table = rows(db)
+    now = worker.now_ms() if now is None else now
     by_id = {r["id"]: r for r in table}
     entries = read_ledger(ledger)
     excused = set(died) | set(stalled)
@@ -440,7 +447,6 @@ def check(
         else:
             assert not succeeded, f"{key}: succeeded yet still has a {last['status']} row"
 
-    assert integrity(db) == "ok"
     runs = sum(starts.values())
     ran = {logical_key(by_id[job_id], by_id) for job_id in starts}
     return Report(

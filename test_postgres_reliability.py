@@ -1,0 +1,398 @@
+"""Reliability under faults on PostgreSQL: test_reliability.py's guarantees, with the server in the way.
+
+Each scenario runs real ``python -m worker_cli run --db postgresql://...``
+processes against the test's own database (conftest's ``postgres_db``), with
+test_reliability's jobs module: every run appends ``(job id, attempt, pid,
+start|end, epoch ms)`` to a ledger file.  After every scenario the same
+``check_table()`` holds the table and the ledger to README's guarantees:
+every enqueued job is there and finished, none ran twice unless its worker
+died or stalled, exactly one succeeded row per logical job, whose result is
+the proof its run wrote.
+
+Faults come from outside, as they would in production: kill -9, SIGSTOP past
+the lease, the server terminating every worker connection
+(``pg_terminate_backend``), and a server that cannot be reached or refuses
+the worker at start.  The table is read here with psycopg, on a connection
+of the test's own that no fault touches.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import test_reliability
+import worker
+from conftest import POSTGRES_SERVER, Processes, WorkerProcess, process_state, wait_for
+from test_reliability import Report, assert_clean_log, check_table, clean_env, ids, pid_of, read_ledger, work
+
+psycopg = pytest.importorskip("psycopg")
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and POSIX signals")
+
+HERE = Path(__file__).resolve().parent
+SERVER_NOW_SQL = "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+
+
+# --- Reading the table, from a connection of the test's own -------------------------
+
+
+class Table:
+    """The test's view of worker_jobs: one psycopg connection, never a target of the faults."""
+
+    def __init__(self, url: str) -> None:
+        self.conn = psycopg.connect(url, autocommit=True, application_name="test")
+
+    def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def now(self) -> int:
+        """The server's time in epoch ms: what leases and due times are judged by."""
+        return int(self.read(SERVER_NOW_SQL)[0][0])
+
+    def rows(self, where: str = "true", params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of worker_jobs as dicts of worker.COLUMNS, as test_reliability.rows() reads them from SQLite."""
+        found = self.read(f"SELECT {worker.SELECT_COLUMNS} FROM worker_jobs WHERE {where} ORDER BY id", params)
+        return [dict(zip(worker.COLUMNS, values, strict=True)) for values in found]
+
+    def row(self, job_id: int) -> dict[str, Any]:
+        (found,) = self.rows("id = %s", (job_id,))
+        return found
+
+    def chain_of(self, first: int) -> list[dict[str, Any]]:
+        """A row and every row rescheduled from it, in order."""
+        chain = [self.row(first)]
+        while following := self.rows("rescheduled_from_job = %s", (chain[-1]["id"],)):
+            chain.append(following[0])
+        return chain
+
+    def unfinished(self) -> int:
+        """Test jobs not finished yet: pending ones due now, and running ones."""
+        sql = (
+            "SELECT count(*) FROM worker_jobs WHERE type IN ('work', 'poison') AND "
+            "(status = 'running' OR (status = 'pending' AND due <= %s))"
+        )
+        return int(self.read(sql, (self.now(),))[0][0])
+
+    def backends(self, *, busy: bool = False) -> list[int]:
+        """Server pids of the other sessions on this database (the workers'); ``busy``: those inside a statement
+        or a transaction."""
+        sql = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        if busy:
+            sql += " AND state <> 'idle'"
+        return [pid for (pid,) in self.read(sql)]
+
+    def terminate_others(self) -> int:
+        """pg_terminate_backend of every other session on this database; how many there were."""
+        sql = (
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return int(self.read(sql)[0][0])
+
+    def check(self, ledger: Path, enqueued: Sequence[int], **options: Any) -> Report:
+        """test_reliability's check() of the whole table and ledger, judged by the server's clock."""
+        return check_table(self.rows(), ledger, enqueued, now=self.now(), **options)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# --- Fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def url(postgres_db: str) -> str:
+    return postgres_db
+
+
+@pytest.fixture
+def table(url: str) -> Iterator[Table]:
+    view = Table(url)
+    yield view
+    view.close()
+
+
+@pytest.fixture
+def queue(url: str) -> Iterator[worker.Queue]:
+    """The producer side in this test process; the job types live in the workers only."""
+    with worker.Queue(url, check_types=False) as producer:
+        yield producer
+
+
+# The SQLite scenarios' ledger file and jobs module (test_reliability.JOBS_MODULE), shared.
+ledger = test_reliability.ledger
+jobs_file = test_reliability.jobs_file
+
+
+@pytest.fixture
+def run_worker(processes: Processes, url: str, jobs_file: Path, ledger: Path) -> Callable[..., WorkerProcess]:
+    """Start ``worker run --db postgresql://...`` on the test's database, jobs module and ledger.
+
+    ``--no-cron`` unless ``cron=True``: the built-in hourly job stays out of the scenarios.
+    """
+
+    def start(
+        *flags: str, name: str = "worker", env: dict[str, str] | None = None, cron: bool = False
+    ) -> WorkerProcess:
+        args = ["run", "--db", url, "--jobs", str(jobs_file), *flags, *([] if cron else ["--no-cron"])]
+        return processes.start(*args, name=name, env=clean_env(RELIABILITY_LEDGER=str(ledger), **(env or {})))
+
+    return start
+
+
+def started(process: WorkerProcess) -> bool:
+    return " started: " in process.log()
+
+
+def ledger_starts(ledger: Path, job_id: int) -> list[int]:
+    """The pids that started a run of this row, in order."""
+    return [e.pid for e in read_ledger(ledger) if e.id == job_id and e.event == "start"]
+
+
+# --- 1. Exactly once, with 4 workers ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_four_workers_run_20000_jobs_each_exactly_once(
+    run_worker: Callable[..., WorkerProcess], queue: worker.Queue, table: Table, ledger: Path
+) -> None:
+    """20,000 no-op jobs, half enqueued before 4 workers (16 threads each) start and half while they claim:
+    every row ran once, in the process its row names, and every worker took a share.
+
+    16 threads, so that each commit records many outcomes: a commit waits for
+    its fsync, and on this shared 2-core machine the workers drain 300-600 jobs
+    a second with 4 threads, 600-1,000 with 16 (the ledger's fsyncs included).
+    """
+    enqueued = ids(queue.enqueue_many(work(10_000, low_ms=0, high_ms=0)))
+    began = time.monotonic()
+    workers = [run_worker("--concurrency", "16", "--lease", "10", name=f"worker{i}") for i in range(4)]
+    for _ in range(10):
+        enqueued += ids(queue.enqueue_many(work(1_000, low_ms=0, high_ms=0)))
+    wait_for(lambda: table.unfinished() == 0, 120, "20,000 jobs to finish")
+    elapsed = time.monotonic() - began
+    assert [w.stop() for w in workers] == [0] * 4
+
+    report = table.check(ledger, enqueued, lease=10)
+    assert (report.logical_jobs, report.rows, report.runs, report.reruns) == (20_000, 20_000, 20_000, 0)
+    assert table.rows("status <> 'succeeded'") == []
+    shares = collections.Counter(pid_of(r) for r in table.rows())
+    assert set(shares) == {w.pid for w in workers}, "a worker ran nothing"
+    for process in workers:
+        assert_clean_log(process)
+    print(f"\n4 workers: 20,000 jobs in {elapsed:.1f} s (with start-up); shares {sorted(shares.values())}; {report}")
+
+
+# --- 2. kill -9 mid-job ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_job_of_a_worker_killed_mid_job_is_rescued_after_the_lease_and_runs_once_elsewhere(
+    run_worker: Callable[..., WorkerProcess], queue: worker.Queue, table: Table, ledger: Path
+) -> None:
+    """kill -9 of a worker 1.5 s into a job (lease 1 s): once its lease has ended, another worker fails the
+    row ("worker lost") and runs the retry, once."""
+    lease = 1.0
+    victim = run_worker("--concurrency", "1", "--lease", str(lease), name="victim")
+    job = queue.enqueue("work", {"ms": 1500})
+    wait_for(lambda: ledger_starts(ledger, job.id), 10, "the job to start")
+    killed_at = victim.kill()
+    lease_until = table.row(job.id)["lease_until"]  # the dead worker renews it no more
+    rescuer = run_worker("--lease", str(lease), name="rescuer")
+    wait_for(lambda: table.chain_of(job.id)[-1]["status"] == "succeeded", 15, "the retry to succeed")
+    assert rescuer.stop() == 0
+
+    lost, retry = table.chain_of(job.id)
+    assert lost["status"] == "failed" and lost["error"].startswith("worker lost"), lost
+    assert lost["finished"] > lease_until, "rescued before its lease ended"
+    assert (pid_of(lost), pid_of(retry)) == (victim.pid, rescuer.pid)
+    assert ledger_starts(ledger, job.id) == [victim.pid] and ledger_starts(ledger, retry["id"]) == [rescuer.pid]
+    report = table.check(ledger, [job.id], lease=lease, died={victim.pid})
+    assert report.runs == 2 and report.rescued == 1
+    print(f"\nkill -9: rescued {lost['finished'] - killed_at} ms after the kill (lease {lease:g} s); {report}")
+
+
+# --- 3. SIGSTOP past the lease -----------------------------------------------------------------
+
+
+def stop_outside_a_transaction(process: WorkerProcess, table: Table) -> None:
+    """SIGSTOP it, but never inside a statement or transaction, whose row locks would hold up every other worker."""
+    for _ in range(50):
+        process.send(signal.SIGSTOP)
+        wait_for(lambda: process_state(process.pid) == "T", 5, "the worker to stop")
+        time.sleep(0.05)  # a statement sent just before the stop is done by now
+        if not table.backends(busy=True):
+            return
+        process.send(signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("could not stop the worker outside a transaction")
+
+
+@pytest.mark.slow
+def test_worker_stopped_past_its_lease_writes_nothing_over_the_rescued_row_when_it_resumes(
+    run_worker: Callable[..., WorkerProcess], queue: worker.Queue, table: Table, ledger: Path
+) -> None:
+    """SIGSTOP of a worker mid-job until its row is rescued and the retry succeeded elsewhere, then SIGCONT:
+    its job returns, its outcome is discarded (logged), and neither row changes."""
+    lease = 1.0
+    stalled = run_worker("--concurrency", "1", "--lease", str(lease), name="stalled")
+    job = queue.enqueue("work", {"ms": 1000})
+    wait_for(lambda: ledger_starts(ledger, job.id), 10, "the job to start")
+    stop_outside_a_transaction(stalled, table)
+    rescuer = run_worker("--lease", str(lease), name="rescuer")
+    wait_for(lambda: table.chain_of(job.id)[-1]["status"] == "succeeded", 15, "the retry to succeed")
+    before = table.rows()
+
+    stalled.send(signal.SIGCONT)
+    wait_for(lambda: "result discarded" in stalled.log(), 10, "the stalled worker to find its job taken")
+    assert table.rows() == before, "the stalled worker wrote over a row it no longer held"
+    assert [stalled.stop(), rescuer.stop()] == [0, 0]
+
+    lost, retry = table.chain_of(job.id)
+    assert lost["error"].startswith("worker lost") and pid_of(lost) == stalled.pid
+    assert retry["status"] == "succeeded" and pid_of(retry) == rescuer.pid
+    ends = [e.pid for e in read_ledger(ledger) if e.id == job.id and e.event == "end"]
+    assert ends == [stalled.pid], "the stalled run did finish, after the resume"
+    report = table.check(ledger, [job.id], lease=lease, stalled={stalled.pid})
+    assert report.runs == 2
+    print(f"\nSIGSTOP past the lease: {report}")
+
+
+# --- 4. The server ends every worker connection, several times ------------------------------------
+
+
+@pytest.mark.slow
+def test_terminating_every_worker_connection_repeatedly_loses_and_doubles_nothing(
+    run_worker: Callable[..., WorkerProcess], queue: worker.Queue, table: Table, ledger: Path, url: str
+) -> None:
+    """3 workers x 4 threads run 3,000 jobs of 5-30 ms (a fifth enqueue a follow-up from job code) while the
+    server terminates every one of their connections 6 times, 0.4 s apart.
+
+    No worker crashes: each backs off, connects again, records the outcomes
+    it kept meanwhile (fenced), and LISTENs again.  The lease (5 s) outlasts
+    every outage, so no job may run twice.
+    """
+    lease = 5.0
+    rng = random.Random(15)
+    jobs = [("work", {"ms": rng.randint(5, 30), "follow": rng.random() < 0.2}) for _ in range(3000)]
+    enqueued = ids(queue.enqueue_many(jobs))
+    queue.close()  # the test's own producer connection is not a target
+    workers = [run_worker("--concurrency", "4", "--lease", str(lease), name=f"worker{i}") for i in range(3)]
+    for process in workers:
+        wait_for(lambda: started(process), 10, "the workers to start")  # noqa: B023
+    terminated = []
+    for _ in range(6):
+        wait_for(lambda: len(table.backends()) >= 2 * len(workers), 10, "the workers to connect again")
+        terminated.append(table.terminate_others())
+        time.sleep(0.4)
+        assert all(w.popen.poll() is None for w in workers), "a worker exited"
+    wait_for(lambda: table.unfinished() == 0, 30, "every job to finish")
+    assert [w.stop() for w in workers] == [0] * 3
+
+    followers = table.rows("data::json ->> 'parent' IS NOT NULL")
+    asked = table.rows("(data::json ->> 'follow')::boolean")
+    assert len(followers) == len(asked) > 0, "a follow-up was lost or doubled"
+    report = table.check(ledger, enqueued + [r["id"] for r in followers], lease=lease)
+    assert report.reruns == 0 and report.rescued == 0
+    assert table.rows("status <> 'succeeded'") == []
+    for process in workers:
+        assert_clean_log(process)
+    logs = "".join(w.log() for w in workers)
+    kept = [int(n) for n in re.findall(r"(\d+) outcome\(s\) kept", logs)]
+    print(
+        f"\npg_terminate_backend x{len(terminated)}: {terminated} connections ended; {logs.count('LISTEN')} LISTEN "
+        f"losses logged; up to {max(kept, default=0)} outcomes kept in memory; {report}"
+    )
+
+
+# --- 5. Cron on 3 workers -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cron_every_second_on_three_workers_makes_one_row_per_slot(
+    run_worker: Callable[..., WorkerProcess], table: Table, ledger: Path
+) -> None:
+    """A job declared cron="*/1 * * * * *" on 3 workers started together: each second's slot has one row, run once."""
+    env = {"RELIABILITY_CRON": "*/1 * * * * *"}
+    workers = [run_worker("--lease", "2", name=f"worker{i}", env=env, cron=True) for i in range(3)]
+
+    def ran() -> int:
+        return int(table.read("SELECT count(*) FROM worker_jobs WHERE type = 'tick' AND status = 'succeeded'")[0][0])
+
+    wait_for(lambda: ran() >= 5, 20, "5 cron runs")
+    assert [w.stop() for w in workers] == [0] * 3
+
+    ticks = table.rows("type = 'tick'")
+    slots = collections.Counter(r["cron_slot"] for r in ticks)
+    assert [slot for slot, count in slots.items() if count > 1] == [], "a cron slot has two rows"
+    assert sorted(slots) == [r["cron_slot"] for r in ticks], "slots were made out of order"
+    assert all(b - a == 1000 for a, b in zip(sorted(slots), sorted(slots)[1:], strict=False)), "a slot was skipped"
+    report = table.check(ledger, [], lease=2)
+    assert report.reruns == 0
+    runners = collections.Counter(pid_of(r) for r in ticks if r["status"] == "succeeded")
+    print(f"\ncron on 3 workers: {len(ticks)} rows, one per slot; runs per worker {sorted(runners.values())}; {report}")
+
+
+# --- 6. A server that is not there, or refuses the worker -------------------------------------------
+
+
+def run_once(db: str, jobs_file: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker_cli", "run", "--burst", "--no-cron", "--db", db, "--jobs", str(jobs_file)],
+        capture_output=True, text=True, cwd=HERE, env=clean_env(), timeout=60, check=False,
+    )  # fmt: skip
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (just bound and released)."""
+    import socket
+
+    with contextlib.closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["unreachable", "unknown role", "missing database"],
+)
+def test_server_that_cannot_serve_the_worker_at_start_is_exit_3_in_one_line_without_the_password(
+    postgres_url: str, jobs_file: Path, target: str
+) -> None:
+    """Nothing listening, a role the server does not know, a database it does not have: exit 3 within seconds,
+    one line naming the URL, never its password."""
+    host = POSTGRES_SERVER.removeprefix("postgresql://postgres@")
+    url = {
+        "unreachable": f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/worker",
+        "unknown role": f"postgresql://no_such_role:s3cret@{host}/{postgres_url.rsplit('/', 1)[1]}",
+        "missing database": f"postgresql://postgres:s3cret@{host}/worker_no_such_database",
+    }[target]
+    began = time.monotonic()
+    result = run_once(url, jobs_file)
+    elapsed = time.monotonic() - began
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("worker: "), result.stderr
+    assert "s3cret" not in result.stderr
+    assert worker_postgres_redacted(url) in lines[0], lines[0]
+    assert elapsed < 10
+    print(f"\n{target}: exit 3 in {elapsed:.2f} s: {lines[0]}")
+
+
+def worker_postgres_redacted(url: str) -> str:
+    import worker_postgres
+
+    redacted = worker_postgres.redacted(url)
+    assert "s3cret" not in redacted
+    return redacted
