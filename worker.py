@@ -2775,6 +2775,9 @@ class Worker:
         self._received: list[Outcome] = []
         # 3: its job is no longer running here (timeouts noted): written by the next step's transaction.
         self._to_record: list[Outcome] = []
+        # A claim may have committed though this worker was told it failed (the
+        # connection dropped before the reply): see _give_back_unknown.
+        self._claim_in_doubt = False
         self._stopping = threading.Event()
         # Held for every step of the loop: by the main thread, or by a job thread
         # that has just finished a job (see _job_thread).  It guards the
@@ -3386,9 +3389,12 @@ class Worker:
             try:
                 with self._write():
                     notes = self._record(self._to_record, now)
+                    if self._claim_in_doubt:
+                        notes += self._give_back_unknown()
                     if want_claim:
                         claimed = self._claim(free, now)
             except DatabaseUnavailable as e:
+                self._claim_in_doubt = self._claim_in_doubt or want_claim
                 self._back_off(e)
                 return None
             except DatabaseError as e:
@@ -3396,6 +3402,7 @@ class Worker:
                 return None
             self._busy_backoff = 0.0
             self._to_record = []
+            self._claim_in_doubt = False
             _emit(notes + self._claim_notes if want_claim else notes)
             for job in claimed:
                 self._running[job.id] = job
@@ -3416,6 +3423,23 @@ class Worker:
         if self._next_due <= now:  # the sweep just rescued a job, due at once: something is due after all
             self._nothing_due = False
         return kept
+
+    def _give_back_unknown(self) -> list[_Note]:
+        """Give back the rows running under this worker that it is not running (in the step's transaction).
+
+        After a step whose claim failed, the claim may have committed all the
+        same (on PostgreSQL the reply can be lost with the connection): its rows
+        run under this owner, unknown to the worker, and every heartbeat would
+        renew their leases, so that no one ran them while this worker lives.
+        """
+        known = set(self._running) | {outcome.job.id for outcome in self._to_record}
+        running = self._store.jobs(status=Status.RUNNING.value, type=None, queue=None, limit=MAX_COUNT)
+        notes = []
+        for job in running:
+            if job.owner == self.owner and job.id not in known and self._store.give_back_if_owned(job.id, self.owner):
+                message = "job %d %s: given back: claimed by a claim this worker was told had failed"
+                notes.append(_Note.about(job, "given back", logging.WARNING, message, job.id, job.type))
+        return notes
 
     def _notice_database_replaced(self) -> None:
         """Stop (run() then raises DatabaseReplaced) if the store says its target names another database now.
