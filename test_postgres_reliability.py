@@ -223,6 +223,34 @@ def test_job_of_a_worker_killed_mid_job_is_rescued_after_the_lease_and_runs_once
     print(f"\nkill -9: rescued {lost['finished'] - killed_at} ms after the kill (lease {lease:g} s); {report}")
 
 
+# --- 2b. A claim whose reply was lost ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_jobs_of_a_claim_whose_reply_was_lost_are_given_back_and_run_once(
+    run_worker: Callable[..., WorkerProcess], queue: worker.Queue, table: Table, ledger: Path
+) -> None:
+    """The worker's first claim commits, but the worker is told it failed (its connection dropped before
+    the reply to COMMIT came): the rows it took are running under its owner, unknown to it.
+
+    Its heartbeat must not keep them alive for ever: once it can write again it
+    gives back every row running under it that it is not running, and they
+    run once, like any other job.
+    """
+    lease = 1.0
+    process = run_worker(
+        "--concurrency", "2", "--lease", str(lease), name="worker", env={"RELIABILITY_LOSE_CLAIM_REPLY": "1"}
+    )
+    enqueued = ids(queue.enqueue_many(work(4, low_ms=50, high_ms=50)))
+    wait_for(lambda: table.unfinished() == 0, 10, "the jobs of the lost claim to run")
+    assert process.stop() == 0
+    assert "the reply to COMMIT was lost" in process.log(), "the fault never fired"
+    report = table.check(ledger, enqueued, lease=lease)
+    assert report.reruns == 0 and report.rescued == 0
+    assert table.rows("status <> 'succeeded'") == []
+    print(f"\nclaim reply lost: {report}")
+
+
 # --- 3. SIGSTOP past the lease -----------------------------------------------------------------
 
 

@@ -193,6 +193,31 @@ if CRASH_AT in ("claim_committed", "finish_committed"):
     worker.immediate = immediate_then_crash
 
 
+# --- A claim that commits, but whose reply is lost (the connection dropped at that moment) -----
+
+if os.environ.get("RELIABILITY_LOSE_CLAIM_REPLY"):
+    _lose_reply = threading.Event()
+    _claim_to_lose = worker.Worker._claim
+
+    def claim_once_to_lose(self, limit, now):
+        claimed = _claim_to_lose(self, limit, now)
+        if claimed and not hasattr(worker, "_claim_reply_lost"):
+            worker._claim_reply_lost = True
+            _lose_reply.set()
+        return claimed
+
+    _write_exit = worker._Write.__exit__
+
+    def exit_and_lose_the_reply(self, kind, error, trace):
+        _write_exit(self, kind, error, trace)
+        if kind is None and _lose_reply.is_set():
+            _lose_reply.clear()
+            raise worker.DatabaseUnavailable("the reply to COMMIT was lost (test_reliability's fault)")
+
+    worker.Worker._claim = claim_once_to_lose
+    worker._Write.__exit__ = exit_and_lose_the_reply
+
+
 # --- A clock the test steps for every worker at once (a system clock step) -------
 
 CLOCK_FILE = os.environ.get("RELIABILITY_CLOCK_FILE")
