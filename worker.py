@@ -3611,6 +3611,7 @@ class Worker:
             self._last_now = now
             if now >= self._next_heartbeat:
                 self.heartbeat(now)
+                self._busy_backoff = 0.0  # the database answers again (a failed step's write returns before this)
                 self._next_heartbeat = now + self.lease_ms // 3
                 self._notice_database_replaced()
             if now >= self._next_rescue:
@@ -3619,7 +3620,9 @@ class Worker:
                 # sweep that waited for the lock was postponed further (_waited).
                 self._next_rescue = max(self._next_rescue, now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0)))
         except DatabaseError as e:
-            # Postponed, not given up: the next tick tries again.
+            # Postponed, not given up: tried again after a backoff, as a failed step is.  At the next tick it
+            # was a connection attempt and a warning every few ms while the server was out of reach.
+            self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
             transient = isinstance(e, DatabaseUnavailable)
             logger.log(logging.WARNING if transient else logging.ERROR, "heartbeat or rescue failed: %s", e)
 
