@@ -23,8 +23,10 @@ import contextlib
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -144,9 +146,9 @@ def run_worker(processes: Processes, url: str, jobs_file: Path, ledger: Path) ->
     """
 
     def start(
-        *flags: str, name: str = "worker", env: dict[str, str] | None = None, cron: bool = False
+        *flags: str, name: str = "worker", env: dict[str, str] | None = None, cron: bool = False, database: str = url
     ) -> WorkerProcess:
-        args = ["run", "--db", url, "--jobs", str(jobs_file), *flags, *([] if cron else ["--no-cron"])]
+        args = ["run", "--db", database, "--jobs", str(jobs_file), *flags, *([] if cron else ["--no-cron"])]
         return processes.start(*args, name=name, env=clean_env(RELIABILITY_LEDGER=str(ledger), **(env or {})))
 
     return start
@@ -344,6 +346,122 @@ def test_terminating_every_worker_connection_repeatedly_loses_and_doubles_nothin
     )
 
 
+# --- 4b. Cut off past the lease -------------------------------------------------------------------
+
+
+class SeveringProxy:
+    """A TCP proxy on loopback to the server, in threads of this process, that the test can sever and restore.
+
+    Severed, it closes every connection through it and every new one at once:
+    to the worker behind it, the server is out of reach.  (A network
+    namespace would cut a link; a proxy needs no root and no cleanup.)
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.severed = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the proxy is done
+            while True:
+                client, _ = self.listener.accept()
+                if self.severed.is_set():
+                    client.close()
+                    continue
+                server = socket.create_connection(self.upstream)
+                with self._lock:
+                    self._open |= {client, server}
+                for source, target in ((client, server), (server, client)):
+                    threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                target.sendall(data)
+        for end in (source, target):
+            self._close(end)
+
+    def _close(self, end: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            end.shutdown(socket.SHUT_RDWR)
+        end.close()
+        with self._lock:
+            self._open.discard(end)
+
+    def sever(self) -> None:
+        self.severed.set()
+        with self._lock:
+            ends = list(self._open)
+        for end in ends:
+            self._close(end)
+
+    def restore(self) -> None:
+        self.severed.clear()
+
+    def close(self) -> None:
+        self.sever()
+        self.listener.close()
+
+
+@pytest.fixture
+def proxy() -> Iterator[SeveringProxy]:
+    host, port = POSTGRES_SERVER.rsplit("@", 1)[1].split(":")
+    severing = SeveringProxy((host, int(port)))
+    yield severing
+    severing.close()
+
+
+@pytest.mark.slow
+def test_worker_cut_off_past_its_lease_discards_its_kept_outcome_and_carries_on(
+    run_worker: Callable[..., WorkerProcess], queue: worker.Queue, table: Table, ledger: Path, url: str,
+    proxy: SeveringProxy,
+) -> None:  # fmt: skip
+    """A worker reaching the server through a proxy is cut off 0.3 s into a 1.5 s job (lease 1 s) until its row
+    has been rescued and the retry succeeded on a worker with a direct connection.
+
+    Meanwhile it keeps the finished outcome in memory and tries again with
+    backoff; once the link is back, the fence refuses that outcome (discarded,
+    logged), and the worker takes new jobs as before.
+    """
+    lease = 1.0
+    behind = url.replace(POSTGRES_SERVER.rsplit("@", 1)[1], f"127.0.0.1:{proxy.port}")
+    cut_off = run_worker("--concurrency", "1", "--lease", str(lease), name="cut-off", database=behind)
+    job = queue.enqueue("work", {"ms": 1500})
+    wait_for(lambda: ledger_starts(ledger, job.id), 10, "the job to start")
+    time.sleep(0.3)  # the job is well under way
+    proxy.sever()
+    severed = time.monotonic()
+    rescuer = run_worker("--lease", str(lease), name="rescuer")
+    wait_for(lambda: table.chain_of(job.id)[-1]["status"] == "succeeded", 15, "the retry to succeed elsewhere")
+    assert rescuer.stop() == 0
+    wait_for(lambda: "outcome(s) kept" in cut_off.log(), 10, "the cut-off worker to keep its outcome")
+    before = table.rows()
+    proxy.restore()
+    cut_seconds = time.monotonic() - severed
+    wait_for(lambda: "result discarded" in cut_off.log(), 15, "the cut-off worker to find its job taken")
+    assert table.rows() == before, "the cut-off worker wrote over a row it no longer held"
+    later = ids(queue.enqueue_many(work(10)))
+    wait_for(lambda: table.unfinished() == 0, 15, "the cut-off worker to run new jobs")
+    assert cut_off.stop() == 0
+
+    lost, retry = table.chain_of(job.id)
+    assert lost["error"].startswith("worker lost") and pid_of(lost) == cut_off.pid
+    assert pid_of(retry) == rescuer.pid
+    assert {pid_of(table.row(job_id)) for job_id in later} == {cut_off.pid}
+    assert "Traceback" not in cut_off.log()
+    # With backoff (0.05 s, doubling to 2 s), not at every tick of the loop: each try is a connection attempt.
+    tries = len(re.findall(r"heartbeat or rescue failed|outcome\(s\) kept", cut_off.log()))
+    assert tries <= 20, f"{tries} tries to reach the server in {cut_seconds:.1f} s"
+    report = table.check(ledger, [job.id, *later], lease=lease, stalled={cut_off.pid})
+    assert report.runs == 12 and report.reruns == 1
+    print(f"\ncut off past the lease for {cut_seconds:.1f} s: {tries} tries to reach the server; {report}")
+
+
 # --- 5. Cron on 3 workers -----------------------------------------------------------------------
 
 
@@ -384,8 +502,6 @@ def run_once(db: str, jobs_file: Path) -> subprocess.CompletedProcess[str]:
 
 def free_port() -> int:
     """A loopback port with nothing listening on it (just bound and released)."""
-    import socket
-
     with contextlib.closing(socket.socket()) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
