@@ -70,6 +70,15 @@ SESSION_SETTINGS = (
     " SET jit = off"
 )
 
+# A worker stopped or cut off inside a transaction (SIGSTOP, a frozen VM, a
+# link down) keeps its row locks: among them the per-minute count that every
+# worker's record adds to, so every other worker stopped recording until it came
+# back, for ever if it never did (shown by test_postgres_reliability).  The
+# server ends such a session once it has sat this long in a transaction without
+# a statement; its writes roll back, and its jobs are rescued after their lease.
+# The worker's own transactions are a few statements in a row, milliseconds.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000
+
 # FATAL errors at connect that pass: the server is starting, stopping or full.
 _TRANSIENT_AT_CONNECT = ("starting up", "shutting down", "in recovery", "too many", "remaining connection slots")
 
@@ -103,7 +112,8 @@ def connect(url: str) -> psycopg.Connection[Any]:
         kind = worker.DatabaseUnusable if refused else worker.DatabaseUnavailable
         raise kind(f"cannot connect to {redacted(url)}: {line}") from e
     try:
-        conn.execute(SESSION_SETTINGS)
+        timeout = f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT_MS:d}"
+        conn.execute(f"{SESSION_SETTINGS}; {timeout}")
     except psycopg.Error as e:
         conn.close()
         raise _engine_error(url, conn, e) from e
