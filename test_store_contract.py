@@ -791,7 +791,9 @@ def test_poll_only_wake_up_never_listens_and_always_says_look(postgres: Postgres
     try:
         assert not wake_up.pushes
         assert wake_up.changed() and wake_up.changed()
-        listening = postgres.raw.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'")
+        listening = postgres.raw.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+        )
         assert listening.fetchone() == {"n": 0}
     finally:
         wake_up.stop()
