@@ -299,6 +299,40 @@ def test_worker_stopped_past_its_lease_writes_nothing_over_the_rescued_row_when_
     print(f"\nSIGSTOP past the lease: {report}")
 
 
+@pytest.mark.slow
+def test_worker_stopped_inside_a_transaction_holds_up_the_others_only_briefly(
+    run_worker: Callable[..., WorkerProcess], queue: worker.Queue, table: Table, ledger: Path
+) -> None:
+    """A worker stops (SIGSTOP) inside the transaction that records its first outcome: that row and the
+    per-minute count every worker adds to stay locked while it is stopped.
+
+    The server ends that session once it has sat idle in its transaction
+    (idle_in_transaction_session_timeout, 1.5 s here): its writes roll back,
+    the other worker records and rescues as before, and when the stopped one
+    resumes it connects again and writes nothing over the rescued row.
+    """
+    lease = 1.0
+    env = {"RELIABILITY_STOP_IN_RECORD": "1", "RELIABILITY_PG_IDLE_TIMEOUT_MS": "1500"}
+    stalled = run_worker("--concurrency", "1", "--lease", str(lease), name="stalled", env=env)
+    first = queue.enqueue("work", {"ms": 50})
+    wait_for(lambda: process_state(stalled.pid) == "T", 10, "the worker to stop inside its transaction")
+    stopped = time.monotonic()
+    other = run_worker("--lease", str(lease), name="other")
+    later = ids(queue.enqueue_many(work(20, low_ms=20, high_ms=20)))
+    wait_for(lambda: table.unfinished() == 0, 15, "the other worker to run every job")
+    held_up = time.monotonic() - stopped
+    stalled.send(signal.SIGCONT)
+    wait_for(lambda: "result discarded" in stalled.log(), 10, "the resumed worker to find its job taken")
+    assert [stalled.stop(), other.stop()] == [0, 0]
+
+    lost, retry = table.chain_of(first.id)
+    assert lost["error"].startswith("worker lost") and pid_of(lost) == stalled.pid, lost
+    assert pid_of(retry) == other.pid
+    report = table.check(ledger, [first.id, *later], lease=lease, stalled={stalled.pid})
+    assert report.reruns == 1
+    print(f"\nstopped inside a transaction: every job done {held_up:.1f} s after the stop; {report}")
+
+
 # --- 4. The server ends every worker connection, several times ------------------------------------
 
 

@@ -218,6 +218,26 @@ if os.environ.get("RELIABILITY_LOSE_CLAIM_REPLY"):
     worker._Write.__exit__ = exit_and_lose_the_reply
 
 
+# --- A worker stopped (SIGSTOP) inside the transaction that records outcomes, its row locks held ---
+
+if os.environ.get("RELIABILITY_STOP_IN_RECORD"):
+    _record_before_stop = worker.Worker._record
+
+    def record_and_stop(self, outcomes, now):
+        notes = _record_before_stop(self, outcomes, now)
+        if outcomes and not hasattr(worker, "_stopped_in_record"):
+            worker._stopped_in_record = True
+            os.kill(os.getpid(), signal.SIGSTOP)  # the transaction is open: no COMMIT until SIGCONT
+        return notes
+
+    worker.Worker._record = record_and_stop
+
+if os.environ.get("RELIABILITY_PG_IDLE_TIMEOUT_MS"):
+    import worker_postgres
+
+    worker_postgres.IDLE_IN_TRANSACTION_TIMEOUT_MS = int(os.environ["RELIABILITY_PG_IDLE_TIMEOUT_MS"])
+
+
 # --- A clock the test steps for every worker at once (a system clock step) -------
 
 CLOCK_FILE = os.environ.get("RELIABILITY_CLOCK_FILE")
