@@ -2876,7 +2876,10 @@ class Worker:
                 row = producer._new_row(
                     job_type.name, None, at=due / 1000, tag=tag, cron=job_type.cron, timezone=job_type.timezone, now=now
                 )
-                scheduled = store.insert(row, "replace")
+                # "ignore" when no pending row was seen: on PostgreSQL another worker
+                # starting now may have inserted this slot's row since (its read
+                # committed snapshot), and replacing it made a second row for the slot.
+                scheduled = store.insert(row, "replace" if pending else "ignore")
             logger.info(
                 "cron job %s (%s%s): next run %d due %s",
                 job_type.name,
