@@ -10,10 +10,18 @@ died or stalled, exactly one succeeded row per logical job, whose result is
 the proof its run wrote.
 
 Faults come from outside, as they would in production: kill -9, SIGSTOP past
-the lease, the server terminating every worker connection
-(``pg_terminate_backend``), and a server that cannot be reached or refuses
-the worker at start.  The table is read here with psycopg, on a connection
-of the test's own that no fault touches.
+the lease (outside a transaction, and inside one), the server terminating
+every worker connection (``pg_terminate_backend``), a link cut past the lease
+(a TCP proxy of the test's own, on loopback, that severs and restores), and a
+server that cannot be reached or refuses the worker at start.  One fault comes
+from inside, by the jobs module wrapping engine methods: a claim that commits
+though the worker is told it failed (the reply lost with the connection).  The
+table is read here with psycopg, on a connection of the test's own that no
+fault touches.
+
+Run time: about 70 s on this 2-core machine when it is quiet, 20,000 jobs
+through real processes being the most of it (one fsync per COMMIT, and two
+per job for the ledger).
 """
 
 from __future__ import annotations
@@ -340,7 +348,7 @@ def test_worker_stopped_inside_a_transaction_holds_up_the_others_only_briefly(
 def test_terminating_every_worker_connection_repeatedly_loses_and_doubles_nothing(
     run_worker: Callable[..., WorkerProcess], queue: worker.Queue, table: Table, ledger: Path, url: str
 ) -> None:
-    """3 workers x 4 threads run 3,000 jobs of 5-30 ms (a fifth enqueue a follow-up from job code) while the
+    """3 workers x 4 threads run 1,200 jobs of 5-30 ms (a fifth enqueue a follow-up from job code) while the
     server terminates every one of their connections 6 times, 0.4 s apart.
 
     No worker crashes: each backs off, connects again, records the outcomes
@@ -349,7 +357,7 @@ def test_terminating_every_worker_connection_repeatedly_loses_and_doubles_nothin
     """
     lease = 5.0
     rng = random.Random(15)
-    jobs = [("work", {"ms": rng.randint(5, 30), "follow": rng.random() < 0.2}) for _ in range(3000)]
+    jobs = [("work", {"ms": rng.randint(5, 30), "follow": rng.random() < 0.2}) for _ in range(1200)]
     enqueued = ids(queue.enqueue_many(jobs))
     queue.close()  # the test's own producer connection is not a target
     workers = [run_worker("--concurrency", "4", "--lease", str(lease), name=f"worker{i}") for i in range(3)]
@@ -361,7 +369,7 @@ def test_terminating_every_worker_connection_repeatedly_loses_and_doubles_nothin
         terminated.append(table.terminate_others())
         time.sleep(0.4)
         assert all(w.popen.poll() is None for w in workers), "a worker exited"
-    wait_for(lambda: table.unfinished() == 0, 30, "every job to finish")
+    wait_for(lambda: table.unfinished() == 0, 60, "every job to finish")
     assert [w.stop() for w in workers] == [0] * 3
 
     followers = table.rows("data::json ->> 'parent' IS NOT NULL")
