@@ -727,6 +727,26 @@ def test_crash_at_a_fixed_point_leaves_the_job_unchanged_rerun_once_or_done(
     print(f"\ncrash at {point}: after the crash {status_after_crash}; {report}")
 
 
+@pytest.mark.slow
+def test_jobs_of_a_claim_the_worker_was_told_had_failed_are_given_back_and_run_once(
+    run_worker: Callable[..., WorkerProcess], queue: worker.Queue, db: Path, ledger: Path
+) -> None:
+    """The first claim commits, but the worker is told it failed (RELIABILITY_LOSE_CLAIM_REPLY): its next
+    step gives back the rows running under it that it is not running, and they run once.
+
+    On PostgreSQL a reply lost with the connection does this; here the fault
+    stands in for it, and holds the engine to the same answer on both stores.
+    """
+    process = run_worker("--concurrency", "2", "--lease", "1", env={"RELIABILITY_LOSE_CLAIM_REPLY": "1"})
+    enqueued = ids(queue.enqueue_many(work(4, low_ms=50, high_ms=50)))
+    wait_for(lambda: unfinished(db) == 0, 10, "the jobs of the lost claim to run")
+    assert process.stop() == 0
+    assert "the reply to COMMIT was lost" in process.log(), "the fault never fired"
+    report = check(db, ledger, enqueued, lease=1)
+    assert report.reruns == 0 and report.rescued == 0
+    assert rows(db, "status != 'succeeded'") == []
+
+
 # --- 3. Poison job ------------------------------------------------------------------------
 
 
