@@ -747,6 +747,33 @@ def test_jobs_of_a_claim_the_worker_was_told_had_failed_are_given_back_and_run_o
     assert rows(db, "status != 'succeeded'") == []
 
 
+def test_a_job_runs_though_the_producer_cannot_connect_as_it_starts(
+    make_worker: Any, queue: worker.Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """execute() never raises: a database out of reach when a job thread first needs the producer Queue
+    (its connection) fails only a job that enqueues, and as that job's error; it killed the thread before."""
+
+    @worker.job
+    def plain(ctx: worker.JobContext) -> int:
+        return 1
+
+    @worker.job
+    def enqueuer(ctx: worker.JobContext) -> None:
+        ctx.enqueue_now("plain")
+
+    def unreachable(self: worker.Queue, *args: Any, **kwargs: Any) -> None:
+        raise worker.DatabaseUnavailable("out of reach")
+
+    queue.enqueue("plain")
+    queue.enqueue("enqueuer")
+    runner = make_worker()
+    claimed = runner.claim(2)
+    monkeypatch.setattr(worker.Queue, "__init__", unreachable)
+    outcomes = [runner.execute(job) for job in claimed]
+    assert [(o.job.type, o.succeeded) for o in outcomes] == [("plain", True), ("enqueuer", False)]
+    assert "DatabaseUnavailable: out of reach" in (outcomes[1].error or "")
+
+
 # --- 3. Poison job ------------------------------------------------------------------------
 
 
