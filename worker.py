@@ -2712,14 +2712,21 @@ class JobContext:
     """What a job function receives first: its row, a logger, app resources, enqueue."""
 
     def __init__(
-        self, job: Job, *, app: SimpleNamespace, producer: Queue, worker_name: str, clock: Callable[[], int] = now_ms
-    ) -> None:
+        self, job: Job, *, app: SimpleNamespace, producer: Callable[[], Queue], worker_name: str,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:  # fmt: skip
         self.job = job
         self._clock = clock  # the worker's: the follow-ups' times are the server's, as their parent's
         self.app = app
         self.worker = worker_name
-        self.producer = producer
+        self._producer = producer
         self.follow_ups: list[tuple[dict[str, Any], str]] = []  # (row, on_conflict), inserted with the success
+
+    @functools.cached_property
+    def producer(self) -> Queue:
+        """The worker's Queue, got when a job first enqueues: getting it may connect, and fail if the database is
+        out of reach, which is then the job's error (made before the job ran, it killed the job's thread)."""
+        return self._producer()
 
     @functools.cached_property
     def logger(self) -> JobLogger:
@@ -3124,6 +3131,9 @@ class Worker:
         self._received: list[Outcome] = []
         # 3: its job is no longer running here (timeouts noted): written by the next step's transaction.
         self._to_record: list[Outcome] = []
+        # A claim may have committed though this worker was told it failed (the
+        # connection dropped before the reply): see _give_back_unknown.
+        self._claim_in_doubt = False
         self._stopping = threading.Event()
         # Held for every step of the loop: by the main thread, or by a job thread
         # that has just finished a job (see _job_thread).  It guards the
@@ -3229,9 +3239,10 @@ class Worker:
                 row = producer._new_row(
                     job_type.name, None, at=due / 1000, tag=tag, cron=job_type.cron, timezone=job_type.timezone, now=now
                 )
-                # With no pending row, "ignore": a worker on another host that made one
-                # meanwhile wins, and no second row is made and cancelled for the slot.
-                scheduled = store.insert(row, "ignore" if pending is None else "replace")
+                # "ignore" when no pending row was seen: on PostgreSQL another worker
+                # starting now may have inserted this slot's row since (its read
+                # committed snapshot), and replacing it made a second row for the slot.
+                scheduled = store.insert(row, "replace" if pending else "ignore")
             logger.info(
                 "cron job %s (%s%s): next run %d due %s",
                 job_type.name,
@@ -3322,7 +3333,7 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
-        ctx = JobContext(job, app=self.app, producer=self.producer, worker_name=self.name, clock=self.now)
+        ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now)
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
@@ -3612,9 +3623,12 @@ class Worker:
             try:
                 with self._write():
                     notes = self._recording.record(self._to_record, now)
+                    if self._claim_in_doubt:
+                        notes += self._give_back_unknown()
                     if want_claim:
                         claimed = self._claim(free, now)
             except DatabaseUnavailable as e:
+                self._claim_in_doubt = self._claim_in_doubt or want_claim
                 self._back_off(e)
                 return None
             except DatabaseError as e:
@@ -3622,6 +3636,7 @@ class Worker:
                 return None
             self._busy_backoff = 0.0
             self._to_record = []
+            self._claim_in_doubt = False
             _emit(notes + self._claim_notes if want_claim else notes)
             for job in claimed:
                 self._running[job.id] = job
@@ -3642,6 +3657,23 @@ class Worker:
         if self._next_due <= now:  # the sweep just rescued a job, due at once: something is due after all
             self._nothing_due = False
         return kept
+
+    def _give_back_unknown(self) -> list[_Note]:
+        """Give back the rows running under this worker that it is not running (in the step's transaction).
+
+        After a step whose claim failed, the claim may have committed all the
+        same (on PostgreSQL the reply can be lost with the connection): its rows
+        run under this owner, unknown to the worker, and every heartbeat would
+        renew their leases, so that no one ran them while this worker lives.
+        """
+        known = set(self._running) | {outcome.job.id for outcome in self._to_record}
+        running = self._store.jobs(status=Status.RUNNING.value, type=None, queue=None, limit=MAX_COUNT)
+        notes = []
+        for job in running:
+            if job.owner == self.owner and job.id not in known and self._store.give_back_if_owned(job.id, self.owner):
+                message = "job %d %s: given back: claimed by a claim this worker was told had failed"
+                notes.append(_Note.about(job, "given back", logging.WARNING, message, job.id, job.type))
+        return notes
 
     def _notice_database_replaced(self) -> None:
         """Stop (run() then raises DatabaseReplaced) if the store says its target names another database now.
@@ -3797,13 +3829,16 @@ class Worker:
         try:
             if schedule.heartbeat_due(now):
                 self.heartbeat(now)
+                self._busy_backoff = 0.0  # the database answers again (a failed step's write returns before this)
                 schedule.heartbeat_done(now)
                 self._notice_database_replaced()
             if schedule.rescue_due(now):
                 self.rescue(now)
                 schedule.rescue_done(now)
         except DatabaseError as e:
-            # Postponed, not given up: the next tick tries again.
+            # Postponed, not given up: tried again after a backoff, as a failed step is.  At the next tick it
+            # was a connection attempt and a warning every few ms while the server was out of reach.
+            self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
             transient = isinstance(e, DatabaseUnavailable)
             logger.log(logging.WARNING if transient else logging.ERROR, "heartbeat or rescue failed: %s", e)
 

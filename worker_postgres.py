@@ -67,19 +67,22 @@ TAG_RACE_ATTEMPTS = 10  # see PostgresStore.insert: each retry means another wri
 # (150 ms for a one-row upsert that sorts its input).  Only the worker's own
 # sessions are set so, never an app's connection.
 #
-# idle_in_transaction_session_timeout: a worker whose network is cut in the
-# middle of a transaction leaves that transaction open on the server, its row
-# locks held, for as long as the server's TCP takes to notice (hours) or until
-# the link returns.  Those rows are its own running jobs (a heartbeat, a
-# finish) and the per-minute counters every finish updates; the rescue of its
-# jobs, and every other worker's finishes, would wait for them.  The worker's
-# own transactions never wait for anything but the server between their
-# statements, so the server ends one that has waited this long for its client.
-IDLE_IN_TRANSACTION_TIMEOUT_MS = 5000
 SESSION_SETTINGS = (
     "SET enable_sort = off; SET enable_hashjoin = off; SET enable_mergejoin = off; SET enable_bitmapscan = off;"
-    f" SET jit = off; SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+    " SET jit = off"
 )
+
+# A worker stopped or cut off inside a transaction (SIGSTOP, a frozen VM, a link
+# down) leaves it open on the server, its row locks held, for as long as the
+# server's TCP takes to notice (hours) or until it comes back.  Those rows are
+# its own running jobs (a heartbeat, a finish) and the per-minute counts every
+# worker's finish adds to: the rescue of its jobs, and every other worker's
+# recording, would wait for them (test_postgres_reliability, test_postgres_hosts).
+# The server ends a session that has sat this long in a transaction without a
+# statement; its writes roll back, and its jobs are rescued after their lease.
+# The worker's own transactions are a few statements in a row, milliseconds.
+# Set at each connect (a test shortens it), on the store's connections only.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 5000
 
 # FATAL errors at connect that pass: the server is starting, stopping or full.
 _TRANSIENT_AT_CONNECT = ("starting up", "shutting down", "in recovery", "too many", "remaining connection slots")
@@ -114,7 +117,8 @@ def connect(url: str) -> psycopg.Connection[Any]:
         kind = worker.DatabaseUnusable if refused else worker.DatabaseUnavailable
         raise kind(f"cannot connect to {redacted(url)}: {line}") from e
     try:
-        conn.execute(SESSION_SETTINGS)
+        timeout = f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT_MS:d}"
+        conn.execute(f"{SESSION_SETTINGS}; {timeout}")
     except psycopg.Error as e:
         conn.close()
         raise _engine_error(url, conn, e) from e
