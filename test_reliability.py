@@ -221,7 +221,7 @@ if os.environ.get("RELIABILITY_LOSE_CLAIM_REPLY"):
 # --- A worker stopped (SIGSTOP) inside the transaction that records outcomes, its row locks held ---
 
 if os.environ.get("RELIABILITY_STOP_IN_RECORD"):
-    _record_before_stop = worker.Worker._record
+    _record_before_stop = worker.Recording.record
 
     def record_and_stop(self, outcomes, now):
         notes = _record_before_stop(self, outcomes, now)
@@ -230,7 +230,7 @@ if os.environ.get("RELIABILITY_STOP_IN_RECORD"):
             os.kill(os.getpid(), signal.SIGSTOP)  # the transaction is open: no COMMIT until SIGCONT
         return notes
 
-    worker.Worker._record = record_and_stop
+    worker.Recording.record = record_and_stop
 
 if os.environ.get("RELIABILITY_PG_IDLE_TIMEOUT_MS"):
     import worker_postgres
