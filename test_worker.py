@@ -616,6 +616,25 @@ def test_cancelled_or_given_back_job_is_not_finished_by_its_old_worker(
     assert queue.get(enqueued.id).status == "pending"  # type: ignore[union-attr]
 
 
+def job_row(attempt: int, deaths: int) -> Job:
+    return Job(id=1, type="t", data={}, status="failed", attempt=attempt, deaths=deaths)
+
+
+def test_policy_a_workers_death_uses_up_no_attempt_and_a_nonsense_count_cannot_retry_forever() -> None:
+    assert worker.attempts_left(job_row(attempt=2, deaths=0), max_attempts=3)
+    assert not worker.attempts_left(job_row(attempt=3, deaths=0), max_attempts=3)
+    assert worker.attempts_left(job_row(attempt=3, deaths=1), max_attempts=3)  # one of the three was a death
+    assert not worker.attempts_left(job_row(attempt=3, deaths=-5), max_attempts=3)  # counted as none
+    # Counted as at most attempt - 1: the attempt that failed now was a real one.
+    assert not worker.attempts_left(job_row(attempt=3, deaths=99), max_attempts=1)
+    assert worker.attempts_left(job_row(attempt=3, deaths=99), max_attempts=2)
+    assert not worker.attempts_left(job_row(attempt=2**31 - 1, deaths=0), max_attempts=2**31 - 1)  # the range's end
+
+
+def test_policy_a_chain_is_given_up_as_poison_at_max_deaths() -> None:
+    assert [worker.poisoned(deaths, max_deaths=3) for deaths in (1, 2, 3, 4)] == [False, False, True, True]
+
+
 def test_housekeeping_schedule_heartbeats_every_third_of_a_lease_and_sweeps_about_every_half() -> None:
     schedule = worker.HousekeepingSchedule(60_000, NoJitter())
     assert schedule.heartbeat_due(0) and schedule.rescue_due(0)  # at once, at start

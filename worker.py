@@ -616,6 +616,27 @@ def retry_delay_ms(base_ms: int, backoff: float, *, failures_before: int, jitter
     return min(round(delay * jitter), MAX_DURATION_MS)
 
 
+def attempts_left(job: Job, max_attempts: int) -> bool:
+    """Whether a failure of this attempt leaves another to make: a worker's death used up no attempt."""
+    if job.attempt >= MAX_COUNT:  # a row written by another program: attempt + 1 would leave the table's range
+        return False
+    return job.attempt - _deaths(job) < max_attempts
+
+
+def poisoned(deaths: int, max_deaths: int) -> bool:
+    """Whether a chain that has killed ``deaths`` workers is given up: its job may be what kills them."""
+    return deaths >= max_deaths
+
+
+def _deaths(job: Job) -> int:
+    """The worker deaths of the job's chain, as policy counts them: each death was one of its attempts.
+
+    A row of another program's may say otherwise (deaths < 0, or more deaths
+    than attempts); counted as it stands, it would retry forever.
+    """
+    return min(max(job.deaths, 0), job.attempt - 1)
+
+
 def _qualname(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{getattr(fn, '__qualname__', repr(fn))}"
 
@@ -2958,10 +2979,8 @@ class Recording:
         """Insert the next attempt if the policy allows; returns (its id, delay ms)."""
         if job.attempt >= MAX_COUNT:  # a row written by another program: attempt + 1 would leave the table's range
             return None
-        if not at_once:
-            max_attempts = _first(job.max_attempts, _job_type(job).max_attempts, 1)
-            if job.attempt - _deaths(job) >= max_attempts:  # a worker's death used up no attempt
-                return None
+        if not at_once and not attempts_left(job, _first(job.max_attempts, _job_type(job).max_attempts, 1)):
+            return None
         delay = 0 if at_once else self.retry_delay_ms(job)
         due = min(now + delay, MAX_TIME_MS)
         # deaths clamped as _deaths() counts them (the retry is attempt + 1): a nonsense count is not copied on.
@@ -2990,8 +3009,8 @@ class Recording:
             notes += self.rescue_unreadable(unreadable_row, why, now, finished)
         for job in lost:
             deaths = job.deaths + 1
-            poisoned = deaths >= self.max_deaths
-            if poisoned:
+            given_up = poisoned(deaths, self.max_deaths)
+            if given_up:
                 error = f"worker died {deaths} times running this job; giving up (last: worker {job.worker})"
             else:
                 error = f"worker lost: lease expired (worker {job.worker})"
@@ -3001,7 +3020,7 @@ class Recording:
             finished.append((now, job.queue, Status.FAILED.value))
             # A worker's death is not the job's failure: retry at once, whatever
             # max_attempts says, until the chain has killed max_deaths workers.
-            retry = None if poisoned else self.schedule_retry(job, now, deaths=deaths, at_once=True)
+            retry = None if given_up else self.schedule_retry(job, now, deaths=deaths, at_once=True)
             then = f"retry {retry[0]} due now" if retry else "no retry"
             message = "job %d %s failed (attempt %d): %s; %s"
             notes.append(
@@ -3944,15 +3963,6 @@ def _first(*values: Any) -> Any:
         if value is not None:
             return value
     return None
-
-
-def _deaths(job: Job) -> int:
-    """The worker deaths of the job's chain, as policy counts them: each death was one of its attempts.
-
-    A row of another program's may say otherwise (deaths < 0, or more deaths
-    than attempts); counted as it stands, it would retry forever.
-    """
-    return min(max(job.deaths, 0), job.attempt - 1)
 
 
 def _jobs_files() -> list[str]:
