@@ -35,7 +35,10 @@ How each figure is measured:
 - Churn: 1,000,000 jobs enqueued, run by the real worker (``--processes 4
   --keep-succeeded 0``) and deleted by Queue.prune(), on one database; then the
   drain of N fresh jobs on it, against a fresh database; then the same after a
-  plain VACUUM of worker_jobs.  Dead rows and sizes come from pg_stat_user_tables.
+  plain VACUUM of worker_jobs.  Dead rows and sizes come from pg_stat_user_tables;
+  the index pages one claim reads, from EXPLAIN (ANALYZE, BUFFERS) of the
+  store's own claim on N new jobs (fresh, churned, vacuumed; those N are then
+  cancelled, so the drain after it runs its own N).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -492,6 +496,43 @@ def table_stats(url: str) -> dict[str, Any]:
     return dict(zip(keys, row, strict=True))
 
 
+def claim_buffers(url: str) -> int:
+    """Pages one claim of 32 rows reads in worker_jobs_claim, in the worker's session settings (EXPLAIN BUFFERS)."""
+    import psycopg
+
+    import worker_postgres
+
+    claim = worker_postgres.PostgresStore.CLAIM_SQL.format(deaths="deaths = 0", queue_filter="", columns="job.id")
+    now = time.time_ns() // 1_000_000
+    params = {"now": now, "limit": 32, "worker": "w", "owner": "o", "lease_until": now + 60_000, "types": ["noop"]}
+    with psycopg.connect(url) as conn:
+        conn.execute(worker_postgres.SESSION_SETTINGS)
+        plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + claim, params).fetchone()[0][0]["Plan"]
+        conn.rollback()  # EXPLAIN ANALYZE ran the claim: nothing of it stays
+
+    def scans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if node.get("Index Name") == "worker_jobs_claim":
+            yield node
+        for child in node.get("Plans", []):
+            yield from scans(child)
+
+    return sum(node["Shared Hit Blocks"] + node["Shared Read Blocks"] for node in scans(plan))
+
+
+def with_claim_buffers(url: str, n: int) -> int:
+    """Fill N jobs and read what one claim costs on them."""
+    fill_ours(url, n)
+    return claim_buffers(url)
+
+
+def claim_buffers_after_fill(url: str, n: int) -> int:
+    """What one claim costs on N new jobs in this table; the drain that follows runs them."""
+    fill_ours(url, n)
+    pages = claim_buffers(url)
+    sql(url, "UPDATE worker_jobs SET status = 'cancelled', finished = 0 WHERE status = 'pending'")
+    return pages
+
+
 def part_churn(sizes: dict[str, Any]) -> None:
     import bench_jobs  # noqa: F401
 
@@ -523,6 +564,10 @@ def part_churn(sizes: dict[str, Any]) -> None:
             f"{entry['after_prune']['dead']:,} dead rows, table {entry['after_prune']['table_bytes'] / 2**20:.0f} MiB, "
             f"claim index {entry['after_prune']['claim_index_bytes'] / 2**20:.1f} MiB"
         )
+        entry["claim_pages"] = {
+            "fresh": on_fresh(lambda u: with_claim_buffers(u, n)),
+            "churned": claim_buffers_after_fill(url, n),
+        }
         fresh, churned, vacuumed = [], [], []
         for _ in range(sizes["reps"] - 1 or 1):
             fresh.append(on_fresh(lambda u: drain_ours(u, n)))
@@ -532,6 +577,12 @@ def part_churn(sizes: dict[str, Any]) -> None:
         sql(url, "VACUUM worker_jobs")
         entry["vacuum_s"] = time.perf_counter() - started
         entry["after_vacuum"] = table_stats(url)
+        entry["claim_pages"]["vacuumed"] = claim_buffers_after_fill(url, n)
+        pages = entry["claim_pages"]
+        say(
+            f"pages one claim reads in worker_jobs_claim: {pages['fresh']} fresh, {pages['churned']} after the "
+            f"churn, {pages['vacuumed']} after the VACUUM"
+        )
         for _ in range(sizes["reps"] - 1 or 1):
             vacuumed.append(drain_ours(url, n))
         entry["fresh"], entry["churned"], entry["vacuumed"] = summary(fresh), summary(churned), summary(vacuumed)
