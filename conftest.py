@@ -58,8 +58,25 @@ def registry() -> Iterator[dict[str, worker.JobType]]:
     worker.SHUTDOWN_HOOKS[:] = saved[2]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``stores("sqlite", "postgres")`` (or whose module is) run once on each store's ``db``."""
+    marker = metafunc.definition.get_closest_marker("stores")
+    if marker is not None and "store_kind" in metafunc.fixturenames:
+        metafunc.parametrize("store_kind", marker.args)
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> str:
+def store_kind() -> str:
+    """Which store the test's ``db`` is on: SQLite unless the test is marked to run on more."""
+    return "sqlite"
+
+
+@pytest.fixture
+def db(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The test's database: a fresh SQLite file, or (marked for PostgreSQL) the test run's database, emptied."""
+    if store_kind == "postgres":
+        url: str = request.getfixturevalue("postgres_db")
+        return url
     return str(tmp_path / "jobs.db")
 
 
@@ -96,8 +113,15 @@ def at(clock: FakeClock, seconds: float = 0) -> int:
     return int((clock.now + seconds) * 1000)
 
 
-def rows(db: str, where: str = "1") -> list[sqlite3.Row]:
-    """The table's rows, read by another program (stdlib sqlite3)."""
+def rows(db: str, where: str = "1") -> list[Any]:
+    """The table's rows, read by another program (stdlib sqlite3, or psycopg for a PostgreSQL URL)."""
+    if worker.is_postgres(db):
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(db, autocommit=True, row_factory=dict_row) as conn:
+            where = "true" if where == "1" else where
+            return conn.execute(f"SELECT * FROM worker_jobs WHERE {where} ORDER BY id").fetchall()  # type: ignore[call-overload]
     with sqlite3.connect(db, timeout=5) as conn:
         conn.row_factory = sqlite3.Row
         return conn.execute(f"SELECT * FROM worker_jobs WHERE {where} ORDER BY id").fetchall()

@@ -27,6 +27,10 @@ import worker
 from conftest import FakeClock, Processes, WorkerProcess, at, create_database, rows, wait_for
 from worker import JobContext, Queue
 
+# On every store; a test that reaches into SQLite itself (its file, its locks) is SQLite's alone.
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+SQLITE_ONLY = pytest.mark.stores("sqlite")
+
 HOSTILE_CRON_ROWS = {
     # defect 5: a directory of zones, a path, a name too long for the filesystem
     "zone is a directory": {"cron_timezone": "Europe"},
@@ -108,6 +112,7 @@ def test_expression_that_never_fires_is_refused_when_declared_or_scheduled(queue
     assert rows(db) == []
 
 
+@SQLITE_ONLY
 @pytest.mark.parametrize("hostile", HOSTILE_CRON_ROWS.values(), ids=HOSTILE_CRON_ROWS.keys())
 def test_cron_row_with_a_bad_zone_slot_or_expression_ends_its_own_schedule_and_the_worker_goes_on(
     queue: Queue, make_worker: Any, clock: FakeClock, db: str, tick: None, hostile: dict[str, Any],
@@ -125,6 +130,7 @@ def test_cron_row_with_a_bad_zone_slot_or_expression_ends_its_own_schedule_and_t
     assert rows(db, f"id = {later}")[0]["status"] == "succeeded"
 
 
+@SQLITE_ONLY
 def test_worker_start_survives_a_declared_cron_job_whose_last_slot_is_in_the_year_9999(
     make_worker: Any, db: str, tick: None
 ) -> None:
@@ -140,6 +146,7 @@ def test_worker_start_survives_a_declared_cron_job_whose_last_slot_is_in_the_yea
     assert rows(db, "tag = 'cron:remove_old_jobs' AND status = 'pending'") != []  # the other cron jobs were synced
 
 
+@SQLITE_ONLY
 def test_check_reports_a_pending_row_whose_expression_never_fires(db: str, tmp_path: Path) -> None:
     create_database(Path(db))
     insert_cron_row(db, "cron:leap", cron_schedule="0 0 30 2 *")
@@ -254,6 +261,7 @@ def test_spring_change_runs_a_time_the_clock_skips_once_at_the_hour_after() -> N
 # --- 14: a write lock held longer than the lease --------------------------------------------
 
 
+@SQLITE_ONLY
 def test_rescuer_that_waited_for_a_long_lock_takes_no_lease_for_lost_until_holders_could_renew(
     queue: Queue, make_worker: Any, clock: FakeClock, db: str, tick: None
 ) -> None:
@@ -273,6 +281,7 @@ def test_rescuer_that_waited_for_a_long_lock_takes_no_lease_for_lost_until_holde
     assert rows(db, f"id = {job.id}")[0]["status"] == "running"
 
 
+@SQLITE_ONLY
 def test_dead_worker_whose_lease_ran_out_during_a_long_lock_is_rescued_a_lease_after_it(
     queue: Queue, make_worker: Any, clock: FakeClock, db: str, tick: None
 ) -> None:

@@ -259,10 +259,12 @@ def test_worker_migrate_with_django_settings_creates_the_worker_tables_in_django
     assert not (django_shop / "worker.db").exists()
 
 
-@pytest.mark.parametrize("engine", ["django.db.backends.dummy", "django.db.backends.postgresql"])
-def test_a_django_database_other_than_sqlite_is_a_configuration_error(django_shop: Path, engine: str) -> None:
-    # The engine is read before django.setup(), which would load the backend's driver: psycopg is not
-    # installed here, and the error is still the worker's own, not "Error loading psycopg".
+@pytest.mark.parametrize("engine", ["django.db.backends.dummy", "django.db.backends.mysql"])
+def test_a_django_database_other_than_sqlite_or_postgresql_is_a_configuration_error(
+    django_shop: Path, engine: str
+) -> None:
+    # The engine is read before django.setup(), which would load the backend's driver: mysqlclient is not
+    # installed here, and the error is still the worker's own, not "Error loading MySQLdb".
     (django_shop / "django_shop" / "settings_elsewhere.py").write_text(
         "from django_shop.settings import *  # noqa: F403\n"
         f"DATABASES = {{'default': {{'ENGINE': '{engine}', 'NAME': 'shop'}}}}\n"
@@ -279,7 +281,29 @@ def test_a_django_database_other_than_sqlite_is_a_configuration_error(django_sho
         "shop.jobs",
     )
     assert result.returncode == 2, result.stderr
-    assert f"'{engine}': this worker serves SQLite" in result.stderr
+    assert f"'{engine}': this worker serves SQLite and PostgreSQL" in result.stderr
+    assert not (django_shop / "worker.db").exists()
+
+
+def test_a_django_postgresql_database_is_the_workers_own_with_no_db_given(django_shop: Path, postgres_url: str) -> None:
+    """Django's NAME, USER, HOST and PORT become the worker's postgresql:// URL: the worker's table is made there."""
+    import psycopg
+
+    server, name = postgres_url.rsplit("/", 1)
+    host, port = server.rsplit("@", 1)[1].split(":")
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS worker_jobs, worker_schema, worker_processes, worker_finished_per_minute")
+    (django_shop / "django_shop" / "settings_postgres.py").write_text(
+        "from django_shop.settings import *  # noqa: F403\n"
+        f"DATABASES = {{'default': {{'ENGINE': 'django.db.backends.postgresql', 'NAME': {name!r},"
+        f" 'USER': 'postgres', 'HOST': {host!r}, 'PORT': {port!r}}}}}\n"
+    )
+    result = run(django_shop, "-m", "worker_cli", "run", "--burst", "--no-cron",
+                 "--django-settings", "django_shop.settings_postgres", "--jobs", "shop.jobs")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"postgresql://postgres@{host}:{port}/{name}" in result.stderr  # the "worker ... started" line
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM worker_schema").fetchone() == (1,)
     assert not (django_shop / "worker.db").exists()
 
 

@@ -27,6 +27,8 @@ import worker
 from conftest import FakeClock, Processes, WorkerProcess, alive, at, child_pids, create_database, rows, wait_for
 from worker import JobContext, Queue
 
+pytestmark = pytest.mark.stores("sqlite", "postgres")  # the same meaning on every store
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc, POSIX signals and prctl")
 
 JOBS_MODULE = '''

@@ -159,17 +159,17 @@ if CRASH_AT in ("claim", "claim_committed"):
     worker.Worker._claim = claim_and_crash
 
 if CRASH_AT == "after_return":
-    _record = worker.Worker._record
+    _record = worker.Recording.record
 
     def crash_before_recording(self, outcomes, now):
         if outcomes:
             crash()  # the job returned; nothing of its outcome is written yet
         return _record(self, outcomes, now)
 
-    worker.Worker._record = crash_before_recording
+    worker.Recording.record = crash_before_recording
 
 if CRASH_AT in ("in_finish", "finish_committed"):
-    _finish = worker.Worker._finish
+    _finish = worker.Recording.finish
 
     def finish_and_crash(self, outcome, now, *counts):
         notes = _finish(self, outcome, now, *counts)
@@ -178,7 +178,7 @@ if CRASH_AT in ("in_finish", "finish_committed"):
         _armed.set()
         return notes
 
-    worker.Worker._finish = finish_and_crash
+    worker.Recording.finish = finish_and_crash
 
 if CRASH_AT in ("claim_committed", "finish_committed"):
     _immediate = worker.immediate
@@ -191,6 +191,51 @@ if CRASH_AT in ("claim_committed", "finish_committed"):
             crash()  # the transaction that claimed / recorded has just committed
 
     worker.immediate = immediate_then_crash
+
+
+# --- A claim that commits, but whose reply is lost (the connection dropped at that moment) -----
+
+if os.environ.get("RELIABILITY_LOSE_CLAIM_REPLY"):
+    _lose_reply = threading.Event()
+    _claim_to_lose = worker.Worker._claim
+
+    def claim_once_to_lose(self, limit, now):
+        claimed = _claim_to_lose(self, limit, now)
+        if claimed and not hasattr(worker, "_claim_reply_lost"):
+            worker._claim_reply_lost = True
+            _lose_reply.set()
+        return claimed
+
+    _write_exit = worker._Write.__exit__
+
+    def exit_and_lose_the_reply(self, kind, error, trace):
+        _write_exit(self, kind, error, trace)
+        if kind is None and _lose_reply.is_set():
+            _lose_reply.clear()
+            raise worker.DatabaseUnavailable("the reply to COMMIT was lost (test_reliability's fault)")
+
+    worker.Worker._claim = claim_once_to_lose
+    worker._Write.__exit__ = exit_and_lose_the_reply
+
+
+# --- A worker stopped (SIGSTOP) inside the transaction that records outcomes, its row locks held ---
+
+if os.environ.get("RELIABILITY_STOP_IN_RECORD"):
+    _record_before_stop = worker.Worker._record
+
+    def record_and_stop(self, outcomes, now):
+        notes = _record_before_stop(self, outcomes, now)
+        if outcomes and not hasattr(worker, "_stopped_in_record"):
+            worker._stopped_in_record = True
+            os.kill(os.getpid(), signal.SIGSTOP)  # the transaction is open: no COMMIT until SIGCONT
+        return notes
+
+    worker.Worker._record = record_and_stop
+
+if os.environ.get("RELIABILITY_PG_IDLE_TIMEOUT_MS"):
+    import worker_postgres
+
+    worker_postgres.IDLE_IN_TRANSACTION_TIMEOUT_MS = int(os.environ["RELIABILITY_PG_IDLE_TIMEOUT_MS"])
 
 
 # --- A clock the test steps for every worker at once (a system clock step) -------
@@ -359,8 +404,14 @@ def logical_key(row: dict[str, Any], by_id: dict[int, dict[str, Any]]) -> tuple[
     return ("job", first["id"])
 
 
-def check(
-    db: Path,
+def check(db: Path, ledger: Path, enqueued: Iterable[int], **options: Any) -> Report:
+    """check_table() on the whole table of a SQLite database, and its integrity_check."""
+    assert integrity(db) == "ok"
+    return check_table(rows(db), ledger, enqueued, **options)
+
+
+def check_table(
+    table: list[dict[str, Any]],
     ledger: Path,
     enqueued: Iterable[int],
     *,
@@ -370,15 +421,16 @@ def check(
     poison: Collection[int] = (),
     max_attempts: int = 1,
     max_deaths: int = worker.DEFAULT_MAX_DEATHS,
+    now: int | None = None,
 ) -> Report:
-    """Assert the guarantees on the whole table and ledger; return the counts.
+    """Assert the guarantees on the table's rows (dicts of worker.COLUMNS, from any store) and the ledger.
 
     ``died`` and ``stalled`` are the pids of worker processes that died or
     stalled (or saw their leases expire by a clock step): only their jobs may
     have run again.  ``poison`` lists first rows of chains that must end failed.
+    ``now`` (epoch ms; this host's clock by default) judges leases and due times.
     """
-    now = worker.now_ms()
-    table = rows(db)
+    now = worker.now_ms() if now is None else now
     by_id = {r["id"]: r for r in table}
     entries = read_ledger(ledger)
     excused = set(died) | set(stalled)
@@ -440,7 +492,6 @@ def check(
         else:
             assert not succeeded, f"{key}: succeeded yet still has a {last['status']} row"
 
-    assert integrity(db) == "ok"
     runs = sum(starts.values())
     ran = {logical_key(by_id[job_id], by_id) for job_id in starts}
     return Report(
@@ -674,6 +725,53 @@ def test_crash_at_a_fixed_point_leaves_the_job_unchanged_rerun_once_or_done(
     if chain_length == 2:
         assert chain[0]["status"] == "failed" and chain[0]["error"].startswith("worker lost"), chain[0]
     print(f"\ncrash at {point}: after the crash {status_after_crash}; {report}")
+
+
+@pytest.mark.slow
+def test_jobs_of_a_claim_the_worker_was_told_had_failed_are_given_back_and_run_once(
+    run_worker: Callable[..., WorkerProcess], queue: worker.Queue, db: Path, ledger: Path
+) -> None:
+    """The first claim commits, but the worker is told it failed (RELIABILITY_LOSE_CLAIM_REPLY): its next
+    step gives back the rows running under it that it is not running, and they run once.
+
+    On PostgreSQL a reply lost with the connection does this; here the fault
+    stands in for it, and holds the engine to the same answer on both stores.
+    """
+    process = run_worker("--concurrency", "2", "--lease", "1", env={"RELIABILITY_LOSE_CLAIM_REPLY": "1"})
+    enqueued = ids(queue.enqueue_many(work(4, low_ms=50, high_ms=50)))
+    wait_for(lambda: unfinished(db) == 0, 10, "the jobs of the lost claim to run")
+    assert process.stop() == 0
+    assert "the reply to COMMIT was lost" in process.log(), "the fault never fired"
+    report = check(db, ledger, enqueued, lease=1)
+    assert report.reruns == 0 and report.rescued == 0
+    assert rows(db, "status != 'succeeded'") == []
+
+
+def test_a_job_runs_though_the_producer_cannot_connect_as_it_starts(
+    make_worker: Any, queue: worker.Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """execute() never raises: a database out of reach when a job thread first needs the producer Queue
+    (its connection) fails only a job that enqueues, and as that job's error; it killed the thread before."""
+
+    @worker.job
+    def plain(ctx: worker.JobContext) -> int:
+        return 1
+
+    @worker.job
+    def enqueuer(ctx: worker.JobContext) -> None:
+        ctx.enqueue_now("plain")
+
+    def unreachable(self: worker.Queue, *args: Any, **kwargs: Any) -> None:
+        raise worker.DatabaseUnavailable("out of reach")
+
+    queue.enqueue("plain")
+    queue.enqueue("enqueuer")
+    runner = make_worker()
+    claimed = runner.claim(2)
+    monkeypatch.setattr(worker.Queue, "__init__", unreachable)
+    outcomes = [runner.execute(job) for job in claimed]
+    assert [(o.job.type, o.succeeded) for o in outcomes] == [("plain", True), ("enqueuer", False)]
+    assert "DatabaseUnavailable: out of reach" in (outcomes[1].error or "")
 
 
 # --- 3. Poison job ------------------------------------------------------------------------

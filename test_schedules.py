@@ -17,8 +17,12 @@ from typing import Any
 import pytest
 
 import worker
-from conftest import FakeClock, at, rows
+from conftest import FakeClock, at, rows, wait_for
 from worker import JobContext, Queue, Worker
+
+# On every store; a test that reaches into SQLite itself (its file, its locks) is SQLite's alone.
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+SQLITE_ONLY = pytest.mark.stores("sqlite")
 
 DAY = 86_400_000
 # 2027-01-15 12:00:00 UTC: a round minute, in winter (Paris is UTC+1).
@@ -254,7 +258,9 @@ def test_three_workers_run_each_one_second_slot_exactly_once(tmp_path: Path, db:
     env = {**os.environ, "WORKER_LOG_LEVEL": "WARNING"}
     workers = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE) for _ in range(3)]
     try:
-        time.sleep(5)  # real time must pass: five one-second slots
+        # Real time must pass: four one-second slots run, however long the three took to start.
+        ran = "type = 'every_second' AND status = 'succeeded'"
+        wait_for(lambda: len(rows(db, ran)) >= 4, 30, "four one-second slots to run")
     finally:
         for process in workers:
             process.send_signal(signal.SIGTERM)
@@ -296,6 +302,7 @@ def test_tag_never_cancels_a_running_row(queue: Queue, make_worker: Any, db: str
     assert rows(db)[0]["id"] == running.id
 
 
+@SQLITE_ONLY
 def test_table_refuses_a_second_pending_row_with_a_tag_from_any_writer(queue: Queue, db: str, tick: None) -> None:
     queue.enqueue("tick", tag="unique")
     with sqlite3.connect(db) as conn, pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
@@ -370,6 +377,7 @@ def test_prune_removes_expired_finished_rows_only(
     assert queue.enqueue("tick").id == running.id + 1, "ids are never reused after pruning"
 
 
+@SQLITE_ONLY
 @pytest.mark.slow
 def test_big_prune_holds_the_write_lock_briefly_while_a_worker_keeps_claiming(
     queue: Queue, db: str, tick: None
@@ -418,6 +426,7 @@ def test_big_prune_holds_the_write_lock_briefly_while_a_worker_keeps_claiming(
     print(f"\nprune of 200,000 rows: {len(waits)} probes, longest lock wait {max(waits) * 1000:.1f} ms")
 
 
+@SQLITE_ONLY
 def test_prune_command_prints_how_many(queue: Queue, db: str, tick: None) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("INSERT INTO worker_jobs (type, status, finished, remove_at) VALUES ('tick', 'failed', 1, 1)")

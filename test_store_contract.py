@@ -294,6 +294,22 @@ def test_next_attempt_is_a_new_row_of_the_chain_with_the_id_the_insert_returned(
     assert (new["cron_schedule"], new["cron_slot"]) == ("* * * * *", NOW - 60_000)  # a retry repeats its slot
 
 
+POLICY = ("max_attempts", "retry_delay_ms", "backoff", "timeout_ms", "keep_ms")
+
+
+def test_next_attempt_and_next_cron_run_copy_a_policy_left_unset_as_unset(
+    backend: Backend, store: worker.Store
+) -> None:
+    """NULL means "the job type's": a copy must not turn it into a bound (PostgreSQL's least() ignores NULLs)."""
+    failed = backend.insert(status="failed", cron_schedule="* * * * *")
+    with store.transaction():
+        retry = store.schedule_next_attempt(failed, due=NOW + 10, deaths=0, now=NOW)
+        run = store.schedule_next_cron_run(failed, due=NOW + 60_000, now=NOW)
+    assert retry is not None and run is not None
+    for new in (backend.row(retry), backend.row(run)):
+        assert [new[column] for column in POLICY] == [None] * 5
+
+
 def test_next_attempt_yields_to_a_pending_row_of_the_same_tag(backend: Backend, store: worker.Store) -> None:
     failed = backend.insert(status="failed", tag="t")
     newer = backend.insert(tag="t")
@@ -791,7 +807,9 @@ def test_poll_only_wake_up_never_listens_and_always_says_look(postgres: Postgres
     try:
         assert not wake_up.pushes
         assert wake_up.changed() and wake_up.changed()
-        listening = postgres.raw.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'")
+        listening = postgres.raw.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' AND datname = current_database()"
+        )
         assert listening.fetchone() == {"n": 0}
     finally:
         wake_up.stop()
@@ -864,3 +882,32 @@ def test_a_store_used_after_fork_refuses_and_leaves_the_parents_connection_worki
     assert os.waitstatus_to_exitcode(status) == 0
     with store.transaction():
         assert store.get(postgres.insert()) is not None
+
+
+def test_maintain_vacuums_only_where_nothing_else_would(backend: Backend, store: worker.Store) -> None:
+    """SQLite needs no upkeep; PostgreSQL gets VACUUM from the worker only when the server's autovacuum is off."""
+    for _ in range(20):
+        backend.insert(status="succeeded", finished=NOW)
+    done = store.maintain()
+    if backend.name == "sqlite":
+        assert done is None
+        return
+    autovacuum = backend.raw.execute("SELECT current_setting('autovacuum')::bool").fetchone()  # type: ignore[attr-defined]
+    if autovacuum and next(iter(autovacuum.values())):
+        assert done is None
+    else:
+        assert done is not None and done.startswith("vacuumed worker_jobs")
+        vacuumed = backend.raw.execute(  # type: ignore[attr-defined]
+            "SELECT last_vacuum IS NOT NULL AS done FROM pg_stat_user_tables WHERE relname = 'worker_jobs'"
+        ).fetchone()
+        assert vacuumed == {"done": True}
+
+
+def test_a_savepoint_fails_alone_and_its_transaction_goes_on(backend: Backend, store: worker.Store) -> None:
+    """What the worker needs to fail one unreadable row inside a claim (PostgreSQL aborts a whole transaction)."""
+    first, second = backend.running("me"), backend.running("me")
+    with store.transaction():
+        with pytest.raises(worker.DatabaseError), store.savepoint():  # result must be JSON: the table refuses it
+            store.finish_if_owned(first, "me", "succeeded", NOW, "{oops", None, None, 1000)
+        assert store.finish_if_owned(second, "me", "succeeded", NOW, "1", None, None, 1000)
+    assert (backend.row(first)["status"], backend.row(second)["status"]) == ("running", "succeeded")

@@ -30,6 +30,13 @@ import worker_cli
 from conftest import FakeClock, NoJitter, at, rows, wait_for
 from worker import Job, JobContext, Queue, Worker
 
+# The engine's tests run on every store; those that reach into SQLite itself (the
+# file through sqlite3 or apsw, its query plans, its schema history, its locks)
+# are SQLite's alone.  test_store_contract.py and test_postgres_*.py hold
+# PostgreSQL to the same meanings.
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+SQLITE_ONLY = pytest.mark.stores("sqlite")
+
 HERE = Path(__file__).parent
 
 
@@ -166,6 +173,7 @@ def test_row_policy_overrides_the_job_types(
     assert chain[1]["due"] - chain[0]["finished"] == 1_000
 
 
+@SQLITE_ONLY
 def test_row_from_another_program_gets_the_job_types_policy(
     queue: Queue, make_worker: Any, db: str, failing_job: None
 ) -> None:
@@ -178,6 +186,7 @@ def test_row_from_another_program_gets_the_job_types_policy(
     assert retry["attempt"] == 2
 
 
+@SQLITE_ONLY
 def test_a_row_of_a_type_this_worker_does_not_know_waits_and_the_others_run(
     queue: Queue, make_worker: Any, db: str, ok_job: None
 ) -> None:
@@ -291,6 +300,7 @@ def test_job_longer_than_its_timeout_fails_and_frees_its_slot(queue: Queue, db: 
     assert queue.get(after.id).status == "succeeded"  # type: ignore[union-attr]
 
 
+@SQLITE_ONLY
 def test_without_prefetch_at_concurrency_1_each_job_is_recorded_before_the_next_starts(queue: Queue, db: str) -> None:
     @worker.job
     def look_back(ctx: JobContext) -> str | None:
@@ -606,6 +616,41 @@ def test_cancelled_or_given_back_job_is_not_finished_by_its_old_worker(
     assert queue.get(enqueued.id).status == "pending"  # type: ignore[union-attr]
 
 
+def test_housekeeping_schedule_heartbeats_every_third_of_a_lease_and_sweeps_about_every_half() -> None:
+    schedule = worker.HousekeepingSchedule(60_000, NoJitter())
+    assert schedule.heartbeat_due(0) and schedule.rescue_due(0)  # at once, at start
+    schedule.heartbeat_done(0)
+    schedule.rescue_done(0)
+    assert not schedule.heartbeat_due(19_999) and schedule.heartbeat_due(20_000)
+    assert not schedule.rescue_due(26_999) and schedule.rescue_due(27_000)  # lease/2 x 0.9, the jitter's middle
+
+
+def test_housekeeping_schedule_after_the_wall_clock_steps_back_heartbeats_and_sweeps_at_once() -> None:
+    schedule = worker.HousekeepingSchedule(60_000, NoJitter())
+    schedule.heartbeat_due(1_000_000)
+    schedule.heartbeat_done(1_000_000)
+    schedule.rescue_done(1_000_000)
+    assert schedule.heartbeat_due(500_000) and schedule.rescue_due(500_000)
+
+
+def test_housekeeping_schedule_after_a_forward_jump_heartbeats_now_and_sweeps_only_a_lease_later() -> None:
+    schedule = worker.HousekeepingSchedule(60_000, NoJitter())
+    assert schedule.clock_jump(0, monotonic=100.0) is None  # the first look only notes the time
+    schedule.heartbeat_done(0)
+    schedule.rescue_done(0)
+    assert schedule.clock_jump(1_000, monotonic=101.0) is None  # wall and monotonic clocks agree
+    assert schedule.clock_jump(3_601_000, monotonic=102.0) == 3_599_000  # an hour, in one second
+    assert schedule.heartbeat_due(3_601_000)
+    assert not schedule.rescue_due(3_660_999) and schedule.rescue_due(3_661_000)
+
+
+def test_housekeeping_schedule_postponed_by_a_long_wait_for_the_lock_keeps_the_later_time() -> None:
+    schedule = worker.HousekeepingSchedule(60_000, NoJitter())
+    schedule.postpone_rescue(90_000)
+    schedule.rescue_done(0)  # a sweep now would plan the next at 27 s: the postponement stands
+    assert not schedule.rescue_due(89_999) and schedule.rescue_due(90_000)
+
+
 # --- Enqueue --------------------------------------------------------------------
 
 
@@ -693,6 +738,7 @@ def test_enqueue_many_names_the_item_whose_data_is_not_json(queue: Queue, db: st
     assert rows(db) == []
 
 
+@SQLITE_ONLY
 def test_enqueue_waits_for_another_writer_instead_of_failing(queue: Queue, db: str, ok_job: None) -> None:
     queue.enqueue("add", {"a": 0, "b": 0})  # the connection is open and the schema made
     blocker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
@@ -706,6 +752,7 @@ def test_enqueue_waits_for_another_writer_instead_of_failing(queue: Queue, db: s
     blocker.close()
 
 
+@SQLITE_ONLY
 def test_enqueue_joins_the_callers_stdlib_sqlite3_transaction(db: str, queue: Queue, ok_job: None) -> None:
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
@@ -724,6 +771,7 @@ def test_enqueue_joins_the_callers_stdlib_sqlite3_transaction(db: str, queue: Qu
     conn.close()
 
 
+@SQLITE_ONLY
 def test_enqueue_joins_the_callers_apsw_transaction(db: str, queue: Queue, ok_job: None) -> None:
     conn = apsw.Connection(db)
     app_queue = Queue(conn)
@@ -736,6 +784,7 @@ def test_enqueue_joins_the_callers_apsw_transaction(db: str, queue: Queue, ok_jo
     assert len(rows(db)) == 1
 
 
+@SQLITE_ONLY
 def test_enqueue_on_an_autocommit_connection_is_still_all_or_nothing(db: str, queue: Queue) -> None:
     @worker.job
     def tagged(ctx: JobContext) -> None:
@@ -772,6 +821,7 @@ def test_job_fields_are_the_columns_in_order() -> None:
     assert [field.name for field in worker.dataclasses.fields(Job)] == list(worker.COLUMNS)
 
 
+@SQLITE_ONLY
 def test_row_with_only_a_type_is_valid_and_due_now(queue: Queue, db: str) -> None:
     before = int(time.time() * 1000)
     with sqlite3.connect(db) as conn:
@@ -799,12 +849,14 @@ def test_row_with_only_a_type_is_valid_and_due_now(queue: Queue, db: str) -> Non
         "INSERT INTO worker_jobs (data) VALUES ('{}')",
     ],
 )
+@SQLITE_ONLY
 def test_table_refuses_invalid_rows_from_any_writer(queue: Queue, db: str, bad: str) -> None:
     with sqlite3.connect(db) as conn, pytest.raises(sqlite3.IntegrityError):
         conn.execute(bad)
     assert rows(db) == []
 
 
+@SQLITE_ONLY
 def test_ids_are_never_reused(queue: Queue, db: str, ok_job: None) -> None:
     last = queue.enqueue("add", {"a": 1, "b": 1})
     with sqlite3.connect(db) as conn:
@@ -812,6 +864,7 @@ def test_ids_are_never_reused(queue: Queue, db: str, ok_job: None) -> None:
     assert queue.enqueue("add", {"a": 1, "b": 1}).id == last.id + 1
 
 
+@SQLITE_ONLY
 def test_schema_is_idempotent_and_versioned(db: str) -> None:
     conn = worker.connect(db)
     assert worker.apply_schema(conn) == worker.schema_version()
@@ -822,6 +875,7 @@ def test_schema_is_idempotent_and_versioned(db: str) -> None:
     conn.close()
 
 
+@SQLITE_ONLY
 def test_a_version_1_database_is_upgraded_in_place(db: str, ok_job: None) -> None:
     (version, first_section), *_ = worker.schema_sections()
     assert version == 1
@@ -838,6 +892,7 @@ def test_a_version_1_database_is_upgraded_in_place(db: str, ok_job: None) -> Non
     assert [(r["status"], r["result"]) for r in rows(db)] == [("succeeded", "3")]
 
 
+@SQLITE_ONLY
 def test_a_version_2_database_keeps_its_last_hour_counts_when_upgraded(db: str, clock: FakeClock) -> None:
     sections = worker.schema_sections()
     assert [version for version, _ in sections[:2]] == [1, 2]
@@ -861,6 +916,7 @@ def finished_last_hour(conn: Any, now: int) -> dict[str, int]:
     return {state: default.get(f"{state}_last_hour", 0) for state in ("succeeded", "failed", "cancelled")}
 
 
+@SQLITE_ONLY
 def test_last_hour_counts_are_kept_per_minute_and_outlive_pruned_rows(
     queue: Queue, make_worker: Any, clock: FakeClock, db: str, ok_job: None
 ) -> None:
@@ -879,6 +935,7 @@ def test_last_hour_counts_are_kept_per_minute_and_outlive_pruned_rows(
     assert finished_last_hour(w.store.conn, at(clock, 3600 + 120)) == {"succeeded": 0, "failed": 0, "cancelled": 0}
 
 
+@SQLITE_ONLY
 def test_a_rescued_job_counts_as_failed(queue: Queue, make_worker: Any, clock: FakeClock, ok_job: None) -> None:
     queue.enqueue("add", {"a": 1, "b": 1}, now=at(clock))
     dead = make_worker(lease=1)
@@ -903,6 +960,7 @@ def test_per_minute_counts_are_pruned_after_a_day(
     assert w.store.conn.execute(count).fetchone()[0] == 0
 
 
+@SQLITE_ONLY
 def test_schema_newer_than_the_code_is_refused(db: str) -> None:
     Queue(db).close()
     with sqlite3.connect(db) as conn:
@@ -911,6 +969,7 @@ def test_schema_newer_than_the_code_is_refused(db: str) -> None:
         Queue(db).enqueue("x")
 
 
+@SQLITE_ONLY
 def test_claim_uses_the_partial_index_not_a_table_scan(queue: Queue) -> None:
     conn = worker.connect(queue.path or "")
     sql = worker.SQLiteStore.CLAIM_SQL.format(queue_filter="", columns="id", deaths="deaths = 0")
@@ -925,6 +984,7 @@ def test_claim_uses_the_partial_index_not_a_table_scan(queue: Queue) -> None:
     conn.close()
 
 
+@SQLITE_ONLY
 def test_next_due_is_the_earliest_pending_due_across_priorities_and_queues(
     queue: Queue, make_worker: Any, clock: FakeClock, ok_job: None
 ) -> None:
@@ -949,6 +1009,7 @@ def test_next_due_is_the_earliest_pending_due_across_priorities_and_queues(
     conn.close()
 
 
+@SQLITE_ONLY
 def test_claim_of_a_job_whose_worker_died_uses_its_own_small_index(queue: Queue) -> None:
     conn = worker.connect(queue.path or "")
     sql = worker.SQLiteStore.CLAIM_SQL.format(queue_filter="", columns="id", deaths="deaths > 0")
@@ -976,6 +1037,7 @@ def test_file_that_is_not_a_database_is_refused_and_left_unchanged(tmp_path: Pat
 # --- The job function's view ------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_context_carries_row_logger_app_and_follow_up_enqueue(queue: Queue, db: str) -> None:
     seen: dict[str, Any] = {}
 
@@ -1069,6 +1131,7 @@ def test_commit_watcher_wakes_on_a_write_to_the_wal_file_only_when_armed(tmp_pat
         watcher.stop()
 
 
+@SQLITE_ONLY
 def test_idle_worker_is_woken_by_a_commit_not_by_its_safety_poll(
     db: str, queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:

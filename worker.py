@@ -4,7 +4,14 @@ A web app schedules jobs by inserting rows into the table ``worker_jobs`` of a
 local SQLite database (WAL mode); ``worker run`` claims due rows in a
 transaction, runs the registered Python function and stores what it returned
 (as JSON), or the error and its traceback, in that same row.  A retry or the
-next run of a recurring job is a new row pointing back to the old one.
+next run of a recurring job is a new row pointing back to the old one.  Given a
+postgresql:// URL, the same API, CLI and table run on PostgreSQL, for workers on
+many hosts (worker_postgres.py, the extra ``rowworker[postgres]``).
+
+The engine reaches its database only through a store (``Store``: one verb per
+transition of a row, each naming its fence) and learns of other writers'
+commits through a wake-up (``WakeUp``).  This file holds the SQLite store, so
+that worker.py and schema.sql alone are a working copy.
 
     # jobs.py -- what the worker runs
     from worker import job
@@ -290,16 +297,6 @@ class Job:
 
 class UnreadableRow(WorkerError):
     """A row the worker cannot turn into a job (text that is not UTF-8, data Python's json cannot decode)."""
-
-
-@contextlib.contextmanager
-def _text_as_bytes(conn: sqlite3.Connection) -> Iterator[None]:
-    """Read text columns as bytes: a text that is not UTF-8 can then be read, and named."""
-    conn.text_factory = bytes
-    try:
-        yield
-    finally:
-        conn.text_factory = str
 
 
 def read_row(raw: Iterable[Any]) -> Job:
@@ -765,6 +762,14 @@ class Queue:
         store: Store = local.store
         return store
 
+    def now(self) -> int:
+        """The time rows are created and due by, in epoch ms: the store's clock (PostgreSQL's is the server's).
+
+        Not this host's wall clock: a host whose clock is off would make jobs due
+        hours late (ahead) or jump the queue (behind) on a database shared by many.
+        """
+        return self._store().now()
+
     def close(self) -> None:
         """Close this thread's own connection (a caller's connection is left open)."""
         if self._caller_store is None and getattr(self._local, "pid", None) == _process_id:
@@ -839,7 +844,7 @@ class Queue:
             check_cron(cron, timezone)
         except ValueError as e:
             raise ValueError(f"cannot schedule {type!r}: {e}") from e
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         tag = tag or f"cron:{type}"
         store = self._store()
         with store.transaction():
@@ -849,7 +854,7 @@ class Queue:
 
     def unschedule_cron(self, type: str, *, tag: str | None = None, now: int | None = None) -> bool:
         """Stop a recurring job: cancel its pending row.  False if it had none."""
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         store = self._store()
         with store.transaction():
             return (
@@ -887,7 +892,7 @@ class Queue:
         one JSON text and the shared columns as parameters, instead of binding
         16 parameters per row: several times the rate of executemany (bench/README.md).
         """
-        now = now_ms() if options.get("now") is None else options["now"]
+        now = self.now() if options.get("now") is None else options["now"]
         shared: dict[str, dict[str, Any]] = {}  # job type -> its row, validated once per type
         batch = []
         for job_type, data in items:
@@ -924,14 +929,14 @@ class Queue:
 
     def cancel(self, id: int, *, reason: str = "cancelled", now: int | None = None) -> bool:
         """Cancel a pending job; False when it is not pending (running or finished)."""
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         store = self._store()
         with store.transaction():
             return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1
 
     def cancel_type(self, type: str, *, reason: str | None = None, now: int | None = None) -> int:
         """Cancel every pending job of a type (one no worker will ever run: a typo, a removed job); how many."""
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         reason = reason or f"cancelled: every pending {type!r} job"
         store = self._store()
         with store.transaction():
@@ -943,7 +948,7 @@ class Queue:
         Only the newest row of a chain is retried (one that nothing was
         rescheduled from).  A recurring run is retried once, outside its schedule.
         """
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         store = self._store()
         with store.transaction():
             return store.manual_retry(id, now)
@@ -960,7 +965,7 @@ class Queue:
         short transactions of ``batch_size`` rows, pausing between them at least
         as long as each took, so workers keep claiming while a big prune runs.
         """
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         store = self._store()
         if dry_run:
             return store.prunable(now)
@@ -975,6 +980,10 @@ class Queue:
             if deleted < batch_size:
                 return removed
             time.sleep(max(0.001, time.monotonic() - started))
+
+    def maintain(self) -> str | None:
+        """The database's upkeep (PostgreSQL without autovacuum: VACUUM the worker's tables); what was done."""
+        return self._store().maintain()
 
     def _new_row(
         self,
@@ -1010,7 +1019,7 @@ class Queue:
             raise ValueError(f"tag must be a non-empty string, not {tag!r}")
         _check_integer(priority, "priority", -MAX_INTEGER - 1, MAX_INTEGER)
         options = JobOptions.of(**policy) if options is None else options
-        now = now_ms() if now is None else now
+        now = self.now() if now is None else now
         due = epoch_ms(at) if at is not None else now + (_optional_ms(delay, "delay") or 0)
         if not MIN_TIME_MS <= due <= MAX_TIME_MS:
             raise ValueError(f"the job would be due {'after 9999' if due > 0 else 'before year 1'} (due {due} ms)")
@@ -1143,6 +1152,13 @@ class Store(Protocol):
         """A write transaction, all or nothing, with the write lock taken at its start."""
         ...
 
+    def savepoint(self) -> contextlib.AbstractContextManager[Any]:
+        """Inside ``transaction()``: a part that may fail alone, undone without undoing the rest.
+
+        (PostgreSQL aborts a whole transaction at its first failed statement.)
+        """
+        ...
+
     def now(self) -> int:
         """The time that leases are judged by, in epoch ms (the SQLite store's is its worker's own clock)."""
         ...
@@ -1202,6 +1218,10 @@ class Store(Protocol):
 
     def forget_counts_before(self, before: int) -> None:
         """Drop the per-minute counts of finished rows older than ``before``."""
+        ...
+
+    def maintain(self) -> str | None:
+        """The upkeep the database needs and would not get otherwise (the hourly job runs it); what was done."""
         ...
 
     # Claiming, and ending what was claimed (fenced on the owner)
@@ -1744,6 +1764,16 @@ def _last_rowid(conn: Any, cursor: Any) -> int:
 # --- The SQLite store: its verbs ----------------------------------------------------
 
 
+@contextlib.contextmanager
+def _text_as_bytes(conn: sqlite3.Connection) -> Iterator[None]:
+    """Read text columns as bytes: a text that is not UTF-8 can then be read, and named."""
+    conn.text_factory = bytes
+    try:
+        yield
+    finally:
+        conn.text_factory = str
+
+
 INSERT_COLUMNS = (
     "type data queue priority due tag cron_schedule cron_timezone cron_slot created_at max_attempts retry_delay_ms "
     "backoff timeout_ms keep_ms persistent"
@@ -1861,6 +1891,9 @@ class SQLiteStore:
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         return _InEngineErrors(_savepoint(self.conn) if self.nested else immediate(self.conn))
 
+    def savepoint(self) -> contextlib.AbstractContextManager[Any]:
+        return _InEngineErrors(_savepoint(self.conn))
+
     def close(self) -> None:
         self.conn.close()
 
@@ -1886,6 +1919,9 @@ class SQLiteStore:
 
     def missing_schema(self) -> list[str]:
         return missing_schema_objects(self.conn)
+
+    def maintain(self) -> str | None:
+        return None  # SQLite checkpoints the WAL itself (wal_autocheckpoint), and reuses the pages freed
 
     def repair_schema(self) -> bool:
         if not missing_schema_objects(self.conn):
@@ -2403,6 +2439,70 @@ class SQLiteStore:
     def retried_as(self, ids: list[int]) -> dict[int, int]:
         return dict(self.conn.execute(self.RETRIED_AS_SQL, {"ids": json.dumps(ids)}).fetchall())
 
+    # -- what `worker copy` reads, to move the rows to PostgreSQL --
+
+    def snapshot(self) -> contextlib.AbstractContextManager[Any]:
+        """One read transaction: everything read inside it is the database at one moment, whatever others commit."""
+        return _InEngineErrors(_read_transaction(self.conn))
+
+    EXPORT_SQL = f"""
+    SELECT {SELECT_COLUMNS} FROM worker_jobs
+     WHERE id > :after AND status IN (SELECT value FROM json_each(:statuses)) ORDER BY id LIMIT :limit
+    """
+
+    def rows_to_copy(self, statuses: list[str], *, after: int, limit: int) -> list[tuple[Any, ...]]:
+        """Up to ``limit`` rows in one of ``statuses`` with ids above ``after``, in id order, each column as stored.
+
+        Text exactly as it is in the file (no JSON is parsed and written again);
+        UnreadableRow, naming the row, for text that is not UTF-8, which no
+        PostgreSQL text column can hold.
+        """
+        params = {"after": after, "statuses": json.dumps(statuses), "limit": limit}
+        with _text_as_bytes(self.conn):
+            raw = self.conn.execute(self.EXPORT_SQL, params).fetchall()
+        rows = []
+        for values in raw:
+            try:
+                rows.append(tuple(value.decode() if isinstance(value, bytes) else value for value in values))
+            except UnicodeDecodeError:
+                bad = next(i for i, value in enumerate(values) if isinstance(value, bytes) and not _is_utf8(value))
+                raise UnreadableRow(
+                    f"job {values[0]}: its {COLUMNS[bad]} is not valid UTF-8 ({_excerpt(values[bad])})"
+                ) from None
+        return rows
+
+    # AUTOINCREMENT's record of the highest id ever given: rows pruned since
+    # held ids above every row left, and a chain may still point at them.
+    HIGHEST_ID_SQL = """
+    SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'worker_jobs'), 0),
+               coalesce((SELECT max(id) FROM worker_jobs), 0))
+    """
+
+    def highest_id(self) -> int:
+        """The highest id this table ever gave a row (0 for none): ids a copy must never give again."""
+        return int(_scalar(self.conn, self.HIGHEST_ID_SQL))
+
+    def finished_counts(self) -> list[tuple[int, str, str, int]]:
+        """The per-minute counts of finished rows, as (minute, queue, status, count)."""
+        return self.conn.execute("SELECT minute, queue, status, count FROM worker_finished_per_minute").fetchall()
+
+
+@contextlib.contextmanager
+def _read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN")  # deferred: its snapshot is taken at the first read, and it never takes the write lock
+    try:
+        yield conn
+    finally:
+        conn.execute("ROLLBACK")
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
 
 def as_store(source: Any) -> Store:
     """A store as it is; a SQLite connection (the operating tools' readers, a test's) as a store on it."""
@@ -2554,7 +2654,10 @@ def store_in_callers_transaction(conn: Any) -> Store:
 def open_wake_up(target: str, store: Callable[[], Store]) -> WakeUp:
     """How a worker on ``target`` learns of commits by others (``store`` gives the worker's current store)."""
     if is_postgres(target):
-        return cast(WakeUp, postgres_module().PostgresWakeUp(target))
+        listen = os.environ.get("WORKER_PG_LISTEN", "1").strip()
+        if listen not in ("0", "1"):
+            raise ConfigError(f"invalid WORKER_PG_LISTEN={listen!r} (use 1, or 0 to poll)")
+        return cast(WakeUp, postgres_module().PostgresWakeUp(target, listen=listen == "1"))
     return SQLiteWakeUp(sqlite_path(target), lambda: cast(SQLiteStore, store()).conn)
 
 
@@ -2608,12 +2711,22 @@ class JobLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 class JobContext:
     """What a job function receives first: its row, a logger, app resources, enqueue."""
 
-    def __init__(self, job: Job, *, app: SimpleNamespace, producer: Queue, worker_name: str) -> None:
+    def __init__(
+        self, job: Job, *, app: SimpleNamespace, producer: Callable[[], Queue], worker_name: str,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:  # fmt: skip
         self.job = job
+        self._clock = clock  # the worker's: the follow-ups' times are the server's, as their parent's
         self.app = app
         self.worker = worker_name
-        self.producer = producer
+        self._producer = producer
         self.follow_ups: list[tuple[dict[str, Any], str]] = []  # (row, on_conflict), inserted with the success
+
+    @functools.cached_property
+    def producer(self) -> Queue:
+        """The worker's Queue, got when a job first enqueues: getting it may connect, and fail if the database is
+        out of reach, which is then the job's error (made before the job ran, it killed the job's thread)."""
+        return self._producer()
 
     @functools.cached_property
     def logger(self) -> JobLogger:
@@ -2647,6 +2760,7 @@ class JobContext:
         on_conflict = options.pop("on_conflict", "replace")
         if on_conflict not in ("replace", "ignore"):
             raise ValueError(f"on_conflict must be 'replace' or 'ignore', not {on_conflict!r}")
+        options.setdefault("now", self._clock())
         self.follow_ups.append((self.producer._new_row(type, data, **options), on_conflict))
 
     def enqueue_now(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
@@ -2696,6 +2810,232 @@ class _Write:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
         self.transaction.__exit__(kind, error, trace)
+
+
+class HousekeepingSchedule:
+    """When a worker renews its leases (every lease/3) and sweeps for lost jobs (about every lease/2).
+
+    Pure: no database, no clock of its own; the worker asks what is due and
+    says what it did.  A wall clock that steps back, or jumps forward, and a
+    long wait for the write lock move the times, as each method says.
+    """
+
+    def __init__(self, lease_ms: int, rng: random.Random) -> None:
+        self.lease_ms, self.rng = lease_ms, rng
+        self.next_heartbeat = self.next_rescue = 0
+        self._last_now = 0
+        self._last_tick: tuple[int, float] | None = None  # (now, time.monotonic()) when clock_jump last looked
+
+    def heartbeat_due(self, now: int) -> bool:
+        """Whether a heartbeat is due at ``now`` (asked first, each tick)."""
+        if now < self._last_now:
+            # The wall clock stepped back: the next heartbeat and sweep would
+            # wait as long, and the leases of our jobs would lapse meanwhile.
+            self.next_heartbeat = self.next_rescue = now
+        self._last_now = now
+        return now >= self.next_heartbeat
+
+    def rescue_due(self, now: int) -> bool:
+        """Whether a sweep is due (asked after the heartbeat, which may have postponed it)."""
+        return now >= self.next_rescue
+
+    def heartbeat_done(self, now: int) -> None:
+        self.next_heartbeat = now + self.lease_ms // 3
+
+    def rescue_done(self, now: int) -> None:
+        # Jitter keeps several workers from sweeping in lockstep; max: a sweep
+        # may have been postponed further meanwhile (postpone_rescue).
+        self.next_rescue = max(self.next_rescue, now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0)))
+
+    def postpone_rescue(self, until: int) -> None:
+        """Take no lease for lost before ``until``."""
+        self.next_rescue = max(self.next_rescue, until)
+
+    def clock_jump(self, now: int, monotonic: float) -> float | None:
+        """After the wall clock jumped forward (ms, returned; else None): heartbeat at once, sweep a lease later.
+
+        A jump (an NTP step, a VM resumed from suspend) makes every lease on
+        this host look expired, though their workers are alive: each of them
+        notices it at its next tick and renews its leases, so a worker that
+        waits a lease before its next sweep re-runs nothing.
+        """
+        jumped_ms = None
+        if self._last_tick is not None:
+            then, monotonic_then = self._last_tick
+            jumped = (now - then) - (monotonic - monotonic_then) * 1000
+            if jumped > self.lease_ms / 10:
+                jumped_ms = jumped
+                self.next_heartbeat = now
+                self.postpone_rescue(now + self.lease_ms)
+        self._last_tick = (now, monotonic)
+        return jumped_ms
+
+
+class Recording:
+    """How a worker ends what it claimed, by each job's policy: the part of the worker that writes outcomes.
+
+    Each outcome's row is finished, fenced on the worker's ownership; then
+    what follows it: its follow-up jobs, its next attempt, its next cron run.
+    Rows whose worker was lost are rescued, and unreadable claimed rows failed.
+    Every method runs inside the worker's write transaction and returns the
+    log notes, emitted once that commits.  ``scheduled`` is told the due time
+    of each row it makes, so the loop knows when to claim again.
+    """
+
+    def __init__(
+        self, owner: str, *, keep_succeeded_ms: int, keep_failed_ms: int, max_deaths: int, rng: random.Random,
+        scheduled: Callable[[int], None],
+    ) -> None:  # fmt: skip
+        self.store: Store = cast(Store, None)  # the worker's, set each time it opens one
+        self.owner, self.max_deaths, self.rng, self.scheduled = owner, max_deaths, rng, scheduled
+        self.keep_succeeded_ms, self.keep_failed_ms = keep_succeeded_ms, keep_failed_ms
+
+    def record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
+        """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
+        ended = [(o.job.id, _ENDED_AS[o.succeeded], o.result, o.error, o.started, self.keep_ms(o)) for o in outcomes]
+        owned = self.store.finish_many_if_owned(self.owner, now, ended) if ended else set()
+        notes: list[_Note] = []
+        finished: list[tuple[int, str, str]] = []
+        for outcome in outcomes:
+            notes.extend(self.finish(outcome, now, finished, outcome.job.id in owned))
+        self.store.count_finished(finished)
+        return notes
+
+    def keep_ms(self, outcome: Outcome) -> int:
+        keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
+        keep_ms: int = _first(_job_type(outcome.job).keep_ms, keep_default)
+        return keep_ms
+
+    def finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]], owned: bool) -> list[_Note]:
+        """What follows a row ended (``owned``: it was still this worker's): follow-ups, retry, next cron run, notes."""
+        job = outcome.job
+        status = _ENDED_AS[outcome.succeeded]
+        if not owned:
+            message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
+            return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
+        finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
+        if outcome.succeeded:
+            for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
+                self.store.insert(row, on_conflict)
+                self.scheduled(row["due"])
+            notes = []
+            if logger.isEnabledFor(logging.INFO):  # the one note of every job: skipped when it would not show
+                message = "job %d %s succeeded in %.1f ms (attempt %d)"
+                notes.append(_Note.about(job, "succeeded", logging.INFO, message, job.id, job.type,
+                                         outcome.seconds * 1000, job.attempt))  # fmt: skip
+            return notes + self.schedule_next_cron_run(job, now)
+        # An outcome that could not be recorded ends its row with no retry and no next cron run:
+        # inserting either copies the row, which is what may have failed (sync_cron restores a schedule).
+        unrecordable = outcome.kind == "unrecordable"
+        retry = None if unrecordable else self.schedule_retry(job, now, deaths=job.deaths)
+        level = logging.ERROR if outcome.kind in ("timeout", "unknown", "unrecordable") else logging.WARNING
+        summary = outcome.error.splitlines()[0] if outcome.error else "failed"
+        then = f"retry {retry[0]} due in {retry[1] / 1000:.1f} s" if retry else "no retry left"
+        message = "job %d %s failed (attempt %d): %s; %s\n%s"
+        notes = [_Note.about(job, "failed", level, message, job.id, job.type, job.attempt, summary, then,
+                             outcome.error)]  # fmt: skip
+        return notes + ([] if retry or unrecordable else self.schedule_next_cron_run(job, now))
+
+    def schedule_next_cron_run(self, job: Job, now: int) -> list[_Note]:
+        """After the last attempt of a recurring job's run: insert the run for the next slot."""
+        if not job.cron_schedule:
+            return []
+        try:
+            due, skipped = next_cron_due(job.cron_schedule, job.cron_timezone, _first(job.cron_slot, job.due), now)
+        except ValueError as e:
+            return [_Note.about(job, "cron", logging.ERROR, "job %d %s: no next run: %s", job.id, job.type, e)]
+        next_id = self.store.schedule_next_cron_run(job.id, due=due, now=now)
+        if next_id is None:
+            return []  # another writer already holds the pending row of this schedule
+        self.scheduled(due)
+        if skipped:
+            message = "job %d %s: missed cron slots skipped (not run late); next run %d due %s"
+            return [_Note.about(job, "cron", logging.WARNING, message, job.id, job.type, next_id, iso_time(due))]
+        message = "job %d %s: next run %d due %s"
+        return [_Note.about(job, "cron", logging.DEBUG, message, job.id, job.type, next_id, iso_time(due))]
+
+    def schedule_retry(self, job: Job, now: int, *, deaths: int, at_once: bool = False) -> tuple[int, int] | None:
+        """Insert the next attempt if the policy allows; returns (its id, delay ms)."""
+        if job.attempt >= MAX_COUNT:  # a row written by another program: attempt + 1 would leave the table's range
+            return None
+        if not at_once:
+            max_attempts = _first(job.max_attempts, _job_type(job).max_attempts, 1)
+            if job.attempt - _deaths(job) >= max_attempts:  # a worker's death used up no attempt
+                return None
+        delay = 0 if at_once else self.retry_delay_ms(job)
+        due = min(now + delay, MAX_TIME_MS)
+        # deaths clamped as _deaths() counts them (the retry is attempt + 1): a nonsense count is not copied on.
+        deaths = min(max(deaths, 0), job.attempt)
+        retry_id = self.store.schedule_next_attempt(job.id, due=due, deaths=deaths, now=now)
+        if retry_id is None:
+            return None
+        self.scheduled(due)
+        return retry_id, delay
+
+    def retry_delay_ms(self, job: Job) -> int:
+        """How long after a failure of ``job`` its next attempt is due."""
+        job_type = _job_type(job)
+        return retry_delay_ms(
+            _first(job.retry_delay_ms, job_type.retry_delay_ms, to_ms(DEFAULT_RETRY_DELAY)),
+            _first(job.backoff, job_type.backoff, DEFAULT_BACKOFF),
+            failures_before=job.attempt - _deaths(job) - 1,
+            jitter=self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER),
+        )
+
+    def rescue(self, now: int) -> list[_Note]:
+        notes = []
+        finished: list[tuple[int, str, str]] = []
+        lost, unreadable = self.store.expired_leases(self.owner, now)
+        for unreadable_row, why in unreadable:
+            notes += self.rescue_unreadable(unreadable_row, why, now, finished)
+        for job in lost:
+            deaths = job.deaths + 1
+            poisoned = deaths >= self.max_deaths
+            if poisoned:
+                error = f"worker died {deaths} times running this job; giving up (last: worker {job.worker})"
+            else:
+                error = f"worker lost: lease expired (worker {job.worker})"
+            keep_ms = _first(_job_type(job).keep_ms, self.keep_failed_ms)
+            if not self.store.rescue_if_expired(job.id, now, error, keep_ms):
+                continue
+            finished.append((now, job.queue, Status.FAILED.value))
+            # A worker's death is not the job's failure: retry at once, whatever
+            # max_attempts says, until the chain has killed max_deaths workers.
+            retry = None if poisoned else self.schedule_retry(job, now, deaths=deaths, at_once=True)
+            then = f"retry {retry[0]} due now" if retry else "no retry"
+            message = "job %d %s failed (attempt %d): %s; %s"
+            notes.append(
+                _Note.about(job, "rescued", logging.ERROR, message, job.id, job.type, job.attempt, error, then)
+            )
+            if not retry:
+                notes += self.schedule_next_cron_run(job, now)
+        self.store.count_finished(finished)
+        return notes
+
+    def rescue_unreadable(self, job: Job, why: str, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
+        """An expired row that cannot be read: failed, with no retry (it would be as unreadable)."""
+        error = f"cannot run this row: {why} (and its worker was lost: lease expired)"
+        if not self.store.rescue_if_expired(job.id, now, error, self.keep_failed_ms):
+            return []
+        finished.append((now, job.queue, Status.FAILED.value))
+        return [_Note.about(job, "rescued", logging.ERROR, "job %d %s failed: %s", job.id, job.type, error)]
+
+    def fail_unreadable(self, job: Job, why: str, now: int) -> _Note:
+        """End a claimed row that cannot be run: failed, no retry (it would be as unreadable), logged once."""
+        error = f"cannot run this row: {why}"
+        try:
+            with self.store.savepoint():  # its failure must not fail the claim it is part of
+                self.store.finish_if_owned(job.id, self.owner, Status.FAILED.value, now, None, error, None,
+                                            self.keep_failed_ms)  # fmt: skip
+        except DatabaseUnavailable:
+            raise
+        except DatabaseError as e:
+            # Not even this write is possible (a trigger of the app's?): the row stays
+            # `running` under this worker, set aside, and is rescued once it stops.
+            error = f"{error}; and it could not be marked failed ({e}): set aside"
+        else:
+            self.store.count_finished([(now, job.queue, Status.FAILED.value)])
+        return _Note.about(job, "unreadable", logging.ERROR, "job %d %s failed: %s", job.id, job.type, error)
 
 
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
@@ -2755,6 +3095,10 @@ class Worker:
         self.keep_failed_ms = default_keep_ms(succeeded=False) if keep_failed_ms is None else keep_failed_ms
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.owner = secrets.token_hex(8)
+        self._recording = Recording(
+            self.owner, keep_succeeded_ms=self.keep_succeeded_ms, keep_failed_ms=self.keep_failed_ms,
+            max_deaths=max_deaths, rng=self.rng, scheduled=self._scheduled,
+        )  # fmt: skip
         self.app = SimpleNamespace()
         self._producer: Queue | None = None
 
@@ -2778,8 +3122,6 @@ class Worker:
         self._wake_up: WakeUp = open_wake_up(self.db, lambda: self.store)
         self._wants_commits = False  # idle: a commit by another process may bring work
         self._woken_at = 0.0  # time.monotonic() of the watcher's last wake-up
-        self._last_now = 0
-        self._last_tick: tuple[int, float] | None = None  # (now, time.monotonic()) of the last tick
         self._todo: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
         # An outcome goes through three hands, in this order.  1: job threads hand
         # it over here; the main loop sleeps on it, so a finished job wakes it at
@@ -2789,6 +3131,9 @@ class Worker:
         self._received: list[Outcome] = []
         # 3: its job is no longer running here (timeouts noted): written by the next step's transaction.
         self._to_record: list[Outcome] = []
+        # A claim may have committed though this worker was told it failed (the
+        # connection dropped before the reply): see _give_back_unknown.
+        self._claim_in_doubt = False
         self._stopping = threading.Event()
         # Held for every step of the loop: by the main thread, or by a job thread
         # that has just finished a job (see _job_thread).  It guards the
@@ -2800,8 +3145,7 @@ class Worker:
         self._next_due = 0
         self._last_claim_full = True
         self._nothing_due = False
-        self._next_heartbeat = 0
-        self._next_rescue = 0
+        self._schedule = HousekeepingSchedule(self.lease_ms, self.rng)
         self._busy_backoff = 0.0
         # time.monotonic() since when this worker's writes have been refused as
         # busy (None while they go through): how long it has waited for the lock.
@@ -2817,15 +3161,23 @@ class Worker:
             # A clock given to the worker (a test's) is the store's too; else the store's own judges leases.
             clock = None if self.clock is time.time else self.now
             self._store, self._pid = open_store(self.db, queues=self.queues, clock=clock), _process_id
+            self._recording.store = self._store
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
         return self._store
 
     @property
     def producer(self) -> Queue:
-        """The Queue that jobs' ``ctx.enqueue`` writes through (a connection per thread)."""
+        """The Queue that jobs' ``ctx.enqueue_now`` writes through (a connection per job thread that does).
+
+        The worker's own threads only build rows with it (cron sync, follow-ups)
+        and write them through the store: so the connection that Queue opens
+        to check the database is closed again, not held for the worker's life
+        (on PostgreSQL, a third connection per worker process).
+        """
         if self._producer is None:
             self._producer = Queue(self.db)
+            self._producer.close()
         return self._producer
 
     def now(self) -> int:
@@ -2887,9 +3239,10 @@ class Worker:
                 row = producer._new_row(
                     job_type.name, None, at=due / 1000, tag=tag, cron=job_type.cron, timezone=job_type.timezone, now=now
                 )
-                # With no pending row, "ignore": a worker on another host that made one
-                # meanwhile wins, and no second row is made and cancelled for the slot.
-                scheduled = store.insert(row, "ignore" if pending is None else "replace")
+                # "ignore" when no pending row was seen: on PostgreSQL another worker
+                # starting now may have inserted this slot's row since (its read
+                # committed snapshot), and replacing it made a second row for the slot.
+                scheduled = store.insert(row, "replace" if pending else "ignore")
             logger.info(
                 "cron job %s (%s%s): next run %d due %s",
                 job_type.name,
@@ -2938,14 +3291,14 @@ class Worker:
             suspect, unreadable = store.claim(self.owner, self.name, now, lease_until, 1, types, self._running,
                                               suspect=True)  # fmt: skip
             for job, why in unreadable:
-                self._fail_unreadable(job, why, now)
+                self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
             if suspect:
                 self._alone = suspect[0].id
                 self._last_claim_full = True
                 return suspect
         jobs, unreadable = store.claim(self.owner, self.name, now, lease_until, limit, types, self._running)
         for job, why in unreadable:
-            self._fail_unreadable(job, why, now)
+            self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
             jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
         self._last_claim_full = len(jobs) == limit
@@ -2969,23 +3322,6 @@ class Worker:
             self._types_json = json.dumps(sorted(self._registered))
         return self._types_json
 
-    def _fail_unreadable(self, job: Job, why: str, now: int) -> None:
-        """End a claimed row that cannot be run: failed, no retry (it would be as unreadable), logged once."""
-        error = f"cannot run this row: {why}"
-        try:
-            self._store.finish_if_owned(job.id, self.owner, Status.FAILED.value, now, None, error, None,
-                                        self.keep_failed_ms)  # fmt: skip
-        except DatabaseUnavailable:
-            raise
-        except DatabaseError as e:
-            # Not even this write is possible (a trigger of the app's?): the row stays
-            # `running` under this worker, set aside, and is rescued once it stops.
-            error = f"{error}; and it could not be marked failed ({e}): set aside"
-        else:
-            self._store.count_finished([(now, job.queue, Status.FAILED.value)])
-        self._claim_notes.append(_Note.about(job, "unreadable", logging.ERROR, "job %d %s failed: %s", job.id,
-                                             job.type, error))  # fmt: skip
-
     def execute(self, job: Job) -> Outcome:
         """Run one claimed job's function and capture how it ended (never raises).
 
@@ -2997,7 +3333,7 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
-        ctx = JobContext(job, app=self.app, producer=self.producer, worker_name=self.name)
+        ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now)
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
@@ -3025,100 +3361,16 @@ class Worker:
         """Write outcomes (and any retries) in one write transaction."""
         now = self.now() if now is None else now
         with self._write():
-            notes = self._record(outcomes, now)
+            notes = self._recording.record(outcomes, now)
         _emit(notes)
-
-    def _record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
-        """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
-        ended = [(o.job.id, _ENDED_AS[o.succeeded], o.result, o.error, o.started, self._keep_ms(o)) for o in outcomes]
-        owned = self._store.finish_many_if_owned(self.owner, now, ended) if ended else set()
-        notes: list[_Note] = []
-        finished: list[tuple[int, str, str]] = []
-        for outcome in outcomes:
-            notes.extend(self._finish(outcome, now, finished, outcome.job.id in owned))
-        self._store.count_finished(finished)
-        return notes
-
-    def _keep_ms(self, outcome: Outcome) -> int:
-        keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
-        keep_ms: int = _first(_job_type(outcome.job).keep_ms, keep_default)
-        return keep_ms
-
-    def _finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]], owned: bool) -> list[_Note]:
-        """What follows a row ended (``owned``: it was still this worker's): follow-ups, retry, next cron run, notes."""
-        job = outcome.job
-        status = _ENDED_AS[outcome.succeeded]
-        if not owned:
-            message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
-            return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
-        finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
-        if outcome.succeeded:
-            for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
-                self._store.insert(row, on_conflict)
-                self._next_due = min(self._next_due, row["due"])
-            notes = []
-            if logger.isEnabledFor(logging.INFO):  # the one note of every job: skipped when it would not show
-                message = "job %d %s succeeded in %.1f ms (attempt %d)"
-                notes.append(_Note.about(job, "succeeded", logging.INFO, message, job.id, job.type,
-                                         outcome.seconds * 1000, job.attempt))  # fmt: skip
-            return notes + self._schedule_next_cron_run(job, now)
-        # An outcome that could not be recorded ends its row with no retry and no next cron run:
-        # inserting either copies the row, which is what may have failed (sync_cron restores a schedule).
-        unrecordable = outcome.kind == "unrecordable"
-        retry = None if unrecordable else self._schedule_retry(job, now, deaths=job.deaths)
-        level = logging.ERROR if outcome.kind in ("timeout", "unknown", "unrecordable") else logging.WARNING
-        summary = outcome.error.splitlines()[0] if outcome.error else "failed"
-        then = f"retry {retry[0]} due in {retry[1] / 1000:.1f} s" if retry else "no retry left"
-        message = "job %d %s failed (attempt %d): %s; %s\n%s"
-        notes = [_Note.about(job, "failed", level, message, job.id, job.type, job.attempt, summary, then,
-                             outcome.error)]  # fmt: skip
-        return notes + ([] if retry or unrecordable else self._schedule_next_cron_run(job, now))
-
-    def _schedule_next_cron_run(self, job: Job, now: int) -> list[_Note]:
-        """After the last attempt of a recurring job's run: insert the run for the next slot."""
-        if not job.cron_schedule:
-            return []
-        try:
-            due, skipped = next_cron_due(job.cron_schedule, job.cron_timezone, _first(job.cron_slot, job.due), now)
-        except ValueError as e:
-            return [_Note.about(job, "cron", logging.ERROR, "job %d %s: no next run: %s", job.id, job.type, e)]
-        next_id = self._store.schedule_next_cron_run(job.id, due=due, now=now)
-        if next_id is None:
-            return []  # another writer already holds the pending row of this schedule
-        self._next_due = min(self._next_due, due)
-        if skipped:
-            message = "job %d %s: missed cron slots skipped (not run late); next run %d due %s"
-            return [_Note.about(job, "cron", logging.WARNING, message, job.id, job.type, next_id, iso_time(due))]
-        message = "job %d %s: next run %d due %s"
-        return [_Note.about(job, "cron", logging.DEBUG, message, job.id, job.type, next_id, iso_time(due))]
-
-    def _schedule_retry(self, job: Job, now: int, *, deaths: int, at_once: bool = False) -> tuple[int, int] | None:
-        """Insert the next attempt if the policy allows; returns (its id, delay ms)."""
-        if job.attempt >= MAX_COUNT:  # a row written by another program: attempt + 1 would leave the table's range
-            return None
-        if not at_once:
-            max_attempts = _first(job.max_attempts, _job_type(job).max_attempts, 1)
-            if job.attempt - _deaths(job) >= max_attempts:  # a worker's death used up no attempt
-                return None
-        delay = 0 if at_once else self.retry_delay_ms(job)
-        due = min(now + delay, MAX_TIME_MS)
-        # deaths clamped as _deaths() counts them (the retry is attempt + 1): a nonsense count is not copied on.
-        deaths = min(max(deaths, 0), job.attempt)
-        retry_id = self._store.schedule_next_attempt(job.id, due=due, deaths=deaths, now=now)
-        if retry_id is None:
-            return None
-        self._next_due = min(self._next_due, due)
-        return retry_id, delay
 
     def retry_delay_ms(self, job: Job) -> int:
         """How long after a failure of ``job`` its next attempt is due."""
-        job_type = _job_type(job)
-        return retry_delay_ms(
-            _first(job.retry_delay_ms, job_type.retry_delay_ms, to_ms(DEFAULT_RETRY_DELAY)),
-            _first(job.backoff, job_type.backoff, DEFAULT_BACKOFF),
-            failures_before=job.attempt - _deaths(job) - 1,
-            jitter=self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER),
-        )
+        return self._recording.retry_delay_ms(job)
+
+    def _scheduled(self, due: int) -> None:
+        """A row was made due at ``due`` (a retry, a follow-up, a cron run): claim again by then."""
+        self._next_due = min(self._next_due, due)
 
     def _write(self) -> _Write:
         """A write transaction of the worker's own (BEGIN IMMEDIATE) that times its wait for the lock."""
@@ -3138,9 +3390,9 @@ class Worker:
         if waited_ms <= self.lease_ms / 3:
             return False
         postponed_until = self.now() + self.lease_ms
-        logger.warning("waited %.1f s for the write lock: no job is taken for lost before %s, a lease from now",
-                       waited_ms / 1000, iso_time(postponed_until))  # fmt: skip
-        self._next_rescue = max(self._next_rescue, postponed_until)
+        logger.warning("waited %.1f s to write (a lock, or the database out of reach): no job is taken for lost "
+                       "before %s, a lease from now", waited_ms / 1000, iso_time(postponed_until))  # fmt: skip
+        self._schedule.postpone_rescue(postponed_until)
         return True
 
     def heartbeat(self, now: int | None = None) -> None:
@@ -3158,47 +3410,9 @@ class Worker:
         with write:
             # A lease that ran out while this worker waited for the lock may have
             # run out because its holder waited too (_waited postponed the sweep).
-            notes = [] if write.held_up else self._rescue(now)
+            notes = [] if write.held_up else self._recording.rescue(now)
         _emit(notes)
         return len(notes)
-
-    def _rescue(self, now: int) -> list[_Note]:
-        notes = []
-        finished: list[tuple[int, str, str]] = []
-        lost, unreadable = self._store.expired_leases(self.owner, now)
-        for unreadable_row, why in unreadable:
-            notes += self._rescue_unreadable(unreadable_row, why, now, finished)
-        for job in lost:
-            deaths = job.deaths + 1
-            poisoned = deaths >= self.max_deaths
-            if poisoned:
-                error = f"worker died {deaths} times running this job; giving up (last: worker {job.worker})"
-            else:
-                error = f"worker lost: lease expired (worker {job.worker})"
-            keep_ms = _first(_job_type(job).keep_ms, self.keep_failed_ms)
-            if not self._store.rescue_if_expired(job.id, now, error, keep_ms):
-                continue
-            finished.append((now, job.queue, Status.FAILED.value))
-            # A worker's death is not the job's failure: retry at once, whatever
-            # max_attempts says, until the chain has killed max_deaths workers.
-            retry = None if poisoned else self._schedule_retry(job, now, deaths=deaths, at_once=True)
-            then = f"retry {retry[0]} due now" if retry else "no retry"
-            message = "job %d %s failed (attempt %d): %s; %s"
-            notes.append(
-                _Note.about(job, "rescued", logging.ERROR, message, job.id, job.type, job.attempt, error, then)
-            )
-            if not retry:
-                notes += self._schedule_next_cron_run(job, now)
-        self._store.count_finished(finished)
-        return notes
-
-    def _rescue_unreadable(self, job: Job, why: str, now: int, finished: list[tuple[int, str, str]]) -> list[_Note]:
-        """An expired row that cannot be read: failed, with no retry (it would be as unreadable)."""
-        error = f"cannot run this row: {why} (and its worker was lost: lease expired)"
-        if not self._store.rescue_if_expired(job.id, now, error, self.keep_failed_ms):
-            return []
-        finished.append((now, job.queue, Status.FAILED.value))
-        return [_Note.about(job, "rescued", logging.ERROR, "job %d %s failed: %s", job.id, job.type, error)]
 
     def give_back(
         self, jobs: Iterable[Job], why: str = "still running at shutdown", level: int = logging.WARNING
@@ -3408,10 +3622,13 @@ class Worker:
         if self._to_record or want_claim:
             try:
                 with self._write():
-                    notes = self._record(self._to_record, now)
+                    notes = self._recording.record(self._to_record, now)
+                    if self._claim_in_doubt:
+                        notes += self._give_back_unknown()
                     if want_claim:
                         claimed = self._claim(free, now)
             except DatabaseUnavailable as e:
+                self._claim_in_doubt = self._claim_in_doubt or want_claim
                 self._back_off(e)
                 return None
             except DatabaseError as e:
@@ -3419,6 +3636,7 @@ class Worker:
                 return None
             self._busy_backoff = 0.0
             self._to_record = []
+            self._claim_in_doubt = False
             _emit(notes + self._claim_notes if want_claim else notes)
             for job in claimed:
                 self._running[job.id] = job
@@ -3440,6 +3658,23 @@ class Worker:
             self._nothing_due = False
         return kept
 
+    def _give_back_unknown(self) -> list[_Note]:
+        """Give back the rows running under this worker that it is not running (in the step's transaction).
+
+        After a step whose claim failed, the claim may have committed all the
+        same (on PostgreSQL the reply can be lost with the connection): its rows
+        run under this owner, unknown to the worker, and every heartbeat would
+        renew their leases, so that no one ran them while this worker lives.
+        """
+        known = set(self._running) | {outcome.job.id for outcome in self._to_record}
+        running = self._store.jobs(status=Status.RUNNING.value, type=None, queue=None, limit=MAX_COUNT)
+        notes = []
+        for job in running:
+            if job.owner == self.owner and job.id not in known and self._store.give_back_if_owned(job.id, self.owner):
+                message = "job %d %s: given back: claimed by a claim this worker was told had failed"
+                notes.append(_Note.about(job, "given back", logging.WARNING, message, job.id, job.type))
+        return notes
+
     def _notice_database_replaced(self) -> None:
         """Stop (run() then raises DatabaseReplaced) if the store says its target names another database now.
 
@@ -3456,23 +3691,11 @@ class Worker:
             self.stop()
 
     def _notice_clock_jump(self, now: int, monotonic: float) -> None:
-        """After the wall clock jumps forward, heartbeat at once and sweep for lost jobs only a lease later.
-
-        A jump (an NTP step, a VM resumed from suspend) makes every lease on
-        this host look expired, though their workers are alive: each of them
-        notices it at its next tick and renews its leases, so a worker that
-        waits a lease before its next sweep re-runs nothing.  Only in the loop
-        (not ``work()``): a test's fake clock moves without the monotonic one.
-        """
-        if self._last_tick is not None:
-            then, monotonic_then = self._last_tick
-            jumped_ms = (now - then) - (monotonic - monotonic_then) * 1000
-            if jumped_ms > self.lease_ms / 10:
-                logger.warning("the wall clock jumped %.1f s forward: leases renewed now, the next sweep for lost "
-                               "jobs in %.1f s", jumped_ms / 1000, self.lease_ms / 1000)  # fmt: skip
-                self._next_heartbeat = now
-                self._next_rescue = max(self._next_rescue, now + self.lease_ms)
-        self._last_tick = (now, monotonic)
+        """Only in the loop (not ``work()``): a test's fake clock moves without the monotonic one."""
+        jumped_ms = self._schedule.clock_jump(now, monotonic)
+        if jumped_ms is not None:
+            logger.warning("the wall clock jumped %.1f s forward: leases renewed now, the next sweep for lost "
+                           "jobs in %.1f s", jumped_ms / 1000, self.lease_ms / 1000)  # fmt: skip
 
     def _collect_outcomes(self, now: int) -> None:
         if not self._received and not self._deadlines and self._handed_over.empty():
@@ -3602,23 +3825,20 @@ class Worker:
         self._to_record = kept
 
     def _housekeeping(self, now: int) -> None:
+        schedule = self._schedule
         try:
-            if now < self._last_now:
-                # The wall clock stepped back: the next heartbeat and sweep would
-                # wait as long, and the leases of our jobs would lapse meanwhile.
-                self._next_heartbeat = self._next_rescue = now
-            self._last_now = now
-            if now >= self._next_heartbeat:
+            if schedule.heartbeat_due(now):
                 self.heartbeat(now)
-                self._next_heartbeat = now + self.lease_ms // 3
+                self._busy_backoff = 0.0  # the database answers again (a failed step's write returns before this)
+                schedule.heartbeat_done(now)
                 self._notice_database_replaced()
-            if now >= self._next_rescue:
+            if schedule.rescue_due(now):
                 self.rescue(now)
-                # Jitter keeps several workers from sweeping in lockstep; max: a
-                # sweep that waited for the lock was postponed further (_waited).
-                self._next_rescue = max(self._next_rescue, now + round(self.lease_ms / 2 * self.rng.uniform(0.8, 1.0)))
+                schedule.rescue_done(now)
         except DatabaseError as e:
-            # Postponed, not given up: the next tick tries again.
+            # Postponed, not given up: tried again after a backoff, as a failed step is.  At the next tick it
+            # was a connection attempt and a warning every few ms while the server was out of reach.
+            self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
             transient = isinstance(e, DatabaseUnavailable)
             logger.log(logging.WARNING if transient else logging.ERROR, "heartbeat or rescue failed: %s", e)
 
@@ -3944,6 +4164,9 @@ def remove_old_jobs(ctx: JobContext) -> int:
     """Hourly: delete finished rows whose retention ran out (``worker prune`` on demand)."""
     removed = ctx.producer.prune()
     ctx.logger.info("removed %d finished rows past their retention", removed)
+    done = ctx.producer.maintain()
+    if done:
+        ctx.logger.info("%s", done)
     return removed
 
 
@@ -3959,7 +4182,7 @@ EXIT_CODES_HELP = "Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration
 ENGINE_COMMANDS = ("run", "enqueue", "schema", "migrate")
 
 ENVIRONMENT = {
-    "db": ("WORKER_DB", "database file or sqlite:/// URL (else DATABASE_URL, else ./worker.db)"),
+    "db": ("WORKER_DB", "database file, sqlite:/// or postgresql:// URL (else DATABASE_URL, else ./worker.db)"),
     "jobs": ("WORKER_JOBS", f"module name or .py path that registers the jobs (default ./{DEFAULT_JOBS_MODULE}.py)"),
     "concurrency": ("WORKER_CONCURRENCY", f"job threads per process (default {DEFAULT_CONCURRENCY})"),
     "processes": ("WORKER_PROCESSES", "worker processes run by a supervisor (default 1)"),
@@ -3981,6 +4204,10 @@ ENVIRONMENT = {
     "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
     "keep_failed": ("WORKER_KEEP_FAILED", "seconds a failed or cancelled row is kept (default 30 days)"),
     "synchronous": ("WORKER_SYNCHRONOUS", "NORMAL (a power cut may lose the last commits) or FULL (default NORMAL)"),
+    "pg_listen": (
+        "WORKER_PG_LISTEN",
+        "PostgreSQL: 0 polls instead of LISTEN (PgBouncer in transaction mode; default 1)",
+    ),
     "log_level": ("WORKER_LOG_LEVEL", "the worker's own log threshold: DEBUG, INFO, WARNING, ERROR (default INFO)"),
     "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
 }
@@ -4047,7 +4274,9 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
 def add_engine_commands(commands: Any) -> None:
     """The subcommands worker.py serves alone: run, enqueue, schema."""
     run = commands.add_parser(
-        "run", help="claim and run jobs until stopped", epilog=f"Environment only: {option_help('synchronous')}"
+        "run",
+        help="claim and run jobs until stopped",
+        epilog=f"Environment only: {option_help('synchronous')}; {option_help('pg_listen')}",
     )
     add_common_options(run)
     run.add_argument("--concurrency", type=int, help=option_help("concurrency"))

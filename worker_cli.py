@@ -1,4 +1,4 @@
-"""The ``worker`` command line: run, enqueue, status, jobs, show, retry, cancel, prune, check.
+"""The ``worker`` command line: run, enqueue, status, jobs, show, retry, cancel, prune, check, copy.
 
 Also the supervisor of ``worker run --processes P`` and the text formatting of
 what the operating queries in worker.py (``status``, ``list_jobs``,
@@ -18,11 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
+from urllib.parse import quote, urlencode
 
 from worker import (
+    COLUMNS,
     EXIT_CODES_HELP,
     EXIT_DATABASE,
     EXIT_FAILURE,
@@ -32,10 +34,13 @@ from worker import (
     STATUSES,
     STOP_SIGNALS,
     ConfigError,
+    DatabaseError,
     DatabaseUnusable,
     Job,
     Queue,
+    SQLiteStore,
     StoredText,
+    UnreadableRow,
     __version__,
     add_common_options,
     add_engine_commands,
@@ -44,6 +49,7 @@ from worker import (
     configure_logging,
     database_target,
     exit_code_of,
+    is_postgres,
     iso_time,
     job_as_dict,
     job_chain,
@@ -51,7 +57,9 @@ from worker import (
     load_jobs,
     logger,
     next_cron_slot,
+    now_ms,
     open_reader,
+    open_store,
     option_help,
     positive,
     printable,
@@ -245,12 +253,148 @@ def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *,
     return exit_code
 
 
+# --- Moving from SQLite to PostgreSQL (worker copy) ----------------------------------
+
+COPY_BATCH = 5_000  # rows read from the file at a time: the copy's memory does not grow with the history
+UNFINISHED = ["pending", "running"]
+FINISHED = ["succeeded", "failed", "cancelled"]
+_STATUS = COLUMNS.index("status")
+_CRON = COLUMNS.index("cron_schedule")
+# What a worker that stops gives back to pending (the claim's columns); the rest of the row stays.
+_CLAIM = [COLUMNS.index(column) for column in ("started", "worker", "owner", "lease_until")]
+
+
+class CopyTarget(Protocol):
+    """What ``worker copy`` writes through: worker_postgres.PostgresStore's verbs for it."""
+
+    def transaction(self) -> contextlib.AbstractContextManager[Any]: ...
+    def lock_for_copy(self) -> int: ...
+    def copy_rows(self, rows: Iterable[tuple[Any, ...]]) -> int: ...
+    def add_finished_counts(self, counted: list[tuple[int, str, str, int]]) -> None: ...
+    def move_ids_past(self, highest: int) -> int: ...
+    def describe(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+def copy_jobs(
+    source: str, target: str, *, history: bool = False, running_as_pending: bool = False, append: bool = False
+) -> dict[str, Any]:
+    """Copy a SQLite file's jobs into a PostgreSQL database, so that workers there carry on where these stopped.
+
+    Pending rows (cron schedules among them) keep their ids, data text, tags,
+    attempts and chains (rescheduled_from_job); ``history`` copies the
+    finished rows too, and their per-minute counts.  The database's id
+    sequence moves past the highest id the file ever gave, so no id is given
+    twice.  All in one transaction: refused (ConfigError), or failed, nothing
+    is written.  Refused while a worker is alive on the file, or a row is
+    running (unless ``running_as_pending``: then it is copied as a stopping
+    worker gives it back), or when the database holds rows (unless ``append``).
+    The file is only read: it keeps its rows.  Returns what was copied.
+    """
+    if is_postgres(source):
+        raise ConfigError("--from is the SQLite file to copy from, not a postgresql:// URL")
+    if not is_postgres(target):
+        raise ConfigError(f"--to must be a postgresql:// URL (the database to copy into), not {printable(target)!r}")
+    try:
+        reader = cast(SQLiteStore, open_reader(source))
+    except DatabaseUnusable as e:
+        if "schema version" not in str(e):
+            raise
+        # Not "run the worker": a worker started on it now would claim the jobs about to move.
+        raise DatabaseUnusable(f"{e.args[0].split(': run the worker')[0]}: `worker migrate --db {source}` first") from e
+    try:
+        with reader.snapshot():
+            _refuse_a_live_source(reader, source, running_as_pending)
+            writer = cast(CopyTarget, open_store(target))
+            try:
+                return _copy(reader, writer, history=history, append=append)
+            finally:
+                writer.close()
+    finally:
+        reader.close()
+
+
+def _refuse_a_live_source(reader: SQLiteStore, source: str, running_as_pending: bool) -> None:
+    now = now_ms()
+    alive = [f"{p['host']}:{p['pid']}" for p in reader.processes() if now - p["last_seen"] <= p["lease_ms"]]
+    if alive:  # it would go on claiming the file's rows, which the database's workers then run again
+        raise ConfigError(f"a worker is alive on {source} ({', '.join(alive)}): stop it before copying")
+    running = sum(count for _, count in reader.running_by_queue())
+    if running and not running_as_pending:
+        raise ConfigError(
+            f"{running} rows of {source} are running (their worker died, or stopped without giving them back): "
+            "--running-as-pending copies them as pending, to run again"
+        )
+
+
+def _copy(reader: SQLiteStore, writer: CopyTarget, *, history: bool, append: bool) -> dict[str, Any]:
+    copied = dict.fromkeys(STATUSES, 0)
+    cron_schedules = 0
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        nonlocal cron_schedules
+        after = 0
+        while batch := reader.rows_to_copy(UNFINISHED + FINISHED if history else UNFINISHED, after=after,
+                                           limit=COPY_BATCH):  # fmt: skip
+            for row in batch:
+                copied[row[_STATUS]] += 1
+                if row[_STATUS] == "running":
+                    row = _given_back(row)
+                if row[_STATUS] == "pending" and row[_CRON] is not None:
+                    cron_schedules += 1
+                yield row
+            after = batch[-1][0]
+
+    with writer.transaction():
+        held = writer.lock_for_copy()
+        if held and not append:
+            raise ConfigError(
+                f"{writer.describe()['database']} already holds {held} jobs: nothing copied "
+                "(--append copies into it all the same, and fails, writing nothing, on an id or a pending tag it holds)"
+            )
+        try:
+            total = writer.copy_rows(rows())
+        except UnreadableRow as e:
+            raise DatabaseError(f"{e}: nothing copied") from e
+        except DatabaseError as e:
+            raise type(e)(f"{e}: nothing copied") from e
+        if history:
+            writer.add_finished_counts(reader.finished_counts())
+        highest = reader.highest_id()
+        last_id = writer.move_ids_past(highest) if highest else 0
+    return {"rows": total, **copied, "cron_schedules": cron_schedules, "last_id": last_id,
+            "database": writer.describe()["database"]}  # fmt: skip
+
+
+def _given_back(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    values = list(row)
+    values[_STATUS] = "pending"
+    for index in _CLAIM:
+        values[index] = None
+    return tuple(values)
+
+
+def _copy_command(args: argparse.Namespace) -> int:
+    target = database_target(args.to) if args.to else resolve_db_path()
+    copied = copy_jobs(args.source, target, history=args.history, running_as_pending=args.running_as_pending,
+                       append=args.append)  # fmt: skip
+    parts = [f"{copied['pending']} pending ({copied['cron_schedules']} of them cron schedules)"]
+    if copied["running"]:
+        parts.append(f"{copied['running']} running, as pending")
+    if args.history:
+        parts.append(", ".join(f"{copied[state]} {state}" for state in FINISHED))
+    jobs = f"{copied['rows']} job{'' if copied['rows'] == 1 else 's'}"
+    print(f"copied {jobs} from {printable(args.source)} to {printable(copied['database'])}: "
+          f"{'; '.join(parts)}; new ids start after {copied['last_id']}")  # fmt: skip
+    return EXIT_OK
+
+
 # --- CLI ------------------------------------------------------------------------
 
 
 DJANGO_HELP = (
     "a Django project's settings: django.setup() runs before the jobs are imported, and the database is "
-    "Django's default (SQLite) unless --db or WORKER_DB is given [env DJANGO_SETTINGS_MODULE]"
+    "Django's default (SQLite or PostgreSQL) unless --db or WORKER_DB is given [env DJANGO_SETTINGS_MODULE]"
 )
 
 
@@ -300,6 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--db", help=option_help("db"))
     check.add_argument("--jobs", help=option_help("jobs"))
 
+    copy = commands.add_parser(
+        "copy", help="move a SQLite file's jobs into PostgreSQL, ids, chains and cron schedules kept"
+    )
+    copy.add_argument("--from", dest="source", required=True, metavar="FILE", help="the SQLite file (only read)")
+    copy.add_argument("--to", metavar="URL", help="the postgresql:// database [env WORKER_DB, DATABASE_URL]")
+    copy.add_argument("--history", action="store_true", help="the finished rows too (default: pending ones only)")
+    copy.add_argument("--running-as-pending", action="store_true",
+                      help="copy running rows (of a worker that died) as pending, instead of refusing")  # fmt: skip
+    copy.add_argument("--append", action="store_true", help="copy even though the database already holds jobs")
+
     for command in commands.choices.values():
         if any("--db" in action.option_strings for action in command._actions):
             command.add_argument("--django-settings", metavar="MODULE", help=DJANGO_HELP)
@@ -322,6 +476,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.command in ("run", "enqueue", "schema", "migrate"):
         return run_engine_command(args, supervise=supervise)
     configure_logging(setting(args, "log_level", str, "INFO"), setting(args, "log_format", str, "text"))
+    if args.command == "copy":
+        return _copy_command(args)
     db = database_target(args.db) if getattr(args, "db", None) else resolve_db_path()
     if args.command in OPERATING_COMMANDS:
         return OPERATING_COMMANDS[args.command](args, db)
@@ -354,14 +510,37 @@ def _set_up_django(args: argparse.Namespace) -> None:
         database = settings.DATABASES["default"]  # read before setup(), which loads the database's driver
     except Exception as e:
         raise ConfigError(f"Django settings {module!r}: {type(e).__name__}: {e}") from e
-    if not given and not str(database.get("ENGINE", "")).endswith("sqlite3"):
-        raise ConfigError(f"Django's default database is {database.get('ENGINE')!r}: this worker serves SQLite (--db)")
+    engine = str(database.get("ENGINE", ""))
+    if not given and not engine.endswith(("sqlite3", "postgresql")):
+        raise ConfigError(f"Django's default database is {engine!r}: this worker serves SQLite and PostgreSQL (--db)")
     try:
         django.setup()
     except Exception as e:
         raise ConfigError(f"Django settings {module!r}: {type(e).__name__}: {e}") from e
     if not given:
-        args.db = str(database["NAME"])
+        args.db = str(database["NAME"]) if engine.endswith("sqlite3") else _django_postgres_url(database)
+
+
+# OPTIONS that Django's backend takes for itself, or passes to psycopg.connect()
+# as arguments of psycopg's own: none is a libpq parameter, which would refuse the URL.
+NOT_LIBPQ_OPTIONS = frozenset(
+    ("isolation_level", "server_side_binding", "assume_role", "pool", "prepare_threshold", "cursor_factory", "context")
+)
+
+
+def _django_postgres_url(database: dict[str, Any]) -> str:
+    """A postgresql:// URL for Django's PostgreSQL settings (NAME, USER, PASSWORD, HOST, PORT, OPTIONS)."""
+    user = quote(str(database.get("USER") or ""), safe="")
+    password = quote(str(database.get("PASSWORD") or ""), safe="")
+    credentials = f"{user}:{password}@" if password else f"{user}@" if user else ""
+    host, port = str(database.get("HOST") or ""), str(database.get("PORT") or "")
+    host = f"[{host}]" if ":" in host else quote(host, safe="")  # an IPv6 address; a socket directory is escaped
+    options = {key: value for key, value in (database.get("OPTIONS") or {}).items()
+               if key not in NOT_LIBPQ_OPTIONS and type(value) in (str, int)}  # fmt: skip
+    query = f"?{urlencode(options)}" if options else ""
+    return (
+        f"postgresql://{credentials}{host}{':' + port if port else ''}/{quote(str(database['NAME']), safe='')}{query}"
+    )
 
 
 def _dashboard_command(argv: list[str]) -> int:

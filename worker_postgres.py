@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg.types.numeric import Int8Dumper
 
 import worker
@@ -65,10 +66,23 @@ TAG_RACE_ATTEMPTS = 10  # see PostgresStore.insert: each retry means another wri
 # (10^10): so JIT is off too, or that price alone would compile the statement
 # (150 ms for a one-row upsert that sorts its input).  Only the worker's own
 # sessions are set so, never an app's connection.
+#
 SESSION_SETTINGS = (
     "SET enable_sort = off; SET enable_hashjoin = off; SET enable_mergejoin = off; SET enable_bitmapscan = off;"
     " SET jit = off"
 )
+
+# A worker stopped or cut off inside a transaction (SIGSTOP, a frozen VM, a link
+# down) leaves it open on the server, its row locks held, for as long as the
+# server's TCP takes to notice (hours) or until it comes back.  Those rows are
+# its own running jobs (a heartbeat, a finish) and the per-minute counts every
+# worker's finish adds to: the rescue of its jobs, and every other worker's
+# recording, would wait for them (test_postgres_reliability, test_postgres_hosts).
+# The server ends a session that has sat this long in a transaction without a
+# statement; its writes roll back, and its jobs are rescued after their lease.
+# The worker's own transactions are a few statements in a row, milliseconds.
+# Set at each connect (a test shortens it), on the store's connections only.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 5000
 
 # FATAL errors at connect that pass: the server is starting, stopping or full.
 _TRANSIENT_AT_CONNECT = ("starting up", "shutting down", "in recovery", "too many", "remaining connection slots")
@@ -103,7 +117,8 @@ def connect(url: str) -> psycopg.Connection[Any]:
         kind = worker.DatabaseUnusable if refused else worker.DatabaseUnavailable
         raise kind(f"cannot connect to {redacted(url)}: {line}") from e
     try:
-        conn.execute(SESSION_SETTINGS)
+        timeout = f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT_MS:d}"
+        conn.execute(f"{SESSION_SETTINGS}; {timeout}")
     except psycopg.Error as e:
         conn.close()
         raise _engine_error(url, conn, e) from e
@@ -157,9 +172,10 @@ def schema_objects() -> list[tuple[str, str]]:
 
 def installed_schema_version(conn: psycopg.Connection[Any]) -> int:
     """The version recorded in worker_schema (0 for none); DatabaseUnusable when newer than this code."""
-    if conn.execute("SELECT to_regclass('worker_schema')").fetchone() == (None,):
+    cursor = conn.cursor(row_factory=tuple_row)  # an app's connection may read rows as dicts
+    if cursor.execute("SELECT to_regclass('worker_schema')").fetchone() == (None,):
         return 0
-    row = conn.execute("SELECT version FROM worker_schema WHERE id = 1").fetchone()
+    row = cursor.execute("SELECT version FROM worker_schema WHERE id = 1").fetchone()
     version = 0 if row is None else int(row[0])
     if version > schema_version():
         raise worker.DatabaseUnusable(
@@ -219,11 +235,10 @@ def open_store(url: str, queues: list[str] | None = None, clock: Callable[[], in
 # The columns of a row as a claim returns them (the CTE's `picked` has an id too).
 JOB_COLUMNS = ", ".join(f"job.{column}" for column in worker.COLUMNS)
 
-# A new row copies its policy from the old one; clamped, as worker.COPIED_POLICY.
-COPIED_POLICY = (
-    f"least(max_attempts, {MAX_COUNT}), least(retry_delay_ms, {MAX_DURATION_MS}), backoff,"
-    f" least(timeout_ms, {MAX_DURATION_MS}), least(keep_ms, {MAX_DURATION_MS})"
-)
+# A new row copies its policy from the old one as it is: the table's CHECKs hold
+# each within worker.py's bounds already (SQLite's older rows needed clamping).
+# Never least(): PostgreSQL's ignores NULLs, and a NULL here means "the job type's".
+COPIED_POLICY = "max_attempts, retry_delay_ms, backoff, timeout_ms, keep_ms"
 REMOVE_AT = (
     f"CASE WHEN persistent <> 0 THEN NULL ELSE %(now)s + least(coalesce(keep_ms, %(keep_ms)s), {MAX_DURATION_MS}) END"
 )
@@ -270,6 +285,19 @@ class OperatingReads:
         except psycopg.Error as e:
             raise _engine_error(self.url, self.conn, e) from e
         return True
+
+    # Every claim, finish and renewal is an UPDATE, and leaves a dead row
+    # version behind: with autovacuum off, the table and its indexes would grow
+    # with every job ever run, and the claim slow with them (bench/README.md).
+    VACUUMED = "worker_jobs, worker_finished_per_minute, worker_processes"
+
+    def maintain(self) -> str | None:
+        on = self._execute("SELECT current_setting('autovacuum')::bool").fetchone()
+        if on and on[0]:
+            return None  # the server's autovacuum keeps up, with schema_postgres.sql's settings for worker_jobs
+        started = time.monotonic()
+        self._execute(f"VACUUM (ANALYZE) {self.VACUUMED}")  # on an autocommit connection: no transaction
+        return f"vacuumed {self.VACUUMED} in {time.monotonic() - started:.1f} s (autovacuum is off on this server)"
 
     def describe(self) -> dict[str, Any]:
         version = self._execute("SELECT version FROM worker_schema WHERE id = 1").fetchone()
@@ -427,6 +455,15 @@ class PostgresStore(OperatingReads):
             with self.conn.transaction():
                 yield self.conn
         except psycopg.Error as e:  # BEGIN, COMMIT, or the caller's own statement on this connection
+            raise _engine_error(self.url, self.conn, e) from e
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[psycopg.Connection[Any]]:
+        """Inside transaction(): psycopg's nested transaction() is a SAVEPOINT, rolled back alone on an error."""
+        try:
+            with self.conn.transaction():
+                yield self.conn
+        except psycopg.Error as e:
             raise _engine_error(self.url, self.conn, e) from e
 
     def _execute(self, sql: str, params: Mapping[str, Any] | tuple[Any, ...] | None = None) -> psycopg.Cursor[Any]:
@@ -822,7 +859,10 @@ class PostgresStore(OperatingReads):
 
     def count_finished(self, finished: Iterable[tuple[int, str, str]]) -> None:
         """Add rows just finished, as (finished ms, queue, status), to the per-minute counts."""
-        counted = worker.finished_per_minute(finished)
+        self.add_finished_counts(worker.finished_per_minute(finished))
+
+    def add_finished_counts(self, counted: list[tuple[int, str, str, int]]) -> None:
+        """Add (minute, queue, status, count) to the per-minute counts of finished rows."""
         if not counted:
             return
         minutes, queues, statuses, counts = (list(column) for column in zip(*counted, strict=True))
@@ -879,10 +919,14 @@ class PostgresStore(OperatingReads):
     SELECT {SELECT_COLUMNS} FROM worker_jobs
      WHERE status = 'running' AND lease_until < %(now)s AND owner IS DISTINCT FROM %(owner)s::text
     """
+    # SKIP LOCKED: a row another transaction holds is not taken now, nor waited
+    # for (the holder may be a worker cut off mid-transaction: the sweep would
+    # hang until the server ends that transaction); the next sweep sees it again.
     RESCUE_SQL = f"""
     UPDATE worker_jobs
        SET status = 'failed', finished = %(now)s, error = %(error)s, lease_until = NULL, remove_at = {REMOVE_AT}
-     WHERE id = %(id)s AND status = 'running' AND lease_until < %(now)s
+     WHERE id = (SELECT id FROM worker_jobs WHERE id = %(id)s FOR UPDATE SKIP LOCKED)
+       AND status = 'running' AND lease_until < %(now)s
     """
 
     def any_suspect(self) -> bool:
@@ -922,6 +966,50 @@ class PostgresStore(OperatingReads):
         """Fail the row (its worker was lost) if it is still running with its lease ended; whether it was."""
         params = {"id": id, "now": now, "error": error, "keep_ms": keep_ms}
         return self._execute(self.RESCUE_SQL, params).rowcount == 1
+
+    # -- what `worker copy` writes: another store's rows, with their own ids --
+
+    # Held to the end of the copy's transaction: no writer can add a row between
+    # the look at the table and the copy's commit (readers go on meanwhile).
+    LOCK_FOR_COPY_SQL = "LOCK TABLE worker_jobs IN SHARE ROW EXCLUSIVE MODE"
+    COPY_SQL = f"COPY worker_jobs ({SELECT_COLUMNS}) FROM STDIN"
+
+    def lock_for_copy(self) -> int:
+        """Keep every other writer out of worker_jobs until this transaction ends; how many rows it holds now."""
+        self._execute(self.LOCK_FOR_COPY_SQL)
+        return int(self._scalar("SELECT count(*) FROM worker_jobs"))
+
+    def copy_rows(self, rows: Iterable[tuple[Any, ...]]) -> int:
+        """Write rows given as SELECT_COLUMNS, ids and all, as they are (one COPY); how many.
+
+        The table checks each row as it would an INSERT's (and the insert
+        trigger wakes the workers at commit).  DatabaseError naming the row it refused.
+        """
+        ids: list[int] = []
+        try:
+            with self.conn.cursor() as cursor, cursor.copy(self.COPY_SQL) as copy:
+                for row in rows:
+                    ids.append(row[0])
+                    copy.write_row(row)
+        except psycopg.Error as e:
+            line = re.search(r"COPY worker_jobs, line (\d+)", e.diag.context or "")
+            if line is None or not 0 < int(line.group(1)) <= len(ids):
+                raise _engine_error(self.url, self.conn, e) from e
+            refused = ids[int(line.group(1)) - 1]
+            raise worker.DatabaseError(f"job {refused} cannot be copied: {_first_line(e)}") from e
+        return len(ids)
+
+    # setval is not undone by a rollback: so the copy's last step, and never down
+    # (an id once given is never given again).
+    MOVE_IDS_PAST_SQL = """
+    SELECT setval(seq, greatest(%(highest)s, coalesce(pg_sequence_last_value(seq), 0),
+                                (SELECT coalesce(max(id), 0) FROM worker_jobs)))
+      FROM (SELECT pg_get_serial_sequence('worker_jobs', 'id')::regclass AS seq) AS identity
+    """
+
+    def move_ids_past(self, highest: int) -> int:
+        """Make the next id given above ``highest`` (and above every id in the table); the last id taken."""
+        return int(self._scalar(self.MOVE_IDS_PAST_SQL, {"highest": max(highest, 1)}))
 
 
 _PRIORITY, _DUE = worker.COLUMNS.index("priority"), worker.COLUMNS.index("due")
@@ -976,12 +1064,13 @@ class StoreInCallersTransaction(PostgresStore):
     """The store on an app's psycopg connection: each transaction a savepoint in the app's own, so that a job
     commits or rolls back with the app's writes.
 
-    The app's connection keeps its own settings and adapters: this store binds
-    ints as BIGINT on cursors of its own, and never connects again.
+    The app's connection keeps its own settings, adapters and row factory: this
+    store binds ints as BIGINT, and reads rows as tuples, on cursors of its
+    own, and never connects again.
     """
 
     def _cursor(self) -> psycopg.Cursor[Any]:
-        cursor = self.conn.cursor()
+        cursor = self.conn.cursor(row_factory=tuple_row)
         cursor.adapters.register_dumper(int, Int8Dumper)
         return cursor
 
@@ -1014,10 +1103,12 @@ class StoreInCallersTransaction(PostgresStore):
 
 def store_in_callers_transaction(conn: psycopg.Connection[Any]) -> StoreInCallersTransaction:
     """worker.Queue(conn) on a psycopg 3 connection: the schema made if needed, in the app's transaction."""
+    if not isinstance(conn, psycopg.Connection):  # its statements would be coroutines, never run
+        raise TypeError(f"Queue takes a psycopg Connection, not {type(conn).__name__}: enqueue through a sync one")
     url = "postgresql://" + (conn.info.host or "") + "/" + (conn.info.dbname or "")  # for messages only
     store = StoreInCallersTransaction(conn, url, clock=worker.now_ms)
-    if installed_schema_version(conn) != schema_version():
-        with store.transaction():
+    with store.transaction():  # a savepoint: an error here leaves the app's transaction as it was
+        if installed_schema_version(conn) != schema_version():
             apply_schema(conn)
     return store
 
