@@ -258,7 +258,7 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     """
     rng = random.Random(5)
     gap = args.gap_ms / 1000
-    sent: list[tuple[int, Any]] = []
+    sent: list[tuple[int, int, Any]] = []
     if args.system == "ours":
         import bench_jobs  # noqa: F401
 
@@ -311,11 +311,13 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.n):
         time.sleep(gap * (1 + 0.5 * rng.random()))
         t0 = time.time_ns()
-        sent.append((t0, send()))
+        handle = send()
+        sent.append((t0, time.time_ns(), handle))
     deadline = time.monotonic() + 30
     latencies: list[float] = []
+    after_commit: list[float] = []  # from the enqueue call's return: the commit is done then
     missing = 0
-    for t0, handle in sent:
+    for t0, committed, handle in sent:
         while True:
             try:
                 started = started_ns(handle)
@@ -328,7 +330,8 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
             missing += 1
         else:
             latencies.append((started - t0) / 1e6)
-    return {"latencies_ms": latencies, "missing": missing}
+            after_commit.append((started - committed) / 1e6)
+    return {"latencies_ms": latencies, "after_commit_ms": after_commit, "missing": missing}
 
 
 # --- The bare-SQL ceiling -------------------------------------------------------------

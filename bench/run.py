@@ -128,8 +128,8 @@ BURST_GRACE = 5.0  # how long a burst worker may take to exit after its last job
 # --- The bench's own virtualenv ---------------------------------------------------------
 
 
-def ensure_venv() -> None:
-    """Re-run this script in bench/.venv, creating and filling it first if needed."""
+def ensure_venv(script: Path | None = None) -> None:
+    """Re-run this script (or ``script``) in bench/.venv, creating and filling it first if needed."""
     if Path(sys.prefix).resolve() == VENV_DIR.resolve():
         return
     python = VENV_DIR / "bin" / "python"
@@ -157,7 +157,7 @@ def ensure_venv() -> None:
             check=True,
         )
         stamp.write_text(wanted)
-    os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
+    os.execv(str(python), [str(python), str(script or Path(__file__).resolve()), *sys.argv[1:]])
 
 
 # --- Processes --------------------------------------------------------------------------
