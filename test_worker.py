@@ -462,14 +462,14 @@ def test_a_bug_met_in_a_job_threads_step_ends_run_as_it_would_in_the_main_thread
     made = queue.enqueue_many([("add", {"a": 1, "b": 1})] * 3)
     # prefetch=0: every job is then the thread's only one, and its end a step of the thread's own
     w = Worker(db, cron=False, concurrency=1, burst=True, prefetch=0)
-    record = w._record
+    record = w._recording.record
 
     def record_but_not_in_a_job_thread(outcomes: list[worker.Outcome], now: int) -> Any:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("a bug in the loop")
         return record(outcomes, now)
 
-    w._record = record_but_not_in_a_job_thread  # type: ignore[method-assign]
+    w._recording.record = record_but_not_in_a_job_thread  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="a bug in the loop"):
         w.run()
     statuses = [queue.get(job.id).status for job in made]  # type: ignore[union-attr]
