@@ -942,8 +942,9 @@ class Queue:
         # Positional arguments: keywords would double the cost of each Job.
         shared_job = _new_job(0, any_row)
         rest = tuple(getattr(shared_job, field) for field in COLUMNS[5:])  # the fields after queue
+        pending = Status.PENDING.value  # looked up once: an enum member's .value is a descriptor call per row
         return [
-            Job(id, job_type, dict(data), Status.PENDING.value, queue, *rest)
+            Job(id, job_type, dict(data), pending, queue, *rest)
             for id, (job_type, data, queue) in zip(ids, batch, strict=True)
         ]
 
