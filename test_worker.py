@@ -1293,3 +1293,12 @@ def test_scripts_installed_as_worker_main_still_run_the_command(capsys: pytest.C
         worker.main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out == f"worker {worker.__version__}\n"
+
+
+def test_a_database_url_is_shown_without_its_password() -> None:
+    """What the start line, the dashboard and every connection error print of a URL."""
+    assert worker.redacted("postgresql://app:s3cret@db:5432/app") == "postgresql://app@db:5432/app"
+    assert worker.redacted("postgresql://app@db/app?password=s3cret&sslmode=require") == (
+        "postgresql://app@db/app?password=...&sslmode=require"
+    )
+    assert worker.redacted("/var/lib/app/jobs.db") == "/var/lib/app/jobs.db"

@@ -718,6 +718,12 @@ def is_postgres(target: object) -> bool:
     return scheme is not None and scheme.group(1).lower() in POSTGRES_SCHEMES
 
 
+def redacted(url: str) -> str:
+    """The database target without its password (in a URL's userinfo, or a ``password=`` parameter): to show."""
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", r"\1@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1...", url)
+
+
 def database_target(target: str) -> str:
     """What --db, WORKER_DB or DATABASE_URL names: a PostgreSQL URL as it is, else a SQLite path (sqlite_path)."""
     return target if is_postgres(target) else sqlite_path(target)
@@ -3487,7 +3493,7 @@ class Worker:
         logger.info(
             "worker %s started: %s, concurrency %d, queues %s, lease %.1f s",
             self.name,
-            self.db,
+            redacted(self.db),
             self.concurrency,
             ",".join(self.queues or ["all"]),
             self.lease_ms / 1000,
@@ -3540,7 +3546,7 @@ class Worker:
                 if waited_since is None:
                     waited_since = time.monotonic()
                     logger.warning("database %s is locked by another process (%s); starting once it is free",
-                                   self.db, e)  # fmt: skip
+                                   redacted(self.db), e)  # fmt: skip
                 if self._stopping.wait(delay):
                     logger.info("worker %s stopped before it started (the database was still locked)", self.name)
                     if self._store is not None:  # not registered yet: no row to delete, and deleting would wait
@@ -3551,7 +3557,7 @@ class Worker:
                 delay = min(delay * 2, MAX_BUSY_BACKOFF)
                 continue
             if waited_since is not None:
-                logger.info("database %s free again after %.1f s", self.db, time.monotonic() - waited_since)
+                logger.info("database %s free again after %.1f s", redacted(self.db), time.monotonic() - waited_since)
             return True
 
     def _wake_for_commit(self) -> None:

@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"worker: cannot listen on {args.host} port {args.port}: {error.strerror or error}", file=sys.stderr)
         return worker.EXIT_FAILURE
-    print(f"dashboard of {db} at {server.url} (Ctrl-C stops it)", flush=True)
+    print(f"dashboard of {worker.redacted(db)} at {server.url} (Ctrl-C stops it)", flush=True)
     if server.token is None:
         print("read-only: start with --allow-actions for retry and cancel buttons", flush=True)
     else:

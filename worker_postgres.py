@@ -91,10 +91,7 @@ _TRANSIENT_AT_CONNECT = ("starting up", "shutting down", "in recovery", "too man
 # --- Connecting, and the errors the engine understands --------------------------
 
 
-def redacted(url: str) -> str:
-    """The URL without its password (in the userinfo or as a ``password=`` parameter), for messages."""
-    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", r"\1@", url)
-    return re.sub(r"([?&]password=)[^&]*", r"\1...", url)
+redacted = worker.redacted  # the URL without its password, for messages
 
 
 def _first_line(error: BaseException) -> str:
