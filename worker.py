@@ -72,7 +72,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
+from typing import Any, ClassVar, NoReturn, Protocol, TypeVar, cast, overload
 
 from croniter import CroniterError, croniter
 
@@ -1838,6 +1838,14 @@ def finished_per_minute(finished: Iterable[Iterable[Any]]) -> list[tuple[int, st
     return [(*key, count) for key, count in per_minute.items()]  # mostly one: a batch shares its minute
 
 
+def cancel_key(*, id: int | None, tag: str | None, type: str | None) -> str:
+    """Which of cancel_pending's keys chooses the rows: the id, else the tag, else the type."""
+    for key, value in (("id", id), ("tag", tag), ("type", type)):
+        if value is not None:
+            return key
+    raise TypeError("cancel_pending needs an id, a tag or a type")
+
+
 def count_finished(conn: Any, finished: Iterable[Iterable[Any]]) -> None:
     """Add rows just finished, as (finished ms, queue, status), to worker_finished_per_minute."""
     for counted in finished_per_minute(finished):
@@ -2027,8 +2035,11 @@ class SQLiteStore:
      WHERE {{where}} AND status = 'pending'
     RETURNING finished, queue, status
     """
-    CANCEL_BY_ID, CANCEL_BY_TAG = CANCEL_SQL.format(where="id = :id"), CANCEL_SQL.format(where="tag = :tag")
-    CANCEL_BY_TYPE = CANCEL_SQL.format(where="type = :type")
+    CANCEL_BY: ClassVar[dict[str, str]] = {  # by cancel_key()
+        "id": CANCEL_SQL.format(where="id = :id"),
+        "tag": CANCEL_SQL.format(where="tag = :tag"),
+        "type": CANCEL_SQL.format(where="type = :type"),
+    }
 
     def cancel_pending(
         self, now: int, reason: str, keep_ms: int, *, id: int | None = None, tag: str | None = None,
@@ -2039,15 +2050,7 @@ class SQLiteStore:
         Only pending rows: a running one is its worker's, a finished one stays as it ended.
         """
         params = {"id": id, "tag": tag, "type": type, "now": now, "reason": reason, "keep_ms": keep_ms}
-        if id is not None:
-            sql = self.CANCEL_BY_ID
-        elif tag is not None:
-            sql = self.CANCEL_BY_TAG
-        elif type is not None:
-            sql = self.CANCEL_BY_TYPE
-        else:
-            raise TypeError("cancel_pending needs an id, a tag or a type")
-        cancelled = self.conn.execute(sql, params).fetchall()
+        cancelled = self.conn.execute(self.CANCEL_BY[cancel_key(id=id, tag=tag, type=type)], params).fetchall()
         count_finished(self.conn, cancelled)
         return len(cancelled)
 
@@ -2197,23 +2200,23 @@ class SQLiteStore:
         self, id: int, owner: str, status: str, now: int, result: str | None, error: str | None,
         started: int | None, keep_ms: int,
     ) -> bool:  # fmt: skip
-        params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": error,
-                  "started": started, "keep_ms": keep_ms}  # fmt: skip
-        return self.conn.execute(self.FINISH_SQL, params).rowcount == 1
+        return self._finish_one(id, owner, status, now, result, error, started, keep_ms)
 
     def finish_many_if_owned(
         self, owner: str, now: int, outcomes: Iterable[tuple[int, str, str | None, str | None, int | None, int]]
     ) -> set[int]:
         # One statement each: in-process SQLite has no round trip to save, and a
         # batch statement would only add the cost of building it.
-        execute, sql = self.conn.execute, self.FINISH_SQL
-        owned = set()
-        for id, status, result, error, started, keep_ms in outcomes:
-            params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": error,
-                      "started": started, "keep_ms": keep_ms}  # fmt: skip
-            if execute(sql, params).rowcount == 1:
-                owned.add(id)
-        return owned
+        finish = self._finish_one
+        return {outcome[0] for outcome in outcomes if finish(outcome[0], owner, outcome[1], now, *outcome[2:])}
+
+    def _finish_one(
+        self, id: int, owner: str, status: str, now: int, result: str | None, error: str | None,
+        started: int | None, keep_ms: int,
+    ) -> bool:  # fmt: skip
+        params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": error,
+                  "started": started, "keep_ms": keep_ms}  # fmt: skip
+        return self.conn.execute(self.FINISH_SQL, params).rowcount == 1
 
     # OR IGNORE: a newer pending job with the same tag supersedes the retry.  A
     # retry keeps the cron slot of the run it repeats.
@@ -2363,11 +2366,16 @@ class SQLiteStore:
 
     # -- what the operating tools read (status, jobs, show, the dashboard): indexed queries only --
 
+    @functools.cached_property
+    def _installed_version(self) -> int:
+        # Read once: the operating tools' stores are made for one look (status reads it thrice).
+        return installed_schema_version(self.conn)
+
     def describe(self) -> dict[str, Any]:
         path = next(row[2] for row in self.conn.execute("PRAGMA database_list") if row[1] == "main")
         wal = Path(f"{path}-wal")
         wal_bytes = wal.stat().st_size if wal.exists() else 0
-        return {"database": path, "schema_version": installed_schema_version(self.conn),
+        return {"database": path, "schema_version": self._installed_version,
                 "engine": f"SQLite {sqlite3.sqlite_version}, WAL {wal_bytes / 1e6:.1f} MB",
                 "sqlite_version": sqlite3.sqlite_version, "wal_bytes": wal_bytes}  # fmt: skip
 
@@ -2391,7 +2399,7 @@ class SQLiteStore:
     """
 
     def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
-        if installed_schema_version(self.conn) >= 3:  # from the minute ``since`` falls in
+        if self._installed_version >= 3:  # from the minute ``since`` falls in
             return self.conn.execute(self.FINISHED_PER_MINUTE_SQL, {"since": since - since % MINUTE_MS}).fetchall()
         return self.conn.execute(self.FINISHED_SINCE_SQL, {"since": since}).fetchall()  # not upgraded: the rows
 
@@ -2402,7 +2410,7 @@ class SQLiteStore:
         return dict(self.conn.execute(sql).fetchall())
 
     def processes(self) -> list[dict[str, Any]]:
-        columns = (*PROCESS_COLUMNS, "types" if installed_schema_version(self.conn) >= 5 else "NULL AS types")
+        columns = (*PROCESS_COLUMNS, "types" if self._installed_version >= 5 else "NULL AS types")
         rows = self.conn.execute(f"SELECT {', '.join(columns)} FROM worker_processes ORDER BY started")
         return [dict(zip((*PROCESS_COLUMNS, "types"), row, strict=True)) for row in rows]
 
@@ -2543,8 +2551,7 @@ def as_store(source: Any) -> Store:
 def open_reader(target: str) -> Store:
     """A store that only reads ``target`` (status, jobs, show, the dashboard): looking never writes."""
     if is_postgres(target):
-        module = postgres_module()
-        return cast(Store, getattr(module, "open_reader", module.open_store)(target))
+        return cast(Store, postgres_module().open_reader(target))
     return SQLiteStore(connect_readonly(target))
 
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import psycopg
 from psycopg.rows import tuple_row
@@ -572,9 +572,11 @@ class PostgresStore(OperatingReads):
      WHERE {{where}} AND status = 'pending'
     RETURNING finished, queue, status
     """
-    CANCEL_BY_ID = CANCEL_SQL.format(where="id = %(id)s")
-    CANCEL_BY_TAG = CANCEL_SQL.format(where="tag = %(tag)s")
-    CANCEL_BY_TYPE = CANCEL_SQL.format(where="type = %(type)s")
+    CANCEL_BY: ClassVar[dict[str, str]] = {  # by worker.cancel_key()
+        "id": CANCEL_SQL.format(where="id = %(id)s"),
+        "tag": CANCEL_SQL.format(where="tag = %(tag)s"),
+        "type": CANCEL_SQL.format(where="type = %(type)s"),
+    }
 
     def cancel_pending(
         self, now: int, reason: str, keep_ms: int, *, id: int | None = None, tag: str | None = None,
@@ -582,15 +584,7 @@ class PostgresStore(OperatingReads):
     ) -> int:  # fmt: skip
         """Cancel the pending row with this id, or every pending row with this tag or type; how many."""
         params = {"id": id, "tag": tag, "type": type, "now": now, "reason": reason, "keep_ms": keep_ms}
-        if id is not None:
-            sql = self.CANCEL_BY_ID
-        elif tag is not None:
-            sql = self.CANCEL_BY_TAG
-        elif type is not None:
-            sql = self.CANCEL_BY_TYPE
-        else:
-            raise TypeError("cancel_pending needs an id, a tag or a type")
-        cancelled = self._execute(sql, params).fetchall()
+        cancelled = self._execute(self.CANCEL_BY[worker.cancel_key(id=id, tag=tag, type=type)], params).fetchall()
         self.count_finished(cancelled)
         return len(cancelled)
 
