@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from worker import (
     DatabaseUnusable,
     Job,
     Queue,
+    QueueControl,
     SQLiteStore,
     StoredText,
     UnreadableRow,
@@ -102,7 +104,7 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
     """``worker status`` for people."""
     queues = [
         [printable(q["queue"]), q["pending_due"], q["pending_later"], q["running"], q["succeeded_last_hour"],
-         q["failed_last_hour"], q["cancelled_last_hour"], ago(q["oldest_waiting_seconds"])]
+         q["failed_last_hour"], q["cancelled_last_hour"], ago(q["oldest_waiting_seconds"]), format_control(q) or "-"]
         for q in report["queues"]
     ]  # fmt: skip
     workers = []
@@ -119,8 +121,8 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
     lines = [
         f"database  {printable(report['database'])}  (schema {report['schema_version']}, {report['engine']})",
         "",
-        _table(["queue", "due", "later", "running", "succeeded/1h", "failed/1h", "cancelled/1h", "oldest waiting"],
-               queues or [["(no jobs)"] + [""] * 7]),
+        _table(["queue", "due", "later", "running", "succeeded/1h", "failed/1h", "cancelled/1h", "oldest waiting",
+                "controls"], queues or [["(no jobs)"] + [""] * 8]),
         "",
         _table(["worker", "pid", "started", "heartbeat", "state", "running", "concurrency", "queues"],
                workers or [["(no workers)"] + [""] * 7]),
@@ -131,6 +133,17 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
         unrunnable = [[printable(u["type"]), u["pending"], _when(u["oldest_due"])] for u in report["unrunnable"]]
         lines += ["", _table(["no live worker runs", "pending", "oldest due"], unrunnable)]
     return "\n".join(lines)
+
+
+def format_control(control: QueueControl | dict[str, Any]) -> str:
+    """A queue's controls in a few words: "paused, 2 running, 5/s"; empty for none."""
+    given = control if isinstance(control, dict) else dataclasses.asdict(control)
+    words = ["paused"] if given["paused"] else []
+    if given["max_running"] is not None:
+        words.append(f"{given['max_running']} running")
+    if given["per_second"] is not None:
+        words.append(f"{given['per_second']:g}/s")
+    return ", ".join(words)
 
 
 def format_jobs(jobs: list[Job], colour: bool = False) -> str:
@@ -398,6 +411,16 @@ DJANGO_HELP = (
 )
 
 
+def _limit(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A positive number, or ``off`` (None: the limit is cleared)."""
+
+    def parse_limit(raw: str) -> Any:
+        return None if raw == "off" else positive(parse)(raw)
+
+    parse_limit.__name__ = parse.__name__  # argparse names the type in its error
+    return parse_limit
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``worker`` command line."""
     parser = argparse.ArgumentParser(
@@ -439,6 +462,32 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id", type=int, nargs="?")
     cancel.add_argument("--type", help="every pending job of this type instead (say, one no worker will ever know)")
     cancel.add_argument("--db", help=option_help("db"))
+
+    pause = commands.add_parser("pause", help="stop every worker claiming from a queue (running jobs finish)")
+    pause.add_argument("queue")
+    pause.add_argument("--db", help=option_help("db"))
+    resume = commands.add_parser("resume", help="let workers claim from a paused queue again")
+    resume.add_argument("queue")
+    resume.add_argument("--db", help=option_help("db"))
+    limit = commands.add_parser(
+        "limit", help="limit a queue across every worker: jobs running at once, starts per second"
+    )
+    limit.add_argument("queue")
+    limit.add_argument(
+        "--running",
+        type=_limit(int),
+        default=...,
+        metavar="N|off",
+        help="at most N of its jobs running at once, claimed-ahead ones included; off clears it",
+    )
+    limit.add_argument(
+        "--per-second",
+        type=_limit(float),
+        default=...,
+        metavar="R|off",
+        help="at most R of its jobs started per second, spaced evenly (up to 1000); off clears it",
+    )
+    limit.add_argument("--db", help=option_help("db"))  # fmt: skip
 
     check = commands.add_parser("check", help="jobs module imports, cron expressions parse, schema is current")
     check.add_argument("--db", help=option_help("db"))
@@ -641,6 +690,23 @@ def _cancel_command(args: argparse.Namespace, db: str) -> int:
         return EXIT_FAILURE
 
 
+def _pause_command(args: argparse.Namespace, db: str) -> int:
+    with Queue(db, check_types=False) as producer:
+        control = producer.pause(args.queue) if args.command == "pause" else producer.resume(args.queue)
+    print(f"queue {printable(args.queue)}: {format_control(control) or 'no controls'}")
+    return EXIT_OK
+
+
+def _limit_command(args: argparse.Namespace, db: str) -> int:
+    changes = {name: getattr(args, name) for name in ("running", "per_second") if getattr(args, name) is not ...}
+    if not changes:
+        raise ConfigError("give --running, --per-second, or both (off clears one)")
+    with Queue(db, check_types=False) as producer:
+        control = producer.limit(args.queue, **changes)
+    print(f"queue {printable(args.queue)}: {format_control(control) or 'no controls'}")
+    return EXIT_OK
+
+
 def _check_command(db: str) -> int:
     """The jobs module imported (else we exited 2 already); now cron rows and the schema."""
     store = open_reader(db)
@@ -671,6 +737,9 @@ OPERATING_COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
     "show": _show_command,
     "retry": _retry_command,
     "cancel": _cancel_command,
+    "pause": _pause_command,
+    "resume": _pause_command,
+    "limit": _limit_command,
 }
 
 
