@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,15 @@ def test_status_shows_a_paused_queue_even_with_no_rows(queue: Queue, db: str) ->
     (mail,) = report["queues"]
     assert (mail["queue"], mail["paused"], mail["max_running"], mail["per_second"]) == ("mail", True, None, None)
     assert "paused" in worker_cli.format_status(report).splitlines()[4]
+
+
+def test_the_dashboard_shows_a_queue_paused_and_limited(queue: Queue, serve: Callable[..., Any]) -> None:
+    queue.pause("mail")
+    queue.limit("mail", running=2, per_second=5)
+    with urllib.request.urlopen(serve().url, timeout=10) as answer:
+        page = answer.read().decode()
+    (row,) = re.findall(r"<tr><td>mail</td>.*?</tr>", page)
+    assert "<td>paused, 2 running, 5/s</td>" in row
 
 
 def test_resuming_the_last_control_of_a_queue_removes_its_row(queue: Queue) -> None:

@@ -4421,6 +4421,17 @@ def status(source: Any, *, now: int | None = None) -> dict[str, Any]:
     }
 
 
+def controls_text(control: QueueControl | Mapping[str, Any]) -> str:
+    """A queue's controls (a QueueControl, or a queue of ``status``) in a few words: "paused, 2 running, 5/s"."""
+    given = dataclasses.asdict(control) if isinstance(control, QueueControl) else control
+    words = ["paused"] if given["paused"] else []
+    if given["max_running"] is not None:
+        words.append(f"{given['max_running']} running")
+    if given["per_second"] is not None:
+        words.append(f"{given['per_second']:g}/s")
+    return ", ".join(words)
+
+
 def _unrunnable(store: Store, live: list[dict[str, Any]], now: int) -> list[dict[str, Any]]:
     """Pending rows by type that none of the live workers can run (none when a live worker's types are unknown).
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import dataclasses
 import json
 import os
 import re
@@ -39,7 +38,6 @@ from worker import (
     DatabaseUnusable,
     Job,
     Queue,
-    QueueControl,
     SQLiteStore,
     StoredText,
     UnreadableRow,
@@ -49,6 +47,7 @@ from worker import (
     ago,
     check_cron,
     configure_logging,
+    controls_text,
     database_target,
     exit_code_of,
     is_postgres,
@@ -104,7 +103,7 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
     """``worker status`` for people."""
     queues = [
         [printable(q["queue"]), q["pending_due"], q["pending_later"], q["running"], q["succeeded_last_hour"],
-         q["failed_last_hour"], q["cancelled_last_hour"], ago(q["oldest_waiting_seconds"]), format_control(q) or "-"]
+         q["failed_last_hour"], q["cancelled_last_hour"], ago(q["oldest_waiting_seconds"]), controls_text(q) or "-"]
         for q in report["queues"]
     ]  # fmt: skip
     workers = []
@@ -133,17 +132,6 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
         unrunnable = [[printable(u["type"]), u["pending"], _when(u["oldest_due"])] for u in report["unrunnable"]]
         lines += ["", _table(["no live worker runs", "pending", "oldest due"], unrunnable)]
     return "\n".join(lines)
-
-
-def format_control(control: QueueControl | dict[str, Any]) -> str:
-    """A queue's controls in a few words: "paused, 2 running, 5/s"; empty for none."""
-    given = control if isinstance(control, dict) else dataclasses.asdict(control)
-    words = ["paused"] if given["paused"] else []
-    if given["max_running"] is not None:
-        words.append(f"{given['max_running']} running")
-    if given["per_second"] is not None:
-        words.append(f"{given['per_second']:g}/s")
-    return ", ".join(words)
 
 
 def format_jobs(jobs: list[Job], colour: bool = False) -> str:
@@ -693,7 +681,7 @@ def _cancel_command(args: argparse.Namespace, db: str) -> int:
 def _pause_command(args: argparse.Namespace, db: str) -> int:
     with Queue(db, check_types=False) as producer:
         control = producer.pause(args.queue) if args.command == "pause" else producer.resume(args.queue)
-    print(f"queue {printable(args.queue)}: {format_control(control) or 'no controls'}")
+    print(f"queue {printable(args.queue)}: {controls_text(control) or 'no controls'}")
     return EXIT_OK
 
 
@@ -703,7 +691,7 @@ def _limit_command(args: argparse.Namespace, db: str) -> int:
         raise ConfigError("give --running, --per-second, or both (off clears one)")
     with Queue(db, check_types=False) as producer:
         control = producer.limit(args.queue, **changes)
-    print(f"queue {printable(args.queue)}: {format_control(control) or 'no controls'}")
+    print(f"queue {printable(args.queue)}: {controls_text(control) or 'no controls'}")
     return EXIT_OK
 
 
