@@ -1377,6 +1377,10 @@ class Store(Protocol):
         """Every queue's controls (worker_queues), by queue name."""
         ...
 
+    def at_running_limit(self) -> bool:
+        """Whether the last claim left a queue at its running limit (a job of it ending frees a place)."""
+        ...
+
     def control_queue(self, queue: str, now: int, changes: Mapping[str, Any]) -> QueueControl:
         """Set paused / max_running / per_second on a queue (None clears a limit); its controls after."""
         ...
@@ -2029,6 +2033,8 @@ class QueueControls:
     _next_due_except_sql: str  # next_due outside the queues in :controlled
     _queues_param: Any  # the store's queues (None: all), as it binds them
     _held_back: dict[str, int | None]  # queue -> released_at(), of the last claim
+    _full = False  # whether the last claim left a queue at its running limit
+    _had_controls = False  # whether the last claim found any
 
     def _run(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         raise NotImplementedError
@@ -2055,14 +2061,19 @@ class QueueControls:
         self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
         *, suspect: bool = False,
     ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
-        self._held_back = {}
+        self._held_back, self._full = {}, False
         params = self._claim_params(owner, worker, now, lease_until, limit, types)
-        jobs, unreadable = self._claim_rows("fast", suspect, params, held)
-        if jobs or unreadable:
-            return jobs, unreadable  # no queue had a control
+        jobs: list[Job] = []
+        unreadable: list[tuple[Job, str]] = []
+        skipped_fast = self._had_controls  # then the fast statement would most likely take nothing again
+        if not skipped_fast:
+            jobs, unreadable = self._claim_rows("fast", suspect, params, held)
+            if jobs or unreadable:
+                return jobs, unreadable  # no queue had a control
         controls = [QueueControl.from_row(row) for row in self._run(self._controls_sql, params).fetchall()]
+        self._had_controls = bool(controls)
         if not controls:
-            return jobs, unreadable
+            return self._claim_rows("fast", suspect, params, held) if skipped_fast else (jobs, unreadable)
         claimed: set[int] = set()  # the SQLite store's re-read of unreadable rows sees every statement's rows
         limited = [control.queue for control in controls if control.max_running is not None]
         running = dict(self._run(self.RUNNING_IN_SQL, {"queues": self._names(limited)}).fetchall()) if limited else {}
@@ -2079,6 +2090,7 @@ class QueueControls:
                     self._run(self.SET_NEXT_START_SQL, {"queue": control.queue, "next_start": control.next_start})
             if start_allowance(control, in_queue, now) == 0:
                 self._held_back[control.queue] = released_at(control, in_queue, now)
+                self._full = self._full or (control.max_running is not None and in_queue >= control.max_running)
         if len(jobs) < limit:
             rest = {**params, "limit": limit - len(jobs), "controlled": self._names([c.queue for c in controls])}
             got, bad = self._claim_rows("rest", suspect, rest, held)
@@ -2098,6 +2110,10 @@ class QueueControls:
         times = [int(due)] if due is not None else []
         times += [at for at in self._held_back.values() if at is not None]
         return min(times, default=None)
+
+    def at_running_limit(self) -> bool:
+        """Whether the last claim left a queue at its running limit (a job of it ending frees a place)."""
+        return self._full
 
     def queue_controls(self) -> list[QueueControl]:
         """Every queue's controls, by queue name."""
@@ -4097,6 +4113,8 @@ class Worker:
 
     def _maybe_due(self, now: int) -> bool:
         if self._last_claim_full or now >= self._next_due:
+            return True
+        if self._to_record and self._store.at_running_limit():  # a job of that queue may have ended here
             return True
         return self._wake_up.changed()
 
