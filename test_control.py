@@ -278,6 +278,86 @@ def test_both_limits_at_once_take_the_smaller(
     assert runner.claim(4) == []  # the rate allows one, the running limit none
 
 
+# --- Snooze -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def snoozing(registry: dict[str, worker.JobType]) -> list[int]:
+    """A job that snoozes 30 s on its first run of each attempt and fails on its second; the attempts it saw."""
+    seen: list[int] = []
+
+    @job(max_attempts=2, retry_delay=0)
+    def waits(ctx: worker.JobContext) -> None:
+        seen.append(ctx.attempt)
+        ctx.enqueue("noop")  # a follow-up goes with a success only
+        if len(seen) % 2:
+            raise worker.Snooze(30)
+        raise RuntimeError("boom")
+
+    return seen
+
+
+def test_a_snooze_ends_the_row_and_makes_the_next_of_its_chain_due_later_using_no_attempt(
+    noop: None, snoozing: list[int], queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock,
+    db: str,
+) -> None:  # fmt: skip
+    first = queue.enqueue("waits", tag="once", now=at(clock))
+    runner = make_worker()
+    assert runner.work() == 1
+    ended, later = rows(db)
+    assert (ended["status"], ended["error"]) == ("cancelled", f"snoozed for 30 s: job {later['id']} runs it then")
+    assert (later["status"], later["due"], later["attempt"], later["snoozes"]) == ("pending", at(clock, 30), 1, 1)
+    assert (later["rescheduled_from_job"], later["tag"]) == (first.id, "once")
+    assert runner.work() == 0  # not before it is due
+    clock.advance(30)
+    while runner.work():
+        clock.advance(30)
+    # attempt 1 snoozed, then failed; attempt 2 snoozed, then failed: two attempts, as max_attempts says.
+    assert snoozing == [1, 1, 2, 2]
+    assert [(row["status"], row["attempt"]) for row in rows(db)] == [
+        ("cancelled", 1), ("failed", 1), ("cancelled", 2), ("failed", 2)]  # fmt: skip
+    assert [job.id for job in worker.job_chain(worker.open_reader(db), first.id)] == [r["id"] for r in rows(db)]
+
+
+def test_a_snoozed_row_cannot_be_retried_by_hand(
+    noop: None, snoozing: list[int], queue: Queue, make_worker: Callable[..., worker.Worker]
+) -> None:
+    snoozed = queue.enqueue("waits")
+    make_worker().work()
+    assert queue.retry(snoozed.id) is None  # its chain goes on in the snooze's row
+
+
+def test_a_chain_that_snoozes_past_the_cap_fails(
+    queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(worker, "MAX_SNOOZES", 2)
+
+    @job
+    def never(ctx: worker.JobContext) -> None:
+        raise worker.Snooze(1)
+
+    queue.enqueue("never", now=at(clock))
+    runner = make_worker()
+    while runner.work():
+        clock.advance(1)
+    assert [row["status"] for row in rows(db)] == ["cancelled", "cancelled", "failed"]
+    assert rows(db)[-1]["error"] == "snoozed 2 times (the most a chain may): given up"
+
+
+def test_a_snooze_of_nonsense_length_fails_the_job(
+    queue: Queue, make_worker: Callable[..., worker.Worker], db: str
+) -> None:
+    @job
+    def bad(ctx: worker.JobContext) -> None:
+        raise worker.Snooze(-1)
+
+    queue.enqueue("bad")
+    make_worker().work()
+    (row,) = rows(db)
+    assert row["status"] == "failed" and "a snooze must not be negative" in row["error"]
+
+
 # --- Real worker processes, with a ledger of each job's start and end ---------------------
 
 LEDGER_JOBS = """

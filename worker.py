@@ -108,6 +108,7 @@ POLL_INTERVAL = 0.006  # how often an idle worker looks for commits by others, w
 WATCHED_POLL_INTERVAL = 0.025  # ... and with it: only a safety net for a missed event
 COMMIT_SETTLE_SECONDS, COMMIT_SETTLE_POLL = 0.05, 0.002  # after a -wal event, look every 2 ms for 50 ms
 MAX_BUSY_BACKOFF = 2.0
+MAX_SNOOZES = 100  # per chain: a job that always says "not yet" ends failed, not pending for ever
 # Claiming ahead: while jobs are short, a claim takes up to DEFAULT_PREFETCH
 # jobs beyond the free slots, so that one commit records and claims a batch
 # (at concurrency 1 every job would otherwise need a commit of its own).
@@ -130,7 +131,7 @@ class Status(enum.StrEnum):
     RUNNING = "running"  # claimed, under a lease; finish, give back or rescue ends it
     SUCCEEDED = "succeeded"  # finished: its function returned
     FAILED = "failed"  # finished: it raised, timed out, or its worker was lost
-    CANCELLED = "cancelled"  # finished: cancelled (or replaced by a newer row of its tag) while pending
+    CANCELLED = "cancelled"  # finished: cancelled (or replaced by a newer row of its tag), or it snoozed
 
 
 STATUSES = tuple(status.value for status in Status)
@@ -189,6 +190,18 @@ class DatabaseReplaced(WorkerError):
 
 class ForkedConnection(WorkerError):
     """A database connection opened in another process was used after fork()."""
+
+
+class Snooze(Exception):
+    """Raised by a job: not yet.  Its row ends `cancelled`, and the next row of its chain is due in ``seconds``,
+    with the same attempt: a snooze uses up no attempt.  A chain snoozes at most MAX_SNOOZES times; the next
+    snooze fails the job."""
+
+    def __init__(self, seconds: Seconds) -> None:
+        delay_ms = _optional_ms(seconds, "a snooze")
+        assert delay_ms is not None
+        super().__init__(f"snoozed for {delay_ms / 1000:g} s")
+        self.delay_ms = delay_ms
 
 
 # --- Time -------------------------------------------------------------------------
@@ -1422,6 +1435,15 @@ class Store(Protocol):
         """
         ...
 
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        """Insert the row that a snooze of row ``id`` asks for (same attempt, one more snooze), if ``owner`` still
+        runs it and no pending row holds its tag; the new id, or None."""
+        ...
+
+    def snoozes(self, id: int) -> int:
+        """How often the chain of row ``id`` has snoozed so far."""
+        ...
+
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
         """Insert the run of row ``id``'s schedule at slot ``due`` (a new chain), unless a pending row holds its tag.
 
@@ -1768,7 +1790,9 @@ def installed_schema_version(conn: Any) -> int:
         version = int(recorded)
     elif "worker_jobs" not in names:
         version = 0
-    elif "worker_queues" in names:  # worker_schema, or its row, dropped by hand
+    elif _scalar(conn, "SELECT count(*) FROM pragma_table_info('worker_jobs') WHERE name = 'snoozes'"):
+        version = 8  # worker_schema, or its row, dropped by hand
+    elif "worker_queues" in names:
         version = 7
     elif "worker_jobs_refuse_invalid" in names:
         version = 6
@@ -2327,7 +2351,8 @@ class SQLiteStore(QueueControls):
            {COPIED_POLICY}, persistent
       FROM worker_jobs AS old
      WHERE id = :id AND status IN ('failed', 'cancelled') AND attempt < {MAX_COUNT}
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
     RETURNING {SELECT_COLUMNS}
     """
 
@@ -2339,7 +2364,8 @@ class SQLiteStore(QueueControls):
     RETRYABLE_FAILED_SQL = """
     SELECT id FROM worker_jobs AS old
      WHERE status = 'failed' AND (:type IS NULL OR type = :type)
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
      ORDER BY id
     """
 
@@ -2484,13 +2510,18 @@ class SQLiteStore(QueueControls):
     RETRY_SQL = f"""
     INSERT OR IGNORE INTO worker_jobs
            (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
-            rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
+            rescheduled_from_job, created_at, deaths, snoozes, max_attempts, retry_delay_ms, backoff, timeout_ms,
             keep_ms, persistent)
-    SELECT type, data, queue, priority, :due, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
-           id, :now, :deaths, {COPIED_POLICY}, persistent
-      FROM worker_jobs WHERE id = :id
+    SELECT type, data, queue, priority, :due, tag, attempt + {{next_attempt}}, cron_schedule, cron_timezone, cron_slot,
+           id, :now, {{deaths}}, snoozes + {{snoozed}}, {COPIED_POLICY}, persistent
+      FROM worker_jobs WHERE id = :id {{fence}}
     RETURNING id
     """
+    # A snooze's next row: the same attempt, one more snooze; only while the row is still this worker's.
+    SNOOZE_SQL = RETRY_SQL.format(
+        next_attempt=0, deaths="deaths", snoozed=1, fence="AND status = 'running' AND owner = :owner"
+    )
+    RETRY_SQL = RETRY_SQL.format(next_attempt=1, deaths=":deaths", snoozed=0, fence="")
 
     def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
         inserted = self.conn.execute(self.RETRY_SQL, {"id": id, "due": due, "now": now, "deaths": deaths}).fetchall()
@@ -2508,6 +2539,14 @@ class SQLiteStore(QueueControls):
       FROM worker_jobs WHERE id = :id
     RETURNING id
     """
+
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        params = {"id": id, "owner": owner, "due": due, "now": now}
+        inserted = self.conn.execute(self.SNOOZE_SQL, params).fetchall()
+        return int(inserted[0][0]) if inserted else None
+
+    def snoozes(self, id: int) -> int:
+        return int(_scalar(self.conn, "SELECT snoozes FROM worker_jobs WHERE id = ?", (id,)) or 0)
 
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
         inserted = self.conn.execute(self.NEXT_CRON_RUN_SQL, {"id": id, "due": due, "now": now}).fetchall()
@@ -2772,7 +2811,8 @@ class SQLiteStore(QueueControls):
     # As `worker retry` sees it; walks the chain index, one probe per row.
     RETRIED_AS_SQL = """
     SELECT old.id, new.id FROM worker_jobs AS old
-      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id AND new.attempt > old.attempt
+      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id
+                                   AND (new.attempt > old.attempt OR new.snoozes > old.snoozes)
      WHERE old.id IN (SELECT value FROM json_each(:ids))
     """
 
@@ -3116,9 +3156,10 @@ class Outcome:
     result: str | None = None  # JSON text
     error: str | None = None
     seconds: float = 0.0
-    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown | unrecordable
+    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown | unrecordable | snoozed
     started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
     follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
+    snooze_ms: int = 0  # kind snoozed: how long until the next row is due
 
 
 class _Write:
@@ -3231,7 +3272,10 @@ class Recording:
 
     def record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
         """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
-        ended = [(o.job.id, _ENDED_AS[o.succeeded], o.result, o.error, o.started, self.keep_ms(o)) for o in outcomes]
+        for outcome in outcomes:
+            if outcome.kind == "snoozed":
+                self.snooze(outcome, now)
+        ended = [(o.job.id, _ended_as(o), o.result, o.error, o.started, self.keep_ms(o)) for o in outcomes]
         owned = self.store.finish_many_if_owned(self.owner, now, ended) if ended else set()
         notes: list[_Note] = []
         finished: list[tuple[int, str, str]] = []
@@ -3239,6 +3283,20 @@ class Recording:
             notes.extend(self.finish(outcome, now, finished, outcome.job.id in owned))
         self.store.count_finished(finished)
         return notes
+
+    def snooze(self, outcome: Outcome, now: int) -> None:
+        """Make the row a snoozed job asks for, before its own row ends: or, past MAX_SNOOZES, fail it instead."""
+        job = outcome.job
+        if self.store.snoozes(job.id) >= MAX_SNOOZES:
+            outcome.kind, outcome.error = "error", f"snoozed {MAX_SNOOZES} times (the most a chain may): given up"
+            return
+        due = min(now + outcome.snooze_ms, MAX_TIME_MS)
+        next_id = self.store.schedule_snooze_if_owned(job.id, self.owner, due=due, now=now)
+        if next_id is None:
+            outcome.error = f"{outcome.error}: not run again (a newer pending job holds its tag, or it was rescued)"
+        else:
+            self.scheduled(due)
+            outcome.error = f"{outcome.error}: job {next_id} runs it then"
 
     def keep_ms(self, outcome: Outcome) -> int:
         keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
@@ -3248,11 +3306,13 @@ class Recording:
     def finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]], owned: bool) -> list[_Note]:
         """What follows a row ended (``owned``: it was still this worker's): follow-ups, retry, next cron run, notes."""
         job = outcome.job
-        status = _ENDED_AS[outcome.succeeded]
+        status = _ended_as(outcome)
         if not owned:
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
         finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
+        if outcome.kind == "snoozed":  # its next row is the rest of this run: no retry, no next cron run
+            return [_Note.about(job, "snoozed", logging.INFO, "job %d %s %s", job.id, job.type, outcome.error)]
         if outcome.succeeded:
             for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
                 self.store.insert(row, on_conflict)
@@ -3376,6 +3436,11 @@ class Recording:
 
 
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
+
+
+def _ended_as(outcome: Outcome) -> str:
+    """The status an outcome ends its row in."""
+    return Status.CANCELLED.value if outcome.kind == "snoozed" else _ENDED_AS[outcome.succeeded]
 
 
 class Worker:
@@ -3679,6 +3744,12 @@ class Worker:
         process = _process_id
         try:
             value = job_type.fn(ctx, **job.data)
+        except Snooze as e:
+            if _process_id != process:
+                _end_forked_child(e)
+            seconds = time.perf_counter() - started
+            return Outcome(job, False, error=str(e), seconds=seconds, kind="snoozed", started=started_ms,
+                           snooze_ms=e.delay_ms)  # fmt: skip
         except BaseException as e:
             if _process_id != process:
                 _end_forked_child(e)
