@@ -3998,17 +3998,30 @@ def _job_type(job: Job) -> JobType:
 def _exception_line(error: BaseException) -> str:
     """``Type: message``; an exception whose str() itself raises still gets a line."""
     try:
-        return f"{type(error).__name__}: {error}"
+        return encodable(f"{type(error).__name__}: {error}")
     except Exception:
         return f"{type(error).__name__}: <str() of the exception failed>"
 
 
 def _describe_exception(error: BaseException) -> str:
     try:
-        trace = "".join(traceback.format_exception(error))
+        trace = encodable("".join(traceback.format_exception(error)))
     except Exception:
         trace = "(no traceback: formatting it failed)\n"
     return f"{_exception_line(error)}\n\n{trace}"
+
+
+def encodable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a lone surrogate written as its escape.
+
+    A Python str may carry one (bytes decoded with surrogateescape, a file
+    name), and a job may raise with it; neither database can store it.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _end_forked_child(error: BaseException | None) -> NoReturn:
