@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import tuple_row
 from psycopg.types.numeric import Int8Dumper
 
@@ -51,6 +52,21 @@ SCHEMA_LOCK = 0x776F726B6572
 TAG_LOCK_SPACE = 0x776B7267  # pg_advisory_xact_lock's first key while a tag's pending row is replaced
 CHANNEL = "worker_jobs"  # what schema_postgres.sql's trigger NOTIFYs on every INSERT
 CONNECT_TIMEOUT = 10  # seconds; libpq's default is to wait for ever
+# What the engine's connections ask of libpq and TCP unless the URL says otherwise
+# (``?tcp_user_timeout=...``).  On a cut link, a statement sent and never
+# acknowledged would block the worker for TCP's retransmissions (about 15
+# minutes), and a reply that never comes for as long as the system's keepalive
+# (2 hours): the worker would sit, its jobs rescued elsewhere, until the link
+# returned.  With these it notices in about 30 s, and backs off and reconnects.
+CONNECTION_DEFAULTS: dict[str, str | int] = {
+    "application_name": "worker",  # in pg_stat_activity
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1,
+    "keepalives_idle": 15,  # seconds without traffic before the first probe
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms for sent data to be acknowledged
+}
 LISTEN_BACKOFF, MAX_LISTEN_BACKOFF = 0.05, 5.0  # seconds between attempts to LISTEN again
 TAG_RACE_ATTEMPTS = 10  # see PostgresStore.insert: each retry means another writer won a race just now
 
@@ -107,15 +123,18 @@ def _first_line(error: BaseException) -> str:
 def connect(url: str) -> psycopg.Connection[Any]:
     """An autocommit connection (each transaction is an explicit BEGIN); the engine's errors if there is none.
 
-    DatabaseUnusable when the server refuses it for good (credentials, no such
-    database or role), DatabaseUnavailable when it may work later (unreachable,
+    DatabaseUnusable when the URL is malformed or the server refuses it for good
+    (credentials, no such database or role), DatabaseUnavailable when it may work later (unreachable,
     starting up, full).
     """
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="worker")
+        given = conninfo_to_dict(url)
+        defaults = {name: value for name, value in CONNECTION_DEFAULTS.items() if name not in given}
+        conn = psycopg.connect(make_conninfo(url, **defaults), autocommit=True)
     except psycopg.Error as e:
         line = _first_line(e)
-        refused = "FATAL:" in line and not any(reason in line for reason in _TRANSIENT_AT_CONNECT)
+        malformed = isinstance(e, psycopg.ProgrammingError)  # the URL itself: an unknown parameter, say
+        refused = malformed or ("FATAL:" in line and not any(reason in line for reason in _TRANSIENT_AT_CONNECT))
         kind = worker.DatabaseUnusable if refused else worker.DatabaseUnavailable
         raise kind(f"cannot connect to {redacted(url)}: {line}") from e
     try:
