@@ -416,7 +416,7 @@ class OperatingReads:
         return dict(self._execute(self.RETRIED_AS_SQL, {"ids": ids}).fetchall())
 
 
-class PostgresStore(OperatingReads):
+class PostgresStore(OperatingReads, worker.QueueControls):
     """worker.Store on one psycopg connection (one worker's, or one thread's): the SQL of each verb beside it.
 
     Unlike SQLite, other writers run at the same time as any transaction here:
@@ -441,11 +441,21 @@ class PostgresStore(OperatingReads):
         self._offset_ms = 0
         self._queues = queues
         queue_filter = "AND queue = ANY(%(queues)s)" if queues else ""
-        claim = self.CLAIM_SQL.replace("{queue_filter}", queue_filter).replace("{columns}", JOB_COLUMNS)
         # "<= 0", not "= 0", as SQLiteStore (the table refuses negative deaths here, but the claims stay alike).
-        self._claim_sql = claim.replace("{deaths}", "deaths <= 0")
-        self._claim_suspect_sql = claim.replace("{deaths}", "deaths > 0")
+        self._claim_sqls = {
+            (kind, suspect): self.CLAIM_SQL.replace("{queue_filter}", queue_filter + control_filter)
+            .replace("{columns}", JOB_COLUMNS)
+            .replace("{deaths}", "deaths > 0" if suspect else "deaths <= 0")
+            for kind, control_filter in self.CLAIM_CONTROL_FILTERS.items()
+            for suspect in (False, True)
+        }
         self._next_due_sql = self.NEXT_DUE_SQL.replace("{queue_filter}", queue_filter)
+        self._next_due_except_sql = self.NEXT_DUE_SQL.replace(
+            "{queue_filter}", queue_filter + self.CLAIM_CONTROL_FILTERS["rest"]
+        )
+        self._queues_param = queues
+        self._controls_sql = self.CONTROLS_OF_SQL.format(where="WHERE queue = ANY(%(queues)s)" if queues else "")
+        self._held_back = {}
         if clock is None:
             self.refresh_clock()
 
@@ -913,6 +923,35 @@ class PostgresStore(OperatingReads):
     RETURNING {columns}
     """
 
+    # The claim's variants (worker.QueueControls.claim), as SQLiteStore's.  The
+    # controls of limited queues are locked for the rest of the claim's
+    # transaction (in queue order: two claims never wait for each other in a
+    # circle), so that a claim counts the running rows of any claim before it.
+    CLAIM_CONTROL_FILTERS: ClassVar[dict[str, str]] = {
+        "fast": " AND NOT EXISTS (SELECT 1 FROM worker_queues)",
+        "queue": " AND queue = %(queue)s",
+        "rest": " AND queue <> ALL(%(controlled)s)",
+    }
+    CONTROL_COLUMNS = "queue, paused, max_running, per_second, next_start, changed"
+    CONTROLS_OF_SQL = f"SELECT {CONTROL_COLUMNS} FROM worker_queues {{where}} ORDER BY queue FOR UPDATE"
+    ALL_CONTROLS_SQL = f"SELECT {CONTROL_COLUMNS} FROM worker_queues ORDER BY queue"
+    RUNNING_IN_SQL = """
+    SELECT queue, count(*) FROM worker_jobs WHERE status = 'running' AND queue = ANY(%(queues)s) GROUP BY queue
+    """
+    SET_NEXT_START_SQL = "UPDATE worker_queues SET next_start = %(next_start)s WHERE queue = %(queue)s"
+    ENSURE_CONTROL_SQL = (
+        "INSERT INTO worker_queues (queue, changed) VALUES (%(queue)s, %(now)s) ON CONFLICT (queue) DO NOTHING"
+    )
+    LOCK_CONTROL_SQL = f"SELECT {CONTROL_COLUMNS} FROM worker_queues WHERE queue = %(queue)s FOR UPDATE"
+    UPDATE_CONTROL_SQL = """
+    UPDATE worker_queues
+       SET paused = %(paused)s, max_running = %(max_running)s, per_second = %(per_second)s,
+           next_start = %(next_start)s, changed = %(changed)s
+     WHERE queue = %(queue)s
+    """
+    DELETE_CONTROL_SQL = "DELETE FROM worker_queues WHERE queue = %(queue)s"
+    NOTIFY_SQL = f"NOTIFY {CHANNEL}"  # a resumed queue's rows are claimed at once, not at the next poll
+
     # The partial index of suspect rows answers this at once (nearly always empty).
     ANY_SUSPECT_SQL = "SELECT EXISTS (SELECT 1 FROM worker_jobs WHERE status = 'pending' AND deaths > 0)"
 
@@ -952,18 +991,21 @@ class PostgresStore(OperatingReads):
         """Whether a pending row's chain has already killed a worker (deaths > 0)."""
         return bool(self._scalar(self.ANY_SUSPECT_SQL))
 
-    def claim(
-        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
-        *, suspect: bool = False,
-    ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
+    def _claim_params(
+        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str
+    ) -> dict[str, Any]:
+        return {"now": now, "worker": worker, "owner": owner, "lease_until": lease_until, "limit": limit,
+                "queues": self._queues, "types": _names(types)}  # fmt: skip
+
+    def _claim_rows(
+        self, kind: str, suspect: bool, params: dict[str, Any], held: Container[int]
+    ) -> tuple[list[Job], list[tuple[Job, str]]]:
         """Take up to ``limit`` due pending rows for ``owner``; no row twice, ever (see CLAIM_SQL).
 
         ``held`` is not needed here: the rows to read are exactly those the
         UPDATE returned, already fetched, so none is read again.
         """
-        params = {"now": now, "worker": worker, "owner": owner, "lease_until": lease_until, "limit": limit,
-                  "queues": self._queues, "types": _names(types)}  # fmt: skip
-        rows = self._execute(self._claim_suspect_sql if suspect else self._claim_sql, params).fetchall()
+        rows = self._execute(self._claim_sqls[kind, suspect], params).fetchall()
         # Highest priority first, then oldest due, as they were picked (RETURNING keeps no order).
         rows.sort(key=_claim_order)
         try:
@@ -971,11 +1013,14 @@ class PostgresStore(OperatingReads):
         except (RecursionError, ValueError, TypeError):
             return _read_each(rows)
 
-    def next_due(self, types: str) -> int | None:
-        """The earliest due time of a pending row of ``types`` in the store's queues (None: no such row)."""
-        params = {"queues": self._queues, "types": _names(types)}
-        due = self._scalar(self._next_due_sql, params)
-        return None if due is None else int(due)
+    def _run(self, sql: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor[Any]:
+        return self._execute(sql, params)
+
+    def _names(self, names: list[str]) -> list[str]:
+        return names
+
+    def _types_param(self, types: str) -> list[str]:
+        return _names(types)
 
     def expired_leases(self, owner: str, now: int) -> tuple[list[Job], list[tuple[Job, str]]]:
         """Running rows whose lease ended before ``now``, not ``owner``'s; unreadable ones apart."""
