@@ -116,8 +116,10 @@ DEFAULT_PREFETCH = 32
 # On PostgreSQL every step of the loop is a few round trips to the server and a
 # commit it waits for: claiming far more per step pays (bench/README.md).
 POSTGRES_PREFETCH = 512
-PREFETCH_JOB_SECONDS = 0.001  # a job that runs longer stops claiming ahead
 PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given back
+# How many loop round trips the jobs claimed ahead cover (see ClaimAhead): one
+# would do on average; the second absorbs a slow commit or a late wake-up.
+PREFETCH_ROUND_TRIPS = 2
 
 
 class Status(enum.StrEnum):
@@ -3251,6 +3253,58 @@ class HousekeepingSchedule:
         return jumped_ms
 
 
+class ClaimAhead:
+    """How many jobs a claim takes beyond the free slots: enough to keep every thread busy through a round trip.
+
+    A job thread that finishes hands its outcome to the loop, and takes its
+    next job from those claimed ahead; the loop records the outcome and claims
+    again in one commit.  Jobs claimed ahead must last the threads for that
+    round trip (Little's law): with every thread busy a job starts every
+    ``job_seconds / concurrency``, so ``round_trip / that`` jobs start during
+    one, and PREFETCH_ROUND_TRIPS of that are claimed ahead, up to
+    ``limit`` (the worker's prefetch).  Both times are measured, as moving
+    averages, so this holds for no-op jobs and for jobs of milliseconds alike.
+    No job is claimed ahead when a thread frees up less often than every
+    PREFETCH_PATIENCE / 2: one claimed ahead would then often wait behind longer
+    jobs, held from other workers, until it is given back.  Pure: the worker
+    says what it measured, and asks ``jobs``.
+    """
+
+    SMOOTHING = 0.25  # weight of the newest measure in each moving average
+
+    def __init__(self, concurrency: int, limit: int) -> None:
+        self.concurrency, self.limit = concurrency, limit
+        self.job_seconds: float | None = None  # a job's run, on average
+        self.round_trip_seconds = 0.0  # a step of the loop: outcomes received, recorded and claimed again
+        self.jobs = 0
+
+    def finished(self, seconds: Iterable[float]) -> None:
+        """Jobs finished in ``seconds`` each (one batch of outcomes)."""
+        runs = list(seconds)
+        if runs:
+            self.job_seconds = self._averaged(self.job_seconds, sum(runs) / len(runs))
+            self.jobs = self._sized()
+
+    def stepped(self, seconds: float) -> None:
+        """A step of the loop that recorded or claimed took ``seconds``."""
+        self.round_trip_seconds = self._averaged(self.round_trip_seconds or None, seconds)
+
+    def stop(self) -> None:
+        """Claim none ahead until the next outcomes (a job timed out, or jobs waiting were given back)."""
+        self.jobs = 0
+
+    def _averaged(self, average: float | None, newest: float) -> float:
+        return newest if average is None else average + self.SMOOTHING * (newest - average)
+
+    def _sized(self) -> int:
+        if self.job_seconds is None or self.limit == 0:
+            return 0
+        start_every = max(self.job_seconds, 1e-6) / self.concurrency
+        if start_every > PREFETCH_PATIENCE / 2:
+            return 0
+        return min(self.limit, math.ceil(PREFETCH_ROUND_TRIPS * self.round_trip_seconds / start_every))
+
+
 class Recording:
     """How a worker ends what it claimed, by each job's policy: the part of the worker that writes outcomes.
 
@@ -3520,7 +3574,7 @@ class Worker:
         # out.  Job threads add to it as they start a job, hence its own lock.
         self._deadlines: dict[int, tuple[float, int]] = {}
         self._deadlines_lock = threading.Lock()
-        self._ahead = 0  # how many jobs a claim may take beyond the free slots now
+        self._ahead = ClaimAhead(concurrency, prefetch)  # how many jobs a claim may take beyond the free slots
         self._progress_at = 0.0  # time.monotonic() when a claim last queued jobs or a thread started one
         self._alone: int | None = None  # a job run alone (see _claim)
         self._wake_up: WakeUp = open_wake_up(self.db, lambda: self.store)
@@ -4020,12 +4074,13 @@ class Worker:
         returned for the caller to run, not queued for the job threads.
         """
         now = self.now()
-        self._notice_clock_jump(now, time.monotonic())
+        began = time.monotonic()
+        self._notice_clock_jump(now, began)
         self._collect_outcomes(now)
         if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
             self._give_back_waiting("its worker's threads are all busy with longer jobs")
         busy = self._stopping.is_set() or self._alone in self._running  # nothing beside a job run alone
-        free = 0 if busy else self.concurrency + self._ahead - len(self._running)
+        free = 0 if busy else self.concurrency + self._ahead.jobs - len(self._running)
         want_claim = free > 0 and self._maybe_due(now)
         claimed: list[Job] = []
         kept = None
@@ -4055,6 +4110,7 @@ class Worker:
             kept = claimed[0] if keep_one and claimed else None
             for job in claimed[1:] if kept else claimed:
                 self._todo.put(job)
+            self._ahead.stepped(time.monotonic() - began)
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
         self._nothing_due = free > 0 and not claimed and not self._last_claim_full and now < self._next_due
@@ -4129,11 +4185,7 @@ class Worker:
                 with self._deadlines_lock:
                     self._deadlines.pop(outcome.job.id, None)
             self._to_record.append(outcome)
-        if arrived:
-            # Claim ahead only while jobs are short: a job waiting behind a long
-            # one would wait as long, and no idle worker could take it meanwhile.
-            short = all(outcome.seconds < PREFETCH_JOB_SECONDS for outcome in arrived)
-            self._ahead = min(self.prefetch, max(1, self._ahead * 2)) if short else 0
+        self._ahead.finished(outcome.seconds for outcome in arrived)
         if not self._deadlines:
             return
         with self._deadlines_lock:
@@ -4150,7 +4202,7 @@ class Worker:
             self._to_record.append(
                 Outcome(running, False, error=f"timed out after {seconds:g} s", seconds=seconds, kind="timeout")
             )
-            self._ahead = 0
+            self._ahead.stop()
             with self._threads_lock:  # its thread is stuck in the job: replace it
                 self._surplus_threads += 1
             self._start_thread()
@@ -4168,7 +4220,7 @@ class Worker:
 
     def _give_back_waiting(self, why: str) -> None:
         """Return the jobs claimed ahead that no thread has started, so that other workers may take them."""
-        self._ahead = 0
+        self._ahead.stop()
         waiting = self._take_waiting()
         if not waiting:
             return
@@ -4372,17 +4424,30 @@ def _job_type(job: Job) -> JobType:
 def _exception_line(error: BaseException) -> str:
     """``Type: message``; an exception whose str() itself raises still gets a line."""
     try:
-        return f"{type(error).__name__}: {error}"
+        return encodable(f"{type(error).__name__}: {error}")
     except Exception:
         return f"{type(error).__name__}: <str() of the exception failed>"
 
 
 def _describe_exception(error: BaseException) -> str:
     try:
-        trace = "".join(traceback.format_exception(error))
+        trace = encodable("".join(traceback.format_exception(error)))
     except Exception:
         trace = "(no traceback: formatting it failed)\n"
     return f"{_exception_line(error)}\n\n{trace}"
+
+
+def encodable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a lone surrogate written as its escape.
+
+    A Python str may carry one (bytes decoded with surrogateescape, a file
+    name), and a job may raise with it; neither database can store it.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _end_forked_child(error: BaseException | None) -> NoReturn:

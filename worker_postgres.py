@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import tuple_row
 from psycopg.types.numeric import Int8Dumper
 
@@ -51,6 +52,21 @@ SCHEMA_LOCK = 0x776F726B6572
 TAG_LOCK_SPACE = 0x776B7267  # pg_advisory_xact_lock's first key while a tag's pending row is replaced
 CHANNEL = "worker_jobs"  # what schema_postgres.sql's trigger NOTIFYs on every INSERT
 CONNECT_TIMEOUT = 10  # seconds; libpq's default is to wait for ever
+# What the engine's connections ask of libpq and TCP unless the URL says otherwise
+# (``?tcp_user_timeout=...``).  On a cut link, a statement sent and never
+# acknowledged would block the worker for TCP's retransmissions (about 15
+# minutes), and a reply that never comes for as long as the system's keepalive
+# (2 hours): the worker would sit, its jobs rescued elsewhere, until the link
+# returned.  With these it notices in about 30 s, and backs off and reconnects.
+CONNECTION_DEFAULTS: dict[str, str | int] = {
+    "application_name": "worker",  # in pg_stat_activity
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1,
+    "keepalives_idle": 15,  # seconds without traffic before the first probe
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms for sent data to be acknowledged
+}
 LISTEN_BACKOFF, MAX_LISTEN_BACKOFF = 0.05, 5.0  # seconds between attempts to LISTEN again
 TAG_RACE_ATTEMPTS = 10  # see PostgresStore.insert: each retry means another writer won a race just now
 
@@ -94,6 +110,11 @@ _TRANSIENT_AT_CONNECT = ("starting up", "shutting down", "in recovery", "too man
 redacted = worker.redacted  # the URL without its password, for messages
 
 
+def storable(text: str | None) -> str | None:
+    """A job's error text as PostgreSQL's TEXT can hold it: a NUL (which SQLite keeps) written as ``\\x00``."""
+    return text.replace("\x00", "\\x00") if text is not None and "\x00" in text else text
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().removeprefix("connection failed: ")
     return text.splitlines()[0] if text else type(error).__name__
@@ -102,15 +123,18 @@ def _first_line(error: BaseException) -> str:
 def connect(url: str) -> psycopg.Connection[Any]:
     """An autocommit connection (each transaction is an explicit BEGIN); the engine's errors if there is none.
 
-    DatabaseUnusable when the server refuses it for good (credentials, no such
-    database or role), DatabaseUnavailable when it may work later (unreachable,
+    DatabaseUnusable when the URL is malformed or the server refuses it for good
+    (credentials, no such database or role), DatabaseUnavailable when it may work later (unreachable,
     starting up, full).
     """
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="worker")
+        given = conninfo_to_dict(url)
+        defaults = {name: value for name, value in CONNECTION_DEFAULTS.items() if name not in given}
+        conn = psycopg.connect(make_conninfo(url, **defaults), autocommit=True)
     except psycopg.Error as e:
         line = _first_line(e)
-        refused = "FATAL:" in line and not any(reason in line for reason in _TRANSIENT_AT_CONNECT)
+        malformed = isinstance(e, psycopg.ProgrammingError)  # the URL itself: an unknown parameter, say
+        refused = malformed or ("FATAL:" in line and not any(reason in line for reason in _TRANSIENT_AT_CONNECT))
         kind = worker.DatabaseUnusable if refused else worker.DatabaseUnavailable
         raise kind(f"cannot connect to {redacted(url)}: {line}") from e
     try:
@@ -594,7 +618,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
         type: str | None = None,
     ) -> int:  # fmt: skip
         """Cancel the pending row with this id, or every pending row with this tag or type; how many."""
-        params = {"id": id, "tag": tag, "type": type, "now": now, "reason": reason, "keep_ms": keep_ms}
+        params = {"id": id, "tag": tag, "type": type, "now": now, "reason": storable(reason), "keep_ms": keep_ms}
         cancelled = self._execute(self.CANCEL_BY[worker.cancel_key(id=id, tag=tag, type=type)], params).fetchall()
         self.count_finished(cancelled)
         return len(cancelled)
@@ -776,24 +800,29 @@ class PostgresStore(OperatingReads, worker.QueueControls):
         started: int | None, keep_ms: int,
     ) -> bool:  # fmt: skip
         """End the row (``succeeded`` or ``failed``) if it is running under ``owner``; whether it was."""
-        params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": error,
+        params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": storable(error),
                   "started": started, "keep_ms": keep_ms}  # fmt: skip
         return self._execute(self.FINISH_SQL, params).rowcount == 1
 
     # finish_if_owned for a batch, in one statement (one round trip, not one per
-    # row): the outcomes come as parallel arrays, unnested into rows, each row
-    # looked up by its key.  `status || ''`: the same fence, in a form that does
-    # not match worker_jobs_lease's predicate, so the planner cannot walk that
-    # index instead (with no statistics it thinks one row runs; without a vacuum
-    # the index still holds every row ever leased: 7.6 ms a batch, not 1.3 ms).
+    # row): the outcomes come as one JSON array of [id, status, result, error,
+    # started, keep_ms] arrays, each row looked up by its key.  JSON, not
+    # parameters that are arrays: psycopg writes an array's text in Python, a
+    # fifth of the worker's own time on a no-op drain (bench/README.md).
+    # `status || ''`: the same fence, in a form that does not match
+    # worker_jobs_lease's predicate, so the planner cannot walk that index
+    # instead (with no statistics it thinks one row runs; without a vacuum the
+    # index still holds every row ever leased: 7.6 ms a batch, not 1.3 ms).
     FINISH_MANY_SQL = f"""
     UPDATE worker_jobs AS job
        SET status = given.status, result = given.result, error = given.error, lease_until = NULL,
            started = coalesce(given.started, job.started), finished = greatest(%(now)s, coalesce(given.started, 0)),
            remove_at = CASE WHEN job.persistent <> 0 THEN NULL
                             ELSE %(now)s + least(coalesce(job.keep_ms, given.keep_ms), {MAX_DURATION_MS}) END
-      FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(results)s::text[], %(errors)s::text[],
-                  %(started)s::bigint[], %(keep_ms)s::bigint[]) AS given (id, status, result, error, started, keep_ms)
+      FROM (SELECT (given.value ->> 0)::bigint, given.value ->> 1, given.value ->> 2, given.value ->> 3,
+                   (given.value ->> 4)::bigint, (given.value ->> 5)::bigint
+              FROM json_array_elements(%(outcomes)s::json) AS given (value)
+           ) AS given (id, status, result, error, started, keep_ms)
      WHERE job.id = given.id AND job.status || '' = 'running' AND job.owner = %(owner)s
     RETURNING job.id
     """
@@ -806,12 +835,11 @@ class PostgresStore(OperatingReads, worker.QueueControls):
         Not (yet) a verb of worker.Store: one statement for a batch is what
         makes PostgreSQL fast here, where each statement is a round trip.
         """
-        rows = list(outcomes)
+        rows = [(id, status, result, storable(error), started, keep_ms)
+                for id, status, result, error, started, keep_ms in outcomes]  # fmt: skip
         if not rows:
             return set()
-        ids, statuses, results, errors, started, keep_ms = (list(column) for column in zip(*rows, strict=True))
-        params = {"owner": owner, "now": now, "ids": ids, "statuses": statuses, "results": results,
-                  "errors": errors, "started": started, "keep_ms": keep_ms}  # fmt: skip
+        params = {"owner": owner, "now": now, "outcomes": worker.JSON.encode(rows)}
         return {id for (id,) in self._execute(self.FINISH_MANY_SQL, params).fetchall()}
 
     # DO NOTHING on the pending tag: a newer pending job with the same tag
