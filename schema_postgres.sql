@@ -27,8 +27,9 @@
 --                           message and traceback in `error`; a retry row may follow
 --   running   -> pending    given back by a worker shutting down before it finished
 --   pending   -> cancelled  cancelled, or replaced by a newer job with the same tag
---   running   -> cancelled  the job snoozed (raised worker.Snooze, since version 3): a
---                           new pending row of its chain follows it
+--   running   -> cancelled  asked to cancel while it ran (`worker cancel ID`, since version
+--                           3: cancel_requested, _by); or it snoozed (raised worker.Snooze):
+--                           a new pending row of its chain follows it
 
 -- version 1
 CREATE TABLE IF NOT EXISTS worker_jobs (

@@ -51,6 +51,7 @@ import ctypes
 import dataclasses
 import enum
 import functools
+import getpass
 import importlib
 import inspect
 import json
@@ -1034,12 +1035,18 @@ class Queue:
         """The row with this id, or None."""
         return self._store().get(id)
 
-    def cancel(self, id: int, *, reason: str = "cancelled", now: int | None = None) -> bool:
-        """Cancel a pending job; False when it is not pending (running or finished)."""
+    def cancel(self, id: int, *, reason: str = "cancelled", by: str | None = None, now: int | None = None) -> bool:
+        """Cancel a pending job, or ask the worker of a running one to stop it (within about a second it sets the
+        job's ``ctx.cancelled``, and the row ends ``cancelled``); False when it has ended, or was asked already.
+
+        ``by`` names who asked (default: this user at this host), kept in the row.
+        """
         now = self.now() if now is None else now
         store = self._store()
         with store.transaction():
-            return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1
+            if store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1:
+                return True
+            return store.request_cancel(id, now, by or _who_asks())
 
     def cancel_type(self, type: str, *, reason: str | None = None, now: int | None = None) -> int:
         """Cancel every pending job of a type (one no worker will ever run: a typo, a removed job); how many."""
@@ -1232,6 +1239,15 @@ def _new_job(id: int, row: dict[str, Any]) -> Job:
     )
 
 
+def _who_asks() -> str:
+    """The user and host of this process, as the one who asks to cancel a running job."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
 def default_keep_ms(*, succeeded: bool) -> int:
     """How long finished rows stay: WORKER_KEEP_SUCCEEDED / WORKER_KEEP_FAILED seconds, else 7 / 30 days."""
     variable, default = ("WORKER_KEEP_SUCCEEDED", KEEP_SUCCEEDED) if succeeded else ("WORKER_KEEP_FAILED", KEEP_FAILED)
@@ -1342,6 +1358,15 @@ class Store(Protocol):
         type: str | None = None,
     ) -> int:  # fmt: skip
         """Cancel the pending row of this id, or the pending rows of this tag or type; how many (pending only)."""
+        ...
+
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        """Ask the worker running row ``id`` to cancel it (it reads cancel_requests); False if it is not running,
+        or was asked already."""
+        ...
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        """(id, when, by whom) of the rows running under ``owner`` that someone asked to cancel."""
         ...
 
     def manual_retry(self, id: int, now: int) -> Job | None:
@@ -2358,6 +2383,22 @@ class SQLiteStore(QueueControls):
     RETURNING {SELECT_COLUMNS}
     """
 
+    REQUEST_CANCEL_SQL = """
+    UPDATE worker_jobs SET cancel_requested = :now, cancel_requested_by = :by
+     WHERE id = :id AND status = 'running' AND cancel_requested IS NULL
+    """
+    # INDEXED BY: the running rows' own small index (a worker looks twice a second).
+    CANCEL_REQUESTS_SQL = """
+    SELECT id, cancel_requested, cancel_requested_by FROM worker_jobs INDEXED BY worker_jobs_lease
+     WHERE status = 'running' AND owner = :owner AND cancel_requested IS NOT NULL
+    """
+
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        return self.conn.execute(self.REQUEST_CANCEL_SQL, {"id": id, "now": now, "by": by}).rowcount == 1
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        return self.conn.execute(self.CANCEL_REQUESTS_SQL, {"owner": owner}).fetchall()
+
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt, due now, of a failed or cancelled row that ends its chain; None if it is not one."""
         inserted = self.conn.execute(self.MANUAL_RETRY_SQL, {"id": id, "now": now}).fetchall()
@@ -3094,9 +3135,10 @@ class JobContext:
 
     def __init__(
         self, job: Job, *, app: SimpleNamespace, producer: Callable[[], Queue], worker_name: str,
-        clock: Callable[[], int] = now_ms,
+        clock: Callable[[], int] = now_ms, cancelled: Callable[[], threading.Event] = threading.Event,
     ) -> None:  # fmt: skip
         self.job = job
+        self._cancelled = cancelled
         self._clock = clock  # the worker's: the follow-ups' times are the server's, as their parent's
         self.app = app
         self.worker = worker_name
@@ -3108,6 +3150,12 @@ class JobContext:
         """The worker's Queue, got when a job first enqueues: getting it may connect, and fail if the database is
         out of reach, which is then the job's error (made before the job ran, it killed the job's thread)."""
         return self._producer()
+
+    @functools.cached_property
+    def cancelled(self) -> threading.Event:
+        """Set once someone asked to cancel this running job (``worker cancel ID``); a long job may check it (or
+        wait on it) and return early.  Its row ends ``cancelled`` however the job then ends."""
+        return self._cancelled()
 
     @functools.cached_property
     def logger(self) -> JobLogger:
@@ -3305,6 +3353,65 @@ class ClaimAhead:
         return min(self.limit, math.ceil(PREFETCH_ROUND_TRIPS * self.round_trip_seconds / start_every))
 
 
+CANCEL_LOOK_MS = 500  # how often a worker with running jobs looks for requests to cancel one
+
+
+class CancelRequests:
+    """Requests to cancel this worker's running jobs: looked for in its housekeeping, passed to each job as
+    ``ctx.cancelled``, and turned into the outcome the row ends with.
+
+    The request reaches a job when the worker sets its event; a job whose
+    outcome reached the worker's loop before that keeps its own outcome.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[int, threading.Event] = {}  # made only for jobs that look, or that were asked
+        self._asked: dict[int, tuple[int, str | None]] = {}  # job id -> (when, by whom)
+        self._next_look = 0
+
+    def event(self, job_id: int) -> threading.Event:
+        return self._events.setdefault(job_id, threading.Event())
+
+    def asked(self, job_id: int) -> bool:
+        return job_id in self._asked
+
+    def any(self) -> bool:
+        """Whether any job has an event or a request (else nothing to do when outcomes are recorded)."""
+        return bool(self._events or self._asked)
+
+    def look(self, store: Store, owner: str, running: Container[int], now: int) -> list[_Note]:
+        """Every CANCEL_LOOK_MS: set the event of each running job that someone asked to cancel."""
+        if now < self._next_look:
+            return []
+        self._next_look = now + CANCEL_LOOK_MS
+        notes = []
+        for job_id, asked_at, by in store.cancel_requests(owner):
+            if job_id in running and job_id not in self._asked:
+                self._asked[job_id] = (asked_at, by)
+                self.event(job_id).set()
+                notes.append(_Note(logging.INFO, "job %d: asked to cancel it (by %s); ctx.cancelled is set",
+                                   (job_id, by), {"action": "cancel", "job_id": job_id}))  # fmt: skip
+        return notes
+
+    def outcome(self, outcome: Outcome) -> Outcome:
+        """The outcome a job's row ends with: ``cancelled`` if the request reached it first, beside what it
+        returned or raised; else its own."""
+        job_id = outcome.job.id
+        self._events.pop(job_id, None)
+        asked = self._asked.pop(job_id, None)
+        if asked is None or outcome.kind in ("timeout", "unrecordable"):
+            return outcome
+        request = f"cancelled while running (asked by {asked[1] or 'someone'} at {iso_time(asked[0])})"
+        if outcome.kind == "not started":
+            error = request.replace("while running", "before it started")
+        elif outcome.succeeded:
+            error = f"{request}; it then returned (its result is kept)"
+        else:
+            error = f"{request}; it then {'snoozed' if outcome.kind == 'snoozed' else 'raised'}:\n{outcome.error}"
+        return dataclasses.replace(outcome, succeeded=False, result=outcome.result, error=error, kind="cancelled",
+                                   follow_ups=[])  # fmt: skip
+
+
 class Recording:
     """How a worker ends what it claimed, by each job's policy: the part of the worker that writes outcomes.
 
@@ -3322,10 +3429,13 @@ class Recording:
     ) -> None:  # fmt: skip
         self.store: Store = cast(Store, None)  # the worker's, set each time it opens one
         self.owner, self.max_deaths, self.rng, self.scheduled = owner, max_deaths, rng, scheduled
+        self.cancels = CancelRequests()
         self.keep_succeeded_ms, self.keep_failed_ms = keep_succeeded_ms, keep_failed_ms
 
     def record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
         """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
+        if self.cancels.any():
+            outcomes = [self.cancels.outcome(outcome) for outcome in outcomes]
         for outcome in outcomes:
             if outcome.kind == "snoozed":
                 self.snooze(outcome, now)
@@ -3367,6 +3477,9 @@ class Recording:
         finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
         if outcome.kind == "snoozed":  # its next row is the rest of this run: no retry, no next cron run
             return [_Note.about(job, "snoozed", logging.INFO, "job %d %s %s", job.id, job.type, outcome.error)]
+        if outcome.kind == "cancelled":  # no retry; a recurring job's schedule goes on
+            note = _Note.about(job, "cancelled", logging.WARNING, "job %d %s %s", job.id, job.type, outcome.error)
+            return [note, *self.schedule_next_cron_run(job, now)]
         if outcome.succeeded:
             for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
                 self.store.insert(row, on_conflict)
@@ -3494,7 +3607,7 @@ _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
 
 def _ended_as(outcome: Outcome) -> str:
     """The status an outcome ends its row in."""
-    return Status.CANCELLED.value if outcome.kind == "snoozed" else _ENDED_AS[outcome.succeeded]
+    return Status.CANCELLED.value if outcome.kind in ("snoozed", "cancelled") else _ENDED_AS[outcome.succeeded]
 
 
 class Worker:
@@ -3791,7 +3904,11 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
-        ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now)
+        cancels = self._recording.cancels
+        if cancels.asked(job.id):  # claimed ahead, and asked to cancel before a thread took it
+            return Outcome(job, False, kind="not started")
+        ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now,
+                         cancelled=functools.partial(cancels.event, job.id))  # fmt: skip
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
@@ -4114,6 +4231,8 @@ class Worker:
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
         self._nothing_due = free > 0 and not claimed and not self._last_claim_full and now < self._next_due
+        if self._nothing_due and self._store.at_running_limit():  # due rows wait for a place, not for a time
+            self._nothing_due = False
         # Idle: nothing running and nothing claimed.  Only then do commits by
         # others wake it (under load, every commit would, and the wake-ups would
         # cost more than they save); a busy worker looks every poll_interval.
@@ -4299,6 +4418,8 @@ class Worker:
             if schedule.rescue_due(now):
                 self.rescue(now)
                 schedule.rescue_done(now)
+            if self._running:
+                _emit(self._recording.cancels.look(self._store, self.owner, self._running, now))
         except DatabaseError as e:
             # Postponed, not given up: tried again after a backoff, as a failed step is.  At the next tick it
             # was a connection attempt and a warning every few ms while the server was out of reach.

@@ -642,6 +642,23 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     RETURNING {SELECT_COLUMNS}
     """
 
+    REQUEST_CANCEL_SQL = """
+    UPDATE worker_jobs SET cancel_requested = %(now)s, cancel_requested_by = %(by)s
+     WHERE id = %(id)s AND status = 'running' AND cancel_requested IS NULL
+    """
+    CANCEL_REQUESTS_SQL = """
+    SELECT id, cancel_requested, cancel_requested_by FROM worker_jobs
+     WHERE status = 'running' AND owner = %(owner)s AND cancel_requested IS NOT NULL
+    """
+
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        """Ask the worker running row ``id`` to cancel it; False if it is not running, or was asked already."""
+        return self._execute(self.REQUEST_CANCEL_SQL, {"id": id, "now": now, "by": by}).rowcount == 1
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        """(id, when, by whom) of the rows running under ``owner`` that someone asked to cancel."""
+        return self._execute(self.CANCEL_REQUESTS_SQL, {"owner": owner}).fetchall()
+
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt, due now, of a failed or cancelled row that ends its chain; None if it is not one."""
         if not self._execute(self.LOCK_ROW_SQL, {"id": id}).fetchall():
