@@ -12,8 +12,10 @@ the proof its run wrote.
 Faults come from outside, as they would in production: kill -9, SIGSTOP past
 the lease (outside a transaction, and inside one), the server terminating
 every worker connection (``pg_terminate_backend``), a link cut past the lease
-(a TCP proxy of the test's own, on loopback, that severs and restores), and a
-server that cannot be reached or refuses the worker at start.  One fault comes
+(a TCP proxy of the test's own, on loopback, that severs and restores), a
+server that cannot be reached or refuses the worker at start (a wrong
+password included), and a server restarted mid-run (a cluster of the test's
+own, so that the shared server never restarts).  One fault comes
 from inside, by the jobs module wrapping engine methods: a claim that commits
 though the worker is told it failed (the reply lost with the connection).  The
 table is read here with psycopg, on a connection of the test's own that no
@@ -28,12 +30,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -586,3 +591,123 @@ def worker_postgres_redacted(url: str) -> str:
     redacted = worker_postgres.redacted(url)
     assert "s3cret" not in redacted
     return redacted
+
+
+@pytest.mark.slow
+def test_a_wrong_password_at_start_is_exit_3_in_one_line_without_either_password(
+    own_server: OwnServer, jobs_file: Path
+) -> None:
+    """The shared server trusts every local connection; this test's own asks for a password."""
+    url = own_server.url.replace(OwnServer.PASSWORD, "wr0ng")
+    result = run_once(url, jobs_file)
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "password authentication failed" in lines[0], result.stderr
+    assert "wr0ng" not in result.stderr and OwnServer.PASSWORD not in result.stderr
+    assert worker.redacted(url) in lines[0]
+    print(f"\nwrong password: exit 3: {lines[0]}")
+
+
+# --- 7. A server restart ------------------------------------------------------------------------
+
+
+class OwnServer:
+    """A PostgreSQL cluster of this test's own (initdb in a folder of its own, on a free port), so that it can
+    be restarted without touching the server every other test, and every other session, shares.  The folder
+    is not under tmp_path, which the postgres user cannot reach.  Unlike the shared server's, its
+    connections need a password (SCRAM)."""
+
+    PASSWORD = "s3cret"
+
+    def __init__(self, directory: Path) -> None:
+        self.bin = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                                       check=True).stdout.strip())  # fmt: skip
+        self.data, self.log = directory / "data", directory / "server.log"
+        self.port = free_port()
+        self.url = f"postgresql://postgres:{self.PASSWORD}@127.0.0.1:{self.port}/postgres"
+        (directory / "password").write_text(self.PASSWORD)
+        directory.chmod(0o700)
+        subprocess.run(["chown", "-R", "postgres:postgres", str(directory)], check=True)
+        self._as_postgres("initdb", "-D", self.data, "-U", "postgres", "--auth=scram-sha-256",
+                          f"--pwfile={directory / 'password'}", "--no-sync")  # fmt: skip
+        self.start()
+
+    def _as_postgres(self, program: str, *args: Any) -> None:
+        command = ["runuser", "-u", "postgres", "--", str(self.bin / program), *map(str, args)]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def _pg_ctl(self, action: str, *args: str) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
+        self._as_postgres("pg_ctl", action, "-D", self.data, "-l", self.log, "-w", "-o", options, *args)
+
+    def start(self) -> None:
+        self._pg_ctl("start")
+
+    def restart(self) -> None:
+        """A fast restart: every session ended, in-flight transactions rolled back, the server down for a
+        moment, then back."""
+        self._pg_ctl("restart", "-m", "fast")
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._pg_ctl("stop", "-m", "immediate")
+
+
+@pytest.fixture
+def own_server() -> Iterator[OwnServer]:
+    if os.geteuid() != 0 or shutil.which("pg_config") is None or shutil.which("runuser") is None:
+        why = "a cluster of the test's own needs root (initdb runs as the postgres user) and pg_config"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    directory = Path(tempfile.mkdtemp(prefix="worker-own-postgres-"))
+    try:
+        server = OwnServer(directory)
+        yield server
+        server.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_server_restarted_twice_mid_run_loses_and_doubles_nothing(
+    run_worker: Callable[..., WorkerProcess], own_server: OwnServer, ledger: Path
+) -> None:
+    """2 workers x 4 threads run 1,000 jobs of 2-20 ms while their server restarts (fast: sessions ended,
+    transactions rolled back, a moment without a server) twice.
+
+    Each worker backs off while the server is down or starting, connects again,
+    records the outcomes it kept (fenced; the 10 s lease outlasts the outage),
+    LISTENs again, and goes on: no exit, no job lost, none run twice.
+    """
+    lease = 10.0
+    rng = random.Random(7)
+    with worker.Queue(own_server.url, check_types=False) as queue:
+        enqueued = ids(queue.enqueue_many([("work", {"ms": rng.randint(2, 20)}) for _ in range(1000)]))
+    table = Table(own_server.url)
+    workers = [
+        run_worker("--concurrency", "4", "--lease", str(lease), name=f"worker{i}", database=own_server.url)
+        for i in range(2)
+    ]
+    try:
+        for process in workers:
+            wait_for(lambda: started(process), 10, "the workers to start")  # noqa: B023
+        for _ in range(2):
+            done = len(table.rows("status = 'succeeded'"))
+            wait_for(lambda: len(table.rows("status = 'succeeded'")) >= done + 100, 30, "jobs to run")  # noqa: B023
+            table.close()
+            own_server.restart()
+            table = Table(own_server.url)
+            assert all(w.popen.poll() is None for w in workers), "a worker exited"
+        wait_for(lambda: table.unfinished() == 0, 60, "every job to finish")
+        assert [w.stop() for w in workers] == [0, 0]
+        report = table.check(ledger, enqueued, lease=lease)
+        assert report.reruns == 0 and report.rescued == 0
+        assert table.rows("status <> 'succeeded'") == []
+        for process in workers:
+            assert "outcome(s) kept" in process.log(), "the restarts came mid-run"
+            assert "Traceback" not in process.log()
+        logs = "".join(w.log() for w in workers)
+        print(f"\n2 restarts: {logs.count('cannot write now')} tries to write while the server was away; {report}")
+    finally:
+        table.close()

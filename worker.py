@@ -4173,7 +4173,7 @@ class Worker:
     def _back_off(self, error: DatabaseError) -> None:
         self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
         logger.warning(
-            "database busy or full (%s); %d outcome(s) kept, retrying in %.2f s",
+            "cannot write now (%s); %d outcome(s) kept, retrying in %.2f s",
             error,
             len(self._to_record),
             self._busy_backoff,
