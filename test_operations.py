@@ -650,7 +650,7 @@ CHROMIUM_ARGS = [
 def _browser_missing(reason: str) -> NoReturn:
     """Skip on a developer's machine without a browser; in CI (CI=true) that is a failure."""
     if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must run the browser test: .ci/browser-setup.sh installs chromium)")
+        pytest.fail(f"{reason} (CI must run the browser test: .ci/system-packages.sh installs chromium)")
     pytest.skip(reason)
 
 
@@ -658,7 +658,7 @@ def test_browser_shows_a_failed_job_and_opens_its_traceback(
     db: str, prepared: dict[str, int], serve: Callable[..., DashboardServer], tmp_path: Path
 ) -> None:
     if not Path(CHROMIUM).exists():
-        _browser_missing("Debian's chromium is not installed: run .ci/browser-setup.sh")
+        _browser_missing("Debian's chromium is not installed: run .ci/system-packages.sh")
     try:
         from playwright.sync_api import Dialog, expect, sync_playwright
     except ImportError:

@@ -3079,7 +3079,9 @@ def open_wake_up(target: str, store: Callable[[], Store]) -> WakeUp:
         listen = os.environ.get("WORKER_PG_LISTEN", "1").strip()
         if listen not in ("0", "1"):
             raise ConfigError(f"invalid WORKER_PG_LISTEN={listen!r} (use 1, or 0 to poll)")
-        return cast(WakeUp, postgres_module().PostgresWakeUp(target, listen=listen == "1"))
+        postgres = postgres_module()
+        pooled = postgres.pooler() == "transaction"  # a LISTEN needs a server session of its own
+        return cast(WakeUp, postgres.PostgresWakeUp(target, listen=listen == "1" and not pooled))
     return SQLiteWakeUp(sqlite_path(target), lambda: cast(SQLiteStore, store()).conn)
 
 
@@ -4363,7 +4365,7 @@ class Worker:
     def _back_off(self, error: DatabaseError) -> None:
         self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
         logger.warning(
-            "database busy or full (%s); %d outcome(s) kept, retrying in %.2f s",
+            "cannot write now (%s); %d outcome(s) kept, retrying in %.2f s",
             error,
             len(self._to_record),
             self._busy_backoff,
@@ -4809,9 +4811,11 @@ ENVIRONMENT = {
     "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
     "keep_failed": ("WORKER_KEEP_FAILED", "seconds a failed or cancelled row is kept (default 30 days)"),
     "synchronous": ("WORKER_SYNCHRONOUS", "NORMAL (a power cut may lose the last commits) or FULL (default NORMAL)"),
-    "pg_listen": (
-        "WORKER_PG_LISTEN",
-        "PostgreSQL: 0 polls instead of LISTEN (PgBouncer in transaction mode; default 1)",
+    "pg_listen": ("WORKER_PG_LISTEN", "PostgreSQL: 0 polls instead of LISTEN (default 1)"),
+    "pg_pooler": (
+        "WORKER_PG_POOLER",
+        "PostgreSQL: transaction behind PgBouncer in transaction mode: no LISTEN, no prepared statements, "
+        "no session settings (default none)",
     ),
     "log_level": ("WORKER_LOG_LEVEL", "the worker's own log threshold: DEBUG, INFO, WARNING, ERROR (default INFO)"),
     "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
@@ -4881,7 +4885,8 @@ def add_engine_commands(commands: Any) -> None:
     run = commands.add_parser(
         "run",
         help="claim and run jobs until stopped",
-        epilog=f"Environment only: {option_help('synchronous')}; {option_help('pg_listen')}",
+        epilog="Environment only: "
+        + "; ".join(option_help(dest) for dest in ("synchronous", "pg_listen", "pg_pooler")),
     )
     add_common_options(run)
     run.add_argument("--concurrency", type=int, help=option_help("concurrency"))

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -100,6 +101,25 @@ SESSION_SETTINGS = (
 # Set at each connect (a test shortens it), on the store's connections only.
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 5000
 
+# Behind a pooler in transaction mode (PgBouncer's pool_mode = transaction),
+# each transaction may run on another server connection, shared with other
+# clients.  So the engine keeps no state on a server session there: no
+# prepared statements (psycopg prepares a statement run 5 times, and the next
+# server connection has never heard of it), no session SETs (they would stay
+# on the server connection, for whichever client gets it next: an app's), and
+# no LISTEN (which needs a session of its own).  The settings are made with SET
+# LOCAL at the start of each of the store's transactions instead.
+POOLERS = ("none", "transaction")
+
+
+def pooler() -> str:
+    """WORKER_PG_POOLER: ``transaction`` behind PgBouncer in transaction mode (or another such pooler)."""
+    value = os.environ.get("WORKER_PG_POOLER", "none").strip().lower() or "none"
+    if value not in POOLERS:
+        raise worker.ConfigError(f"invalid WORKER_PG_POOLER={value!r} (use none, or transaction)")
+    return value
+
+
 # FATAL errors at connect that pass: the server is starting, stopping or full.
 _TRANSIENT_AT_CONNECT = ("starting up", "shutting down", "in recovery", "too many", "remaining connection slots")
 
@@ -138,8 +158,10 @@ def connect(url: str) -> psycopg.Connection[Any]:
         kind = worker.DatabaseUnusable if refused else worker.DatabaseUnavailable
         raise kind(f"cannot connect to {redacted(url)}: {line}") from e
     try:
-        timeout = f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT_MS:d}"
-        conn.execute(f"{SESSION_SETTINGS}; {timeout}")
+        if pooler() == "transaction":
+            conn.prepare_threshold = None
+        else:
+            conn.execute(session_settings())
     except psycopg.Error as e:
         conn.close()
         raise _engine_error(url, conn, e) from e
@@ -148,6 +170,12 @@ def connect(url: str) -> psycopg.Connection[Any]:
     # prepared again for each width of its values.
     conn.adapters.register_dumper(int, Int8Dumper)
     return conn
+
+
+def session_settings(scope: str = "") -> str:
+    """The engine's settings for its own sessions (``scope`` LOCAL: for one transaction)."""
+    settings = f"{SESSION_SETTINGS}; SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT_MS:d}"
+    return settings.replace("SET ", f"SET {scope} ") if scope else settings
 
 
 def _engine_error(url: str, conn: psycopg.Connection[Any] | None, error: psycopg.Error) -> worker.DatabaseError:
@@ -437,6 +465,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     ) -> None:
         self.conn = conn
         self.url = url  # to connect again once the connection is lost
+        self._pooled = pooler() == "transaction"  # then each transaction sets what a session would (SET LOCAL)
         self._pid = worker._process_id  # the process the connection belongs to
         self._clock = clock
         self._offset_ms = 0
@@ -485,6 +514,8 @@ class PostgresStore(OperatingReads, worker.QueueControls):
                 self.refresh_clock()
         try:
             with self.conn.transaction():
+                if self._pooled:
+                    self.conn.execute(session_settings("LOCAL"))
                 yield self.conn
         except psycopg.Error as e:  # BEGIN, COMMIT, or the caller's own statement on this connection
             raise _engine_error(self.url, self.conn, e) from e
