@@ -229,3 +229,10 @@ ALTER TABLE worker_jobs ADD COLUMN snoozes INTEGER NOT NULL DEFAULT 0 CHECK (sno
 -- (`worker cancel ID`, Queue.cancel): when, and who asked.  Kept once the row ends.
 ALTER TABLE worker_jobs ADD COLUMN cancel_requested INTEGER;
 ALTER TABLE worker_jobs ADD COLUMN cancel_requested_by TEXT;
+
+-- version 9
+
+-- The latest progress a running job reported (ctx.progress), a JSON object
+-- {"done": 40, "total": 100, "message": "...", "at": epoch ms}; written by its
+-- worker at most once a second, and kept once the row ends.
+ALTER TABLE worker_jobs ADD COLUMN progress TEXT CHECK (progress IS NULL OR json_valid(progress));

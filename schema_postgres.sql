@@ -193,3 +193,8 @@ CREATE TABLE IF NOT EXISTS worker_queues (
 ALTER TABLE worker_jobs ADD COLUMN IF NOT EXISTS snoozes BIGINT NOT NULL DEFAULT 0 CHECK (snoozes >= 0);
 ALTER TABLE worker_jobs ADD COLUMN IF NOT EXISTS cancel_requested BIGINT;
 ALTER TABLE worker_jobs ADD COLUMN IF NOT EXISTS cancel_requested_by TEXT;
+
+-- version 4
+
+-- As schema.sql's version 9: the latest progress a running job reported.
+ALTER TABLE worker_jobs ADD COLUMN IF NOT EXISTS progress TEXT CHECK (progress IS NULL OR progress::json IS NOT NULL);

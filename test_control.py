@@ -8,14 +8,17 @@ processes that keep a ledger of each job's start and end.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import re
+import sqlite3
 import threading
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -456,6 +459,149 @@ def test_cancel_of_a_running_job_from_the_command_line(
     assert rows(db)[0]["cancel_requested_by"].endswith(f"@{os.uname().nodename}")
 
 
+# --- Progress -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counting_writes(db: str) -> Iterator[Callable[[], int]]:
+    """How many times a row's progress was written, counted by a trigger another program could have made."""
+    if worker.is_postgres(db):
+        import psycopg
+
+        conn: Any = psycopg.connect(db, autocommit=True)
+        conn.execute("CREATE TABLE progress_writes (n BIGINT)")
+        conn.execute("CREATE FUNCTION count_progress() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN INSERT INTO progress_writes VALUES (1); RETURN NULL; END $$")  # fmt: skip
+        conn.execute("CREATE TRIGGER count_progress AFTER UPDATE OF progress ON worker_jobs FOR EACH ROW "
+                     "EXECUTE FUNCTION count_progress()")  # fmt: skip
+    else:
+        Queue(db).close()  # the table
+        conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+        conn.execute("CREATE TABLE progress_writes (n INTEGER)")
+        conn.execute("CREATE TRIGGER count_progress AFTER UPDATE OF progress ON worker_jobs "
+                     "BEGIN INSERT INTO progress_writes VALUES (1); END")  # fmt: skip
+    try:
+        yield lambda: int(conn.execute("SELECT count(*) FROM progress_writes").fetchone()[0])
+    finally:
+        if worker.is_postgres(db):
+            conn.execute("DROP TRIGGER count_progress ON worker_jobs")
+            conn.execute("DROP FUNCTION count_progress")
+            conn.execute("DROP TABLE progress_writes")
+        conn.close()
+
+
+@pytest.fixture
+def reporting(registry: dict[str, worker.JobType]) -> None:
+    @job
+    def reporting(ctx: worker.JobContext, times: int) -> int:
+        for done in range(1, times + 1):
+            ctx.progress(done, times, f"row {done}")
+        return times
+
+
+def test_progress_reported_in_a_tight_loop_is_written_once_with_the_last_report(
+    reporting: None, queue: Queue, make_worker: Callable[..., worker.Worker], db: str,
+    counting_writes: Callable[[], int],
+) -> None:  # fmt: skip
+    queue.enqueue("reporting", {"times": 10_000})
+    assert make_worker().work() == 1
+    (row,) = rows(db)
+    assert counting_writes() == 1
+    assert json.loads(row["progress"]) | {"at": 0} == {"done": 10_000, "total": 10_000, "message": "row 10000",
+                                                       "at": 0}  # fmt: skip
+
+
+def test_progress_is_written_at_most_once_a_second_while_the_job_runs(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    counting_writes: Callable[[], int],
+) -> None:  # fmt: skip
+    queue.enqueue("noop")
+    runner = make_worker()
+    (claimed,) = runner.claim(1)
+    reports = runner._recording.progress
+    for step in range(10):  # 10 reports over 2.5 s of the fake clock, the worker writing whenever it may
+        reports.report(claimed.id, step, 10, None, at(clock))
+        with runner.store.transaction():
+            reports.write(runner.store, runner.owner, at(clock))
+        clock.advance(0.25)
+    assert counting_writes() == 3  # at 0, 1 and 2 s
+    assert json.loads(rows(db)[0]["progress"])["done"] == 8
+
+
+def running_with_progress(
+    queue: Queue, runner: worker.Worker, clock: FakeClock, done: float, total: float, message: str
+) -> worker.Job:
+    """A job claimed by ``runner``, whose report its worker has written into the row."""
+    queue.enqueue("noop")
+    (claimed,) = runner.claim(1)
+    runner._recording.progress.report(claimed.id, done, total, message, at(clock))
+    with runner.store.transaction():
+        runner._recording.progress.write(runner.store, runner.owner, at(clock))
+    return claimed
+
+
+def test_worker_jobs_and_show_print_the_progress(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    claimed = running_with_progress(queue, make_worker(), clock, 40, 100, "copying rows")
+    assert worker_cli.main(["jobs", "--db", db]) == 0
+    header, _, line = capsys.readouterr().out.splitlines()
+    assert header.split()[3] == "progress" and "40/100 (40 %) copying rows" in line
+    assert worker_cli.main(["show", str(claimed.id), "--db", db]) == 0
+    assert "progress   40/100 (40 %) copying rows" in capsys.readouterr().out.splitlines()
+    assert worker_cli.main(["show", str(claimed.id), "--json", "--db", db]) == 0
+    progress = json.loads(capsys.readouterr().out)["progress"]
+    assert progress == {"done": 40, "total": 100, "message": "copying rows", "at": at(clock)}
+
+
+def test_the_dashboard_draws_a_running_jobs_progress_bar_and_offers_to_cancel_it(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock,
+    serve: Callable[..., Any],
+) -> None:  # fmt: skip
+    claimed = running_with_progress(queue, make_worker(), clock, 1, 4, "a <b>quarter</b>")
+    server = serve(allow_actions=True)
+    page = request_page(server.url, server.token)
+    (running,) = re.findall(r'<table id="running">.*?</table>', page, re.DOTALL)
+    assert '<progress max="1" value="0.250">25%</progress> 1/4 (25 %) a &lt;b&gt;quarter&lt;/b&gt;' in running
+    assert f'action="/jobs/{claimed.id}/cancel"' in running
+    with urllib.request.urlopen(f"{server.url}jobs/{claimed.id}", timeout=10) as answer:
+        assert '<progress max="1" value="0.250">' in answer.read().decode()
+
+
+def request_page(url: str, token: str | None) -> str:
+    """The front page as the browser that opened the start-up URL sees it (with its token cookie)."""
+    opener = urllib.request.build_opener(NoRedirect)
+    with contextlib.suppress(urllib.error.HTTPError):
+        opener.open(f"{url}?token={token}", timeout=10)
+    cookie = NoRedirect.cookie
+    request = urllib.request.Request(url, headers={"Cookie": cookie})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return str(answer.read().decode())
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    cookie = ""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        NoRedirect.cookie = headers["Set-Cookie"].split(";")[0]
+        return None
+
+
+def test_a_nonsense_progress_report_fails_the_job_with_a_clear_error(
+    queue: Queue, make_worker: Callable[..., worker.Worker], db: str
+) -> None:
+    @job
+    def confused(ctx: worker.JobContext) -> None:
+        ctx.progress(float("nan"))
+
+    queue.enqueue("confused")
+    make_worker().work()
+    (row,) = rows(db)
+    assert row["status"] == "failed" and "progress: done must be a finite number, 0 or more, not nan" in row["error"]
+    assert row["progress"] is None
+
+
 # --- Real worker processes, with a ledger of each job's start and end ---------------------
 
 LEDGER_JOBS = """
@@ -489,6 +635,15 @@ def cooperative(ctx, path):
     ctx.cancelled.wait(60)
     _append(path, f"end {time.time()} {ctx.job.id}")
     return "stopped when asked"
+
+
+@job
+def counting(ctx, seconds):
+    deadline, done = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        done += 1
+        ctx.progress(done, message="counting")
+    return done
 """
 
 
@@ -636,3 +791,21 @@ def test_cancel_of_a_cooperative_and_an_uncooperative_job_in_a_worker_process(
     assert json.loads(by_id[polite.id]["result"]) == "stopped when asked"
     assert json.loads(by_id[stubborn.id]["result"]) == "done"  # it ran to its end; the row says it was asked
     assert by_id[stubborn.id]["error"].startswith("cancelled while running (asked by ops at ")
+
+
+@pytest.mark.slow
+def test_a_job_reporting_progress_in_a_tight_loop_is_seen_while_it_runs_and_written_once_a_second(
+    start_worker: Callable[..., WorkerProcess], db: str, counting_writes: Callable[[], int]
+) -> None:
+    with Queue(db, check_types=False) as producer:
+        counted = producer.enqueue("counting", {"seconds": 3})
+    process = start_worker("--concurrency", "1", name="worker")
+    seen = wait_for(lambda: rows(db, "progress IS NOT NULL AND status = 'running'"), 30, "progress while it runs")
+    assert json.loads(seen[0]["progress"])["message"] == "counting"
+    wait_for(lambda: rows(db, "status = 'succeeded'"), 30, "the job to end")
+    process.stop()
+    (row,) = rows(db)
+    reports = json.loads(row["result"])
+    assert json.loads(row["progress"])["done"] == reports > 10_000  # the last report, of many thousands
+    assert counting_writes() <= 5  # 3 s at one a second, and the last before the outcome
+    assert counted.id == row["id"]

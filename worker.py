@@ -1369,6 +1369,10 @@ class Store(Protocol):
         """(id, when, by whom) of the rows running under ``owner`` that someone asked to cancel."""
         ...
 
+    def write_progress_if_owned(self, owner: str, progress: Iterable[tuple[int, str]]) -> None:
+        """Store each (id, progress JSON) in its row while ``owner`` runs it."""
+        ...
+
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt of a failed or cancelled row that ends its chain; None if it is not one."""
         ...
@@ -1569,6 +1573,10 @@ class Store(Protocol):
 
     def retried_as(self, ids: list[int]) -> dict[int, int]:
         """For each of these rows that was retried (a later attempt points back to it), the id of that attempt."""
+        ...
+
+    def progress_of(self, ids: list[int]) -> dict[int, str]:
+        """For each of these rows that reported progress, its latest (the JSON text ctx.progress wrote)."""
         ...
 
 
@@ -1817,6 +1825,8 @@ def installed_schema_version(conn: Any) -> int:
         version = int(recorded)
     elif "worker_jobs" not in names:
         version = 0
+    elif _scalar(conn, "SELECT count(*) FROM pragma_table_info('worker_jobs') WHERE name = 'progress'"):
+        version = 9  # worker_schema, or its row, dropped by hand
     elif _scalar(conn, "SELECT count(*) FROM pragma_table_info('worker_jobs') WHERE name = 'snoozes'"):
         version = 8  # worker_schema, or its row, dropped by hand
     elif "worker_queues" in names:
@@ -2396,6 +2406,11 @@ class SQLiteStore(QueueControls):
     def request_cancel(self, id: int, now: int, by: str) -> bool:
         return self.conn.execute(self.REQUEST_CANCEL_SQL, {"id": id, "now": now, "by": by}).rowcount == 1
 
+    WRITE_PROGRESS_SQL = "UPDATE worker_jobs SET progress = ? WHERE id = ? AND status = 'running' AND owner = ?"
+
+    def write_progress_if_owned(self, owner: str, progress: Iterable[tuple[int, str]]) -> None:
+        self.conn.executemany(self.WRITE_PROGRESS_SQL, [(text, id, owner) for id, text in progress])
+
     def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
         return self.conn.execute(self.CANCEL_REQUESTS_SQL, {"owner": owner}).fetchall()
 
@@ -2862,6 +2877,17 @@ class SQLiteStore(QueueControls):
     def retried_as(self, ids: list[int]) -> dict[int, int]:
         return dict(self.conn.execute(self.RETRIED_AS_SQL, {"ids": json.dumps(ids)}).fetchall())
 
+    PROGRESS_OF_SQL = """
+    SELECT id, progress FROM worker_jobs WHERE id IN (SELECT value FROM json_each(:ids)) AND progress IS NOT NULL
+    """
+
+    def progress_of(self, ids: list[int]) -> dict[int, str]:
+        if self._installed_version < 9:  # a reader never upgrades the schema: no column, no progress
+            return {}
+        with _text_as_bytes(self.conn):  # another program's text may not be UTF-8: shown escaped, never a failure
+            found = self.conn.execute(self.PROGRESS_OF_SQL, {"ids": json.dumps(ids)}).fetchall()
+        return {id: _text_as_stored(text) if isinstance(text, bytes) else str(text) for id, text in found}
+
     # -- what `worker copy` reads, to move the rows to PostgreSQL --
 
     def snapshot(self) -> contextlib.AbstractContextManager[Any]:
@@ -3138,9 +3164,11 @@ class JobContext:
     def __init__(
         self, job: Job, *, app: SimpleNamespace, producer: Callable[[], Queue], worker_name: str,
         clock: Callable[[], int] = now_ms, cancelled: Callable[[], threading.Event] = threading.Event,
+        progress: ProgressReports | None = None,
     ) -> None:  # fmt: skip
         self.job = job
         self._cancelled = cancelled
+        self._progress = progress or ProgressReports()
         self._clock = clock  # the worker's: the follow-ups' times are the server's, as their parent's
         self.app = app
         self.worker = worker_name
@@ -3158,6 +3186,11 @@ class JobContext:
         """Set once someone asked to cancel this running job (``worker cancel ID``); a long job may check it (or
         wait on it) and return early.  Its row ends ``cancelled`` however the job then ends."""
         return self._cancelled()
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Report how far the job has come (``worker show``, ``worker jobs`` and the dashboard show it): call it as
+        often as you like; its worker writes the latest into the row once a second, and before the outcome."""
+        self._progress.report(self.job.id, done, total, message, self._clock())
 
     @functools.cached_property
     def logger(self) -> JobLogger:
@@ -3414,6 +3447,74 @@ class CancelRequests:
                                    follow_ups=[])  # fmt: skip
 
 
+PROGRESS_INTERVAL_MS = 1000  # a job's progress is written at most this often, however often it reports
+PROGRESS_MESSAGE_LIMIT = 200  # characters of a progress message kept
+
+
+class ProgressReports:
+    """The latest ``ctx.progress`` of each running job, written into its row by the worker: at most once per
+    PROGRESS_INTERVAL_MS (in its housekeeping), and once more before the job's outcome, so a job reporting in a
+    tight loop costs the database one write a second."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, str] = {}  # job id -> its progress as JSON, not written yet
+        self._next_write = 0
+
+    def report(self, job_id: int, done: float, total: float | None, message: str | None, now: int) -> None:
+        for name, value in (("done", done), ("total", total)):
+            if value is None and name == "total":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"progress: {name} must be a finite number, 0 or more, not {value!r}")
+        if message is not None and not isinstance(message, str):
+            raise ValueError(f"progress: message must be text, not {type(message).__name__}")
+        message = message and encodable(message[:PROGRESS_MESSAGE_LIMIT])
+        self._latest[job_id] = JSON.encode({"done": done, "total": total, "message": message, "at": now})
+
+    def due(self, now: int) -> bool:
+        """Whether a write of every job's report is due (something was reported, and the interval is up)."""
+        return bool(self._latest) and now >= self._next_write
+
+    def write(self, store: Store, owner: str, now: int, only: Iterable[int] | None = None) -> None:
+        """Write what was reported since the last write: every job's once the interval is up, or ``only`` those."""
+        if not self._latest:
+            return
+        if only is None:
+            if now < self._next_write:
+                return
+            self._next_write = now + PROGRESS_INTERVAL_MS
+            ids = list(self._latest)
+        else:
+            ids = [job_id for job_id in only if job_id in self._latest]
+        reports = [(job_id, text) for job_id in ids if (text := self._latest.pop(job_id, None)) is not None]
+        if reports:
+            store.write_progress_if_owned(owner, reports)
+
+
+def progress_text(text: str | None) -> str:
+    """A row's progress for people: "40/100 (40 %) copying rows"; empty for none, the text for a stranger's."""
+    if not text:
+        return ""
+    try:
+        report = json.loads(text)
+        done, total, message = report.get("done"), report.get("total"), report.get("message")
+        shown = f"{done:g}"
+        if total:
+            shown += f"/{total:g} ({100 * done / total:.0f} %)"
+        return f"{shown} {message}" if message else shown
+    except (ValueError, TypeError, AttributeError):
+        return text
+
+
+def progress_fraction(text: str | None) -> float | None:
+    """done / total of a row's progress, between 0 and 1; None without a total."""
+    try:
+        report = json.loads(text or "")
+        return min(max(float(report["done"]) / float(report["total"]), 0.0), 1.0)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError, AttributeError):
+        return None
+
+
 class Recording:
     """How a worker ends what it claimed, by each job's policy: the part of the worker that writes outcomes.
 
@@ -3432,12 +3533,14 @@ class Recording:
         self.store: Store = cast(Store, None)  # the worker's, set each time it opens one
         self.owner, self.max_deaths, self.rng, self.scheduled = owner, max_deaths, rng, scheduled
         self.cancels = CancelRequests()
+        self.progress = ProgressReports()
         self.keep_succeeded_ms, self.keep_failed_ms = keep_succeeded_ms, keep_failed_ms
 
     def record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
         """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
         if self.cancels.any():
             outcomes = [self.cancels.outcome(outcome) for outcome in outcomes]
+        self.progress.write(self.store, self.owner, now, only=[outcome.job.id for outcome in outcomes])
         for outcome in outcomes:
             if outcome.kind == "snoozed":
                 self.snooze(outcome, now)
@@ -3910,7 +4013,8 @@ class Worker:
         if cancels.asked(job.id):  # claimed ahead, and asked to cancel before a thread took it
             return Outcome(job, False, kind="not started")
         ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now,
-                         cancelled=functools.partial(cancels.event, job.id))  # fmt: skip
+                         cancelled=functools.partial(cancels.event, job.id),
+                         progress=self._recording.progress)  # fmt: skip
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
@@ -4422,6 +4526,9 @@ class Worker:
                 schedule.rescue_done(now)
             if self._running:
                 _emit(self._recording.cancels.look(self._store, self.owner, self._running, now))
+                if self._recording.progress.due(now):
+                    with self._write():
+                        self._recording.progress.write(self._store, self.owner, now)
         except DatabaseError as e:
             # Postponed, not given up: tried again after a backoff, as a failed step is.  At the next tick it
             # was a connection attempt and a warning every few ms while the server was out of reach.

@@ -64,6 +64,7 @@ from worker import (
     option_help,
     positive,
     printable,
+    progress_text,
     resolve_db_path,
     run_engine_command,
     setting,
@@ -134,14 +135,19 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
     return "\n".join(lines)
 
 
-def format_jobs(jobs: list[Job], colour: bool = False) -> str:
-    """``worker jobs`` for people."""
+def format_jobs(jobs: list[Job], colour: bool = False, progress: dict[int, str] | None = None) -> str:
+    """``worker jobs`` for people (with a progress column when a row has reported any)."""
     rows = [[j.id, printable(j.type), _colour(j.status, j.status, colour), printable(j.queue), j.attempt, _when(j.due),
              _when(j.finished), printable((j.error or "").split("\n", 1)[0][:60])] for j in jobs]  # fmt: skip
-    return _table(["id", "type", "status", "queue", "attempt", "due", "finished", "error"], rows)
+    headers = ["id", "type", "status", "queue", "attempt", "due", "finished", "error"]
+    if progress:
+        headers.insert(3, "progress")
+        for row, j in zip(rows, jobs, strict=True):
+            row.insert(3, printable(progress_text(progress.get(j.id))[:40]))
+    return _table(headers, rows)
 
 
-def format_job(job: Job, chain: list[Job], colour: bool = False) -> str:
+def format_job(job: Job, chain: list[Job], colour: bool = False, progress: str | None = None) -> str:
     """``worker show`` for people: the row, its data, result and error, and its chain."""
     cron = job.cron_schedule and f"{job.cron_schedule} ({job.cron_timezone or 'UTC'})"
     fields = [("id", job.id), ("type", printable(job.type)), ("status", _colour(job.status, job.status, colour)),
@@ -149,7 +155,8 @@ def format_job(job: Job, chain: list[Job], colour: bool = False) -> str:
               ("due", _when(job.due)), ("started", _when(job.started)), ("finished", _when(job.finished)),
               ("worker", job.worker and printable(job.worker)), ("tag", job.tag and printable(job.tag)),
               ("cron", cron and printable(cron)), ("from job", job.rescheduled_from_job),
-              ("remove at", _when(job.remove_at))]  # fmt: skip
+              ("remove at", _when(job.remove_at)),
+              ("progress", progress and printable(progress_text(progress)))]  # fmt: skip
     lines = [f"{name:<10} {value}" for name, value in fields if value is not None]
     lines += ["", "data:", _json_block(job.data)]
     if job.result is not None or job.status == "succeeded":
@@ -616,12 +623,13 @@ def _jobs_command(args: argparse.Namespace, db: str) -> int:
     store = open_reader(db)
     try:
         found = list_jobs(store, status=args.status, type=args.type, queue=args.queue, limit=args.limit)
+        progress = store.progress_of([j.id for j in found])
     finally:
         store.close()
     if args.json:
-        print(json.dumps([job_as_dict(j) for j in found], indent=2))
+        print(json.dumps([_with_progress(job_as_dict(j), progress.get(j.id)) for j in found], indent=2))
     else:
-        print(format_jobs(found, _colour_wanted()))
+        print(format_jobs(found, _colour_wanted(), progress))
     return EXIT_OK
 
 
@@ -629,6 +637,7 @@ def _show_command(args: argparse.Namespace, db: str) -> int:
     store = open_reader(db)
     try:
         chain = job_chain(store, args.id)
+        progress = store.progress_of([args.id]).get(args.id)
     finally:
         store.close()
     found = next((j for j in chain if j.id == args.id), None)
@@ -636,10 +645,21 @@ def _show_command(args: argparse.Namespace, db: str) -> int:
         print(f"worker: no job {args.id}", file=sys.stderr)
         return EXIT_FAILURE
     if args.json:
-        print(json.dumps({**job_as_dict(found), "chain": [job_as_dict(j) for j in chain]}, indent=2))
+        shown = _with_progress(job_as_dict(found), progress)
+        print(json.dumps({**shown, "chain": [job_as_dict(j) for j in chain]}, indent=2))
     else:
-        print(format_job(found, chain, _colour_wanted()))
+        print(format_job(found, chain, _colour_wanted(), progress))
     return EXIT_OK
+
+
+def _with_progress(row: dict[str, Any], progress: str | None) -> dict[str, Any]:
+    """A row's JSON with its latest progress, when it reported any (as stored, if it is not JSON)."""
+    if progress is None:
+        return row
+    try:
+        return {**row, "progress": json.loads(progress)}
+    except ValueError:
+        return {**row, "progress": progress}
 
 
 def _retry_command(args: argparse.Namespace, db: str) -> int:

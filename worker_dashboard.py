@@ -191,6 +191,15 @@ def page(title: str, body: Html, *, nonce: str, refresh: int | None = None) -> s
     )
 
 
+def progress_bar(text: str | None) -> Html:
+    """A row's progress: a <progress> bar (no script needed) when it has a total, and its words."""
+    if not text:
+        return Html("")
+    fraction = worker.progress_fraction(text)
+    bar = "" if fraction is None else f'<progress max="1" value="{fraction:.3f}">{fraction:.0%}</progress> '
+    return Html(f"{bar}{e(worker.progress_text(text))}")
+
+
 def render_index(
     report: dict[str, Any],
     failures: list[worker.Job],
@@ -198,6 +207,8 @@ def render_index(
     *,
     token: str | None,
     retried: dict[int, int],
+    running: list[worker.Job] | None = None,
+    progress: dict[int, str] | None = None,
 ) -> Html:
     """The front page: queues, workers, cron jobs, recent failures and the latest rows."""
     fresh = sum(1 for w in report["workers"] if w["fresh"])
@@ -310,6 +321,23 @@ def render_index(
             empty="no failed jobs",
             id="failures",
         ),
+        Html("<h2>Running</h2>"),
+        table(
+            ["id", "type", "queue", "started", "progress", ""],
+            [
+                [
+                    job_link(j.id),
+                    j.type,
+                    j.queue,
+                    when(j.started),
+                    progress_bar((progress or {}).get(j.id)),
+                    actions_for(j, token),
+                ]
+                for j in running or []
+            ],
+            empty="no running jobs",
+            id="running",
+        ),
         Html("<h2>Latest jobs</h2>"),
         table(
             ["id", "type", "status", "queue", "attempt", "due", "finished", ""],
@@ -333,7 +361,7 @@ def render_index(
     return Html("".join(parts))
 
 
-def render_job(job: worker.Job, chain: list[worker.Job], *, token: str | None) -> Html:
+def render_job(job: worker.Job, chain: list[worker.Job], *, token: str | None, progress: str | None = None) -> Html:
     """A job's page: its row, data, result, error and chain."""
     retried_as = next((j.id for j in chain if j.rescheduled_from_job == job.id and j.attempt > job.attempt), None)
     cron = job.cron_schedule and f"{job.cron_schedule} ({job.cron_timezone or 'UTC'})"
@@ -343,6 +371,7 @@ def render_job(job: worker.Job, chain: list[worker.Job], *, token: str | None) -
         ("started", when(job.started)), ("finished", when(job.finished)), ("worker", job.worker),
         ("tag", job.tag), ("cron", cron), ("from job", job_link(job.rescheduled_from_job)),
         ("worker deaths", job.deaths), ("remove at", "never" if job.persistent else when(job.remove_at)),
+        ("progress", progress_bar(progress)),
     ]  # fmt: skip
     parts = [
         Html(f"<h1>Job {e(job.id)} <code>{e(job.type)}</code> {actions_for(job, token, retried_as)}</h1>"),
@@ -523,8 +552,11 @@ class DashboardHandler(BaseHTTPRequestHandler):
         report = worker.status(conn)
         failures = worker.list_jobs(conn, status="failed", limit=RECENT_LIMIT)
         latest = worker.list_jobs(conn, limit=RECENT_LIMIT)
+        running = worker.list_jobs(conn, status="running", limit=RECENT_LIMIT)
+        progress = worker.as_store(conn).progress_of([j.id for j in running])
         token = self._page_token()
-        body = render_index(report, failures, latest, token=token, retried=retries_of(conn, failures + latest))
+        body = render_index(report, failures, latest, token=token, retried=retries_of(conn, failures + latest),
+                            running=running, progress=progress)  # fmt: skip
         if self.server.token is not None and token is None:
             body = Html('<p class="note">Retry and cancel are allowed: open the URL printed at start.</p>' + body)
         self._send(HTTPStatus.OK, page("worker dashboard", body, nonce=self.nonce, refresh=self.server.refresh_seconds))
@@ -535,7 +567,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
         if found is None:
             self._message(HTTPStatus.NOT_FOUND, f"no job {id}")
             return
-        body = render_job(found, chain, token=self._page_token())
+        progress = worker.as_store(conn).progress_of([id]).get(id)
+        body = render_job(found, chain, token=self._page_token(), progress=progress)
         self._send(HTTPStatus.OK, page(f"job {id} {found.type}", body, nonce=self.nonce))
 
     def _act(self, id: int, action: str) -> None:

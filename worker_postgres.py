@@ -444,6 +444,11 @@ class OperatingReads:
     def retried_as(self, ids: list[int]) -> dict[int, int]:
         return dict(self._execute(self.RETRIED_AS_SQL, {"ids": ids}).fetchall())
 
+    PROGRESS_OF_SQL = "SELECT id, progress FROM worker_jobs WHERE id = ANY(%(ids)s) AND progress IS NOT NULL"
+
+    def progress_of(self, ids: list[int]) -> dict[int, str]:
+        return dict(self._execute(self.PROGRESS_OF_SQL, {"ids": ids}).fetchall())
+
 
 class PostgresStore(OperatingReads, worker.QueueControls):
     """worker.Store on one psycopg connection (one worker's, or one thread's): the SQL of each verb beside it.
@@ -681,6 +686,19 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     SELECT id, cancel_requested, cancel_requested_by FROM worker_jobs
      WHERE status = 'running' AND owner = %(owner)s AND cancel_requested IS NOT NULL
     """
+
+    # One statement for the batch, as FINISH_MANY_SQL; fenced on the owner.
+    WRITE_PROGRESS_SQL = """
+    UPDATE worker_jobs AS job SET progress = given.progress
+      FROM unnest(%(ids)s::bigint[], %(progress)s::text[]) AS given (id, progress)
+     WHERE job.id = given.id AND job.status || '' = 'running' AND job.owner = %(owner)s
+    """
+
+    def write_progress_if_owned(self, owner: str, progress: Iterable[tuple[int, str]]) -> None:
+        """Store each (id, progress JSON) in its row while ``owner`` runs it."""
+        reports = list(progress)
+        params = {"owner": owner, "ids": [id for id, _ in reports], "progress": [text for _, text in reports]}
+        self._execute(self.WRITE_PROGRESS_SQL, params)
 
     def request_cancel(self, id: int, now: int, by: str) -> bool:
         """Ask the worker running row ``id`` to cancel it; False if it is not running, or was asked already."""
