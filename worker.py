@@ -1496,6 +1496,10 @@ class Store(Protocol):
         """Per queue and status: rows finished since ``since`` (from the per-minute counts: the whole minute)."""
         ...
 
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        """Per minute (its first ms) and status, all queues together: rows finished since ``since``'s minute."""
+        ...
+
     def running_by_owner(self) -> dict[str, int]:
         """Per claim token (a worker process's id): running rows, jobs claimed ahead included."""
         ...
@@ -2705,6 +2709,19 @@ class SQLiteStore(QueueControls):
         if self._installed_version >= 3:  # from the minute ``since`` falls in
             return self.conn.execute(self.FINISHED_PER_MINUTE_SQL, {"since": since - since % MINUTE_MS}).fetchall()
         return self.conn.execute(self.FINISHED_SINCE_SQL, {"since": since}).fetchall()  # not upgraded: the rows
+
+    BY_MINUTE_SQL = """
+    SELECT minute, status, sum(count) FROM worker_finished_per_minute WHERE minute >= :since
+     GROUP BY minute, status ORDER BY minute, status
+    """
+    BY_MINUTE_FROM_ROWS_SQL = f"""
+    SELECT finished - finished % {MINUTE_MS}, status, count(*) FROM worker_jobs WHERE finished >= :since
+     GROUP BY 1, 2 ORDER BY 1, 2
+    """
+
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        sql = self.BY_MINUTE_SQL if self._installed_version >= 3 else self.BY_MINUTE_FROM_ROWS_SQL
+        return self.conn.execute(sql, {"since": since - since % MINUTE_MS}).fetchall()
 
     def running_by_owner(self) -> dict[str, int]:
         # Exact now, where worker_processes.running is as old as the process's

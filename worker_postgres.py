@@ -375,6 +375,14 @@ class OperatingReads:
     def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
         return self._execute(self.FINISHED_PER_MINUTE_SQL, {"since": since - since % worker.MINUTE_MS}).fetchall()
 
+    BY_MINUTE_SQL = """
+    SELECT minute, status, sum(count)::bigint FROM worker_finished_per_minute
+     WHERE minute >= %(since)s GROUP BY minute, status ORDER BY minute, status
+    """
+
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        return self._execute(self.BY_MINUTE_SQL, {"since": since - since % worker.MINUTE_MS}).fetchall()
+
     def running_by_owner(self) -> dict[str, int]:
         sql = "SELECT owner, count(*) FROM worker_jobs WHERE status = 'running' GROUP BY owner"
         return dict(self._execute(sql).fetchall())
