@@ -113,6 +113,9 @@ def test_status_json_counts_each_queue_and_names_the_worker_and_cron_job(db: str
         "failed_last_hour": 2,
         "cancelled_last_hour": 1,
         "oldest_waiting_seconds": None,
+        "paused": False,
+        "max_running": None,
+        "per_second": None,
     }
     assert queues["default"]["oldest_waiting_seconds"] >= 0
     assert (queues["mail"]["running"], queues["mail"]["pending_due"]) == (1, 0)
@@ -642,7 +645,7 @@ CHROMIUM_ARGS = [
 def _browser_missing(reason: str) -> NoReturn:
     """Skip on a developer's machine without a browser; in CI (CI=true) that is a failure."""
     if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must run the browser test: .ci/browser-setup.sh installs chromium)")
+        pytest.fail(f"{reason} (CI must run the browser test: .ci/system-packages.sh installs chromium)")
     pytest.skip(reason)
 
 
@@ -650,7 +653,7 @@ def test_browser_shows_a_failed_job_and_opens_its_traceback(
     db: str, prepared: dict[str, int], serve: Callable[..., DashboardServer], tmp_path: Path
 ) -> None:
     if not Path(CHROMIUM).exists():
-        _browser_missing("Debian's chromium is not installed: run .ci/browser-setup.sh")
+        _browser_missing("Debian's chromium is not installed: run .ci/system-packages.sh")
     try:
         from playwright.sync_api import Dialog, expect, sync_playwright
     except ImportError:
