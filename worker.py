@@ -87,6 +87,7 @@ logger = logging.getLogger("worker")
 # be a stranger in site-packages.
 SCHEMA_FILES = (Path(__file__).with_name("schema.sql"), Path(__file__).with_name("worker_schema.sql"))
 BUSY_TIMEOUT_MS = 5_000
+LOCK_LOOK_EVERY = 0.0005  # seconds between a producer's looks for the write lock while a worker holds it
 DEFAULT_DB = "worker.db"
 DEFAULT_JOBS_MODULE = "jobs"
 DEFAULT_CONCURRENCY = 4
@@ -852,6 +853,8 @@ class Queue:
             # leaves the parent's untouched.
             assert self.path is not None
             local.store, local.pid = open_store(self.path), _process_id
+            if isinstance(local.store, SQLiteStore):
+                local.store.prompt_lock = True
         store: Store = local.store
         return store
 
@@ -1886,6 +1889,45 @@ class _Immediate:
                 self.conn.execute("ROLLBACK")
 
 
+def prompt_immediate(conn: sqlite3.Connection) -> _PromptImmediate:
+    """BEGIN IMMEDIATE that looks for the write lock every LOCK_LOOK_EVERY s while another holds it (a Queue's)."""
+    return _PromptImmediate(conn)
+
+
+class _PromptImmediate(_Immediate):
+    __slots__ = ()
+
+    def __enter__(self) -> sqlite3.Connection:
+        execute_promptly(self.conn, "BEGIN IMMEDIATE")
+        return self.conn
+
+
+def execute_promptly(conn: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Cursor:
+    """Run a statement that takes the write lock first (BEGIN IMMEDIATE, a lone INSERT), looking for the lock often.
+
+    SQLite's own wait (busy_timeout) looks again after 1, 2, 5, 10, ... and
+    then every 100 ms.  A worker busy with jobs of a few ms holds the lock most
+    of the time, in spells of a fraction of a ms, so a web request's enqueue
+    that looked that rarely waited hundreds of ms for a lock that was free
+    every ms (bench/workloads.py, the priority job).  A Queue's writes look
+    every LOCK_LOOK_EVERY instead, for as long as the busy timeout; refused,
+    such a statement has written nothing, so it is simply run again.  The
+    worker's own transactions keep SQLite's wait.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                return conn.execute(sql, params)
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", 0) & 0xFF != 5 or time.monotonic() >= deadline:  # 5: SQLITE_BUSY
+                    raise
+            time.sleep(LOCK_LOOK_EVERY)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
 def _file_identity(path: str | None) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the file at ``path`` (None for no path)."""
     if path is None:
@@ -2174,6 +2216,7 @@ class SQLiteStore(QueueControls):
         # the producer's verbs allow for (_changes, _last_rowid); the worker's do not need to.
         self.conn: sqlite3.Connection = conn
         self.nested = nested  # in the caller's transaction: a savepoint, not a transaction of its own
+        self.prompt_lock = False  # a Queue's: wait for the write lock looking often (_PromptImmediate)
         queue_filter = "AND queue IN (SELECT value FROM json_each(:queues))" if queues else ""
         # Only the types the worker has registered: during a rolling deploy, a
         # row of a type that only newer workers know waits for one of them.
@@ -2195,7 +2238,9 @@ class SQLiteStore(QueueControls):
         self._held_back = {}
 
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
-        return _InEngineErrors(_savepoint(self.conn) if self.nested else immediate(self.conn))
+        if self.nested:
+            return _InEngineErrors(_savepoint(self.conn))
+        return _InEngineErrors(prompt_immediate(self.conn) if self.prompt_lock else immediate(self.conn))
 
     def savepoint(self) -> contextlib.AbstractContextManager[Any]:
         return _InEngineErrors(_savepoint(self.conn))
@@ -2257,7 +2302,9 @@ class SQLiteStore(QueueControls):
         inserts nothing then, and returns the pending row.
         """
         conn = self.conn
-        if row["tag"] is None:
+        if row["tag"] is None and self.prompt_lock and not conn.in_transaction:  # a Queue's lone INSERT
+            cursor = execute_promptly(conn, self.INSERT_SQL, row)
+        elif row["tag"] is None:
             cursor = conn.execute(self.INSERT_SQL, row)
         elif on_conflict == "replace":
             reason = f"replaced by a newer job with tag {row['tag']!r}"
