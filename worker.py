@@ -51,6 +51,7 @@ import ctypes
 import dataclasses
 import enum
 import functools
+import getpass
 import importlib
 import inspect
 import json
@@ -109,6 +110,7 @@ POLL_INTERVAL = 0.006  # how often an idle worker looks for commits by others, w
 WATCHED_POLL_INTERVAL = 0.025  # ... and with it: only a safety net for a missed event
 COMMIT_SETTLE_SECONDS, COMMIT_SETTLE_POLL = 0.05, 0.002  # after a -wal event, look every 2 ms for 50 ms
 MAX_BUSY_BACKOFF = 2.0
+MAX_SNOOZES = 100  # per chain: a job that always says "not yet" ends failed, not pending for ever
 # Claiming ahead: while jobs are short, a claim takes up to DEFAULT_PREFETCH
 # jobs beyond the free slots, so that one commit records and claims a batch
 # (at concurrency 1 every job would otherwise need a commit of its own).
@@ -133,7 +135,7 @@ class Status(enum.StrEnum):
     RUNNING = "running"  # claimed, under a lease; finish, give back or rescue ends it
     SUCCEEDED = "succeeded"  # finished: its function returned
     FAILED = "failed"  # finished: it raised, timed out, or its worker was lost
-    CANCELLED = "cancelled"  # finished: cancelled (or replaced by a newer row of its tag) while pending
+    CANCELLED = "cancelled"  # finished: cancelled (or replaced by a newer row of its tag), or it snoozed
 
 
 STATUSES = tuple(status.value for status in Status)
@@ -192,6 +194,18 @@ class DatabaseReplaced(WorkerError):
 
 class ForkedConnection(WorkerError):
     """A database connection opened in another process was used after fork()."""
+
+
+class Snooze(Exception):
+    """Raised by a job: not yet.  Its row ends `cancelled`, and the next row of its chain is due in ``seconds``,
+    with the same attempt: a snooze uses up no attempt.  A chain snoozes at most MAX_SNOOZES times; the next
+    snooze fails the job."""
+
+    def __init__(self, seconds: Seconds) -> None:
+        delay_ms = _optional_ms(seconds, "a snooze")
+        assert delay_ms is not None
+        super().__init__(f"snoozed for {delay_ms / 1000:g} s")
+        self.delay_ms = delay_ms
 
 
 # --- Time -------------------------------------------------------------------------
@@ -1024,12 +1038,18 @@ class Queue:
         """The row with this id, or None."""
         return self._store().get(id)
 
-    def cancel(self, id: int, *, reason: str = "cancelled", now: int | None = None) -> bool:
-        """Cancel a pending job; False when it is not pending (running or finished)."""
+    def cancel(self, id: int, *, reason: str = "cancelled", by: str | None = None, now: int | None = None) -> bool:
+        """Cancel a pending job, or ask the worker of a running one to stop it (within about a second it sets the
+        job's ``ctx.cancelled``, and the row ends ``cancelled``); False when it has ended, or was asked already.
+
+        ``by`` names who asked (default: this user at this host), kept in the row.
+        """
         now = self.now() if now is None else now
         store = self._store()
         with store.transaction():
-            return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1
+            if store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1:
+                return True
+            return store.request_cancel(id, now, by or _who_asks())
 
     def cancel_type(self, type: str, *, reason: str | None = None, now: int | None = None) -> int:
         """Cancel every pending job of a type (one no worker will ever run: a typo, a removed job); how many."""
@@ -1222,6 +1242,15 @@ def _new_job(id: int, row: dict[str, Any]) -> Job:
     )
 
 
+def _who_asks() -> str:
+    """The user and host of this process, as the one who asks to cancel a running job."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
 def default_keep_ms(*, succeeded: bool) -> int:
     """How long finished rows stay: WORKER_KEEP_SUCCEEDED / WORKER_KEEP_FAILED seconds, else 7 / 30 days."""
     variable, default = ("WORKER_KEEP_SUCCEEDED", KEEP_SUCCEEDED) if succeeded else ("WORKER_KEEP_FAILED", KEEP_FAILED)
@@ -1334,6 +1363,15 @@ class Store(Protocol):
         """Cancel the pending row of this id, or the pending rows of this tag or type; how many (pending only)."""
         ...
 
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        """Ask the worker running row ``id`` to cancel it (it reads cancel_requests); False if it is not running,
+        or was asked already."""
+        ...
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        """(id, when, by whom) of the rows running under ``owner`` that someone asked to cancel."""
+        ...
+
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt of a failed or cancelled row that ends its chain; None if it is not one."""
         ...
@@ -1425,6 +1463,15 @@ class Store(Protocol):
 
         The new row's id, or None when the tag was taken.
         """
+        ...
+
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        """Insert the row that a snooze of row ``id`` asks for (same attempt, one more snooze), if ``owner`` still
+        runs it and no pending row holds its tag; the new id, or None."""
+        ...
+
+    def snoozes(self, id: int) -> int:
+        """How often the chain of row ``id`` has snoozed so far."""
         ...
 
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
@@ -1777,7 +1824,9 @@ def installed_schema_version(conn: Any) -> int:
         version = int(recorded)
     elif "worker_jobs" not in names:
         version = 0
-    elif "worker_queues" in names:  # worker_schema, or its row, dropped by hand
+    elif _scalar(conn, "SELECT count(*) FROM pragma_table_info('worker_jobs') WHERE name = 'snoozes'"):
+        version = 8  # worker_schema, or its row, dropped by hand
+    elif "worker_queues" in names:
         version = 7
     elif "worker_jobs_refuse_invalid" in names:
         version = 6
@@ -2380,9 +2429,26 @@ class SQLiteStore(QueueControls):
            {COPIED_POLICY}, persistent
       FROM worker_jobs AS old
      WHERE id = :id AND status IN ('failed', 'cancelled') AND attempt < {MAX_COUNT}
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
     RETURNING {SELECT_COLUMNS}
     """
+
+    REQUEST_CANCEL_SQL = """
+    UPDATE worker_jobs SET cancel_requested = :now, cancel_requested_by = :by
+     WHERE id = :id AND status = 'running' AND cancel_requested IS NULL
+    """
+    # INDEXED BY: the running rows' own small index (a worker looks twice a second).
+    CANCEL_REQUESTS_SQL = """
+    SELECT id, cancel_requested, cancel_requested_by FROM worker_jobs INDEXED BY worker_jobs_lease
+     WHERE status = 'running' AND owner = :owner AND cancel_requested IS NOT NULL
+    """
+
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        return self.conn.execute(self.REQUEST_CANCEL_SQL, {"id": id, "now": now, "by": by}).rowcount == 1
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        return self.conn.execute(self.CANCEL_REQUESTS_SQL, {"owner": owner}).fetchall()
 
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt, due now, of a failed or cancelled row that ends its chain; None if it is not one."""
@@ -2392,7 +2458,8 @@ class SQLiteStore(QueueControls):
     RETRYABLE_FAILED_SQL = """
     SELECT id FROM worker_jobs AS old
      WHERE status = 'failed' AND (:type IS NULL OR type = :type)
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
      ORDER BY id
     """
 
@@ -2537,13 +2604,18 @@ class SQLiteStore(QueueControls):
     RETRY_SQL = f"""
     INSERT OR IGNORE INTO worker_jobs
            (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
-            rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
+            rescheduled_from_job, created_at, deaths, snoozes, max_attempts, retry_delay_ms, backoff, timeout_ms,
             keep_ms, persistent)
-    SELECT type, data, queue, priority, :due, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
-           id, :now, :deaths, {COPIED_POLICY}, persistent
-      FROM worker_jobs WHERE id = :id
+    SELECT type, data, queue, priority, :due, tag, attempt + {{next_attempt}}, cron_schedule, cron_timezone, cron_slot,
+           id, :now, {{deaths}}, snoozes + {{snoozed}}, {COPIED_POLICY}, persistent
+      FROM worker_jobs WHERE id = :id {{fence}}
     RETURNING id
     """
+    # A snooze's next row: the same attempt, one more snooze; only while the row is still this worker's.
+    SNOOZE_SQL = RETRY_SQL.format(
+        next_attempt=0, deaths="deaths", snoozed=1, fence="AND status = 'running' AND owner = :owner"
+    )
+    RETRY_SQL = RETRY_SQL.format(next_attempt=1, deaths=":deaths", snoozed=0, fence="")
 
     def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
         inserted = self.conn.execute(self.RETRY_SQL, {"id": id, "due": due, "now": now, "deaths": deaths}).fetchall()
@@ -2561,6 +2633,14 @@ class SQLiteStore(QueueControls):
       FROM worker_jobs WHERE id = :id
     RETURNING id
     """
+
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        params = {"id": id, "owner": owner, "due": due, "now": now}
+        inserted = self.conn.execute(self.SNOOZE_SQL, params).fetchall()
+        return int(inserted[0][0]) if inserted else None
+
+    def snoozes(self, id: int) -> int:
+        return int(_scalar(self.conn, "SELECT snoozes FROM worker_jobs WHERE id = ?", (id,)) or 0)
 
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
         inserted = self.conn.execute(self.NEXT_CRON_RUN_SQL, {"id": id, "due": due, "now": now}).fetchall()
@@ -2838,7 +2918,8 @@ class SQLiteStore(QueueControls):
     # As `worker retry` sees it; walks the chain index, one probe per row.
     RETRIED_AS_SQL = """
     SELECT old.id, new.id FROM worker_jobs AS old
-      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id AND new.attempt > old.attempt
+      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id
+                                   AND (new.attempt > old.attempt OR new.snoozes > old.snoozes)
      WHERE old.id IN (SELECT value FROM json_each(:ids))
     """
 
@@ -3120,9 +3201,10 @@ class JobContext:
 
     def __init__(
         self, job: Job, *, app: SimpleNamespace, producer: Callable[[], Queue], worker_name: str,
-        clock: Callable[[], int] = now_ms,
+        clock: Callable[[], int] = now_ms, cancelled: Callable[[], threading.Event] = threading.Event,
     ) -> None:  # fmt: skip
         self.job = job
+        self._cancelled = cancelled
         self._clock = clock  # the worker's: the follow-ups' times are the server's, as their parent's
         self.app = app
         self.worker = worker_name
@@ -3134,6 +3216,12 @@ class JobContext:
         """The worker's Queue, got when a job first enqueues: getting it may connect, and fail if the database is
         out of reach, which is then the job's error (made before the job ran, it killed the job's thread)."""
         return self._producer()
+
+    @functools.cached_property
+    def cancelled(self) -> threading.Event:
+        """Set once someone asked to cancel this running job (``worker cancel ID``); a long job may check it (or
+        wait on it) and return early.  Its row ends ``cancelled`` however the job then ends."""
+        return self._cancelled()
 
     @functools.cached_property
     def logger(self) -> JobLogger:
@@ -3184,9 +3272,10 @@ class Outcome:
     result: str | None = None  # JSON text
     error: str | None = None
     seconds: float = 0.0
-    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown | unrecordable
+    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown | unrecordable | snoozed
     started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
     follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
+    snooze_ms: int = 0  # kind snoozed: how long until the next row is due
 
 
 class _Write:
@@ -3330,6 +3419,65 @@ class ClaimAhead:
         return min(self.limit, math.ceil(PREFETCH_ROUND_TRIPS * self.round_trip_seconds / start_every))
 
 
+CANCEL_LOOK_MS = 500  # how often a worker with running jobs looks for requests to cancel one
+
+
+class CancelRequests:
+    """Requests to cancel this worker's running jobs: looked for in its housekeeping, passed to each job as
+    ``ctx.cancelled``, and turned into the outcome the row ends with.
+
+    The request reaches a job when the worker sets its event; a job whose
+    outcome reached the worker's loop before that keeps its own outcome.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[int, threading.Event] = {}  # made only for jobs that look, or that were asked
+        self._asked: dict[int, tuple[int, str | None]] = {}  # job id -> (when, by whom)
+        self._next_look = 0
+
+    def event(self, job_id: int) -> threading.Event:
+        return self._events.setdefault(job_id, threading.Event())
+
+    def asked(self, job_id: int) -> bool:
+        return job_id in self._asked
+
+    def any(self) -> bool:
+        """Whether any job has an event or a request (else nothing to do when outcomes are recorded)."""
+        return bool(self._events or self._asked)
+
+    def look(self, store: Store, owner: str, running: Container[int], now: int) -> list[_Note]:
+        """Every CANCEL_LOOK_MS: set the event of each running job that someone asked to cancel."""
+        if now < self._next_look:
+            return []
+        self._next_look = now + CANCEL_LOOK_MS
+        notes = []
+        for job_id, asked_at, by in store.cancel_requests(owner):
+            if job_id in running and job_id not in self._asked:
+                self._asked[job_id] = (asked_at, by)
+                self.event(job_id).set()
+                notes.append(_Note(logging.INFO, "job %d: asked to cancel it (by %s); ctx.cancelled is set",
+                                   (job_id, by), {"action": "cancel", "job_id": job_id}))  # fmt: skip
+        return notes
+
+    def outcome(self, outcome: Outcome) -> Outcome:
+        """The outcome a job's row ends with: ``cancelled`` if the request reached it first, beside what it
+        returned or raised; else its own."""
+        job_id = outcome.job.id
+        self._events.pop(job_id, None)
+        asked = self._asked.pop(job_id, None)
+        if asked is None or outcome.kind in ("timeout", "unrecordable"):
+            return outcome
+        request = f"cancelled while running (asked by {asked[1] or 'someone'} at {iso_time(asked[0])})"
+        if outcome.kind == "not started":
+            error = request.replace("while running", "before it started")
+        elif outcome.succeeded:
+            error = f"{request}; it then returned (its result is kept)"
+        else:
+            error = f"{request}; it then {'snoozed' if outcome.kind == 'snoozed' else 'raised'}:\n{outcome.error}"
+        return dataclasses.replace(outcome, succeeded=False, result=outcome.result, error=error, kind="cancelled",
+                                   follow_ups=[])  # fmt: skip
+
+
 class Recording:
     """How a worker ends what it claimed, by each job's policy: the part of the worker that writes outcomes.
 
@@ -3347,11 +3495,17 @@ class Recording:
     ) -> None:  # fmt: skip
         self.store: Store = cast(Store, None)  # the worker's, set each time it opens one
         self.owner, self.max_deaths, self.rng, self.scheduled = owner, max_deaths, rng, scheduled
+        self.cancels = CancelRequests()
         self.keep_succeeded_ms, self.keep_failed_ms = keep_succeeded_ms, keep_failed_ms
 
     def record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
         """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
-        ended = [(o.job.id, _ENDED_AS[o.succeeded], o.result, o.error, o.started, self.keep_ms(o)) for o in outcomes]
+        if self.cancels.any():
+            outcomes = [self.cancels.outcome(outcome) for outcome in outcomes]
+        for outcome in outcomes:
+            if outcome.kind == "snoozed":
+                self.snooze(outcome, now)
+        ended = [(o.job.id, _ended_as(o), o.result, o.error, o.started, self.keep_ms(o)) for o in outcomes]
         owned = self.store.finish_many_if_owned(self.owner, now, ended) if ended else set()
         notes: list[_Note] = []
         finished: list[tuple[int, str, str]] = []
@@ -3359,6 +3513,20 @@ class Recording:
             notes.extend(self.finish(outcome, now, finished, outcome.job.id in owned))
         self.store.count_finished(finished)
         return notes
+
+    def snooze(self, outcome: Outcome, now: int) -> None:
+        """Make the row a snoozed job asks for, before its own row ends: or, past MAX_SNOOZES, fail it instead."""
+        job = outcome.job
+        if self.store.snoozes(job.id) >= MAX_SNOOZES:
+            outcome.kind, outcome.error = "error", f"snoozed {MAX_SNOOZES} times (the most a chain may): given up"
+            return
+        due = min(now + outcome.snooze_ms, MAX_TIME_MS)
+        next_id = self.store.schedule_snooze_if_owned(job.id, self.owner, due=due, now=now)
+        if next_id is None:
+            outcome.error = f"{outcome.error}: not run again (a newer pending job holds its tag, or it was rescued)"
+        else:
+            self.scheduled(due)
+            outcome.error = f"{outcome.error}: job {next_id} runs it then"
 
     def keep_ms(self, outcome: Outcome) -> int:
         keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
@@ -3368,11 +3536,16 @@ class Recording:
     def finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]], owned: bool) -> list[_Note]:
         """What follows a row ended (``owned``: it was still this worker's): follow-ups, retry, next cron run, notes."""
         job = outcome.job
-        status = _ENDED_AS[outcome.succeeded]
+        status = _ended_as(outcome)
         if not owned:
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
         finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
+        if outcome.kind == "snoozed":  # its next row is the rest of this run: no retry, no next cron run
+            return [_Note.about(job, "snoozed", logging.INFO, "job %d %s %s", job.id, job.type, outcome.error)]
+        if outcome.kind == "cancelled":  # no retry; a recurring job's schedule goes on
+            note = _Note.about(job, "cancelled", logging.WARNING, "job %d %s %s", job.id, job.type, outcome.error)
+            return [note, *self.schedule_next_cron_run(job, now)]
         if outcome.succeeded:
             for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
                 self.store.insert(row, on_conflict)
@@ -3496,6 +3669,11 @@ class Recording:
 
 
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
+
+
+def _ended_as(outcome: Outcome) -> str:
+    """The status an outcome ends its row in."""
+    return Status.CANCELLED.value if outcome.kind in ("snoozed", "cancelled") else _ENDED_AS[outcome.succeeded]
 
 
 class Worker:
@@ -3792,13 +3970,23 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
-        ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now)
+        cancels = self._recording.cancels
+        if cancels.asked(job.id):  # claimed ahead, and asked to cancel before a thread took it
+            return Outcome(job, False, kind="not started")
+        ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now,
+                         cancelled=functools.partial(cancels.event, job.id))  # fmt: skip
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
         process = _process_id
         try:
             value = job_type.fn(ctx, **job.data)
+        except Snooze as e:
+            if _process_id != process:
+                _end_forked_child(e)
+            seconds = time.perf_counter() - started
+            return Outcome(job, False, error=str(e), seconds=seconds, kind="snoozed", started=started_ms,
+                           snooze_ms=e.delay_ms)  # fmt: skip
         except BaseException as e:
             if _process_id != process:
                 _end_forked_child(e)
@@ -4109,6 +4297,8 @@ class Worker:
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
         self._nothing_due = free > 0 and not claimed and not self._last_claim_full and now < self._next_due
+        if self._nothing_due and self._store.at_running_limit():  # due rows wait for a place, not for a time
+            self._nothing_due = False
         # Idle: nothing running and nothing claimed.  Only then do commits by
         # others wake it (under load, every commit would, and the wake-ups would
         # cost more than they save); a busy worker looks every poll_interval.
@@ -4294,6 +4484,8 @@ class Worker:
             if schedule.rescue_due(now):
                 self.rescue(now)
                 schedule.rescue_done(now)
+            if self._running:
+                _emit(self._recording.cancels.look(self._store, self.owner, self._running, now))
         except DatabaseError as e:
             # Postponed, not given up: tried again after a backoff, as a failed step is.  At the next tick it
             # was a connection attempt and a warning every few ms while the server was out of reach.

@@ -136,14 +136,15 @@ def action_button(id: int, action: str, token: str) -> Html:
 
 
 def actions_for(job: worker.Job, token: str | None, retried_as: int | None = None) -> Html:
-    """What can be done with a row: retry a failed or cancelled one, cancel a pending one."""
+    """What can be done with a row: retry a failed or cancelled one, cancel a pending one, ask a running one's
+    worker to stop it."""
     if retried_as is not None:
         return Html(f"retried as {job_link(retried_as)}")
     if token is None:
         return Html("")
     if job.status in ("failed", "cancelled"):
         return action_button(job.id, "retry", token)
-    if job.status == "pending":
+    if job.status in ("pending", "running"):
         return action_button(job.id, "cancel", token)
     return Html("")
 
@@ -721,7 +722,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
                     new = producer.retry(id)
                     done_id = None if new is None else new.id
                 else:
-                    done_id = id if producer.cancel(id) else None
+                    done_id = id if producer.cancel(id, by=f"dashboard, from {self.client_address[0]}") else None
                 found = producer.get(id) if done_id is None else None
         except worker.DatabaseUnusable as error:
             self._message(HTTPStatus.SERVICE_UNAVAILABLE, str(error))
@@ -740,7 +741,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
         elif action == "retry":
             self._message(HTTPStatus.CONFLICT, f"job {id} is {found.status}: only failed or cancelled jobs are retried")
         else:
-            self._message(HTTPStatus.CONFLICT, f"job {id} is {found.status}: only pending jobs can be cancelled")
+            asked = " and its worker was asked to stop it already" if found.status == "running" else ""
+            self._message(HTTPStatus.CONFLICT, f"job {id} is {found.status}{asked}: only pending and running jobs "
+                          "can be cancelled, a running one once")  # fmt: skip
 
     # -- the token --------------------------------------------------------------------
 

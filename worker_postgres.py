@@ -444,7 +444,8 @@ class OperatingReads:
 
     RETRIED_AS_SQL = """
     SELECT old.id, new.id FROM worker_jobs AS old
-      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id AND new.attempt > old.attempt
+      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id
+                                   AND (new.attempt > old.attempt OR new.snoozes > old.snoozes)
      WHERE old.id = ANY(%(ids)s)
     """
 
@@ -674,10 +675,28 @@ class PostgresStore(OperatingReads, worker.QueueControls):
            %(now)s, {COPIED_POLICY}, persistent
       FROM worker_jobs AS old
      WHERE id = %(id)s AND status IN ('failed', 'cancelled') AND attempt < {MAX_COUNT}
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
     {UNLESS_TAG_IS_PENDING}
     RETURNING {SELECT_COLUMNS}
     """
+
+    REQUEST_CANCEL_SQL = """
+    UPDATE worker_jobs SET cancel_requested = %(now)s, cancel_requested_by = %(by)s
+     WHERE id = %(id)s AND status = 'running' AND cancel_requested IS NULL
+    """
+    CANCEL_REQUESTS_SQL = """
+    SELECT id, cancel_requested, cancel_requested_by FROM worker_jobs
+     WHERE status = 'running' AND owner = %(owner)s AND cancel_requested IS NOT NULL
+    """
+
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        """Ask the worker running row ``id`` to cancel it; False if it is not running, or was asked already."""
+        return self._execute(self.REQUEST_CANCEL_SQL, {"id": id, "now": now, "by": by}).rowcount == 1
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        """(id, when, by whom) of the rows running under ``owner`` that someone asked to cancel."""
+        return self._execute(self.CANCEL_REQUESTS_SQL, {"owner": owner}).fetchall()
 
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt, due now, of a failed or cancelled row that ends its chain; None if it is not one."""
@@ -689,7 +708,8 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     RETRYABLE_FAILED_SQL = """
     SELECT id FROM worker_jobs AS old
      WHERE status = 'failed' AND (%(type)s::text IS NULL OR type = %(type)s::text)
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
      ORDER BY id
     """
 
@@ -883,14 +903,19 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     RETRY_SQL = f"""
     INSERT INTO worker_jobs
            (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
-            rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
+            rescheduled_from_job, created_at, deaths, snoozes, max_attempts, retry_delay_ms, backoff, timeout_ms,
             keep_ms, persistent)
-    SELECT type, data, queue, priority, %(due)s, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
-           id, %(now)s, %(deaths)s, {COPIED_POLICY}, persistent
-      FROM worker_jobs WHERE id = %(id)s
+    SELECT type, data, queue, priority, %(due)s, tag, attempt + {{next_attempt}}, cron_schedule, cron_timezone,
+           cron_slot, id, %(now)s, {{deaths}}, snoozes + {{snoozed}}, {COPIED_POLICY}, persistent
+      FROM worker_jobs WHERE id = %(id)s {{fence}}
     {UNLESS_TAG_IS_PENDING}
     RETURNING id
     """
+    # A snooze's next row: the same attempt, one more snooze; only while the row is still this worker's.
+    SNOOZE_SQL = RETRY_SQL.format(
+        next_attempt=0, deaths="deaths", snoozed=1, fence="AND status = 'running' AND owner = %(owner)s"
+    )
+    RETRY_SQL = RETRY_SQL.format(next_attempt=1, deaths="%(deaths)s", snoozed=0, fence="")
 
     def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
         """Insert the next attempt of row ``id``, unless a pending row holds its tag; the new id, or None."""
@@ -909,6 +934,15 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     {UNLESS_TAG_IS_PENDING}
     RETURNING id
     """
+
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        """The row a snooze of ``id`` asks for, if ``owner`` still runs it and no pending row holds its tag."""
+        inserted = self._execute(self.SNOOZE_SQL, {"id": id, "owner": owner, "due": due, "now": now}).fetchone()
+        return None if inserted is None else int(inserted[0])
+
+    def snoozes(self, id: int) -> int:
+        """How often the chain of row ``id`` has snoozed so far."""
+        return int(self._scalar("SELECT coalesce(max(snoozes), 0) FROM worker_jobs WHERE id = %(id)s", {"id": id}))
 
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
         """Insert the run of ``id``'s schedule at slot ``due`` unless a pending row holds its tag; its id, or None."""
