@@ -46,6 +46,7 @@ if __name__ == "__main__":
     sys.exit(worker.main())
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import dataclasses
@@ -68,7 +69,7 @@ import threading
 import time
 import traceback
 import zoneinfo
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Container, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -90,6 +91,7 @@ BUSY_TIMEOUT_MS = 5_000
 DEFAULT_DB = "worker.db"
 DEFAULT_JOBS_MODULE = "jobs"
 DEFAULT_CONCURRENCY = 4
+DEFAULT_ASYNC_CONCURRENCY = 100  # async def jobs at once on the job loop: an awaiting coroutine costs little
 DEFAULT_LEASE = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_DEATHS = 3
@@ -117,6 +119,7 @@ DEFAULT_PREFETCH = 32
 POSTGRES_PREFETCH = 512
 PREFETCH_JOB_SECONDS = 0.001  # a job that runs longer stops claiming ahead
 PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given back
+CANCELLED_JOB_GRACE = 5.0  # how long a stopping worker waits for its cancelled async jobs' finally blocks
 
 
 class Status(enum.StrEnum):
@@ -403,6 +406,7 @@ class JobType(JobOptions):
     fn: Callable[..., Any]
     cron: str | None = None  # a recurring job: every worker keeps one pending row for it
     timezone: str | None = None  # of `cron`; None means UTC
+    is_async: bool = False  # an async def function: run on the worker's job loop, not on a job thread
 
     @property
     def cron_tag(self) -> str:
@@ -461,6 +465,11 @@ def job(
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         job_name = name or fn.__name__
+        if _is_function_of_kind(fn, inspect.isasyncgenfunction):
+            raise ConfigError(
+                f"job {job_name!r}: {_qualname(fn)} is an async generator function (it uses yield): a job returns"
+                " one result; write it as async def returning a value"
+            )
         try:
             check_policy(max_attempts=max_attempts, backoff=backoff, timeout=timeout)
             if cron is not None:
@@ -474,11 +483,22 @@ def job(
             queue=queue, max_attempts=max_attempts, retry_delay=retry_delay, backoff=backoff, timeout=timeout, keep=keep
         )
         REGISTRY[job_name] = JobType(
-            name=job_name, fn=fn, cron=cron, timezone=timezone, queue=options.queue, **options.columns()
-        )
+            name=job_name, fn=fn, cron=cron, timezone=timezone, is_async=is_coroutine_function(fn),
+            queue=options.queue, **options.columns()
+        )  # fmt: skip
         return fn
 
     return register(fn) if fn is not None else register
+
+
+def is_coroutine_function(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a coroutine: an async def function, a partial of one, or an object whose
+    ``__call__`` is one."""
+    return _is_function_of_kind(fn, inspect.iscoroutinefunction)
+
+
+def _is_function_of_kind(fn: Any, kind: Callable[[Any], bool]) -> bool:
+    return kind(fn) or (callable(fn) and not inspect.isroutine(fn) and kind(type(fn).__call__))
 
 
 def check_policy(*, max_attempts: int | None, backoff: float | None, timeout: Seconds | None) -> None:
@@ -645,13 +665,17 @@ def _qualname(fn: Callable[..., Any]) -> str:
 
 
 def on_startup(fn: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
-    """Run ``fn(app)`` once per worker process before it claims; jobs see ``ctx.app``."""
+    """Run ``fn(app)`` once per worker process before it claims; jobs see ``ctx.app``.
+
+    An ``async def`` hook runs on the worker's job loop, so what it makes there
+    (an HTTP client session, an async database pool) is usable by async jobs.
+    """
     STARTUP_HOOKS.append(fn)
     return fn
 
 
 def on_shutdown(fn: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
-    """Run ``fn(app)`` once when a worker process stops (close what on_startup opened)."""
+    """Run ``fn(app)`` once when a worker process stops (close what on_startup opened); async def on the job loop."""
     SHUTDOWN_HOOKS.append(fn)
     return fn
 
@@ -2805,6 +2829,10 @@ class JobContext:
         """Schedule a job at once, in a transaction of its own (it stays even if this job then fails)."""
         return self.producer.enqueue(type, data, **options)
 
+    async def enqueue_async(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
+        """``enqueue_now`` for async jobs: its write runs on a thread, so the job loop goes on meanwhile."""
+        return await asyncio.to_thread(self.enqueue_now, type, data, **options)
+
 
 @dataclasses.dataclass
 class Outcome:
@@ -2818,6 +2846,133 @@ class Outcome:
     kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown | unrecordable
     started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
     follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
+
+
+def _failed(job: Job, error: BaseException, seconds: float, started_ms: int) -> Outcome:
+    """The outcome of a job function that raised ``error`` (anything: it is the job's own failure)."""
+    kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "error"
+    return Outcome(job, False, error=_describe_exception(error), seconds=seconds, kind=kind, started=started_ms)
+
+
+def _returned(job: Job, value: Any, seconds: float, started_ms: int, ctx: JobContext) -> Outcome:
+    """The outcome of a job function that returned ``value``: success, if it can be stored as JSON."""
+    try:
+        result = encode_result(value)
+    except BaseException as e:  # anything: a value's own __repr__ or __iter__ may raise what it likes
+        why = "nested too deep: " if isinstance(e, RecursionError) else ""
+        error = f"result is not JSON-serialisable: {why}{_exception_line(e)}"
+        return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
+    return Outcome(job, True, result=result, seconds=seconds, started=started_ms, follow_ups=ctx.follow_ups)
+
+
+def _awaitable_returned(job: Job, value: Any, seconds: float, started_ms: int) -> Outcome:
+    """A sync job function returned a coroutine (a sync wrapper around an async def?): nothing awaited it."""
+    if inspect.iscoroutine(value):
+        value.close()  # never to run: no "coroutine was never awaited" warning besides this error
+    error = (
+        f"job {job.type!r} returned a {type(value).__name__} object instead of a result: its function"
+        f" {_qualname(_job_type(job).fn)} is not itself async def, so the worker ran it on a job thread and"
+        " nothing awaited what it returned; register the async def function itself (a decorator around it"
+        " must be async def too)"
+    )
+    return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
+
+
+class AsyncRunner:
+    """The event loop of a worker's ``async def`` jobs: one thread of its own, up to ``concurrency`` jobs at once.
+
+    The worker hands it the async jobs it claims (``start``) and asks how many
+    more it can take (``free``); each job runs as a task on the loop, and its
+    Outcome goes to ``hand_over``, as a job thread's does, to be recorded the
+    same way.  A job's timeout cancels its task (see Worker.execute_async);
+    at shutdown ``cancel_all`` cancels what still runs, and the worker gives
+    those rows back.  Async hooks run on the same loop (``call``).
+    """
+
+    def __init__(
+        self, concurrency: int, execute: Callable[[Job], Awaitable[Outcome]], hand_over: Callable[[Outcome], None]
+    ) -> None:
+        self.concurrency = concurrency
+        self._execute, self._hand_over = execute, hand_over
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # by job id; touched on the loop's thread only
+        # Counted apart, each by one thread (started: the worker's step; ended: the loop's), so no lock is needed.
+        self._started = 0
+        self._ended = 0
+
+    @property
+    def running(self) -> int:
+        """The async jobs handed to the loop that have not ended yet."""
+        return self._started - self._ended
+
+    @property
+    def free(self) -> int:
+        return self.concurrency - self.running
+
+    def _loop_running(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=loop.run_forever, name="worker-async", daemon=True)
+            self._thread.start()
+            self._loop = loop
+        return self._loop
+
+    def call(self, awaitable: Awaitable[_T]) -> _T:
+        """Run ``awaitable`` on the job loop from another thread, and wait for its result (hooks; Worker.work)."""
+
+        async def awaited() -> _T:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(awaited(), self._loop_running()).result()
+
+    def start(self, job: Job) -> None:
+        """Run a claimed async job on the loop (from the worker's step)."""
+        self._started += 1
+        self._loop_running().call_soon_threadsafe(self._begin, job)
+
+    def _begin(self, job: Job) -> None:
+        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.id}")
+
+    async def _run(self, job: Job) -> None:
+        outcome = None
+        try:
+            outcome = await self._execute(job)
+        except asyncio.CancelledError:
+            pass  # cancelled by cancel_all: no outcome, the worker gives its row back
+        except BaseException:  # execute_async captures the job's own; this would be the worker's fault
+            logger.exception("job %d %s: the job loop failed running it", job.id, job.type)
+        finally:
+            del self._tasks[job.id]
+            self._ended += 1  # before the hand-over: the worker never counts this slot as free too late
+        if outcome is not None:
+            self._hand_over(outcome)
+
+    def cancel_all(self, grace: float) -> None:
+        """Cancel the running async jobs and wait up to ``grace`` seconds for their ``finally`` blocks to run."""
+        if self._loop is None or not self.running:
+            return
+
+        async def cancelled() -> None:
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=grace)
+
+        with contextlib.suppress(TimeoutError):
+            asyncio.run_coroutine_threadsafe(cancelled(), self._loop).result(grace + 1.0)
+
+    def close(self) -> None:
+        """Stop the loop and its thread (after the shutdown hooks)."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(5.0)
+        if not loop.is_running():
+            loop.close()
 
 
 class _Write:
@@ -3102,9 +3257,12 @@ class Worker:
         keep_succeeded: Seconds | None = None,
         keep_failed: Seconds | None = None,
         prefetch: int | None = None,
+        async_concurrency: int = DEFAULT_ASYNC_CONCURRENCY,
     ) -> None:
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
+        if async_concurrency < 1:
+            raise ConfigError("async concurrency must be at least 1")
         if not 100 <= to_ms(lease) <= MAX_DURATION_MS:
             raise ConfigError("lease must be at least 0.1 s (and at most 100 years)")
         if max_deaths < 1:
@@ -3142,6 +3300,9 @@ class Worker:
 
         self._registered: tuple[str, ...] = ()  # the job types when _types_json was made
         self._types_json = "[]"
+        # The same, split: run on job threads, and async def ones, run on the job loop (None: there are none).
+        self._thread_types_json: str | None = None
+        self._async_types_json: str | None = None
 
         self._store: Store = cast(Store, None)  # opened on first use (see store): the hot path reads it directly
         self._pid = 0  # of the process that opened it
@@ -3165,6 +3326,7 @@ class Worker:
         # it over here; the main loop sleeps on it, so a finished job wakes it at
         # once (None only wakes it: stop() was called).
         self._handed_over: queue_module.SimpleQueue[Outcome | None] = queue_module.SimpleQueue()
+        self._async = AsyncRunner(async_concurrency, self.execute_async, self._handed_over.put)
         # 2: taken off that queue by the loop (or given by a job thread's own step).
         self._received: list[Outcome] = []
         # 3: its job is no longer running here (timeouts noted): written by the next step's transaction.
@@ -3189,6 +3351,7 @@ class Worker:
         # busy (None while they go through): how long it has waited for the lock.
         self._refused_since: float | None = None
         self._claim_notes: list[_Note] = []  # of rows a claim failed as unreadable
+        self._claim_skipped = (False, False)  # kinds (job threads, job loop) the last claim had no slot for
 
     # -- connection ---------------------------------------------------------------
 
@@ -3244,7 +3407,7 @@ class Worker:
             )  # fmt: skip
         self._waited(began)  # a start that waited for another writer's lock judges no lease at once
         for hook in STARTUP_HOOKS:
-            hook(self.app)
+            self._call_hook(hook)
         self._started_up = True
 
     def sync_cron(self, now: int | None = None) -> None:
@@ -3295,10 +3458,11 @@ class Worker:
         if self._started_up:
             for hook in SHUTDOWN_HOOKS:
                 try:
-                    hook(self.app)
+                    self._call_hook(hook)
                 except Exception:
                     logger.exception("shutdown hook %s failed", _qualname(hook))
             self._started_up = False
+        self._async.close()
         if self._producer is not None:
             self._producer.close()
         if self._store is not None and self._pid == _process_id:
@@ -3307,6 +3471,13 @@ class Worker:
             self._store.close()
         self._store = cast(Store, None)
         self._wake_up.forget_connection()
+
+    def _call_hook(self, hook: Callable[[SimpleNamespace], Any]) -> None:
+        """Run a startup or shutdown hook: an async def one on the job loop, where async jobs will use what it made."""
+        if is_coroutine_function(hook):
+            self._async.call(hook(self.app))
+        else:
+            hook(self.app)
 
     # -- the steps ----------------------------------------------------------------
 
@@ -3318,7 +3489,9 @@ class Worker:
         _emit(self._claim_notes)
         return claimed
 
-    def _claim(self, limit: int, now: int) -> list[Job]:
+    def _claim(self, limit: int, now: int, async_limit: int | None = None) -> list[Job]:
+        """Claim up to ``limit`` jobs of any type; or, given ``async_limit`` (the loop's step), up to ``limit`` of the
+        types that run on job threads and up to ``async_limit`` of the async def ones."""
         self._claim_notes = []  # written once the claim commits
         store = self._store
         lease_until, types = now + self.lease_ms, self._known_types()
@@ -3334,14 +3507,22 @@ class Worker:
                 self._alone = suspect[0].id
                 self._last_claim_full = True
                 return suspect
-        jobs, unreadable = store.claim(self.owner, self.name, now, lease_until, limit, types, self._running)
-        for job, why in unreadable:
-            self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
+        kinds = [(types, limit)] if async_limit is None else self._claim_kinds(limit, async_limit)
+        jobs: list[Job] = []
+        full = False
+        for kind_types, kind_limit in kinds:
+            held = {*self._running, *(j.id for j in jobs)} if jobs else self._running
+            got, unreadable = store.claim(self.owner, self.name, now, lease_until, kind_limit, kind_types, held)
+            for job, why in unreadable:
+                self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
+            full = full or len(got) == kind_limit
+            jobs += got
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
             jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
-        self._last_claim_full = len(jobs) == limit
-        if len(jobs) < limit:
-            next_due = store.next_due(self._types_json)
+        self._last_claim_full = full
+        if not full:
+            due_types = kinds[0][0] if len(kinds) == 1 else self._types_json  # of the kinds with room
+            next_due = store.next_due(due_types)
             self._next_due = next_due if next_due is not None else 2**62
         for claimed in jobs if logger.isEnabledFor(logging.DEBUG) else ():
             logger.debug(
@@ -3358,7 +3539,39 @@ class Worker:
         if len(REGISTRY) != len(self._registered) or tuple(REGISTRY) != self._registered:
             self._registered = tuple(REGISTRY)
             self._types_json = json.dumps(sorted(self._registered))
+            threaded = sorted(name for name, job_type in REGISTRY.items() if not job_type.is_async)
+            awaited = sorted(name for name, job_type in REGISTRY.items() if job_type.is_async)
+            self._thread_types_json = json.dumps(threaded) if threaded else None
+            self._async_types_json = json.dumps(awaited) if awaited else None
         return self._types_json
+
+    def _claim_kinds(self, thread_slots: int, async_slots: int) -> list[tuple[str, int]]:
+        """(types, limit) of each kind of job that has free slots and registered types: one claim each.
+
+        Notes the kinds left out for want of a free slot (``_claim_skipped``):
+        their due rows are not looked at, and the first step that finds a slot
+        free for one of them claims (see _room_again).
+        """
+        self._known_types()
+        kinds = [(self._thread_types_json, thread_slots), (self._async_types_json, async_slots)]
+        self._claim_skipped = (
+            kinds[0][0] is not None and thread_slots <= 0,
+            kinds[1][0] is not None and async_slots <= 0,
+        )
+        return [(types, slots) for types, slots in kinds if types is not None and slots > 0]
+
+    def _free_slots(self) -> tuple[int, int]:
+        """How many more jobs the claim may take for the job threads (prefetch included), and for the job loop."""
+        self._known_types()
+        if self._async_types_json is None:  # no async def job: all is as before there were any
+            return self.concurrency + self._ahead - len(self._running), 0
+        threads = 0 if self._thread_types_json is None else self.concurrency + self._ahead
+        return threads - (len(self._running) - self._async.running), self._async.free
+
+    def _room_again(self, thread_slots: int, async_slots: int) -> bool:
+        """Whether a kind of job the last claim left out for want of a free slot has one now."""
+        skipped_threads, skipped_async = self._claim_skipped
+        return (skipped_threads and thread_slots > 0) or (skipped_async and async_slots > 0)
 
     def execute(self, job: Job) -> Outcome:
         """Run one claimed job's function and capture how it ended (never raises).
@@ -3371,7 +3584,9 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
-        ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now)
+        if job_type.is_async:  # here (work()), not handed to the loop by run(): this thread waits for it
+            return self._async.call(self.execute_async(job))
+        ctx = self._context(job)
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
@@ -3381,19 +3596,46 @@ class Worker:
         except BaseException as e:
             if _process_id != process:
                 _end_forked_child(e)
-            seconds = time.perf_counter() - started
-            kind = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
-            return Outcome(job, False, error=_describe_exception(e), seconds=seconds, kind=kind, started=started_ms)
+            return _failed(job, e, time.perf_counter() - started, started_ms)
         if _process_id != process:
             _end_forked_child(None)
         seconds = time.perf_counter() - started
+        if inspect.isawaitable(value):
+            return _awaitable_returned(job, value, seconds, started_ms)
+        return _returned(job, value, seconds, started_ms, ctx)
+
+    async def execute_async(self, job: Job) -> Outcome:
+        """Await one claimed async def job on the job loop and capture how it ended, as ``execute`` does.
+
+        Its timeout cancels the coroutine (its ``finally`` blocks run) and fails
+        the row.  It raises only CancelledError, when the worker that is stopping
+        cancels the job (AsyncRunner.cancel_all): that row is given back.
+        """
+        job_type = _job_type(job)
+        ctx = self._context(job)
+        timeout_ms = _first(job.timeout_ms, job_type.timeout_ms)
+        deadline = asyncio.timeout(None if timeout_ms is None else timeout_ms / 1000)
+        started_ms = self.now()
+        started = time.perf_counter()
         try:
-            result = encode_result(value)
-        except BaseException as e:  # anything: a value's own __repr__ or __iter__ may raise what it likes
-            why = "nested too deep: " if isinstance(e, RecursionError) else ""
-            error = f"result is not JSON-serialisable: {why}{_exception_line(e)}"
-            return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
-        return Outcome(job, True, result=result, seconds=seconds, started=started_ms, follow_ups=ctx.follow_ups)
+            async with deadline:
+                value = await job_type.fn(ctx, **job.data)
+        except asyncio.CancelledError as e:
+            if cast(asyncio.Task[Any], asyncio.current_task()).cancelling():
+                raise
+            return _failed(job, e, time.perf_counter() - started, started_ms)  # the job's own, not the worker's
+        except TimeoutError as e:
+            if not deadline.expired():
+                return _failed(job, e, time.perf_counter() - started, started_ms)
+            seconds = cast(int, timeout_ms) / 1000
+            error = f"timed out after {seconds:g} s"
+            return Outcome(job, False, error=error, seconds=seconds, kind="timeout", started=started_ms)
+        except BaseException as e:
+            return _failed(job, e, time.perf_counter() - started, started_ms)
+        return _returned(job, value, time.perf_counter() - started, started_ms, ctx)
+
+    def _context(self, job: Job) -> JobContext:
+        return JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now)
 
     def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
         """Write outcomes (and any retries) in one write transaction."""
@@ -3653,8 +3895,9 @@ class Worker:
         if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
             self._give_back_waiting("its worker's threads are all busy with longer jobs")
         busy = self._stopping.is_set() or self._alone in self._running  # nothing beside a job run alone
-        free = 0 if busy else self.concurrency + self._ahead - len(self._running)
-        want_claim = free > 0 and self._maybe_due(now)
+        free, async_free = (0, 0) if busy else self._free_slots()
+        room = free > 0 or async_free > 0
+        want_claim = room and (self._maybe_due(now) or self._room_again(free, async_free))
         claimed: list[Job] = []
         kept = None
         if self._to_record or want_claim:
@@ -3664,7 +3907,8 @@ class Worker:
                     if self._claim_in_doubt:
                         notes += self._give_back_unknown()
                     if want_claim:
-                        claimed = self._claim(free, now)
+                        kinds = () if self._async_types_json is None else (async_free,)  # one claim, as before
+                        claimed = self._claim(free, now, *kinds)
             except DatabaseUnavailable as e:
                 self._claim_in_doubt = self._claim_in_doubt or want_claim
                 self._back_off(e)
@@ -3680,21 +3924,32 @@ class Worker:
                 self._running[job.id] = job
             if claimed:
                 self._progress_at = time.monotonic()
-            kept = claimed[0] if keep_one and claimed else None
-            for job in claimed[1:] if kept else claimed:
+            threaded = self._start_async(claimed) if self._async_types_json is not None else claimed
+            kept = threaded[0] if keep_one and threaded else None
+            for job in threaded[1:] if kept else threaded:
                 self._todo.put(job)
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
-        self._nothing_due = free > 0 and not claimed and not self._last_claim_full and now < self._next_due
+        self._nothing_due = room and not claimed and not self._last_claim_full and now < self._next_due
         # Idle: nothing running and nothing claimed.  Only then do commits by
         # others wake it (under load, every commit would, and the wake-ups would
         # cost more than they save); a busy worker looks every poll_interval.
-        self._wants_commits = free > 0 and not claimed and not self._running
+        self._wants_commits = room and not claimed and not self._running
         self._wake_up.arm(self._wants_commits)
         self._housekeeping(now)
         if self._next_due <= now:  # the sweep just rescued a job, due at once: something is due after all
             self._nothing_due = False
         return kept
+
+    def _start_async(self, claimed: list[Job]) -> list[Job]:
+        """Hand the claimed async def jobs to the job loop; the others, returned, are the job threads'."""
+        threaded = []
+        for job in claimed:
+            if _job_type(job).is_async:
+                self._async.start(job)
+            else:
+                threaded.append(job)
+        return threaded
 
     def _give_back_unknown(self) -> list[_Note]:
         """Give back the rows running under this worker that it is not running (in the step's transaction).
@@ -3883,6 +4138,7 @@ class Worker:
     def _shut_down(self) -> None:
         deadline = time.monotonic() + max(self.shutdown_timeout, 5.0)
         self._take_waiting()  # still in _running: given back below, and no thread may start them now
+        self._async.cancel_all(grace=CANCELLED_JOB_GRACE)  # their rows too: given back below
         self._collect_outcomes(self.now())
         while time.monotonic() < deadline:
             try:
@@ -4214,6 +4470,10 @@ ENVIRONMENT = {
     "db": ("WORKER_DB", "database file, sqlite:/// or postgresql:// URL (else DATABASE_URL, else ./worker.db)"),
     "jobs": ("WORKER_JOBS", f"module name or .py path that registers the jobs (default ./{DEFAULT_JOBS_MODULE}.py)"),
     "concurrency": ("WORKER_CONCURRENCY", f"job threads per process (default {DEFAULT_CONCURRENCY})"),
+    "async_concurrency": (
+        "WORKER_ASYNC_CONCURRENCY",
+        f"async def jobs at once per process, on its job loop (default {DEFAULT_ASYNC_CONCURRENCY})",
+    ),
     "processes": ("WORKER_PROCESSES", "worker processes run by a supervisor (default 1)"),
     "queues": ("WORKER_QUEUES", "comma-separated queues to take jobs from (default all)"),
     "lease": ("WORKER_LEASE", f"seconds a claim holds without a heartbeat (default {DEFAULT_LEASE:g})"),
@@ -4310,6 +4570,7 @@ def add_engine_commands(commands: Any) -> None:
     )
     add_common_options(run)
     run.add_argument("--concurrency", type=int, help=option_help("concurrency"))
+    run.add_argument("--async-concurrency", type=int, help=option_help("async_concurrency"))
     run.add_argument("--processes", type=int, help=option_help("processes"))
     run.add_argument("--queues", help=option_help("queues"))
     run.add_argument("--lease", type=float, help=option_help("lease"))
@@ -4511,6 +4772,7 @@ def _run_command(
 ) -> int:
     settings = {
         "concurrency": setting(args, "concurrency", positive(int), DEFAULT_CONCURRENCY),
+        "async_concurrency": setting(args, "async_concurrency", positive(int), DEFAULT_ASYNC_CONCURRENCY),
         "queues": setting(args, "queues", str, ""),
         "lease": setting(args, "lease", positive(float), DEFAULT_LEASE),
         "shutdown_timeout": setting(args, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT),
@@ -4526,6 +4788,7 @@ def _run_command(
     worker = Worker(
         db,
         concurrency=settings["concurrency"],
+        async_concurrency=settings["async_concurrency"],
         queues=[q.strip() for q in settings["queues"].split(",") if q.strip()] or None,
         lease=settings["lease"],
         shutdown_timeout=settings["shutdown_timeout"],

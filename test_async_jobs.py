@@ -1,0 +1,352 @@
+"""Async jobs, as tests: ``async def`` job functions on the worker's job loop, beside its job threads.
+
+In-process workers first (``work()`` steps, and ``run()`` in burst mode with
+bounded waits), then real processes: SIGTERM and kill -9 with async jobs
+running.  Every test runs on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import worker
+from conftest import HERE, Processes, WorkerProcess, rows, wait_for
+from worker import ConfigError, JobContext, Queue, Worker
+
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+
+
+def run_burst(db: str, **options: Any) -> Worker:
+    """A worker that runs until nothing is due (run() stops then), in this process."""
+    options.setdefault("cron", False)
+    ran = Worker(db, burst=True, **options)
+    ran.run()
+    return ran
+
+
+def row(db: str, job_id: int) -> Any:
+    (found,) = rows(db, f"id = {int(job_id)}")
+    return found
+
+
+# --- Running async def jobs ---------------------------------------------------------
+
+
+def test_async_job_runs_on_the_job_loop_and_stores_its_result(db: str, queue: Queue) -> None:
+    @worker.job
+    async def greet(ctx: JobContext, name: str) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        return {"hello": name, "thread": threading.current_thread().name}
+
+    enqueued = queue.enqueue("greet", {"name": "ada"})
+    run_burst(db)
+    done = row(db, enqueued.id)
+    assert done["status"] == "succeeded"
+    assert json.loads(done["result"]) == {"hello": "ada", "thread": "worker-async"}
+
+
+def test_work_step_runs_an_async_job_too(db: str, queue: Queue, make_worker: Callable[..., Worker]) -> None:
+    @worker.job
+    async def double(ctx: JobContext, n: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * n
+
+    enqueued = queue.enqueue("double", {"n": 21})
+    assert make_worker().work() == 1
+    assert json.loads(row(db, enqueued.id)["result"]) == 42
+
+
+def test_sync_and_async_jobs_run_side_by_side_in_one_worker(db: str, queue: Queue) -> None:
+    """Four async jobs that wait for each other can only finish together: they run at once, while the
+    sync jobs run on the job threads."""
+    arrived = 0
+    all_here = asyncio.Event()
+
+    @worker.job
+    async def gather(ctx: JobContext) -> str:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 4:
+            all_here.set()
+        await asyncio.wait_for(all_here.wait(), 10)
+        return threading.current_thread().name
+
+    @worker.job
+    def plain(ctx: JobContext) -> str:
+        return threading.current_thread().name
+
+    jobs = queue.enqueue_many([("gather", {})] * 4 + [("plain", {})] * 4)
+    run_burst(db, concurrency=2, async_concurrency=4)
+    results = {(r["type"], r["status"], json.loads(r["result"])) for r in rows(db)}
+    assert results == {("gather", "succeeded", "worker-async"), ("plain", "succeeded", "worker-job")}
+    assert len(rows(db, "status = 'succeeded'")) == len(jobs)
+
+
+def test_async_concurrency_bounds_the_async_jobs_at_once(db: str, queue: Queue) -> None:
+    running = most = 0
+
+    @worker.job
+    async def count(ctx: JobContext) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+
+    queue.enqueue_many([("count", {})] * 12)
+    run_burst(db, async_concurrency=3)
+    assert len(rows(db, "status = 'succeeded'")) == 12
+    assert most == 3
+
+
+def test_async_job_failure_is_recorded_and_retried_like_a_sync_one(db: str, queue: Queue) -> None:
+    @worker.job(max_attempts=2, retry_delay=0)
+    async def flaky(ctx: JobContext) -> int:
+        await asyncio.sleep(0)
+        if ctx.attempt == 1:
+            raise RuntimeError("not yet")
+        return ctx.attempt
+
+    first = queue.enqueue("flaky")
+    run_burst(db)
+    failed, retried = rows(db)
+    assert (failed["id"], failed["status"]) == (first.id, "failed")
+    assert failed["error"].startswith("RuntimeError: not yet")
+    assert "Traceback" in failed["error"]
+    assert (retried["status"], retried["attempt"], json.loads(retried["result"])) == ("succeeded", 2, 2)
+
+
+def test_timeout_cancels_the_coroutine_and_its_finally_runs(db: str, queue: Queue) -> None:
+    ledger: list[str] = []
+
+    @worker.job(timeout=0.2)
+    async def hang(ctx: JobContext) -> None:
+        try:
+            ledger.append("started")
+            await asyncio.Event().wait()  # never set
+            ledger.append("woke")
+        finally:
+            await asyncio.sleep(0)  # a finally block may still await: the loop runs it to its end
+            ledger.append("finally")
+
+    enqueued = queue.enqueue("hang")
+    run_burst(db)
+    timed_out = row(db, enqueued.id)
+    assert timed_out["status"] == "failed"
+    assert timed_out["error"] == "timed out after 0.2 s"
+    assert ledger == ["started", "finally"]
+
+
+def test_a_timeout_error_of_the_job_itself_is_an_ordinary_failure(db: str, queue: Queue) -> None:
+    @worker.job(timeout=30)
+    async def impatient(ctx: JobContext) -> None:
+        await asyncio.wait_for(asyncio.Event().wait(), 0.01)
+
+    enqueued = queue.enqueue("impatient")
+    run_burst(db)
+    assert row(db, enqueued.id)["error"].startswith("TimeoutError")
+
+
+def test_follow_ups_and_enqueue_async_from_an_async_job(db: str, queue: Queue) -> None:
+    @worker.job
+    async def parent(ctx: JobContext) -> int:
+        ctx.enqueue("child", {"via": "follow-up"})
+        now = await ctx.enqueue_async("child", {"via": "enqueue_async"})
+        return now.id
+
+    @worker.job
+    async def child(ctx: JobContext, via: str) -> str:
+        return via
+
+    first = queue.enqueue("parent")
+    run_burst(db)
+    children = {json.loads(r["result"]) for r in rows(db, "type = 'child' AND status = 'succeeded'")}
+    assert children == {"follow-up", "enqueue_async"}
+    assert json.loads(row(db, first.id)["result"]) in {r["id"] for r in rows(db, "type = 'child'")}
+
+
+# --- Hooks ----------------------------------------------------------------------------
+
+
+def test_async_startup_resources_are_usable_by_async_jobs(db: str, queue: Queue) -> None:
+    """What an async startup hook makes is bound to the job loop (as an aiohttp session would be)."""
+    closed: list[bool] = []
+
+    @worker.on_startup
+    async def open_session(app: Any) -> None:
+        app.loop = asyncio.get_running_loop()
+        app.session = asyncio.Queue()  # bound to the loop it is first used on
+        await app.session.put("token")
+
+    @worker.on_shutdown
+    async def close_session(app: Any) -> None:
+        closed.append(asyncio.get_running_loop() is app.loop)
+
+    @worker.job
+    async def use(ctx: JobContext) -> dict[str, Any]:
+        token = await ctx.app.session.get()
+        await ctx.app.session.put(token)
+        return {"token": token, "same_loop": asyncio.get_running_loop() is ctx.app.loop}
+
+    jobs = queue.enqueue_many([("use", {})] * 3)
+    run_burst(db)
+    assert [json.loads(row(db, j.id)["result"]) for j in jobs] == [{"token": "token", "same_loop": True}] * 3
+    assert closed == [True]
+
+
+# --- Misuse ---------------------------------------------------------------------------
+
+
+def test_async_generator_function_is_refused_at_declaration() -> None:
+    with pytest.raises(ConfigError, match=r"'stream'.*async generator"):
+
+        @worker.job
+        async def stream(ctx: JobContext) -> Any:
+            yield 1
+
+    assert "stream" not in worker.REGISTRY
+
+
+def test_sync_function_returning_a_coroutine_fails_with_a_clear_message(db: str, queue: Queue) -> None:
+    async def fetch(ctx: JobContext) -> int:
+        return 1
+
+    @worker.job
+    def wrapped(ctx: JobContext) -> Any:  # a sync decorator's wrapper around an async def
+        return fetch(ctx)
+
+    enqueued = queue.enqueue("wrapped")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "coroutine ... was never awaited" would be a RuntimeWarning
+        run_burst(db)
+    error = row(db, enqueued.id)["error"]
+    assert error.startswith("job 'wrapped' returned a coroutine object instead of a result")
+    assert "not itself async def" in error
+    assert "JSON" not in error
+
+
+def test_async_concurrency_must_be_positive(db: str) -> None:
+    with pytest.raises(ConfigError, match="async concurrency"):
+        Worker(db, async_concurrency=0)
+
+
+# --- Real processes: SIGTERM and kill -9 with async jobs running -------------------------
+
+ASYNC_JOBS_MODULE = '''
+"""Async jobs for test_async_jobs.py: each leaves evidence in a file the test reads."""
+
+import asyncio
+from pathlib import Path
+
+from worker import job
+
+
+def _append(path, line):
+    with Path(path).open("a") as ledger:  # one worker at a time writes a ledger here
+        ledger.write(line + "\\n")
+
+
+@job
+async def nap(ctx, marker, seconds):
+    _append(marker, f"{ctx.job.id} start")
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        _append(marker, f"{ctx.job.id} finally")
+    return seconds
+
+
+@job
+async def stall(ctx, marker, seconds):
+    """Stalls on its first attempt only, so that a retry succeeds at once."""
+    _append(marker, f"{ctx.job.id} {ctx.job.attempt} start")
+    if ctx.job.attempt == 1:
+        await asyncio.sleep(seconds)
+    return {"attempt": ctx.job.attempt}
+'''
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def producer(db: str) -> Iterator[Queue]:
+    """The test's Queue: the job types live in the worker processes only."""
+    with Queue(db, check_types=False) as q:
+        yield q
+
+
+@pytest.fixture
+def run_worker(processes: Processes, db: str, tmp_path: Path) -> Callable[..., WorkerProcess]:
+    """Start ``worker run`` on the test's database with the async jobs above and extra flags."""
+    jobs_file = tmp_path / "async_jobs.py"
+    jobs_file.write_text(ASYNC_JOBS_MODULE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}
+    env["PYTHONPATH"] = str(HERE)
+
+    def start(*flags: str, name: str = "worker") -> WorkerProcess:
+        args = ["run", "--db", db, "--jobs", str(jobs_file), "--no-cron", *flags]
+        return processes.start(*args, name=name, env=env, cwd=tmp_path)
+
+    return start
+
+
+@pytest.mark.slow
+def test_sigterm_lets_short_async_jobs_finish_and_cancels_and_gives_back_long_ones(
+    run_worker: Callable[..., WorkerProcess], producer: Queue, db: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    short, long = producer.enqueue_many(
+        [("nap", {"marker": str(marker), "seconds": 0.5}), ("nap", {"marker": str(marker), "seconds": 60})]
+    )
+    process = run_worker("--shutdown-timeout", "2")
+    wait_for(lambda: len([line for line in lines(marker) if line.endswith("start")]) == 2, 10, "both jobs to start")
+    signalled_ms = worker.now_ms()
+    process.send(signal.SIGTERM)
+    assert process.wait(15) == 0
+
+    finished = row(db, short.id)
+    assert finished["status"] == "succeeded"
+    assert finished["finished"] >= signalled_ms  # it was still running when the signal came
+    given_back = row(db, long.id)
+    assert (given_back["status"], given_back["owner"], given_back["attempt"]) == ("pending", None, 1)
+    assert len(rows(db)) == 2  # the same row, no retry row
+    # The long one was cancelled, not abandoned: its finally block ran before the worker exited.
+    assert f"{long.id} finally" in lines(marker)
+
+
+@pytest.mark.slow
+def test_async_jobs_of_a_killed_worker_are_rescued_after_the_lease(
+    run_worker: Callable[..., WorkerProcess], producer: Queue, db: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    first, second = producer.enqueue_many([("stall", {"marker": str(marker), "seconds": 60})] * 2)
+    doomed = run_worker("--lease", "1", name="doomed")
+    wait_for(lambda: len([line for line in lines(marker) if line.endswith("start")]) == 2, 10, "both jobs to start")
+    doomed.kill()
+    assert {r["status"] for r in rows(db)} == {"running"}
+
+    rescuer = run_worker("--lease", "1", name="rescuer")
+    for job in (first, second):
+        retry = wait_for(
+            lambda: rows(db, f"rescheduled_from_job = {job.id} AND status = 'succeeded'"),  # noqa: B023
+            15,
+            "the retry to succeed",
+        )[0]
+        assert retry["attempt"] == 2
+        assert json.loads(retry["result"]) == {"attempt": 2}
+        old = row(db, job.id)
+        assert (old["status"], old["error"].startswith("worker lost")) == ("failed", True)
+    assert rows(db, "status IN ('running', 'pending')") == []
+    assert rescuer.stop() == 0
