@@ -8,9 +8,11 @@ running.  Every test runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -246,6 +248,7 @@ ASYNC_JOBS_MODULE = '''
 """Async jobs for test_async_jobs.py: each leaves evidence in a file the test reads."""
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from worker import job
@@ -350,3 +353,104 @@ def test_async_jobs_of_a_killed_worker_are_rescued_after_the_lease(
         assert (old["status"], old["error"].startswith("worker lost")) == ("failed", True)
     assert rows(db, "status IN ('running', 'pending')") == []
     assert rescuer.stop() == 0
+
+
+# --- Enqueueing from async web apps -----------------------------------------------------
+
+
+def hold_write_lock(db: str) -> Any:
+    """Another program's open write transaction on the table: enqueues wait until it ends (commit())."""
+    if worker.is_postgres(db):
+        import psycopg
+
+        conn: Any = psycopg.connect(db)
+        conn.execute("LOCK TABLE worker_jobs IN EXCLUSIVE MODE")
+        return conn
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def test_async_enqueue_waits_for_the_database_without_blocking_the_event_loop(db: str, queue: Queue) -> None:
+    @worker.job
+    def noop(ctx: JobContext) -> None: ...
+
+    async def scenario() -> tuple[int, worker.Job]:
+        async with worker.AsyncQueue(db) as async_queue:
+            await async_queue.enqueue("noop")  # connected before the lock is taken
+            blocker = hold_write_lock(db)
+            enqueue = asyncio.ensure_future(async_queue.enqueue("noop", {"n": 2}))
+            ticks = 0
+            while ticks < 20:  # the loop runs on while the enqueue waits for the lock
+                await asyncio.sleep(0.005)
+                ticks += 1
+            assert not enqueue.done()
+            blocker.commit()
+            blocker.close()
+            job = await asyncio.wait_for(enqueue, 10)
+            assert await async_queue.get(job.id) == job
+            assert await async_queue.cancel(job.id)
+            return ticks, job
+
+    ticks, job = asyncio.run(scenario())
+    assert ticks == 20
+    assert row(db, job.id)["status"] == "cancelled"
+    assert json.loads(row(db, job.id)["data"]) == {"n": 2}
+
+
+@pytest.mark.stores("postgres")
+def test_async_enqueue_in_the_apps_transaction_commits_and_rolls_back_with_it(db: str, queue: Queue) -> None:
+    import psycopg
+
+    @worker.job
+    def ship(ctx: JobContext, order: int) -> None: ...
+
+    async def scenario() -> None:
+        async with await psycopg.AsyncConnection.connect(db) as conn:
+            await conn.execute("DROP TABLE IF EXISTS async_orders")
+            await conn.execute("CREATE TABLE async_orders (id int PRIMARY KEY)")
+            await conn.commit()
+            jobs = worker.AsyncQueue(conn)
+            await conn.execute("INSERT INTO async_orders VALUES (1)")
+            await jobs.enqueue("ship", {"order": 1})
+            await conn.rollback()  # the app's rollback: neither the order nor its job
+            await conn.execute("INSERT INTO async_orders VALUES (2)")
+            await jobs.enqueue("ship", {"order": 2}, tag="ship:2")
+            await jobs.enqueue_many([("ship", {"order": 2}), ("ship", {"order": 2})], delay=60)
+            await conn.commit()
+            with contextlib.suppress(RuntimeError):
+                async with conn.transaction():  # a transaction block that raises rolls back too
+                    await jobs.enqueue("ship", {"order": 3})
+                    raise RuntimeError("the request failed")
+
+    asyncio.run(scenario())
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT id FROM async_orders").fetchall() == [(2,)]
+    assert [json.loads(r["data"]) for r in rows(db)] == [{"order": 2}] * 3
+    assert [r["tag"] for r in rows(db)] == ["ship:2", None, None]
+
+
+@pytest.mark.stores("postgres")
+def test_async_enqueue_on_an_app_connection_keeps_the_tag_rule(db: str, queue: Queue) -> None:
+    import psycopg
+
+    @worker.job
+    def sync_account(ctx: JobContext, version: int) -> None: ...
+
+    async def scenario() -> list[int]:
+        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+            jobs = worker.AsyncQueue(conn)
+            first = await jobs.enqueue("sync_account", {"version": 1}, tag="account:7")
+            kept = await jobs.enqueue("sync_account", {"version": 2}, tag="account:7", on_conflict="ignore")
+            replaced = await jobs.enqueue("sync_account", {"version": 3}, tag="account:7")
+            return [first.id, kept.id, replaced.id]
+
+    first, kept, replaced = asyncio.run(scenario())
+    assert kept == first
+    assert [(r["id"], r["status"]) for r in rows(db)] == [(first, "cancelled"), (replaced, "pending")]
+
+
+@pytest.mark.stores("sqlite")
+def test_async_queue_on_a_sync_connection_says_to_use_queue(db: str) -> None:
+    with contextlib.closing(sqlite3.connect(db)) as conn, pytest.raises(TypeError, match=r"Queue\(conn\)"):
+        worker.AsyncQueue(conn)

@@ -47,6 +47,7 @@ if __name__ == "__main__":
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -1093,6 +1094,117 @@ class Queue:
             **options.columns(),
             "persistent": int(bool(persistent)),
         }
+
+
+class AsyncQueue:
+    """The producer side for async web apps (FastAPI, Starlette, aiohttp): Queue's verbs, awaited, never blocking
+    the event loop.
+
+    ``AsyncQueue(path or URL)`` runs a Queue of its own on one thread of its
+    own (one connection: enqueues from many requests take turns, as SQLite's
+    writers do anyway).  ``AsyncQueue(conn)``, on a psycopg AsyncConnection,
+    enqueues on the app's connection inside the app's own transaction, so a
+    job commits or rolls back with the app's writes (only ``enqueue`` and
+    ``enqueue_many`` there).  SQLite's drivers have no async connection of the
+    standard library's: enqueue in an app's SQLite transaction with the sync
+    ``Queue(conn)`` on the connection that transaction is on.
+    """
+
+    def __init__(self, db: str | os.PathLike[str] | Any, *, check_types: bool = True) -> None:
+        self.check_types = check_types
+        self._queue: Queue | None = None
+        if isinstance(db, str | os.PathLike):
+            self.path: str | None = database_target(os.fspath(db))
+            self._thread: concurrent.futures.ThreadPoolExecutor | None = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="worker-enqueue"
+            )
+            self._caller_store: Any = None
+        elif type(db).__module__.startswith("psycopg"):
+            self.path, self._thread = None, None
+            self._caller_store = postgres_module().async_store_in_callers_transaction(db)
+            self._rows = _RowsOnly(check_types=check_types)
+        else:
+            raise TypeError(
+                f"AsyncQueue takes a path, a URL or a psycopg AsyncConnection, not {type(db)!r}"
+                " (in a transaction of a sync connection, enqueue with Queue(conn))"
+            )
+
+    async def __aenter__(self) -> AsyncQueue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _on_thread(self, call: Callable[[Queue], _T]) -> _T:
+        """``call(queue)`` on this AsyncQueue's thread, where its Queue (and so its connection) lives."""
+        if self._thread is None:
+            raise TypeError("on an app's connection, AsyncQueue only enqueues (enqueue, enqueue_many)")
+
+        def on_thread() -> _T:
+            if self._queue is None:
+                assert self.path is not None
+                self._queue = Queue(self.path, check_types=self.check_types)
+            return call(self._queue)
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, on_thread)
+
+    async def enqueue(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
+        """Queue.enqueue, awaited (the same options); on an app's AsyncConnection, in its transaction."""
+        if self._caller_store is None:
+            return await self._on_thread(lambda queue: queue.enqueue(type, data, **options))
+        on_conflict = options.pop("on_conflict", "replace")
+        if options.get("now") is None:
+            options["now"] = await self._caller_store.now()
+        row = self._rows._new_row(type, data, **options)
+        job: Job = await self._caller_store.insert(row, on_conflict)
+        return job
+
+    async def enqueue_many(
+        self, jobs: Iterable[tuple[str, Mapping[str, Any] | None] | Mapping[str, Any]], **options: Any
+    ) -> list[Job]:
+        """Queue.enqueue_many, awaited: all or none."""
+        if self._caller_store is None:
+            items = list(jobs)
+            return await self._on_thread(lambda queue: queue.enqueue_many(items, **options))
+        calls = []
+        for item in jobs:
+            arguments = (
+                {**options, **item} if isinstance(item, Mapping) else {**options, "type": item[0], "data": item[1]}
+            )
+            calls.append(arguments)
+        # One savepoint each, in the app's transaction: the app's rollback takes them all back.
+        return [
+            await self.enqueue(arguments.pop("type"), arguments.pop("data", None), **arguments) for arguments in calls
+        ]
+
+    async def get(self, id: int) -> Job | None:
+        """Queue.get, awaited."""
+        return await self._on_thread(lambda queue: queue.get(id))
+
+    async def cancel(self, id: int, *, reason: str = "cancelled") -> bool:
+        """Queue.cancel, awaited."""
+        return await self._on_thread(lambda queue: queue.cancel(id, reason=reason))
+
+    async def close(self) -> None:
+        """Close this AsyncQueue's connection and thread (an app's connection is left open)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        if self._queue is not None:
+            await asyncio.get_running_loop().run_in_executor(thread, self._queue.close)
+        thread.shutdown(wait=False)
+
+
+class _RowsOnly(Queue):
+    """Queue's checks and rows without a connection of its own: AsyncQueue's on an app's AsyncConnection, which
+    gives every row its ``now`` (the server's time)."""
+
+    def __init__(self, *, check_types: bool) -> None:  # no super().__init__(): nothing to connect to
+        self.check_types = check_types
+        self.path, self._caller_store = None, None
+
+    def now(self) -> int:
+        raise AssertionError("AsyncQueue gives each row its time")
 
 
 def _dbapi_connection(db: Any) -> Any:
