@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import pytest
 
 import worker
 from conftest import HERE, Processes, WorkerProcess, rows, wait_for
+from test_examples import environment, example, run, succeeded
 from worker import ConfigError, JobContext, Queue, Worker
 
 pytestmark = pytest.mark.stores("sqlite", "postgres")
@@ -249,6 +251,7 @@ ASYNC_JOBS_MODULE = '''
 
 import asyncio
 import contextlib
+import http.server
 from pathlib import Path
 
 from worker import job
@@ -454,3 +457,70 @@ def test_async_enqueue_on_an_app_connection_keeps_the_tag_rule(db: str, queue: Q
 def test_async_queue_on_a_sync_connection_says_to_use_queue(db: str) -> None:
     with contextlib.closing(sqlite3.connect(db)) as conn, pytest.raises(TypeError, match=r"Queue\(conn\)"):
         worker.AsyncQueue(conn)
+
+
+# --- The FastAPI example ------------------------------------------------------------------
+
+FASTAPI_REQUESTS = """
+import json
+from fastapi.testclient import TestClient
+from app import app
+
+with TestClient(app) as client:
+    answers = [
+        client.post("/orders", json={"item": "book"}),
+        client.post("/orders", json={"item": "lamp", "card": "declined"}),
+    ]
+print(json.dumps([[answer.status_code, answer.json()] for answer in answers]))
+"""
+
+
+class PriceHandler(http.server.BaseHTTPRequestHandler):
+    """The shop's price service, on loopback: GET /prices/<item>."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"price": {"/prices/book": 12.5}.get(self.path, 1)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def price_service() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PriceHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.stores("postgres")
+def test_fastapi_request_enqueues_in_its_transaction_and_the_async_job_stores_the_fetched_price(
+    db: str, tmp_path: Path, price_service: str
+) -> None:
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS orders")
+    shop = example("fastapi_async", tmp_path)
+    env = environment(DATABASE_URL=db, PRICES_URL=price_service)
+    answers = json.loads(succeeded(run(shop, "-c", FASTAPI_REQUESTS, env=env)).stdout)
+    assert answers == [[201, {"order": 1, "job": 1}], [402, {"detail": "order 2: card declined"}]]
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT id, item, price FROM orders").fetchall() == [(1, "book", None)]
+    assert [(r["type"], r["status"]) for r in rows(db)] == [("fetch_price", "pending")]
+
+    # The async job reads the order, asks the price service over HTTP and stores the price, on the
+    # HTTP client and the pool its async @on_startup made on the job loop.
+    succeeded(run(shop, "-m", "worker_cli", "run", "--burst", env=env))
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT id, price::float FROM orders").fetchall() == [(1, 12.5)]
+        conn.execute("DROP TABLE orders")
+    (done,) = rows(db, "type = 'fetch_price'")
+    assert (done["status"], json.loads(done["result"])) == ("succeeded", {"item": "book", "price": 12.5})
