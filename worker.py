@@ -47,6 +47,7 @@ if __name__ == "__main__":
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -120,6 +121,7 @@ DEFAULT_PREFETCH = 32
 POSTGRES_PREFETCH = 512
 PREFETCH_JOB_SECONDS = 0.001  # a job that runs longer stops claiming ahead
 PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given back
+ASYNC_PREFETCH_JOB_SECONDS = 0.1  # an async job that runs longer stops the job loop's claiming ahead
 CANCELLED_JOB_GRACE = 5.0  # how long a stopping worker waits for its cancelled async jobs' finally blocks
 
 
@@ -2996,7 +2998,9 @@ class AsyncRunner:
     The worker hands it the async jobs it claims (``start``) and asks how many
     more it can take (``free``); each job runs as a task on the loop, and its
     Outcome goes to ``hand_over``, as a job thread's does, to be recorded the
-    same way.  A job's timeout cancels its task (see Worker.execute_async);
+    same way.  While jobs are short it takes up to ``concurrency`` more, which
+    wait on the loop and start the moment a job ends, not a step of the worker
+    later (ASYNC_PREFETCH_JOB_SECONDS).  A job's timeout cancels its task (see Worker.execute_async);
     at shutdown ``cancel_all`` cancels what still runs, and the worker gives
     those rows back.  Async hooks run on the same loop (``call``).
     """
@@ -3009,18 +3013,20 @@ class AsyncRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}  # by job id; touched on the loop's thread only
+        self._waiting: collections.deque[Job] = collections.deque()  # claimed ahead; the loop's thread only
+        self._ahead = 0  # how many jobs beyond ``concurrency`` it may hold: set by the loop's thread
         # Counted apart, each by one thread (started: the worker's step; ended: the loop's), so no lock is needed.
         self._started = 0
         self._ended = 0
 
     @property
     def running(self) -> int:
-        """The async jobs handed to the loop that have not ended yet."""
+        """The async jobs handed to the loop that have not ended yet (running, or waiting to start)."""
         return self._started - self._ended
 
     @property
     def free(self) -> int:
-        return self.concurrency - self.running
+        return self.concurrency + self._ahead - self.running
 
     def _loop_running(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -3038,12 +3044,19 @@ class AsyncRunner:
 
         return asyncio.run_coroutine_threadsafe(awaited(), self._loop_running()).result()
 
-    def start(self, job: Job) -> None:
-        """Run a claimed async job on the loop (from the worker's step)."""
-        self._started += 1
-        self._loop_running().call_soon_threadsafe(self._begin, job)
+    def start(self, jobs: list[Job]) -> None:
+        """Run claimed async jobs on the loop (from the worker's step): one wake-up of the loop for them all."""
+        self._started += len(jobs)
+        self._loop_running().call_soon_threadsafe(self._begin_all, jobs)
+
+    def _begin_all(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._begin(job)
 
     def _begin(self, job: Job) -> None:
+        if len(self._tasks) >= self.concurrency:
+            self._waiting.append(job)
+            return
         self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.id}")
 
     async def _run(self, job: Job) -> None:
@@ -3057,7 +3070,11 @@ class AsyncRunner:
         finally:
             del self._tasks[job.id]
             self._ended += 1  # before the hand-over: the worker never counts this slot as free too late
+            if self._waiting:
+                self._begin(self._waiting.popleft())
         if outcome is not None:
+            # Claim ahead only while jobs are short: one waiting behind long ones would wait as long.
+            self._ahead = self.concurrency if outcome.seconds < ASYNC_PREFETCH_JOB_SECONDS else 0
             self._hand_over(outcome)
 
     def cancel_all(self, grace: float) -> None:
@@ -3066,6 +3083,7 @@ class AsyncRunner:
             return
 
         async def cancelled() -> None:
+            self._waiting.clear()  # not started: given back as they are
             tasks = list(self._tasks.values())
             for task in tasks:
                 task.cancel()
@@ -4055,12 +4073,12 @@ class Worker:
 
     def _start_async(self, claimed: list[Job]) -> list[Job]:
         """Hand the claimed async def jobs to the job loop; the others, returned, are the job threads'."""
-        threaded = []
+        threaded: list[Job] = []
+        awaited: list[Job] = []
         for job in claimed:
-            if _job_type(job).is_async:
-                self._async.start(job)
-            else:
-                threaded.append(job)
+            (awaited if _job_type(job).is_async else threaded).append(job)
+        if awaited:
+            self._async.start(awaited)
         return threaded
 
     def _give_back_unknown(self) -> list[_Note]:
