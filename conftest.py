@@ -378,7 +378,9 @@ def postgres_db(postgres_url: str) -> str:
     store = worker_postgres.open_store(postgres_url)
     try:
         with store.transaction() as conn:
-            conn.execute("TRUNCATE worker_jobs, worker_processes, worker_finished_per_minute RESTART IDENTITY")
+            conn.execute(
+                "TRUNCATE worker_jobs, worker_processes, worker_finished_per_minute, worker_queues RESTART IDENTITY"
+            )
     finally:
         store.close()
     return postgres_url

@@ -191,3 +191,25 @@ BEGIN
     SELECT RAISE(ABORT, 'worker_jobs: a running row needs a lease_until (only a worker claims rows)')
      WHERE NEW.status = 'running' AND NEW.lease_until IS NULL;
 END;
+
+-- version 7
+
+-- What operators set on a queue (`worker pause`, `worker resume`, `worker
+-- limit`), read by every claim inside its transaction, so that each holds for
+-- every worker on every host at once.  A queue with no row has no controls;
+-- the row is deleted when the last of its controls is cleared, and a claim
+-- that finds the table empty takes its fast path (worker.py, CLAIM_SQL).
+--   paused       no job of the queue is claimed (running ones finish)
+--   max_running  at most this many of its rows are `running` at once, counting
+--                the ones claimed ahead and not yet started
+--   per_second   at most this many of its jobs start per second, spaced evenly:
+--                next_start, the claims' own bookkeeping, is the epoch ms before
+--                which no further job of the queue is claimed
+CREATE TABLE IF NOT EXISTS worker_queues (
+    queue        TEXT    PRIMARY KEY,
+    paused       INTEGER NOT NULL DEFAULT 0 CHECK (paused IN (0, 1)),
+    max_running  INTEGER CHECK (max_running IS NULL OR max_running >= 1),
+    per_second   REAL    CHECK (per_second IS NULL OR (per_second > 0 AND per_second <= 1000)),
+    next_start   INTEGER,
+    changed      INTEGER NOT NULL     -- epoch ms of the operator's last change
+) STRICT;

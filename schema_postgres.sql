@@ -167,3 +167,18 @@ CREATE TABLE IF NOT EXISTS worker_schema (
     id       BIGINT  PRIMARY KEY CHECK (id = 1),
     version  BIGINT  NOT NULL
 );
+
+-- version 2
+
+-- What operators set on a queue (`worker pause`, `worker resume`, `worker
+-- limit`), as schema.sql's version 7: read by every claim inside its
+-- transaction; a claim of a limited queue locks its row (FOR UPDATE), so that
+-- claims by many workers count each other's rows.  No row: no controls.
+CREATE TABLE IF NOT EXISTS worker_queues (
+    queue        TEXT    PRIMARY KEY,
+    paused       BIGINT  NOT NULL DEFAULT 0 CHECK (paused IN (0, 1)),
+    max_running  BIGINT  CHECK (max_running IS NULL OR max_running >= 1),
+    per_second   DOUBLE PRECISION CHECK (per_second IS NULL OR (per_second > 0 AND per_second <= 1000)),
+    next_start   BIGINT,
+    changed      BIGINT  NOT NULL     -- epoch ms of the operator's last change
+);

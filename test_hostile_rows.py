@@ -269,17 +269,22 @@ def test_a_hostile_row_is_refused_or_fails_alone_and_the_other_jobs_run(
         assert ended["status"] == "failed"
         assert message in ended["error"], ended["error"]
         assert ended["remove_at"] is not None and ended["remove_at"] <= ended["finished"] + worker.MAX_DURATION_MS
-        retries = retries_of(db, hostile)
-        if outcome == "failed":
-            assert retries == []
-        elif outcome == "failed+retry":
-            assert [r["status"] for r in retries] == ["pending"]
-            assert ended["finished"] < retries[0]["due"] <= worker.MAX_TIME_MS
-        else:
-            assert [(r["status"], r["result"]) for r in retries] == [("succeeded", '"ok"')]
+        assert_retries_follow(outcome, ended, retries_of(db, hostile))
     if older:  # the worker put the trigger back when it started
         with contextlib.closing(sqlite3.connect(db)) as conn:
             assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (TRIGGER,)).fetchone()[0] == 1
+
+
+def assert_retries_follow(outcome: str, ended: Any, retries: list[Any]) -> None:
+    """What follows a failed hostile row: nothing ("failed"), a retry due within the table's range
+    ("failed+retry"), or a retry that ran ("failed+retried")."""
+    if outcome == "failed":
+        assert retries == []
+    elif outcome == "failed+retry":
+        assert [r["status"] for r in retries] == ["pending"]
+        assert ended["finished"] < retries[0]["due"] <= worker.MAX_TIME_MS
+    else:
+        assert [(r["status"], r["result"]) for r in retries] == [("succeeded", '"ok"')]
 
 
 # --- One test per defect -------------------------------------------------------------

@@ -10,6 +10,7 @@ lives in the process itself.  Every wait is bounded.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import signal
@@ -127,6 +128,17 @@ def started(process: WorkerProcess) -> bool:
     return " started: " in process.log()
 
 
+def run_to_the_end(w: worker.Worker, db: str) -> None:
+    """Run a burst worker on a thread of its own; fail the test if it has not finished within 20 s."""
+    loop = threading.Thread(target=w.run, daemon=True)
+    loop.start()
+    loop.join(20)
+    if loop.is_alive():
+        w.stop()
+        loop.join(10)
+        pytest.fail(f"the worker never finished: {[(r['type'], r['status']) for r in rows(db)]}")
+
+
 # --- 8. BaseException and results that cannot be encoded -------------------------
 
 
@@ -162,13 +174,7 @@ def test_jobs_raising_base_exceptions_or_returning_results_nested_too_deep_fail_
                                                                                  "bare", "too_deep")}  # fmt: skip
     good = [queue.enqueue("fine", {"n": n}, now=at(clock)).id for n in range(6)]
     w = make_worker(concurrency=3, burst=True, shutdown_timeout=1, prefetch=0)
-    loop = threading.Thread(target=w.run, daemon=True)
-    loop.start()
-    loop.join(20)
-    if loop.is_alive():
-        w.stop()
-        loop.join(10)
-        pytest.fail(f"the worker never finished: {[(r['type'], r['status']) for r in rows(db)]}")
+    run_to_the_end(w, db)
 
     by_id = {r["id"]: r for r in rows(db)}
     assert {name: by_id[job_id]["status"] for name, job_id in bad.items()} == dict.fromkeys(bad, "failed")
@@ -178,6 +184,44 @@ def test_jobs_raising_base_exceptions_or_returning_results_nested_too_deep_fail_
     assert by_id[bad["too_deep"]]["error"].startswith("result is not JSON-serialisable: nested too deep")
     assert [by_id[job_id]["status"] for job_id in good] == ["succeeded"] * 6
     assert all(r["lease_until"] is None for r in by_id.values())
+
+
+def test_errors_and_results_holding_a_nul_or_a_lone_surrogate_are_stored_escaped_and_the_others_run(
+    make_worker: Callable[..., worker.Worker], queue: Queue, db: str, clock: FakeClock, store_kind: str
+) -> None:
+    """A str may hold what no database text can (a surrogate from surrogateescape; a NUL on PostgreSQL).
+
+    Such a message fails its own row, written with escapes; before, it raised
+    out of the recording and stopped the worker with every claimed job
+    left running.
+    """
+
+    @worker.job
+    def raise_odd(ctx: JobContext) -> None:
+        raise ValueError("name \udcff and \x00 here")
+
+    @worker.job
+    def return_odd(ctx: JobContext) -> dict[str, str]:
+        return {"name": "\udcff and \x00"}
+
+    @worker.job
+    def fine(ctx: JobContext, n: int) -> int:
+        return n
+
+    raised = queue.enqueue("raise_odd", priority=1, now=at(clock)).id
+    returned = queue.enqueue("return_odd", priority=1, now=at(clock)).id
+    good = [queue.enqueue("fine", {"n": n}, now=at(clock)).id for n in range(3)]
+    w = make_worker(concurrency=2, burst=True, shutdown_timeout=1)
+    run_to_the_end(w, db)
+
+    by_id = {r["id"]: r for r in rows(db)}
+    assert by_id[raised]["status"] == "failed"
+    first_line = by_id[raised]["error"].partition("\n")[0]
+    nul = "\x00" if store_kind == "sqlite" else "\\x00"  # SQLite's TEXT holds a NUL; PostgreSQL's cannot
+    assert first_line == f"ValueError: name \\udcff and {nul} here"
+    assert by_id[returned]["status"] == "succeeded"
+    assert json.loads(by_id[returned]["result"]) == {"name": "\udcff and \x00"}  # JSON escapes hold both
+    assert [by_id[job_id]["status"] for job_id in good] == ["succeeded"] * 3
 
 
 def test_keyboard_interrupt_in_a_job_run_by_work_on_the_main_thread_fails_its_row_then_goes_on_up(

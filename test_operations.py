@@ -113,6 +113,9 @@ def test_status_json_counts_each_queue_and_names_the_worker_and_cron_job(db: str
         "failed_last_hour": 2,
         "cancelled_last_hour": 1,
         "oldest_waiting_seconds": None,
+        "paused": False,
+        "max_running": None,
+        "per_second": None,
     }
     assert queues["default"]["oldest_waiting_seconds"] >= 0
     assert (queues["mail"]["running"], queues["mail"]["pending_due"]) == (1, 0)

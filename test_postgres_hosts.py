@@ -642,3 +642,47 @@ def test_a_host_whose_link_is_cut_mid_job_loses_it_to_another_host_and_then_writ
     assert cut_off.pid in {pid_of(row(postgres_db, each)) for each in later}, "the cut-off worker took new jobs"
     assert_each_ran_once(postgres_db, ledger)
     print(f"\nlink cut at {cut_at}, rescued {rescued['finished'] - cut_at} ms later; back at {restored_at}")
+
+
+def test_the_engines_connections_give_up_on_a_silent_link_in_seconds_unless_the_url_says_otherwise(
+    postgres_db: str,
+) -> None:
+    """libpq's own defaults would wait out TCP: about 15 minutes for a statement, 2 hours for a reply."""
+    conn = worker_postgres.connect(postgres_db)
+    try:
+        given = conn.info.get_parameters()
+        assert {name: given.get(name) for name in worker_postgres.CONNECTION_DEFAULTS} == {
+            name: str(value) for name, value in worker_postgres.CONNECTION_DEFAULTS.items()
+        }
+    finally:
+        conn.close()
+    conn = worker_postgres.connect(f"{postgres_db}?tcp_user_timeout=4000&application_name=mine")
+    try:
+        given = conn.info.get_parameters()
+        assert (given["tcp_user_timeout"], given["application_name"]) == ("4000", "mine")
+        assert given["keepalives_idle"] == "15"  # the rest are still the engine's
+    finally:
+        conn.close()
+    with pytest.raises(worker.DatabaseUnusable, match='invalid URI query parameter: "tcp_timeout"'):
+        worker_postgres.connect(f"{postgres_db}?tcp_timeout=4000")  # a typo is not worth retrying
+
+
+def test_an_idle_worker_whose_link_goes_silent_notices_by_its_tcp_timeouts_and_runs_jobs_once_it_is_back(
+    make_host: Callable[[], Host], run_worker: Callable[..., WorkerProcess], queue: worker.Queue, postgres_db: str
+) -> None:
+    """A cut link sends no FIN and no RST: only TCP's timeouts tell.  With them short (in the URL here; the
+    engine's defaults give about 30 s), the worker's next statement fails instead of waiting out TCP's
+    retransmissions, and its LISTEN connection is found dead by the keepalives; it backs off, reconnects when
+    the link is back, and runs jobs again."""
+    host = make_host()
+    quick = "tcp_user_timeout=1000&keepalives_idle=1&keepalives_interval=1&keepalives_count=2"
+    cut_off = run_worker("cut-off", url=f"{host.url}?{quick}", prefix=host.prefix)
+    host.cut()
+    wait_for(lambda: "unavailable" in cut_off.log() or "LISTEN" in cut_off.log(), 20, "the worker to notice")
+    host.restore()
+    job = queue.enqueue("work", {"ms": 10})
+    wait_for(lambda: row(postgres_db, job.id)["status"] == "succeeded", 30, "the job to run once the link is back")
+    assert pid_of(row(postgres_db, job.id)) == cut_off.pid
+    assert cut_off.stop() == 0
+    assert "Traceback" not in cut_off.log()
+    print(f"\n{cut_off.log()}")

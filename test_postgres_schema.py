@@ -22,7 +22,7 @@ psycopg = pytest.importorskip("psycopg")
 worker_postgres = pytest.importorskip("worker_postgres")
 
 TYPES = {"INTEGER": "bigint", "REAL": "double precision", "TEXT": "text"}
-TABLES = ("worker_jobs", "worker_processes", "worker_finished_per_minute", "worker_schema")
+TABLES = ("worker_jobs", "worker_processes", "worker_finished_per_minute", "worker_schema", "worker_queues")
 
 
 @pytest.fixture

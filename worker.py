@@ -74,7 +74,7 @@ import zoneinfo
 from collections.abc import Awaitable, Callable, Container, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import EllipsisType, ModuleType, SimpleNamespace
 from typing import Any, ClassVar, NoReturn, Protocol, TypeVar, cast, overload
 
 from croniter import CroniterError, croniter
@@ -119,8 +119,10 @@ DEFAULT_PREFETCH = 32
 # On PostgreSQL every step of the loop is a few round trips to the server and a
 # commit it waits for: claiming far more per step pays (bench/README.md).
 POSTGRES_PREFETCH = 512
-PREFETCH_JOB_SECONDS = 0.001  # a job that runs longer stops claiming ahead
 PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given back
+# How many loop round trips the jobs claimed ahead cover (see ClaimAhead): one
+# would do on average; the second absorbs a slow commit or a late wake-up.
+PREFETCH_ROUND_TRIPS = 2
 ASYNC_PREFETCH_JOB_SECONDS = 0.1  # an async job that runs longer stops the job loop's claiming ahead
 CANCELLED_JOB_GRACE = 5.0  # how long a stopping worker waits for its cancelled async jobs' finally blocks
 
@@ -654,6 +656,67 @@ def poisoned(deaths: int, max_deaths: int) -> bool:
     return deaths >= max_deaths
 
 
+@dataclasses.dataclass(slots=True)
+class QueueControl:
+    """A queue's row of worker_queues: what operators set on it (see schema.sql, version 7)."""
+
+    queue: str
+    paused: bool = False
+    max_running: int | None = None  # at most this many running at once, claimed-ahead rows included
+    per_second: float | None = None  # at most this many starts per second, spaced evenly
+    next_start: int | None = None  # epoch ms: with per_second, no further start before this
+    changed: int = 0  # epoch ms of the operator's last change
+
+    @classmethod
+    def from_row(cls, row: Iterable[Any]) -> QueueControl:
+        queue, paused, max_running, per_second, next_start, changed = row
+        return cls(queue, bool(paused), max_running, per_second, next_start, changed)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing set: the row goes, and with it the cost of the claim's checks."""
+        return not self.paused and self.max_running is None and self.per_second is None
+
+
+CONTROL_RECHECK_MS = 100  # a queue at its running limit is looked at again this often (a finish elsewhere frees it)
+
+
+def start_allowance(control: QueueControl, running: int, now: int) -> int | None:
+    """How many more jobs of the queue may be claimed at ``now`` with ``running`` of them running; None: any number.
+
+    A rate is met by spacing: one start per 1/per_second s, never a burst, so
+    that no window of a second holds more than per_second starts.
+    """
+    if control.paused:
+        return 0
+    allowed = None if control.max_running is None else max(control.max_running - running, 0)
+    if control.per_second is not None:
+        allowed = 0 if (control.next_start or 0) > now else min(1, 1 if allowed is None else allowed)
+    return allowed
+
+
+def next_start_after(control: QueueControl, now: int, started: int) -> int:
+    """The rate's next start time once ``started`` jobs started at ``now`` (the interval rounded up: never faster)."""
+    assert control.per_second is not None
+    return max(control.next_start or now, now) + math.ceil(1000 / control.per_second) * started
+
+
+def released_at(control: QueueControl, running: int, now: int) -> int | None:
+    """When a queue that ``start_allowance`` holds back may start a job again; None: not before an operator says so.
+
+    Its worker looks again then: a paused queue only once resumed (the
+    operator's write wakes every worker), a full one every CONTROL_RECHECK_MS.
+    """
+    if control.paused:
+        return None
+    at = now
+    if control.max_running is not None and running >= control.max_running:
+        at = now + CONTROL_RECHECK_MS
+    if control.per_second is not None and control.next_start is not None:
+        at = max(at, control.next_start)
+    return at
+
+
 def _deaths(job: Job) -> int:
     """The worker deaths of the job's chain, as policy counts them: each death was one of its attempts.
 
@@ -999,6 +1062,47 @@ class Queue:
         store = self._store()
         with store.transaction():
             return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), type=type)
+
+    def pause(self, queue: str, *, now: int | None = None) -> QueueControl:
+        """Stop every worker claiming from ``queue`` (at its next claim); running jobs finish.  Kept in the database."""
+        return self._control(queue, {"paused": True}, now)
+
+    def resume(self, queue: str, *, now: int | None = None) -> QueueControl:
+        """Let workers claim from a paused ``queue`` again (they are woken at once)."""
+        return self._control(queue, {"paused": False}, now)
+
+    def limit(
+        self, queue: str, *, running: int | EllipsisType | None = ..., per_second: float | EllipsisType | None = ...,
+        now: int | None = None,
+    ) -> QueueControl:  # fmt: skip
+        """Limit ``queue``, across every worker: at most ``running`` jobs at once (claimed ahead included), at most
+        ``per_second`` starts a second; None clears a limit, and one not given stays as it is."""
+        changes: dict[str, Any] = {}
+        if running is not ...:
+            if running is not None:
+                _check_integer(running, "running", 1, MAX_COUNT)
+            changes["max_running"] = running
+        if per_second is not ...:
+            if per_second is not None and (
+                isinstance(per_second, bool) or not isinstance(per_second, int | float) or not 0 < per_second <= 1000
+            ):
+                raise ValueError(f"per_second must be a number above 0 and at most 1000, not {per_second!r}")
+            changes["per_second"] = None if per_second is None else float(per_second)
+        if not changes:
+            raise ValueError("give running, per_second, or both (None clears one)")
+        return self._control(queue, changes, now)
+
+    def controls(self) -> list[QueueControl]:
+        """Every queue that has a control (paused, or limited), by name."""
+        return self._store().queue_controls()
+
+    def _control(self, queue: str, changes: dict[str, Any], now: int | None) -> QueueControl:
+        if not isinstance(queue, str) or not queue:
+            raise ValueError(f"a queue is a non-empty name, not {queue!r}")
+        now = self.now() if now is None else now
+        store = self._store()
+        with store.transaction():
+            return store.control_queue(queue, now, changes)
 
     def retry(self, id: int, *, now: int | None = None) -> Job | None:
         """Run a failed or cancelled job again now, as a new row in its chain; None if it can't be.
@@ -1409,6 +1513,18 @@ class Store(Protocol):
         """
         ...
 
+    def queue_controls(self) -> list[QueueControl]:
+        """Every queue's controls (worker_queues), by queue name."""
+        ...
+
+    def at_running_limit(self) -> bool:
+        """Whether the last claim left a queue at its running limit (a job of it ending frees a place)."""
+        ...
+
+    def control_queue(self, queue: str, now: int, changes: Mapping[str, Any]) -> QueueControl:
+        """Set paused / max_running / per_second on a queue (None clears a limit); its controls after."""
+        ...
+
     def any_suspect(self) -> bool:
         """Whether a pending row's chain has already killed a worker (deaths > 0): such a row is claimed alone."""
         ...
@@ -1792,7 +1908,9 @@ def installed_schema_version(conn: Any) -> int:
         version = int(recorded)
     elif "worker_jobs" not in names:
         version = 0
-    elif "worker_jobs_refuse_invalid" in names:  # worker_schema, or its row, dropped by hand
+    elif "worker_queues" in names:  # worker_schema, or its row, dropped by hand
+        version = 7
+    elif "worker_jobs_refuse_invalid" in names:
         version = 6
     elif _scalar(conn, "SELECT count(*) FROM pragma_table_info('worker_processes') WHERE name = 'types'"):
         version = 5
@@ -1811,7 +1929,7 @@ def installed_schema_version(conn: Any) -> int:
 SCHEMA_OBJECTS_SQL = """
 SELECT name FROM sqlite_master
  WHERE name IN ('worker_schema', 'worker_jobs', 'worker_finished_per_minute', 'worker_jobs_next_due',
-                'worker_jobs_refuse_invalid')
+                'worker_jobs_refuse_invalid', 'worker_queues')
 """
 
 
@@ -2027,8 +2145,145 @@ def _begin_as_an_insert_would(conn: Any) -> None:
 LEGACY_TRANSACTION_CONTROL = getattr(sqlite3, "LEGACY_TRANSACTION_CONTROL", -1)
 
 
+class QueueControls:
+    """Pause and limits of queues (worker_queues): the claim that honours them and the operators' writes, for
+    every store.
+
+    A store gives the SQL of its dialect (the ``*_SQL`` attributes, the claim
+    variants in ``_claim_sqls``) and runs it with ``_run``.  The claim first
+    runs its fast statement, which takes nothing while any queue has a control:
+    with none (the common case) that is the whole cost.  Otherwise the
+    controls are read (on PostgreSQL locked, so that concurrent claims count
+    each other's rows), each controlled queue is claimed from up to what it
+    allows, and the rest from every other queue.  The queues held back are
+    kept for ``next_due``, which the worker calls next in the same transaction.
+    """
+
+    ALL_CONTROLS_SQL: ClassVar[str]
+    RUNNING_IN_SQL: ClassVar[str]  # (queue, running rows) of the queues in :queues
+    SET_NEXT_START_SQL: ClassVar[str]
+    ENSURE_CONTROL_SQL: ClassVar[str]  # one queue's row, made if missing
+    LOCK_CONTROL_SQL: ClassVar[str]
+    UPDATE_CONTROL_SQL: ClassVar[str]
+    DELETE_CONTROL_SQL: ClassVar[str]
+    NOTIFY_SQL: ClassVar[str | None] = None  # wakes idle workers after a control changed, where commits do not
+    _claim_sqls: dict[tuple[str, bool], str]  # (fast | queue | rest, suspect) -> the claim statement
+    _controls_sql: str  # the controls of the store's queues, locked where concurrent claims need it
+    _next_due_sql: str
+    _next_due_except_sql: str  # next_due outside the queues in :controlled
+    _queues_param: Any  # the store's queues (None: all), as it binds them
+    _held_back: dict[str, int | None]  # queue -> released_at(), of the last claim
+    _full = False  # whether the last claim left a queue at its running limit
+    _had_controls = False  # whether the last claim found any
+
+    def _run(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        raise NotImplementedError
+
+    def _names(self, names: list[str]) -> Any:
+        """A list of names as the store binds it."""
+        raise NotImplementedError
+
+    def _types_param(self, types: str) -> Any:
+        """The worker's types (a JSON array) as the store binds them."""
+        raise NotImplementedError
+
+    def _claim_rows(
+        self, kind: str, suspect: bool, params: dict[str, Any], held: Container[int]
+    ) -> tuple[list[Job], list[tuple[Job, str]]]:
+        raise NotImplementedError
+
+    def _claim_params(
+        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def claim(
+        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
+        *, suspect: bool = False,
+    ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
+        self._held_back, self._full = {}, False
+        params = self._claim_params(owner, worker, now, lease_until, limit, types)
+        jobs: list[Job] = []
+        unreadable: list[tuple[Job, str]] = []
+        skipped_fast = self._had_controls  # then the fast statement would most likely take nothing again
+        if not skipped_fast:
+            jobs, unreadable = self._claim_rows("fast", suspect, params, held)
+            if jobs or unreadable:
+                return jobs, unreadable  # no queue had a control
+        controls = [QueueControl.from_row(row) for row in self._run(self._controls_sql, params).fetchall()]
+        self._had_controls = bool(controls)
+        if not controls:
+            return self._claim_rows("fast", suspect, params, held) if skipped_fast else (jobs, unreadable)
+        claimed: set[int] = set()  # the SQLite store's re-read of unreadable rows sees every statement's rows
+        limited = [control.queue for control in controls if control.max_running is not None]
+        running = dict(self._run(self.RUNNING_IN_SQL, {"queues": self._names(limited)}).fetchall()) if limited else {}
+        for control in controls:
+            in_queue = running.get(control.queue, 0)
+            allowed = start_allowance(control, in_queue, now)
+            take = limit - len(jobs) if allowed is None else min(allowed, limit - len(jobs))
+            if take > 0:
+                got, bad = self._claim_rows("queue", suspect, {**params, "limit": take, "queue": control.queue}, held)
+                jobs, unreadable, started = jobs + got, unreadable + bad, len(got) + len(bad)
+                in_queue += started
+                if control.per_second is not None and started:
+                    control.next_start = next_start_after(control, now, started)
+                    self._run(self.SET_NEXT_START_SQL, {"queue": control.queue, "next_start": control.next_start})
+            if start_allowance(control, in_queue, now) == 0:
+                self._held_back[control.queue] = released_at(control, in_queue, now)
+                self._full = self._full or (control.max_running is not None and in_queue >= control.max_running)
+        if len(jobs) < limit:
+            rest = {**params, "limit": limit - len(jobs), "controlled": self._names([c.queue for c in controls])}
+            got, bad = self._claim_rows("rest", suspect, rest, held)
+            jobs, unreadable = jobs + got, unreadable + bad
+        jobs = [job for job in jobs if not (job.id in claimed or claimed.add(job.id))]  # type: ignore[func-returns-value]
+        return jobs, [(job, why) for job, why in unreadable if not (job.id in claimed or claimed.add(job.id))]  # type: ignore[func-returns-value]
+
+    def next_due(self, types: str) -> int | None:
+        """The earliest time a pending row of ``types`` may be claimed: its due time, or when the control of its
+        queue releases it (as the last claim found them)."""
+        params = {"types": self._types_param(types), "queues": self._queues_param}
+        if not self._held_back:
+            due = self._run(self._next_due_sql, params).fetchone()[0]
+            return None if due is None else int(due)
+        held_back = self._names(sorted(self._held_back))
+        due = self._run(self._next_due_except_sql, {**params, "controlled": held_back}).fetchone()[0]
+        times = [int(due)] if due is not None else []
+        times += [at for at in self._held_back.values() if at is not None]
+        return min(times, default=None)
+
+    def at_running_limit(self) -> bool:
+        """Whether the last claim left a queue at its running limit (a job of it ending frees a place)."""
+        return self._full
+
+    def queue_controls(self) -> list[QueueControl]:
+        """Every queue's controls, by queue name."""
+        return [QueueControl.from_row(row) for row in self._run(self.ALL_CONTROLS_SQL).fetchall()]
+
+    def control_queue(self, queue: str, now: int, changes: Mapping[str, Any]) -> QueueControl:
+        """Set ``changes`` (paused, max_running, per_second; None clears a limit) on the queue; its controls after.
+
+        The row is locked while it is read and written (a row lock on
+        PostgreSQL, the write lock on SQLite), so two operators' changes both
+        land; it is deleted once nothing is set.  A changed rate starts afresh.
+        """
+        self._run(self.ENSURE_CONTROL_SQL, {"queue": queue, "now": now})
+        control = QueueControl.from_row(self._run(self.LOCK_CONTROL_SQL, {"queue": queue}).fetchone())
+        for name, value in changes.items():
+            setattr(control, name, value)
+        if "per_second" in changes:
+            control.next_start = None
+        control.changed = now
+        if control.empty:
+            self._run(self.DELETE_CONTROL_SQL, {"queue": queue})
+        else:
+            self._run(self.UPDATE_CONTROL_SQL, dataclasses.asdict(control) | {"paused": int(control.paused)})
+        if self.NOTIFY_SQL:
+            self._run(self.NOTIFY_SQL)
+        return control
+
+
 @_in_engine_errors
-class SQLiteStore:
+class SQLiteStore(QueueControls):
     """The Store on one SQLite connection (a worker's): the SQL of each verb beside it.
 
     SQLite has one writer at a time: a write transaction (BEGIN IMMEDIATE)
@@ -2058,12 +2313,20 @@ class SQLiteStore:
         # row of a type that only newer workers know waits for one of them.
         queue_filter += " AND type IN (SELECT value FROM json_each(:types))"
         # "<= 0", not "= 0": a row another program wrote with negative deaths is still claimed.
-        self._claim_sql = self.CLAIM_SQL.format(queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths <= 0")
-        self._claim_suspect_sql = self.CLAIM_SQL.format(
-            queue_filter=queue_filter, columns=SELECT_COLUMNS, deaths="deaths > 0"
-        )
+        self._claim_sqls = {
+            (kind, suspect): self.CLAIM_SQL.format(queue_filter=queue_filter + control_filter, columns=SELECT_COLUMNS,
+                                                   deaths="deaths > 0" if suspect else "deaths <= 0")
+            for kind, control_filter in self.CLAIM_CONTROL_FILTERS.items() for suspect in (False, True)
+        }  # fmt: skip
         self._next_due_sql = self.NEXT_DUE_SQL.format(queue_filter=queue_filter)
-        self._queues_json = json.dumps(queues)
+        self._next_due_except_sql = self.NEXT_DUE_SQL.format(
+            queue_filter=queue_filter + self.CLAIM_CONTROL_FILTERS["rest"]
+        )
+        self._queues_json = self._queues_param = json.dumps(queues)
+        self._controls_sql = self.CONTROLS_OF_SQL.format(
+            where="WHERE queue IN (SELECT value FROM json_each(:queues))" if queues else ""
+        )
+        self._held_back = {}
 
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         return _InEngineErrors(_savepoint(self.conn) if self.nested else immediate(self.conn))
@@ -2404,6 +2667,33 @@ class SQLiteStore:
     RETURNING {columns}
     """
 
+    # The claim's variants (QueueControls.claim): the fast one takes nothing while
+    # any queue has a control (an empty table's one page: nothing measurable,
+    # bench/README.md); then one per controlled queue, and one for the rest.
+    CLAIM_CONTROL_FILTERS: ClassVar[dict[str, str]] = {
+        "fast": " AND NOT EXISTS (SELECT 1 FROM worker_queues)",
+        "queue": " AND queue = :queue",
+        "rest": " AND queue NOT IN (SELECT value FROM json_each(:controlled))",
+    }
+    CONTROL_COLUMNS = "queue, paused, max_running, per_second, next_start, changed"
+    CONTROLS_OF_SQL = f"SELECT {CONTROL_COLUMNS} FROM worker_queues {{where}} ORDER BY queue"
+    ALL_CONTROLS_SQL = CONTROLS_OF_SQL.format(where="")
+    # INDEXED BY: the running rows' own small index, never the whole table.
+    RUNNING_IN_SQL = """
+    SELECT queue, count(*) FROM worker_jobs INDEXED BY worker_jobs_lease
+     WHERE status = 'running' AND queue IN (SELECT value FROM json_each(:queues)) GROUP BY queue
+    """
+    SET_NEXT_START_SQL = "UPDATE worker_queues SET next_start = :next_start WHERE queue = :queue"
+    ENSURE_CONTROL_SQL = "INSERT INTO worker_queues (queue, changed) VALUES (:queue, :now) ON CONFLICT DO NOTHING"
+    LOCK_CONTROL_SQL = f"SELECT {CONTROL_COLUMNS} FROM worker_queues WHERE queue = :queue"  # the write lock is held
+    UPDATE_CONTROL_SQL = """
+    UPDATE worker_queues
+       SET paused = :paused, max_running = :max_running, per_second = :per_second, next_start = :next_start,
+           changed = :changed
+     WHERE queue = :queue
+    """
+    DELETE_CONTROL_SQL = "DELETE FROM worker_queues WHERE queue = :queue"
+
     # Looked up before each claim by an idle worker; the partial index of suspect
     # rows is nearly always empty, and this costs a fifth of the claim that would
     # find nothing.  INDEXED BY: the planner would rather walk all pending rows.
@@ -2452,17 +2742,20 @@ class SQLiteStore:
     def any_suspect(self) -> bool:
         return bool(_scalar(self.conn, self.ANY_SUSPECT_SQL))
 
-    def claim(
-        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
-        *, suspect: bool = False,
-    ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
-        params = {"now": now, "worker": worker, "owner": owner, "lease_until": lease_until, "limit": limit,
-                  "queues": self._queues_json, "types": types}  # fmt: skip
+    def _claim_params(
+        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str
+    ) -> dict[str, Any]:
+        return {"now": now, "worker": worker, "owner": owner, "lease_until": lease_until, "limit": limit,
+                "queues": self._queues_json, "types": types}  # fmt: skip
+
+    def _claim_rows(
+        self, kind: str, suspect: bool, params: dict[str, Any], held: Container[int]
+    ) -> tuple[list[Job], list[tuple[Job, str]]]:
         # The fast path decodes every row at once.  Only when that fails (text
         # that is not UTF-8, data nested too deep for Python's json, ...) are the
         # rows just claimed read again, as bytes, one by one.
         try:
-            rows = self.conn.execute(self._claim_suspect_sql if suspect else self._claim_sql, params).fetchall()
+            rows = self.conn.execute(self._claim_sqls[kind, suspect], params).fetchall()
             return [Job.from_row(row) for row in rows], []
         except sqlite3.OperationalError as e:
             if not str(e).startswith("Could not decode"):  # the sqlite3 module's message for text that is not UTF-8
@@ -2482,9 +2775,14 @@ class SQLiteStore:
                 unreadable.append((unreadable_job(raw), str(e)))
         return jobs, unreadable
 
-    def next_due(self, types: str) -> int | None:
-        due = _scalar(self.conn, self._next_due_sql, {"queues": self._queues_json, "types": types})
-        return None if due is None else int(due)
+    def _run(self, sql: str, params: Mapping[str, Any] | None = None) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params or {})
+
+    def _names(self, names: list[str]) -> str:
+        return json.dumps(names)
+
+    def _types_param(self, types: str) -> str:
+        return types
 
     def expired_leases(self, owner: str, now: int) -> tuple[list[Job], list[tuple[Job, str]]]:
         self.conn.execute(self.LEASE_THE_UNLEASED_SQL)
@@ -2508,6 +2806,11 @@ class SQLiteStore:
     def _installed_version(self) -> int:
         # Read once: the operating tools' stores are made for one look (status reads it thrice).
         return installed_schema_version(self.conn)
+
+    def queue_controls(self) -> list[QueueControl]:
+        if self._installed_version < 7:  # a reader never upgrades the schema: no table, no controls
+            return []
+        return super().queue_controls()
 
     def describe(self) -> dict[str, Any]:
         path = next(row[2] for row in self.conn.execute("PRAGMA database_list") if row[1] == "main")
@@ -3194,6 +3497,58 @@ class HousekeepingSchedule:
         return jumped_ms
 
 
+class ClaimAhead:
+    """How many jobs a claim takes beyond the free slots: enough to keep every thread busy through a round trip.
+
+    A job thread that finishes hands its outcome to the loop, and takes its
+    next job from those claimed ahead; the loop records the outcome and claims
+    again in one commit.  Jobs claimed ahead must last the threads for that
+    round trip (Little's law): with every thread busy a job starts every
+    ``job_seconds / concurrency``, so ``round_trip / that`` jobs start during
+    one, and PREFETCH_ROUND_TRIPS of that are claimed ahead, up to
+    ``limit`` (the worker's prefetch).  Both times are measured, as moving
+    averages, so this holds for no-op jobs and for jobs of milliseconds alike.
+    No job is claimed ahead when a thread frees up less often than every
+    PREFETCH_PATIENCE / 2: one claimed ahead would then often wait behind longer
+    jobs, held from other workers, until it is given back.  Pure: the worker
+    says what it measured, and asks ``jobs``.
+    """
+
+    SMOOTHING = 0.25  # weight of the newest measure in each moving average
+
+    def __init__(self, concurrency: int, limit: int) -> None:
+        self.concurrency, self.limit = concurrency, limit
+        self.job_seconds: float | None = None  # a job's run, on average
+        self.round_trip_seconds = 0.0  # a step of the loop: outcomes received, recorded and claimed again
+        self.jobs = 0
+
+    def finished(self, seconds: Iterable[float]) -> None:
+        """Jobs finished in ``seconds`` each (one batch of outcomes)."""
+        runs = list(seconds)
+        if runs:
+            self.job_seconds = self._averaged(self.job_seconds, sum(runs) / len(runs))
+            self.jobs = self._sized()
+
+    def stepped(self, seconds: float) -> None:
+        """A step of the loop that recorded or claimed took ``seconds``."""
+        self.round_trip_seconds = self._averaged(self.round_trip_seconds or None, seconds)
+
+    def stop(self) -> None:
+        """Claim none ahead until the next outcomes (a job timed out, or jobs waiting were given back)."""
+        self.jobs = 0
+
+    def _averaged(self, average: float | None, newest: float) -> float:
+        return newest if average is None else average + self.SMOOTHING * (newest - average)
+
+    def _sized(self) -> int:
+        if self.job_seconds is None or self.limit == 0:
+            return 0
+        start_every = max(self.job_seconds, 1e-6) / self.concurrency
+        if start_every > PREFETCH_PATIENCE / 2:
+            return 0
+        return min(self.limit, math.ceil(PREFETCH_ROUND_TRIPS * self.round_trip_seconds / start_every))
+
+
 class Recording:
     """How a worker ends what it claimed, by each job's policy: the part of the worker that writes outcomes.
 
@@ -3445,7 +3800,7 @@ class Worker:
         # out.  Job threads add to it as they start a job, hence its own lock.
         self._deadlines: dict[int, tuple[float, int]] = {}
         self._deadlines_lock = threading.Lock()
-        self._ahead = 0  # how many jobs a claim may take beyond the free slots now
+        self._ahead = ClaimAhead(concurrency, prefetch)  # how many jobs a claim may take beyond the free slots
         self._progress_at = 0.0  # time.monotonic() when a claim last queued jobs or a thread started one
         self._alone: int | None = None  # a job run alone (see _claim)
         self._wake_up: WakeUp = open_wake_up(self.db, lambda: self.store)
@@ -3694,8 +4049,8 @@ class Worker:
         """How many more jobs the claim may take for the job threads (prefetch included), and for the job loop."""
         self._known_types()
         if self._async_types_json is None:  # no async def job: all is as before there were any
-            return self.concurrency + self._ahead - len(self._running), 0
-        threads = 0 if self._thread_types_json is None else self.concurrency + self._ahead
+            return self.concurrency + self._ahead.jobs - len(self._running), 0
+        threads = 0 if self._thread_types_json is None else self.concurrency + self._ahead.jobs
         return threads - (len(self._running) - self._async.running), self._async.free
 
     def _room_again(self, thread_slots: int, async_slots: int) -> bool:
@@ -4020,7 +4375,8 @@ class Worker:
         returned for the caller to run, not queued for the job threads.
         """
         now = self.now()
-        self._notice_clock_jump(now, time.monotonic())
+        began = time.monotonic()
+        self._notice_clock_jump(now, began)
         self._collect_outcomes(now)
         if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
             self._give_back_waiting("its worker's threads are all busy with longer jobs")
@@ -4058,6 +4414,7 @@ class Worker:
             kept = threaded[0] if keep_one and threaded else None
             for job in threaded[1:] if kept else threaded:
                 self._todo.put(job)
+            self._ahead.stepped(time.monotonic() - began)
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
         self._nothing_due = room and not claimed and not self._last_claim_full and now < self._next_due
@@ -4142,11 +4499,7 @@ class Worker:
                 with self._deadlines_lock:
                     self._deadlines.pop(outcome.job.id, None)
             self._to_record.append(outcome)
-        if arrived:
-            # Claim ahead only while jobs are short: a job waiting behind a long
-            # one would wait as long, and no idle worker could take it meanwhile.
-            short = all(outcome.seconds < PREFETCH_JOB_SECONDS for outcome in arrived)
-            self._ahead = min(self.prefetch, max(1, self._ahead * 2)) if short else 0
+        self._ahead.finished(outcome.seconds for outcome in arrived)
         if not self._deadlines:
             return
         with self._deadlines_lock:
@@ -4163,7 +4516,7 @@ class Worker:
             self._to_record.append(
                 Outcome(running, False, error=f"timed out after {seconds:g} s", seconds=seconds, kind="timeout")
             )
-            self._ahead = 0
+            self._ahead.stop()
             with self._threads_lock:  # its thread is stuck in the job: replace it
                 self._surplus_threads += 1
             self._start_thread()
@@ -4181,7 +4534,7 @@ class Worker:
 
     def _give_back_waiting(self, why: str) -> None:
         """Return the jobs claimed ahead that no thread has started, so that other workers may take them."""
-        self._ahead = 0
+        self._ahead.stop()
         waiting = self._take_waiting()
         if not waiting:
             return
@@ -4197,6 +4550,8 @@ class Worker:
 
     def _maybe_due(self, now: int) -> bool:
         if self._last_claim_full or now >= self._next_due:
+            return True
+        if self._to_record and self._store.at_running_limit():  # a job of that queue may have ended here
             return True
         return self._wake_up.changed()
 
@@ -4384,17 +4739,30 @@ def _job_type(job: Job) -> JobType:
 def _exception_line(error: BaseException) -> str:
     """``Type: message``; an exception whose str() itself raises still gets a line."""
     try:
-        return f"{type(error).__name__}: {error}"
+        return encodable(f"{type(error).__name__}: {error}")
     except Exception:
         return f"{type(error).__name__}: <str() of the exception failed>"
 
 
 def _describe_exception(error: BaseException) -> str:
     try:
-        trace = "".join(traceback.format_exception(error))
+        trace = encodable("".join(traceback.format_exception(error)))
     except Exception:
         trace = "(no traceback: formatting it failed)\n"
     return f"{_exception_line(error)}\n\n{trace}"
+
+
+def encodable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a lone surrogate written as its escape.
+
+    A Python str may carry one (bytes decoded with surrogateescape, a file
+    name), and a job may raise with it; neither database can store it.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _end_forked_child(error: BaseException | None) -> NoReturn:
@@ -4482,7 +4850,8 @@ def status(source: Any, *, now: int | None = None) -> dict[str, Any]:
 
     def of(name: str) -> dict[str, Any]:
         counts = {"pending_due": 0, "pending_later": 0, "running": 0, "succeeded_last_hour": 0,
-                  "failed_last_hour": 0, "cancelled_last_hour": 0, "oldest_waiting_seconds": None}  # fmt: skip
+                  "failed_last_hour": 0, "cancelled_last_hour": 0, "oldest_waiting_seconds": None,
+                  "paused": False, "max_running": None, "per_second": None}  # fmt: skip
         return queues.setdefault(name, {"queue": name, **counts})
 
     for name, due, later, oldest in store.pending_by_queue(now):
@@ -4493,6 +4862,9 @@ def status(source: Any, *, now: int | None = None) -> dict[str, Any]:
         of(name)["running"] = count
     for name, state, count in store.finished_by_queue(since=now - 3_600_000):
         of(name)[f"{state}_last_hour"] = count
+    for control in store.queue_controls():  # a paused queue is shown even with no rows
+        of(control.queue).update(paused=control.paused, max_running=control.max_running,
+                                 per_second=control.per_second)  # fmt: skip
     workers = []
     running_by_owner = store.running_by_owner()
     for process in store.processes():
@@ -4516,6 +4888,17 @@ def status(source: Any, *, now: int | None = None) -> dict[str, Any]:
         "cron": cron,
         "healthy": any(process["fresh"] for process in workers),
     }
+
+
+def controls_text(control: QueueControl | Mapping[str, Any]) -> str:
+    """A queue's controls (a QueueControl, or a queue of ``status``) in a few words: "paused, 2 running, 5/s"."""
+    given = dataclasses.asdict(control) if isinstance(control, QueueControl) else control
+    words = ["paused"] if given["paused"] else []
+    if given["max_running"] is not None:
+        words.append(f"{given['max_running']} running")
+    if given["per_second"] is not None:
+        words.append(f"{given['per_second']:g}/s")
+    return ", ".join(words)
 
 
 def _unrunnable(store: Store, live: list[dict[str, Any]], now: int) -> list[dict[str, Any]]:

@@ -47,6 +47,7 @@ from worker import (
     ago,
     check_cron,
     configure_logging,
+    controls_text,
     database_target,
     exit_code_of,
     is_postgres,
@@ -102,7 +103,7 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
     """``worker status`` for people."""
     queues = [
         [printable(q["queue"]), q["pending_due"], q["pending_later"], q["running"], q["succeeded_last_hour"],
-         q["failed_last_hour"], q["cancelled_last_hour"], ago(q["oldest_waiting_seconds"])]
+         q["failed_last_hour"], q["cancelled_last_hour"], ago(q["oldest_waiting_seconds"]), controls_text(q) or "-"]
         for q in report["queues"]
     ]  # fmt: skip
     workers = []
@@ -119,8 +120,8 @@ def format_status(report: dict[str, Any], colour: bool = False) -> str:
     lines = [
         f"database  {printable(report['database'])}  (schema {report['schema_version']}, {report['engine']})",
         "",
-        _table(["queue", "due", "later", "running", "succeeded/1h", "failed/1h", "cancelled/1h", "oldest waiting"],
-               queues or [["(no jobs)"] + [""] * 7]),
+        _table(["queue", "due", "later", "running", "succeeded/1h", "failed/1h", "cancelled/1h", "oldest waiting",
+                "controls"], queues or [["(no jobs)"] + [""] * 8]),
         "",
         _table(["worker", "pid", "started", "heartbeat", "state", "running", "concurrency", "queues"],
                workers or [["(no workers)"] + [""] * 7]),
@@ -398,6 +399,16 @@ DJANGO_HELP = (
 )
 
 
+def _limit(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A positive number, or ``off`` (None: the limit is cleared)."""
+
+    def parse_limit(raw: str) -> Any:
+        return None if raw == "off" else positive(parse)(raw)
+
+    parse_limit.__name__ = parse.__name__  # argparse names the type in its error
+    return parse_limit
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``worker`` command line."""
     parser = argparse.ArgumentParser(
@@ -439,6 +450,32 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id", type=int, nargs="?")
     cancel.add_argument("--type", help="every pending job of this type instead (say, one no worker will ever know)")
     cancel.add_argument("--db", help=option_help("db"))
+
+    pause = commands.add_parser("pause", help="stop every worker claiming from a queue (running jobs finish)")
+    pause.add_argument("queue")
+    pause.add_argument("--db", help=option_help("db"))
+    resume = commands.add_parser("resume", help="let workers claim from a paused queue again")
+    resume.add_argument("queue")
+    resume.add_argument("--db", help=option_help("db"))
+    limit = commands.add_parser(
+        "limit", help="limit a queue across every worker: jobs running at once, starts per second"
+    )
+    limit.add_argument("queue")
+    limit.add_argument(
+        "--running",
+        type=_limit(int),
+        default=...,
+        metavar="N|off",
+        help="at most N of its jobs running at once, claimed-ahead ones included; off clears it",
+    )
+    limit.add_argument(
+        "--per-second",
+        type=_limit(float),
+        default=...,
+        metavar="R|off",
+        help="at most R of its jobs started per second, spaced evenly (up to 1000); off clears it",
+    )
+    limit.add_argument("--db", help=option_help("db"))  # fmt: skip
 
     check = commands.add_parser("check", help="jobs module imports, cron expressions parse, schema is current")
     check.add_argument("--db", help=option_help("db"))
@@ -641,6 +678,23 @@ def _cancel_command(args: argparse.Namespace, db: str) -> int:
         return EXIT_FAILURE
 
 
+def _pause_command(args: argparse.Namespace, db: str) -> int:
+    with Queue(db, check_types=False) as producer:
+        control = producer.pause(args.queue) if args.command == "pause" else producer.resume(args.queue)
+    print(f"queue {printable(args.queue)}: {controls_text(control) or 'no controls'}")
+    return EXIT_OK
+
+
+def _limit_command(args: argparse.Namespace, db: str) -> int:
+    changes = {name: getattr(args, name) for name in ("running", "per_second") if getattr(args, name) is not ...}
+    if not changes:
+        raise ConfigError("give --running, --per-second, or both (off clears one)")
+    with Queue(db, check_types=False) as producer:
+        control = producer.limit(args.queue, **changes)
+    print(f"queue {printable(args.queue)}: {controls_text(control) or 'no controls'}")
+    return EXIT_OK
+
+
 def _check_command(db: str) -> int:
     """The jobs module imported (else we exited 2 already); now cron rows and the schema."""
     store = open_reader(db)
@@ -671,6 +725,9 @@ OPERATING_COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
     "show": _show_command,
     "retry": _retry_command,
     "cancel": _cancel_command,
+    "pause": _pause_command,
+    "resume": _pause_command,
+    "limit": _limit_command,
 }
 
 

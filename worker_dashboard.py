@@ -212,7 +212,17 @@ def render_index(
     parts += [
         Html("<h2>Queues</h2>"),
         table(
-            ["queue", "due", "later", "running", "succeeded 1h", "failed 1h", "cancelled 1h", "oldest waiting"],
+            [
+                "queue",
+                "due",
+                "later",
+                "running",
+                "succeeded 1h",
+                "failed 1h",
+                "cancelled 1h",
+                "oldest waiting",
+                "controls",
+            ],
             [
                 [
                     q["queue"],
@@ -223,6 +233,7 @@ def render_index(
                     q["failed_last_hour"],
                     q["cancelled_last_hour"],
                     worker.ago(q["oldest_waiting_seconds"]),
+                    worker.controls_text(q) or "-",
                 ]
                 for q in report["queues"]
             ],

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import tuple_row
 from psycopg.types.numeric import Int8Dumper
 
@@ -51,6 +52,21 @@ SCHEMA_LOCK = 0x776F726B6572
 TAG_LOCK_SPACE = 0x776B7267  # pg_advisory_xact_lock's first key while a tag's pending row is replaced
 CHANNEL = "worker_jobs"  # what schema_postgres.sql's trigger NOTIFYs on every INSERT
 CONNECT_TIMEOUT = 10  # seconds; libpq's default is to wait for ever
+# What the engine's connections ask of libpq and TCP unless the URL says otherwise
+# (``?tcp_user_timeout=...``).  On a cut link, a statement sent and never
+# acknowledged would block the worker for TCP's retransmissions (about 15
+# minutes), and a reply that never comes for as long as the system's keepalive
+# (2 hours): the worker would sit, its jobs rescued elsewhere, until the link
+# returned.  With these it notices in about 30 s, and backs off and reconnects.
+CONNECTION_DEFAULTS: dict[str, str | int] = {
+    "application_name": "worker",  # in pg_stat_activity
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1,
+    "keepalives_idle": 15,  # seconds without traffic before the first probe
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms for sent data to be acknowledged
+}
 LISTEN_BACKOFF, MAX_LISTEN_BACKOFF = 0.05, 5.0  # seconds between attempts to LISTEN again
 TAG_RACE_ATTEMPTS = 10  # see PostgresStore.insert: each retry means another writer won a race just now
 Statement = tuple[str, Mapping[str, Any]]  # SQL and its parameters
@@ -95,6 +111,11 @@ _TRANSIENT_AT_CONNECT = ("starting up", "shutting down", "in recovery", "too man
 redacted = worker.redacted  # the URL without its password, for messages
 
 
+def storable(text: str | None) -> str | None:
+    """A job's error text as PostgreSQL's TEXT can hold it: a NUL (which SQLite keeps) written as ``\\x00``."""
+    return text.replace("\x00", "\\x00") if text is not None and "\x00" in text else text
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().removeprefix("connection failed: ")
     return text.splitlines()[0] if text else type(error).__name__
@@ -103,15 +124,18 @@ def _first_line(error: BaseException) -> str:
 def connect(url: str) -> psycopg.Connection[Any]:
     """An autocommit connection (each transaction is an explicit BEGIN); the engine's errors if there is none.
 
-    DatabaseUnusable when the server refuses it for good (credentials, no such
-    database or role), DatabaseUnavailable when it may work later (unreachable,
+    DatabaseUnusable when the URL is malformed or the server refuses it for good
+    (credentials, no such database or role), DatabaseUnavailable when it may work later (unreachable,
     starting up, full).
     """
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, application_name="worker")
+        given = conninfo_to_dict(url)
+        defaults = {name: value for name, value in CONNECTION_DEFAULTS.items() if name not in given}
+        conn = psycopg.connect(make_conninfo(url, **defaults), autocommit=True)
     except psycopg.Error as e:
         line = _first_line(e)
-        refused = "FATAL:" in line and not any(reason in line for reason in _TRANSIENT_AT_CONNECT)
+        malformed = isinstance(e, psycopg.ProgrammingError)  # the URL itself: an unknown parameter, say
+        refused = malformed or ("FATAL:" in line and not any(reason in line for reason in _TRANSIENT_AT_CONNECT))
         kind = worker.DatabaseUnusable if refused else worker.DatabaseUnavailable
         raise kind(f"cannot connect to {redacted(url)}: {line}") from e
     try:
@@ -393,7 +417,7 @@ class OperatingReads:
         return dict(self._execute(self.RETRIED_AS_SQL, {"ids": ids}).fetchall())
 
 
-class PostgresStore(OperatingReads):
+class PostgresStore(OperatingReads, worker.QueueControls):
     """worker.Store on one psycopg connection (one worker's, or one thread's): the SQL of each verb beside it.
 
     Unlike SQLite, other writers run at the same time as any transaction here:
@@ -418,11 +442,21 @@ class PostgresStore(OperatingReads):
         self._offset_ms = 0
         self._queues = queues
         queue_filter = "AND queue = ANY(%(queues)s)" if queues else ""
-        claim = self.CLAIM_SQL.replace("{queue_filter}", queue_filter).replace("{columns}", JOB_COLUMNS)
         # "<= 0", not "= 0", as SQLiteStore (the table refuses negative deaths here, but the claims stay alike).
-        self._claim_sql = claim.replace("{deaths}", "deaths <= 0")
-        self._claim_suspect_sql = claim.replace("{deaths}", "deaths > 0")
+        self._claim_sqls = {
+            (kind, suspect): self.CLAIM_SQL.replace("{queue_filter}", queue_filter + control_filter)
+            .replace("{columns}", JOB_COLUMNS)
+            .replace("{deaths}", "deaths > 0" if suspect else "deaths <= 0")
+            for kind, control_filter in self.CLAIM_CONTROL_FILTERS.items()
+            for suspect in (False, True)
+        }
         self._next_due_sql = self.NEXT_DUE_SQL.replace("{queue_filter}", queue_filter)
+        self._next_due_except_sql = self.NEXT_DUE_SQL.replace(
+            "{queue_filter}", queue_filter + self.CLAIM_CONTROL_FILTERS["rest"]
+        )
+        self._queues_param = queues
+        self._controls_sql = self.CONTROLS_OF_SQL.format(where="WHERE queue = ANY(%(queues)s)" if queues else "")
+        self._held_back = {}
         if clock is None:
             self.refresh_clock()
 
@@ -609,7 +643,7 @@ class PostgresStore(OperatingReads):
         type: str | None = None,
     ) -> int:  # fmt: skip
         """Cancel the pending row with this id, or every pending row with this tag or type; how many."""
-        params = {"id": id, "tag": tag, "type": type, "now": now, "reason": reason, "keep_ms": keep_ms}
+        params = {"id": id, "tag": tag, "type": type, "now": now, "reason": storable(reason), "keep_ms": keep_ms}
         cancelled = self._execute(self.CANCEL_BY[worker.cancel_key(id=id, tag=tag, type=type)], params).fetchall()
         self.count_finished(cancelled)
         return len(cancelled)
@@ -789,24 +823,29 @@ class PostgresStore(OperatingReads):
         started: int | None, keep_ms: int,
     ) -> bool:  # fmt: skip
         """End the row (``succeeded`` or ``failed``) if it is running under ``owner``; whether it was."""
-        params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": error,
+        params = {"id": id, "owner": owner, "status": status, "now": now, "result": result, "error": storable(error),
                   "started": started, "keep_ms": keep_ms}  # fmt: skip
         return self._execute(self.FINISH_SQL, params).rowcount == 1
 
     # finish_if_owned for a batch, in one statement (one round trip, not one per
-    # row): the outcomes come as parallel arrays, unnested into rows, each row
-    # looked up by its key.  `status || ''`: the same fence, in a form that does
-    # not match worker_jobs_lease's predicate, so the planner cannot walk that
-    # index instead (with no statistics it thinks one row runs; without a vacuum
-    # the index still holds every row ever leased: 7.6 ms a batch, not 1.3 ms).
+    # row): the outcomes come as one JSON array of [id, status, result, error,
+    # started, keep_ms] arrays, each row looked up by its key.  JSON, not
+    # parameters that are arrays: psycopg writes an array's text in Python, a
+    # fifth of the worker's own time on a no-op drain (bench/README.md).
+    # `status || ''`: the same fence, in a form that does not match
+    # worker_jobs_lease's predicate, so the planner cannot walk that index
+    # instead (with no statistics it thinks one row runs; without a vacuum the
+    # index still holds every row ever leased: 7.6 ms a batch, not 1.3 ms).
     FINISH_MANY_SQL = f"""
     UPDATE worker_jobs AS job
        SET status = given.status, result = given.result, error = given.error, lease_until = NULL,
            started = coalesce(given.started, job.started), finished = greatest(%(now)s, coalesce(given.started, 0)),
            remove_at = CASE WHEN job.persistent <> 0 THEN NULL
                             ELSE %(now)s + least(coalesce(job.keep_ms, given.keep_ms), {MAX_DURATION_MS}) END
-      FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(results)s::text[], %(errors)s::text[],
-                  %(started)s::bigint[], %(keep_ms)s::bigint[]) AS given (id, status, result, error, started, keep_ms)
+      FROM (SELECT (given.value ->> 0)::bigint, given.value ->> 1, given.value ->> 2, given.value ->> 3,
+                   (given.value ->> 4)::bigint, (given.value ->> 5)::bigint
+              FROM json_array_elements(%(outcomes)s::json) AS given (value)
+           ) AS given (id, status, result, error, started, keep_ms)
      WHERE job.id = given.id AND job.status || '' = 'running' AND job.owner = %(owner)s
     RETURNING job.id
     """
@@ -819,12 +858,11 @@ class PostgresStore(OperatingReads):
         Not (yet) a verb of worker.Store: one statement for a batch is what
         makes PostgreSQL fast here, where each statement is a round trip.
         """
-        rows = list(outcomes)
+        rows = [(id, status, result, storable(error), started, keep_ms)
+                for id, status, result, error, started, keep_ms in outcomes]  # fmt: skip
         if not rows:
             return set()
-        ids, statuses, results, errors, started, keep_ms = (list(column) for column in zip(*rows, strict=True))
-        params = {"owner": owner, "now": now, "ids": ids, "statuses": statuses, "results": results,
-                  "errors": errors, "started": started, "keep_ms": keep_ms}  # fmt: skip
+        params = {"owner": owner, "now": now, "outcomes": worker.JSON.encode(rows)}
         return {id for (id,) in self._execute(self.FINISH_MANY_SQL, params).fetchall()}
 
     # DO NOTHING on the pending tag: a newer pending job with the same tag
@@ -908,6 +946,35 @@ class PostgresStore(OperatingReads):
     RETURNING {columns}
     """
 
+    # The claim's variants (worker.QueueControls.claim), as SQLiteStore's.  The
+    # controls of limited queues are locked for the rest of the claim's
+    # transaction (in queue order: two claims never wait for each other in a
+    # circle), so that a claim counts the running rows of any claim before it.
+    CLAIM_CONTROL_FILTERS: ClassVar[dict[str, str]] = {
+        "fast": " AND NOT EXISTS (SELECT 1 FROM worker_queues)",
+        "queue": " AND queue = %(queue)s",
+        "rest": " AND queue <> ALL(%(controlled)s)",
+    }
+    CONTROL_COLUMNS = "queue, paused, max_running, per_second, next_start, changed"
+    CONTROLS_OF_SQL = f"SELECT {CONTROL_COLUMNS} FROM worker_queues {{where}} ORDER BY queue FOR UPDATE"
+    ALL_CONTROLS_SQL = f"SELECT {CONTROL_COLUMNS} FROM worker_queues ORDER BY queue"
+    RUNNING_IN_SQL = """
+    SELECT queue, count(*) FROM worker_jobs WHERE status = 'running' AND queue = ANY(%(queues)s) GROUP BY queue
+    """
+    SET_NEXT_START_SQL = "UPDATE worker_queues SET next_start = %(next_start)s WHERE queue = %(queue)s"
+    ENSURE_CONTROL_SQL = (
+        "INSERT INTO worker_queues (queue, changed) VALUES (%(queue)s, %(now)s) ON CONFLICT (queue) DO NOTHING"
+    )
+    LOCK_CONTROL_SQL = f"SELECT {CONTROL_COLUMNS} FROM worker_queues WHERE queue = %(queue)s FOR UPDATE"
+    UPDATE_CONTROL_SQL = """
+    UPDATE worker_queues
+       SET paused = %(paused)s, max_running = %(max_running)s, per_second = %(per_second)s,
+           next_start = %(next_start)s, changed = %(changed)s
+     WHERE queue = %(queue)s
+    """
+    DELETE_CONTROL_SQL = "DELETE FROM worker_queues WHERE queue = %(queue)s"
+    NOTIFY_SQL = f"NOTIFY {CHANNEL}"  # a resumed queue's rows are claimed at once, not at the next poll
+
     # The partial index of suspect rows answers this at once (nearly always empty).
     ANY_SUSPECT_SQL = "SELECT EXISTS (SELECT 1 FROM worker_jobs WHERE status = 'pending' AND deaths > 0)"
 
@@ -947,18 +1014,21 @@ class PostgresStore(OperatingReads):
         """Whether a pending row's chain has already killed a worker (deaths > 0)."""
         return bool(self._scalar(self.ANY_SUSPECT_SQL))
 
-    def claim(
-        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str, held: Container[int],
-        *, suspect: bool = False,
-    ) -> tuple[list[Job], list[tuple[Job, str]]]:  # fmt: skip
+    def _claim_params(
+        self, owner: str, worker: str, now: int, lease_until: int, limit: int, types: str
+    ) -> dict[str, Any]:
+        return {"now": now, "worker": worker, "owner": owner, "lease_until": lease_until, "limit": limit,
+                "queues": self._queues, "types": _names(types)}  # fmt: skip
+
+    def _claim_rows(
+        self, kind: str, suspect: bool, params: dict[str, Any], held: Container[int]
+    ) -> tuple[list[Job], list[tuple[Job, str]]]:
         """Take up to ``limit`` due pending rows for ``owner``; no row twice, ever (see CLAIM_SQL).
 
         ``held`` is not needed here: the rows to read are exactly those the
         UPDATE returned, already fetched, so none is read again.
         """
-        params = {"now": now, "worker": worker, "owner": owner, "lease_until": lease_until, "limit": limit,
-                  "queues": self._queues, "types": _names(types)}  # fmt: skip
-        rows = self._execute(self._claim_suspect_sql if suspect else self._claim_sql, params).fetchall()
+        rows = self._execute(self._claim_sqls[kind, suspect], params).fetchall()
         # Highest priority first, then oldest due, as they were picked (RETURNING keeps no order).
         rows.sort(key=_claim_order)
         try:
@@ -966,11 +1036,14 @@ class PostgresStore(OperatingReads):
         except (RecursionError, ValueError, TypeError):
             return _read_each(rows)
 
-    def next_due(self, types: str) -> int | None:
-        """The earliest due time of a pending row of ``types`` in the store's queues (None: no such row)."""
-        params = {"queues": self._queues, "types": _names(types)}
-        due = self._scalar(self._next_due_sql, params)
-        return None if due is None else int(due)
+    def _run(self, sql: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor[Any]:
+        return self._execute(sql, params)
+
+    def _names(self, names: list[str]) -> list[str]:
+        return names
+
+    def _types_param(self, types: str) -> list[str]:
+        return _names(types)
 
     def expired_leases(self, owner: str, now: int) -> tuple[list[Job], list[tuple[Job, str]]]:
         """Running rows whose lease ended before ``now``, not ``owner``'s; unreadable ones apart."""

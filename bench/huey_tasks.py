@@ -20,3 +20,9 @@ def noop() -> None:
 def stamp() -> int:
     """Returns when it started (epoch ns)."""
     return time.time_ns()
+
+
+@huey.task()
+def sleep_ms(ms: float) -> None:
+    """Waits ``ms`` milliseconds off the CPU."""
+    time.sleep(ms / 1000)

@@ -1,0 +1,430 @@
+"""Controlling the work while it runs: pause and resume a queue, limit how many of its jobs run at once and how
+many start per second, on every store.
+
+The rules live in the claim's transaction (worker.QueueControls), so they are
+tested first through workers on the fake clock, then with real worker
+processes that keep a ledger of each job's start and end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import worker
+import worker_cli
+from conftest import FakeClock, Processes, WorkerProcess, at, rows, wait_for
+from worker import Queue, QueueControl, job
+
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+
+
+def run_in(queue: str) -> str:
+    return f"in_{queue}"
+
+
+@pytest.fixture
+def noop() -> None:
+    @job
+    def noop(ctx: worker.JobContext) -> None:
+        return None
+
+
+def statuses(db: str) -> dict[int, str]:
+    return {row["id"]: row["status"] for row in rows(db)}
+
+
+# --- Pause and resume ---------------------------------------------------------------
+
+
+def test_a_paused_queue_is_not_claimed_and_the_other_queues_are(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], db: str
+) -> None:
+    held = queue.enqueue("noop", queue="mail")
+    other = queue.enqueue("noop", queue="default")
+    queue.pause("mail")
+    assert make_worker().work() == 1
+    assert statuses(db) == {held.id: "pending", other.id: "succeeded"}
+
+
+def test_a_resumed_queue_is_claimed_again(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], db: str
+) -> None:
+    held = queue.enqueue("noop", queue="mail")
+    queue.pause("mail")
+    runner = make_worker()
+    assert runner.work() == 0
+    queue.resume("mail")
+    assert runner.work() == 1
+    assert statuses(db) == {held.id: "succeeded"}
+
+
+def test_a_job_running_when_its_queue_is_paused_finishes_and_is_recorded(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], db: str
+) -> None:
+    running = queue.enqueue("noop", queue="mail")
+    runner = make_worker()
+    (claimed,) = runner.claim(1)
+    queue.pause("mail")
+    runner.record([runner.execute(claimed)])
+    assert statuses(db) == {running.id: "succeeded"}
+
+
+def test_a_worker_of_listed_queues_still_obeys_their_pause(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], db: str
+) -> None:
+    held, other = queue.enqueue("noop", queue="mail"), queue.enqueue("noop", queue="sms")
+    queue.pause("mail")
+    assert make_worker(queues=["mail", "sms"]).work() == 1
+    assert statuses(db) == {held.id: "pending", other.id: "succeeded"}
+
+
+def test_an_idle_worker_with_only_paused_rows_due_waits_for_the_resume_not_for_a_poll(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock
+) -> None:
+    queue.enqueue("noop", queue="mail")
+    queue.enqueue("noop", queue="later", delay=30, now=at(clock))
+    queue.pause("mail")
+    runner = make_worker()
+    assert runner.work() == 0
+    store = runner.store
+    with store.transaction():
+        store.claim(runner.owner, runner.name, at(clock), at(clock, 60), 4, runner._known_types(), ())
+        # The paused row does not make the worker claim at every step: the next due row is the later one.
+        assert store.next_due(runner._known_types()) == at(clock, 30)
+
+
+def test_status_shows_a_paused_queue_even_with_no_rows(queue: Queue, db: str) -> None:
+    queue.pause("mail")
+    store = worker.open_reader(db)
+    try:
+        report = worker.status(store)
+    finally:
+        store.close()
+    (mail,) = report["queues"]
+    assert (mail["queue"], mail["paused"], mail["max_running"], mail["per_second"]) == ("mail", True, None, None)
+    assert "paused" in worker_cli.format_status(report).splitlines()[4]
+
+
+def test_the_dashboard_shows_a_queue_paused_and_limited(queue: Queue, serve: Callable[..., Any]) -> None:
+    queue.pause("mail")
+    queue.limit("mail", running=2, per_second=5)
+    with urllib.request.urlopen(serve().url, timeout=10) as answer:
+        page = answer.read().decode()
+    (row,) = re.findall(r"<tr><td>mail</td>.*?</tr>", page)
+    assert "<td>paused, 2 running, 5/s</td>" in row
+
+
+def test_resuming_the_last_control_of_a_queue_removes_its_row(queue: Queue) -> None:
+    queue.pause("mail")
+    assert [control.queue for control in queue.controls()] == ["mail"]
+    assert queue.resume("mail").empty
+    assert queue.controls() == []
+
+
+def test_pause_resume_and_limit_from_the_command_line(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert worker_cli.main(["pause", "mail", "--db", db]) == 0
+    assert worker_cli.main(["limit", "mail", "--running", "2", "--per-second", "2.5", "--db", db]) == 0
+    assert worker_cli.main(["resume", "mail", "--db", db]) == 0
+    assert worker_cli.main(["limit", "mail", "--per-second", "off", "--db", db]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "queue mail: paused",
+        "queue mail: paused, 2 running, 2.5/s",
+        "queue mail: 2 running, 2.5/s",
+        "queue mail: 2 running",
+    ]
+    with Queue(db) as producer:
+        assert producer.controls() == [QueueControl("mail", max_running=2, changed=producer.controls()[0].changed)]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["limit", "mail"], ["limit", "mail", "--running", "0"], ["limit", "mail", "--per-second", "-1"],
+     ["limit", "mail", "--per-second", "1001"], ["limit", "mail", "--running", "two"]],
+)  # fmt: skip
+def test_a_limit_that_cannot_be_is_a_usage_error_and_changes_nothing(db: str, arguments: list[str]) -> None:
+    try:
+        code = worker_cli.main([*arguments, "--db", db])
+    except SystemExit as exited:  # argparse's own
+        code = int(exited.code or 0)
+    assert code == worker.EXIT_USAGE
+    with Queue(db) as producer:
+        assert producer.controls() == []
+
+
+def test_queue_refuses_a_nonsense_limit(queue: Queue) -> None:
+    for bad in ({"running": 0}, {"running": True}, {"per_second": float("nan")}, {"per_second": 0}, {}):
+        with pytest.raises(ValueError):
+            queue.limit("mail", **bad)
+    assert queue.controls() == []
+
+
+# --- The running limit ----------------------------------------------------------------
+
+
+def test_a_running_limit_holds_across_workers_and_counts_jobs_claimed_ahead(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], db: str
+) -> None:
+    queue.enqueue_many([("noop", None)] * 6, queue="api")
+    queue.limit("api", running=2)
+    first, second = make_worker(concurrency=4), make_worker(concurrency=4)
+    assert len(first.claim(4)) == 2  # the claim takes two, the limit, though it has room for four
+    assert second.claim(4) == []  # another worker sees them running
+    assert len(rows(db, "status = 'running'")) == 2
+
+
+def test_a_running_limit_frees_a_slot_when_a_job_ends(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], db: str
+) -> None:
+    queue.enqueue_many([("noop", None)] * 3, queue="api")
+    queue.limit("api", running=2)
+    first, second = make_worker(), make_worker()
+    claimed = first.claim(4)
+    first.record([first.execute(claimed[0])])
+    assert len(second.claim(4)) == 1
+    assert len(rows(db, "status = 'running'")) == 2
+
+
+def test_other_queues_fill_the_claim_beside_a_limited_one(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker]
+) -> None:
+    queue.enqueue_many([("noop", None)] * 4, queue="api")
+    queue.enqueue_many([("noop", None)] * 4, queue="default")
+    queue.limit("api", running=1)
+    claimed = make_worker().claim(4)
+    assert sorted(job.queue for job in claimed) == ["api", "default", "default", "default"]
+
+
+def test_a_full_queue_is_looked_at_again_soon_not_at_every_step(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock
+) -> None:
+    queue.enqueue_many([("noop", None)] * 3, queue="api")
+    queue.limit("api", running=1)
+    runner = make_worker()
+    store = runner.store
+    with store.transaction():
+        store.claim(runner.owner, runner.name, at(clock), at(clock, 60), 4, runner._known_types(), ())
+        assert store.next_due(runner._known_types()) == at(clock) + worker.CONTROL_RECHECK_MS
+
+
+def test_clearing_a_running_limit_lets_the_claim_take_every_due_job(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker]
+) -> None:
+    queue.enqueue_many([("noop", None)] * 4, queue="api")
+    queue.limit("api", running=1)
+    queue.limit("api", running=None)
+    assert queue.controls() == []
+    assert len(make_worker().claim(4)) == 4
+
+
+def test_a_burst_worker_drains_a_queue_at_its_running_limit(noop: None, queue: Queue, db: str) -> None:
+    """Its own finishes free the places: it claims again then, rather than taking the queue for not due."""
+    queue.enqueue_many([("noop", None)] * 20, queue="api")
+    queue.limit("api", running=2)
+    runner = worker.Worker(db, concurrency=4, burst=True, cron=False)
+    done = threading.Thread(target=runner.run, daemon=True)
+    done.start()
+    done.join(timeout=30)
+    assert not done.is_alive()
+    assert list(statuses(db).values()) == ["succeeded"] * 20
+
+
+# --- The rate limit -------------------------------------------------------------------
+
+
+def test_a_rate_limit_spaces_the_starts_evenly(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock
+) -> None:
+    queue.enqueue_many([("noop", None)] * 10, queue="api")
+    queue.limit("api", per_second=4)  # one start every 250 ms
+    runner = make_worker()
+    started = []
+    for _ in range(16):  # two seconds in steps of 125 ms
+        started += [at(clock)] * len(runner.claim(4))
+        clock.advance(0.125)
+    assert [ms - started[0] for ms in started] == [0, 250, 500, 750, 1000, 1250, 1500, 1750]
+
+
+def test_a_rate_limited_queue_is_looked_at_again_at_its_next_start(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock
+) -> None:
+    queue.enqueue_many([("noop", None)] * 3, queue="api")
+    queue.limit("api", per_second=2)
+    runner = make_worker()
+    store = runner.store
+    with store.transaction():
+        claimed, _ = store.claim(runner.owner, runner.name, at(clock), at(clock, 60), 4, runner._known_types(), ())
+        assert len(claimed) == 1
+        assert store.next_due(runner._known_types()) == at(clock, 0.5)
+
+
+def test_both_limits_at_once_take_the_smaller(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock
+) -> None:
+    queue.enqueue_many([("noop", None)] * 5, queue="api")
+    queue.limit("api", running=1, per_second=1000)
+    runner = make_worker()
+    assert len(runner.claim(4)) == 1
+    clock.advance(1)
+    assert runner.claim(4) == []  # the rate allows one, the running limit none
+
+
+# --- Real worker processes, with a ledger of each job's start and end ---------------------
+
+LEDGER_JOBS = """
+import itertools
+import os
+import time
+
+from worker import job
+
+
+def _append(path, line):
+    # One write() on an O_APPEND descriptor: lines from many processes never interleave.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\\n").encode())
+    finally:
+        os.close(fd)
+
+
+@job
+def ledger(ctx, path, seconds=0.0):
+    _append(path, f"start {time.time()} {ctx.job.id}")
+    time.sleep(seconds)
+    _append(path, f"end {time.time()} {ctx.job.id}")
+"""
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    return tmp_path / "ledger"
+
+
+@pytest.fixture
+def start_worker(processes: Processes, db: str, tmp_path: Path) -> Callable[..., WorkerProcess]:
+    """``worker run`` on the test's database (either store) with the ledger job."""
+    jobs_file = tmp_path / "ledger_jobs.py"
+    jobs_file.write_text(LEDGER_JOBS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}
+    env["WORKER_LOG_LEVEL"] = "INFO"  # stop() waits for the line that says it started
+
+    def start(*flags: str, name: str) -> WorkerProcess:
+        args = ["run", "--db", db, "--jobs", str(jobs_file), "--no-cron", *flags]
+        started = processes.start(*args, name=name, env=env, cwd=tmp_path)
+        return started
+
+    return start
+
+
+def entries(path: Path) -> list[tuple[str, float, int]]:
+    """The ledger's lines as (start | end, epoch seconds, job id)."""
+    found = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        kind, seconds, job_id = line.split()
+        found.append((kind, float(seconds), int(job_id)))
+    return found
+
+
+def most_at_once(ledger: list[tuple[str, float, int]]) -> int:
+    """The largest number of jobs between their start and end at any moment (an end before a start at a tie)."""
+    running = most = 0
+    for kind, _, _ in sorted(ledger, key=lambda entry: (entry[1], entry[0] == "start")):
+        running += 1 if kind == "start" else -1
+        most = max(most, running)
+    return most
+
+
+def worker_processes(db: str) -> list[dict[str, Any]]:
+    store = worker.open_reader(db)
+    try:
+        return store.processes()
+    finally:
+        store.close()
+
+
+def started_after(ledger: list[tuple[str, float, int]], moment: float) -> list[int]:
+    return [job_id for kind, seconds, job_id in ledger if kind == "start" and seconds > moment]
+
+
+@pytest.mark.slow
+def test_pause_stops_busy_and_idle_worker_processes_within_a_second_and_resume_starts_them(
+    start_worker: Callable[..., WorkerProcess], db: str, ledger: Path
+) -> None:
+    with Queue(db, check_types=False) as producer:
+        producer.enqueue_many([("ledger", {"path": str(ledger), "seconds": 0.05})] * 400, queue="work")
+        busy = [start_worker("--concurrency", "2", name=f"busy{i}") for i in range(2)]
+        wait_for(lambda: len(entries(ledger)) > 20, 30, "the workers to be busy")
+        paused_at = time.time()
+        producer.pause("work")
+        time.sleep(1.5)  # a pause must hold: wait past the second it may take
+        seen = entries(ledger)
+        assert started_after(seen, paused_at + 1.0) == []
+        started = {job_id for kind, _, job_id in seen if kind == "start"}
+        wait_for(lambda: {i for kind, _, i in entries(ledger) if kind == "end"} >= started, 10, "running jobs to end")
+        assert len(rows(db, "status = 'running'")) == 0 and len(rows(db, "status = 'pending'")) > 0
+
+        idle = start_worker("--concurrency", "2", name="idle")
+        wait_for(lambda: len(worker_processes(db)) == 3, 10, "the idle worker to start")
+        producer.pause("idle")
+        producer.enqueue("ledger", {"path": str(ledger)}, queue="idle")  # wakes the idle worker, which takes nothing
+        time.sleep(1.0)
+        before_resume = len(entries(ledger))
+        assert started_after(entries(ledger), paused_at + 1.0) == []
+        resumed_at = time.time()
+        producer.resume("work")
+        producer.resume("idle")
+        wait_for(lambda: started_after(entries(ledger), resumed_at), 5, "a start after the resume")
+        assert len(entries(ledger)) > before_resume
+    for process in [*busy, idle]:
+        process.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("concurrency", [4, 1])
+def test_a_running_limit_holds_across_three_worker_processes(
+    start_worker: Callable[..., WorkerProcess], db: str, ledger: Path, concurrency: int
+) -> None:
+    """At concurrency 4 one worker could run both at once (and it mostly does: its own finish frees the place it
+    claims again in the same transaction); at 1, the two jobs running at once are two processes'."""
+    with Queue(db, check_types=False) as producer:
+        producer.limit("api", running=2)
+        producer.enqueue_many([("ledger", {"path": str(ledger), "seconds": 0.1})] * 24, queue="api")
+    workers = [start_worker("--concurrency", str(concurrency), name=f"worker{i}") for i in range(3)]
+    wait_for(lambda: len(rows(db, "status = 'succeeded'")) == 24, 60, "every job to succeed")
+    for process in workers:
+        process.stop()
+    seen = entries(ledger)
+    assert len(seen) == 48
+    assert most_at_once(seen) == 2  # the limit, and used in full
+    if concurrency == 1:
+        assert len({row["worker"] for row in rows(db)}) > 1
+
+
+@pytest.mark.slow
+def test_a_rate_limit_holds_across_three_worker_processes(
+    start_worker: Callable[..., WorkerProcess], db: str, ledger: Path
+) -> None:
+    with Queue(db, check_types=False) as producer:
+        producer.limit("api", per_second=5)
+        producer.enqueue_many([("ledger", {"path": str(ledger)})] * 15, queue="api")
+    workers = [start_worker("--concurrency", "4", name=f"worker{i}") for i in range(3)]
+    wait_for(lambda: len(rows(db, "status = 'succeeded'")) == 15, 60, "every job to succeed")
+    for process in workers:
+        process.stop()
+    starts = sorted(seconds for kind, seconds, _ in entries(ledger) if kind == "start")
+    # Claims are 200 ms apart by the database's clock; a job starts a few ms after its claim.
+    window = max(sum(1 for s in starts if first <= s < first + 1.0) for first in starts)
+    assert window <= 6, starts
+    assert (len(starts) - 1) / (starts[-1] - starts[0]) <= 5.0 * 1.05, starts
+    claimed = sorted(row["started"] for row in rows(db))
+    assert min(b - a for a, b in itertools.pairwise(claimed)) >= 150, claimed

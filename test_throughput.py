@@ -1,0 +1,235 @@
+"""Keeping every job thread busy: how far a worker claims ahead, and what a crash can then repeat.
+
+ClaimAhead is pure (no database, no clock): its tests give it measured times.
+The worker's tests run on both stores; the kill -9 test uses real processes
+and a ledger that every run of a job appends to.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import worker
+from conftest import HERE, Processes, WorkerProcess, process_state, rows, wait_for
+from worker import ClaimAhead, Job, JobContext, Queue, Worker
+
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+
+
+def sized(*, concurrency: int, job_ms: float, round_trip_ms: float, limit: int = 512) -> int:
+    ahead = ClaimAhead(concurrency, limit)
+    ahead.stepped(round_trip_ms / 1000)
+    ahead.finished([job_ms / 1000] * concurrency)
+    return ahead.jobs
+
+
+# --- How many jobs are claimed ahead ----------------------------------------------
+
+
+@pytest.mark.stores("sqlite")
+def test_nothing_is_claimed_ahead_before_a_job_has_finished() -> None:
+    ahead = ClaimAhead(16, 512)
+    ahead.stepped(0.001)
+    assert ahead.jobs == 0
+
+
+@pytest.mark.stores("sqlite")
+def test_enough_jobs_are_claimed_ahead_to_last_every_thread_two_round_trips_of_the_loop() -> None:
+    # 16 threads of 1 ms jobs start 16 jobs a millisecond: a round trip of 1 ms needs 16, twice over 32.
+    assert sized(concurrency=16, job_ms=1, round_trip_ms=1) == 32
+    assert sized(concurrency=8, job_ms=5, round_trip_ms=1) == 4
+    assert sized(concurrency=32, job_ms=5, round_trip_ms=1) == 13
+
+
+@pytest.mark.stores("sqlite")
+def test_a_slower_commit_claims_more_ahead() -> None:
+    assert sized(concurrency=16, job_ms=1, round_trip_ms=4) == 4 * sized(concurrency=16, job_ms=1, round_trip_ms=1)
+
+
+@pytest.mark.stores("sqlite")
+def test_no_op_jobs_claim_up_to_the_prefetch_and_never_more() -> None:
+    assert sized(concurrency=1, job_ms=0.01, round_trip_ms=1, limit=32) == 32
+    assert sized(concurrency=1, job_ms=0, round_trip_ms=1, limit=32) == 32
+    assert sized(concurrency=4, job_ms=1, round_trip_ms=1, limit=0) == 0
+
+
+@pytest.mark.stores("sqlite")
+def test_jobs_that_free_a_thread_less_often_than_half_the_patience_claim_nothing_ahead() -> None:
+    patience_ms = worker.PREFETCH_PATIENCE * 1000
+    assert sized(concurrency=1, job_ms=patience_ms / 2 + 1, round_trip_ms=1) == 0
+    assert sized(concurrency=4, job_ms=4 * patience_ms, round_trip_ms=1) == 0
+    assert sized(concurrency=4, job_ms=patience_ms, round_trip_ms=1) == 1, "4 threads free one up often enough"
+
+
+@pytest.mark.stores("sqlite")
+def test_a_long_job_stops_claiming_ahead_at_once_and_short_ones_bring_it_back() -> None:
+    ahead = ClaimAhead(4, 512)
+    ahead.stepped(0.001)
+    ahead.finished([0.001] * 4)
+    assert ahead.jobs == 8
+    ahead.finished([2.0])
+    assert ahead.jobs == 0
+    for _ in range(40):
+        ahead.finished([0.001] * 4)
+    assert ahead.jobs == 8
+
+
+@pytest.mark.stores("sqlite")
+def test_a_timed_out_job_or_jobs_given_back_claim_nothing_ahead_until_the_next_outcomes() -> None:
+    ahead = ClaimAhead(4, 512)
+    ahead.stepped(0.001)
+    ahead.finished([0.001])
+    ahead.stop()
+    assert ahead.jobs == 0
+    ahead.finished([0.001])
+    assert ahead.jobs == 8
+
+
+# --- The worker, on each store ----------------------------------------------------
+
+
+def held_after_claims(w: Worker) -> list[int]:
+    """Spy on a worker's claims: how many jobs it held (running or waiting for a thread) after each one."""
+    held: list[int] = []
+    claim = w._claim
+
+    def counted(limit: int, now: int) -> list[Job]:
+        claimed = claim(limit, now)
+        held.append(len(w._running) + len(claimed))
+        return claimed
+
+    w._claim = counted  # type: ignore[method-assign]
+    return held
+
+
+def test_jobs_of_milliseconds_are_claimed_ahead_of_the_free_threads(queue: Queue, db: str) -> None:
+    @worker.job
+    def wait_a_little(ctx: JobContext) -> int:
+        time.sleep(0.002)
+        return ctx.id
+
+    made = queue.enqueue_many([("wait_a_little", None)] * 200)
+    w = Worker(db, cron=False, concurrency=4, burst=True)
+    held = held_after_claims(w)
+    w.run()
+    assert [queue.get(job.id).result for job in made] == [job.id for job in made]  # type: ignore[union-attr]
+    assert held[0] == 4, "nothing is claimed ahead before a job has shown how long it takes"
+    assert max(held) > 4, "then jobs wait claimed ahead of the threads"
+
+
+def test_a_job_claimed_ahead_of_millisecond_jobs_times_out_from_its_own_start(queue: Queue, db: str) -> None:
+    @worker.job
+    def wait_a_little(ctx: JobContext) -> None:
+        time.sleep(0.002)
+
+    @worker.job(timeout=0.05)
+    def timed(ctx: JobContext) -> str:
+        return "in time"
+
+    queue.enqueue_many([("wait_a_little", None)] * 100)
+    late = queue.enqueue("timed", priority=-1)  # claimed last, ahead of the threads, behind every other job
+    w = Worker(db, cron=False, concurrency=2, burst=True, prefetch=512)
+    w.run()
+    row = queue.get(late.id)
+    assert row is not None
+    assert row.status == "succeeded" and row.result == "in time"
+
+
+# --- What a kill -9 repeats -------------------------------------------------------
+
+LEDGER_JOBS = '''
+"""Jobs for test_throughput.py: each run appends its key to a ledger."""
+
+import os
+import time
+
+from worker import job
+
+
+@job
+def counted(ctx, key, ledger, ms):
+    # One write() on an O_APPEND descriptor: lines never interleave.
+    fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{key}\\n".encode())
+    finally:
+        os.close(fd)
+    time.sleep(ms / 1000)
+'''
+
+
+def start_worker(processes: Processes, db: str, jobs: Path, *flags: str, name: str) -> WorkerProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}
+    env["WORKER_LOG_LEVEL"] = "WARNING"
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    args = ["run", "--db", db, "--jobs", str(jobs), "--lease", "1", *flags]
+    return processes.start(*args, name=name, env=env, cwd=processes.directory)
+
+
+def held_by(db: str, owner: str) -> dict[int, Any]:
+    """Rows running under ``owner`` (committed), by the key of their job."""
+    return {row["id"]: row for row in rows(db, "status = 'running'") if row["owner"] == owner}
+
+
+def key(row: Any) -> int:
+    data = row["data"]  # JSON text from SQLite, a dict from PostgreSQL's jsonb
+    return int((json.loads(data) if isinstance(data, str) else data)["key"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and POSIX signals")
+def test_a_kill_9_with_jobs_claimed_ahead_reruns_only_jobs_the_dead_worker_held(
+    db: str, processes: Processes, tmp_path: Path
+) -> None:
+    """Jobs of 2 ms at concurrency 4: the worker holds jobs running, jobs finished whose outcome is not yet
+    committed, and jobs claimed ahead.  A kill -9 then; another worker runs every job, and only jobs the dead
+    worker held can have run twice (those it had started): none is lost, none it did not hold runs again."""
+    jobs = tmp_path / "ledger_jobs.py"
+    jobs.write_text(LEDGER_JOBS)
+    ledger = tmp_path / "ledger"
+    n = 1500
+    with Queue(db, check_types=False) as queue:  # the job type is the worker processes' own
+        queue.enqueue_many([("counted", {"key": i, "ledger": str(ledger), "ms": 2}) for i in range(n)])
+    doomed = start_worker(processes, db, jobs, "--concurrency", "4", name="doomed")
+
+    def frozen_holding_more_than_its_threads() -> dict[int, Any] | None:
+        running = rows(db, "status = 'running'")
+        if len(running) <= 4 or not ledger.exists():
+            return None
+        doomed.send(signal.SIGSTOP)  # the rows it holds now are the ones it dies holding
+        wait_for(lambda: process_state(doomed.pid) == "T", 5, "the worker to stop")
+        held = held_by(db, running[0]["owner"])
+        if len(held) > 4:
+            return held
+        doomed.send(signal.SIGCONT)
+        return None
+
+    held = wait_for(frozen_holding_more_than_its_threads, 30, "the worker to hold jobs claimed ahead")
+    doomed.kill()
+    ran_before = collections.Counter(int(line) for line in ledger.read_text().split())
+
+    rescuer = start_worker(processes, db, jobs, "--concurrency", "4", name="rescuer")
+    wait_for(lambda: not rows(db, "type = 'counted' AND status IN ('pending', 'running')"), 60, "every job to end")
+    rescuer.send(signal.SIGTERM)  # it has started: it ran the jobs
+    assert rescuer.wait(15) == 0
+
+    every_row = {row["id"]: row for row in rows(db, "type = 'counted'")}
+    succeeded = collections.Counter(key(row) for row in every_row.values() if row["status"] == "succeeded")
+    assert succeeded == collections.Counter(range(n)), "each job succeeded exactly once"
+    runs = collections.Counter(int(line) for line in ledger.read_text().split())
+    assert set(runs) == set(range(n)), "every job ran"
+    held_keys = {key(row) for row in held.values()}
+    ran_twice = {key for key, count in runs.items() if count > 1}
+    assert ran_twice <= held_keys, "only jobs the dead worker held ran again"
+    assert ran_twice <= set(ran_before), "and of those, only the ones it had started"
+    assert max(runs.values()) == 2
+    assert {row_id for row_id, row in every_row.items() if (row["error"] or "").startswith("worker lost")} == set(held)
