@@ -96,6 +96,71 @@ def test_sync_and_async_jobs_run_side_by_side_in_one_worker(db: str, queue: Queu
     assert len(rows(db, "status = 'succeeded'")) == len(jobs)
 
 
+def test_async_jobs_are_claimed_while_every_job_thread_is_busy(db: str, queue: Queue) -> None:
+    """The one job thread waits for what the async job does: it could not end if the claim took only
+    jobs for threads (none free) or waited for a thread to free up."""
+    released = threading.Event()
+
+    @worker.job
+    def hold(ctx: JobContext) -> bool:
+        return released.wait(10)
+
+    @worker.job
+    async def release(ctx: JobContext) -> None:
+        released.set()
+
+    queue.enqueue("hold")
+    queue.enqueue("release", delay=0.05)  # due once the thread is busy
+    run_burst(db, concurrency=1)
+    assert [(r["type"], r["status"], r["result"]) for r in rows(db)] == [
+        ("hold", "succeeded", "true"),
+        ("release", "succeeded", "null"),
+    ]
+
+
+def test_sync_jobs_are_claimed_while_every_async_slot_is_busy(db: str, queue: Queue) -> None:
+    released = threading.Event()
+
+    @worker.job
+    async def hold(ctx: JobContext) -> bool:
+        for _ in range(1000):
+            if released.is_set():
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    @worker.job
+    def release(ctx: JobContext) -> None:
+        released.set()
+
+    queue.enqueue("hold")
+    queue.enqueue("release", delay=0.05)
+    run_burst(db, async_concurrency=1)
+    assert [(r["type"], r["result"]) for r in rows(db)] == [("hold", "true"), ("release", "null")]
+
+
+def test_the_job_loop_claims_ahead_while_async_jobs_are_short_and_stops_after_a_long_one() -> None:
+    ended: list[worker.Outcome] = []
+
+    async def execute(job: worker.Job) -> worker.Outcome:
+        return worker.Outcome(job, True, result="null", seconds=job.data["seconds"])
+
+    runner = worker.AsyncRunner(2, execute, ended.append)
+    try:
+        assert runner.free == 2  # nothing ahead before a job has shown how long jobs take
+
+        def run_one(seconds: float, job_id: int) -> None:
+            runner.start([worker.Job(job_id, "t", {"seconds": seconds}, "running", "default")])
+            wait_for(lambda: len(ended) == job_id, 5, "the job to end")
+
+        run_one(0.001, 1)
+        assert runner.free == 4  # its concurrency again, claimed ahead
+        run_one(worker.ASYNC_PREFETCH_JOB_SECONDS, 2)
+        assert runner.free == 2
+    finally:
+        runner.close()
+
+
 def test_async_concurrency_bounds_the_async_jobs_at_once(db: str, queue: Queue) -> None:
     running = most = 0
 

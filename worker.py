@@ -4499,7 +4499,8 @@ class Worker:
                 with self._deadlines_lock:
                     self._deadlines.pop(outcome.job.id, None)
             self._to_record.append(outcome)
-        self._ahead.finished(outcome.seconds for outcome in arrived)
+        threaded = arrived if self._async_types_json is None else [o for o in arrived if not _job_type(o.job).is_async]
+        self._ahead.finished(outcome.seconds for outcome in threaded)  # the job loop claims ahead by its own
         if not self._deadlines:
             return
         with self._deadlines_lock:
