@@ -3339,13 +3339,16 @@ class AsyncRunner:
             self._loop = loop
         return self._loop
 
-    def call(self, awaitable: Awaitable[_T]) -> _T:
-        """Run ``awaitable`` on the job loop from another thread, and wait for its result (hooks; Worker.work)."""
+    def call(self, awaitable: Awaitable[_T], timeout: float | None = None) -> _T:
+        """Run ``awaitable`` on the job loop from another thread, and wait for its result (hooks; Worker.work).
+
+        TimeoutError after ``timeout`` seconds (a job that blocks the loop keeps everything else off it).
+        """
 
         async def awaited() -> _T:
             return await awaitable
 
-        return asyncio.run_coroutine_threadsafe(awaited(), self._loop_running()).result()
+        return asyncio.run_coroutine_threadsafe(awaited(), self._loop_running()).result(timeout)
 
     def start(self, jobs: list[Job]) -> None:
         """Run claimed async jobs on the loop (from the worker's step): one wake-up of the loop for them all."""
@@ -3943,7 +3946,7 @@ class Worker:
         if self._started_up:
             for hook in SHUTDOWN_HOOKS:
                 try:
-                    self._call_hook(hook)
+                    self._call_hook(hook, timeout=max(self.shutdown_timeout, CANCELLED_JOB_GRACE))
                 except Exception:
                     logger.exception("shutdown hook %s failed", _qualname(hook))
             self._started_up = False
@@ -3957,10 +3960,11 @@ class Worker:
         self._store = cast(Store, None)
         self._wake_up.forget_connection()
 
-    def _call_hook(self, hook: Callable[[SimpleNamespace], Any]) -> None:
-        """Run a startup or shutdown hook: an async def one on the job loop, where async jobs will use what it made."""
+    def _call_hook(self, hook: Callable[[SimpleNamespace], Any], timeout: float | None = None) -> None:
+        """Run a startup or shutdown hook: an async def one on the job loop (within ``timeout`` s), where async jobs
+        will use what it made."""
         if is_coroutine_function(hook):
-            self._async.call(hook(self.app))
+            self._async.call(hook(self.app), timeout)
         else:
             hook(self.app)
 

@@ -18,6 +18,8 @@ How each figure is measured:
   Worker (max_jobs=100, burst) in a process of its own; the window is from the
   first job's start to the last job's end, taken inside the job function.
   Rounds of ours and arq's alternate.
+- CPU: the worker process's (and the arq worker's) user + system time from wait4,
+  per job, its start-up included: a figure that a busy machine moves less.
 - Latency: one idle worker (default settings) with both an async job and a
   sync one registered; another process enqueues them in turn, 20-30 ms apart;
   latency is from just before the enqueue call to the job function's start
@@ -81,13 +83,18 @@ def window_rate(db: str, job_type: str) -> tuple[int, float]:
 def drain_ours(db: str, n: int, log: Path) -> dict[str, Any]:
     fill(db, n)
     proc = spawn(worker_command(db, "--burst", "--async-concurrency", "100"), log, {"WORKER_LOG_LEVEL": "WARNING"})
-    code, _, _, _ = reap(proc)
+    code, usage, _, _ = reap(proc)
     if code != 0:
         raise RuntimeError(f"worker exited {code}; see {log}")
     count, rate = window_rate(db, "nap")
     if count != n:
         raise RuntimeError(f"only {count} of {n} jobs succeeded; see {log}")
-    return {"n": n, "jobs_per_s": rate}
+    return {"n": n, "jobs_per_s": rate, "cpu_us_per_job": cpu_us(usage, n)}
+
+
+def cpu_us(usage: Any, n: int) -> float:
+    """A finished process's user + system CPU time per job, in microseconds (its start-up included)."""
+    return (usage.ru_utime + usage.ru_stime) / n * 1e6
 
 
 class PostgresDatabase:
@@ -168,13 +175,13 @@ def arq_worker() -> dict[str, Any]:
 def drain_arq(n: int, log: Path) -> dict[str, Any]:
     asyncio.run(arq_fill(n))
     proc = spawn([sys.executable, str(THIS), "arq-worker"], log)
-    code, _, _, _ = reap(proc)
+    code, usage, _, _ = reap(proc)
     if code != 0:
         raise RuntimeError(f"arq worker exited {code}; see {log}")
     result = last_json(proc)
     if result["completed"] != n:
         raise RuntimeError(f"arq completed {result['completed']} of {n}")
-    return {"n": n, "jobs_per_s": n / (result["last"] - result["first"])}
+    return {"n": n, "jobs_per_s": n / (result["last"] - result["first"]), "cpu_us_per_job": cpu_us(usage, n)}
 
 
 # --- Latency ---------------------------------------------------------------------------
@@ -233,36 +240,43 @@ def main() -> None:
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "arq-worker"])
     parser.add_argument("--quick", action="store_true", help="one round instead of three")
     parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, help="rounds of each system (default 3, 1 with --quick)")
     args = parser.parse_args()
     if args.mode == "arq-worker":
         print(json.dumps(arq_worker()))
         return
     ensure_venv(THIS)
-    rounds = 1 if args.quick else 3
+    rounds = args.rounds or (1 if args.quick else 3)
     work = Path(tempfile.mkdtemp(prefix="bench_async_"))
     log = work / "log.txt"
     os.environ["PYTHONPATH"] = str(REPO_DIR)
     with_postgres = postgres_reachable()
     results: dict[str, list[float]] = {"sqlite": [], "postgres": [], "arq": []}
+    cpu: dict[str, list[float]] = {"sqlite": [], "postgres": [], "arq": []}
+
+    def note(name: str, run: dict[str, Any]) -> None:
+        results[name].append(run["jobs_per_s"])
+        cpu[name].append(run["cpu_us_per_job"])
+
     for number in range(rounds):
-        results["sqlite"].append(drain_ours(str(work / f"drain{number}.db"), args.n, log)["jobs_per_s"])
-        results["arq"].append(drain_arq(args.n, log)["jobs_per_s"])
+        note("sqlite", drain_ours(str(work / f"drain{number}.db"), args.n, log))
+        note("arq", drain_arq(args.n, log))
         if with_postgres:
             database = PostgresDatabase(number)
             try:
-                results["postgres"].append(drain_ours(database.url, args.n, log)["jobs_per_s"])
+                note("postgres", drain_ours(database.url, args.n, log))
             finally:
                 database.drop()
     idle = latency(str(work / "latency.db"), 60, log)
     arq_rate = median(results["arq"])
     print(f"\n{args.n:,} jobs of `await asyncio.sleep(0.01)` at async concurrency 100 (median of {rounds})")
-    print(f"{'':24} {'jobs/s':>10} {'x arq':>7}   rounds")
+    print(f"{'':24} {'jobs/s':>10} {'x arq':>7} {'CPU us/job':>11}   rounds")
     for name in ("sqlite", "postgres", "arq"):
         if results[name]:
             rate = median(results[name])
             each = ", ".join(f"{r:,.0f}" for r in results[name])
             label = "arq (Redis)" if name == "arq" else f"ours, {name}"
-            print(f"{label:24} {rate:10,.0f} {rate / arq_rate:7.2f}   {each}")
+            print(f"{label:24} {rate:10,.0f} {rate / arq_rate:7.2f} {median(cpu[name]):11.0f}   {each}")
     print("\nidle latency, enqueue to start (SQLite, 30 of each, in turn)")
     for kind, label in (("astamp", "async def job"), ("stamp", "sync job")):
         figures = idle[kind]
