@@ -696,6 +696,9 @@ def test_browser_shows_a_failed_job_and_opens_its_traceback(
             expect(traceback).to_contain_text("Traceback (most recent call last)")
             expect(traceback).to_contain_text(XSS_ERROR)  # shown as text, not run
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            chart = page.locator("svg.chart")  # the last hour, drawn under the page's CSP
+            expect(chart).to_be_visible()
+            assert (chart.bounding_box() or {"width": 0})["width"] >= 500
 
             row.get_by_role("button", name="retry").click()
             page.wait_for_url(re.compile(r"/jobs/\d+$"))

@@ -46,6 +46,9 @@ if __name__ == "__main__":
     sys.exit(worker.main())
 
 import argparse
+import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -69,7 +72,7 @@ import threading
 import time
 import traceback
 import zoneinfo
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Container, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import EllipsisType, ModuleType, SimpleNamespace
@@ -88,9 +91,11 @@ logger = logging.getLogger("worker")
 # be a stranger in site-packages.
 SCHEMA_FILES = (Path(__file__).with_name("schema.sql"), Path(__file__).with_name("worker_schema.sql"))
 BUSY_TIMEOUT_MS = 5_000
+LOCK_LOOK_EVERY = 0.0005  # seconds between a producer's looks for the write lock while a worker holds it
 DEFAULT_DB = "worker.db"
 DEFAULT_JOBS_MODULE = "jobs"
 DEFAULT_CONCURRENCY = 4
+DEFAULT_ASYNC_CONCURRENCY = 100  # async def jobs at once on the job loop: an awaiting coroutine costs little
 DEFAULT_LEASE = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_DEATHS = 3
@@ -121,6 +126,8 @@ PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given
 # How many loop round trips the jobs claimed ahead cover (see ClaimAhead): one
 # would do on average; the second absorbs a slow commit or a late wake-up.
 PREFETCH_ROUND_TRIPS = 2
+ASYNC_PREFETCH_JOB_SECONDS = 0.1  # an async job that runs longer stops the job loop's claiming ahead
+CANCELLED_JOB_GRACE = 5.0  # how long a stopping worker waits for its cancelled async jobs' finally blocks
 
 
 class Status(enum.StrEnum):
@@ -419,6 +426,7 @@ class JobType(JobOptions):
     fn: Callable[..., Any]
     cron: str | None = None  # a recurring job: every worker keeps one pending row for it
     timezone: str | None = None  # of `cron`; None means UTC
+    is_async: bool = False  # an async def function: run on the worker's job loop, not on a job thread
 
     @property
     def cron_tag(self) -> str:
@@ -477,6 +485,11 @@ def job(
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         job_name = name or fn.__name__
+        if _is_function_of_kind(fn, inspect.isasyncgenfunction):
+            raise ConfigError(
+                f"job {job_name!r}: {_qualname(fn)} is an async generator function (it uses yield): a job returns"
+                " one result; write it as async def returning a value"
+            )
         try:
             check_policy(max_attempts=max_attempts, backoff=backoff, timeout=timeout)
             if cron is not None:
@@ -490,11 +503,22 @@ def job(
             queue=queue, max_attempts=max_attempts, retry_delay=retry_delay, backoff=backoff, timeout=timeout, keep=keep
         )
         REGISTRY[job_name] = JobType(
-            name=job_name, fn=fn, cron=cron, timezone=timezone, queue=options.queue, **options.columns()
-        )
+            name=job_name, fn=fn, cron=cron, timezone=timezone, is_async=is_coroutine_function(fn),
+            queue=options.queue, **options.columns()
+        )  # fmt: skip
         return fn
 
     return register(fn) if fn is not None else register
+
+
+def is_coroutine_function(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a coroutine: an async def function, a partial of one, or an object whose
+    ``__call__`` is one."""
+    return _is_function_of_kind(fn, inspect.iscoroutinefunction)
+
+
+def _is_function_of_kind(fn: Any, kind: Callable[[Any], bool]) -> bool:
+    return kind(fn) or (callable(fn) and not inspect.isroutine(fn) and kind(type(fn).__call__))
 
 
 def check_policy(*, max_attempts: int | None, backoff: float | None, timeout: Seconds | None) -> None:
@@ -722,13 +746,17 @@ def _qualname(fn: Callable[..., Any]) -> str:
 
 
 def on_startup(fn: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
-    """Run ``fn(app)`` once per worker process before it claims; jobs see ``ctx.app``."""
+    """Run ``fn(app)`` once per worker process before it claims; jobs see ``ctx.app``.
+
+    An ``async def`` hook runs on the worker's job loop, so what it makes there
+    (an HTTP client session, an async database pool) is usable by async jobs.
+    """
     STARTUP_HOOKS.append(fn)
     return fn
 
 
 def on_shutdown(fn: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
-    """Run ``fn(app)`` once when a worker process stops (close what on_startup opened)."""
+    """Run ``fn(app)`` once when a worker process stops (close what on_startup opened); async def on the job loop."""
     SHUTDOWN_HOOKS.append(fn)
     return fn
 
@@ -866,6 +894,8 @@ class Queue:
             # leaves the parent's untouched.
             assert self.path is not None
             local.store, local.pid = open_store(self.path), _process_id
+            if isinstance(local.store, SQLiteStore):
+                local.store.prompt_lock = True
         store: Store = local.store
         return store
 
@@ -1193,6 +1223,117 @@ class Queue:
             **options.columns(),
             "persistent": int(bool(persistent)),
         }
+
+
+class AsyncQueue:
+    """The producer side for async web apps (FastAPI, Starlette, aiohttp): Queue's verbs, awaited, never blocking
+    the event loop.
+
+    ``AsyncQueue(path or URL)`` runs a Queue of its own on one thread of its
+    own (one connection: enqueues from many requests take turns, as SQLite's
+    writers do anyway).  ``AsyncQueue(conn)``, on a psycopg AsyncConnection,
+    enqueues on the app's connection inside the app's own transaction, so a
+    job commits or rolls back with the app's writes (only ``enqueue`` and
+    ``enqueue_many`` there).  SQLite's drivers have no async connection of the
+    standard library's: enqueue in an app's SQLite transaction with the sync
+    ``Queue(conn)`` on the connection that transaction is on.
+    """
+
+    def __init__(self, db: str | os.PathLike[str] | Any, *, check_types: bool = True) -> None:
+        self.check_types = check_types
+        self._queue: Queue | None = None
+        if isinstance(db, str | os.PathLike):
+            self.path: str | None = database_target(os.fspath(db))
+            self._thread: concurrent.futures.ThreadPoolExecutor | None = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="worker-enqueue"
+            )
+            self._caller_store: Any = None
+        elif type(db).__module__.startswith("psycopg"):
+            self.path, self._thread = None, None
+            self._caller_store = postgres_module().async_store_in_callers_transaction(db)
+            self._rows = _RowsOnly(check_types=check_types)
+        else:
+            raise TypeError(
+                f"AsyncQueue takes a path, a URL or a psycopg AsyncConnection, not {type(db)!r}"
+                " (in a transaction of a sync connection, enqueue with Queue(conn))"
+            )
+
+    async def __aenter__(self) -> AsyncQueue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _on_thread(self, call: Callable[[Queue], _T]) -> _T:
+        """``call(queue)`` on this AsyncQueue's thread, where its Queue (and so its connection) lives."""
+        if self._thread is None:
+            raise TypeError("on an app's connection, AsyncQueue only enqueues (enqueue, enqueue_many)")
+
+        def on_thread() -> _T:
+            if self._queue is None:
+                assert self.path is not None
+                self._queue = Queue(self.path, check_types=self.check_types)
+            return call(self._queue)
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, on_thread)
+
+    async def enqueue(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
+        """Queue.enqueue, awaited (the same options); on an app's AsyncConnection, in its transaction."""
+        if self._caller_store is None:
+            return await self._on_thread(lambda queue: queue.enqueue(type, data, **options))
+        on_conflict = options.pop("on_conflict", "replace")
+        if options.get("now") is None:
+            options["now"] = await self._caller_store.now()
+        row = self._rows._new_row(type, data, **options)
+        job: Job = await self._caller_store.insert(row, on_conflict)
+        return job
+
+    async def enqueue_many(
+        self, jobs: Iterable[tuple[str, Mapping[str, Any] | None] | Mapping[str, Any]], **options: Any
+    ) -> list[Job]:
+        """Queue.enqueue_many, awaited: all or none."""
+        if self._caller_store is None:
+            items = list(jobs)
+            return await self._on_thread(lambda queue: queue.enqueue_many(items, **options))
+        calls = []
+        for item in jobs:
+            arguments = (
+                {**options, **item} if isinstance(item, Mapping) else {**options, "type": item[0], "data": item[1]}
+            )
+            calls.append(arguments)
+        # One savepoint each, in the app's transaction: the app's rollback takes them all back.
+        return [
+            await self.enqueue(arguments.pop("type"), arguments.pop("data", None), **arguments) for arguments in calls
+        ]
+
+    async def get(self, id: int) -> Job | None:
+        """Queue.get, awaited."""
+        return await self._on_thread(lambda queue: queue.get(id))
+
+    async def cancel(self, id: int, *, reason: str = "cancelled") -> bool:
+        """Queue.cancel, awaited."""
+        return await self._on_thread(lambda queue: queue.cancel(id, reason=reason))
+
+    async def close(self) -> None:
+        """Close this AsyncQueue's connection and thread (an app's connection is left open)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        if self._queue is not None:
+            await asyncio.get_running_loop().run_in_executor(thread, self._queue.close)
+        thread.shutdown(wait=False)
+
+
+class _RowsOnly(Queue):
+    """Queue's checks and rows without a connection of its own: AsyncQueue's on an app's AsyncConnection, which
+    gives every row its ``now`` (the server's time)."""
+
+    def __init__(self, *, check_types: bool) -> None:  # no super().__init__(): nothing to connect to
+        self.check_types = check_types
+        self.path, self._caller_store = None, None
+
+    def now(self) -> int:
+        raise AssertionError("AsyncQueue gives each row its time")
 
 
 def _dbapi_connection(db: Any) -> Any:
@@ -1545,6 +1686,10 @@ class Store(Protocol):
 
     def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
         """Per queue and status: rows finished since ``since`` (from the per-minute counts: the whole minute)."""
+        ...
+
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        """Per minute (its first ms) and status, all queues together: rows finished since ``since``'s minute."""
         ...
 
     def running_by_owner(self) -> dict[str, int]:
@@ -1941,6 +2086,45 @@ class _Immediate:
                 self.conn.execute("ROLLBACK")
 
 
+def prompt_immediate(conn: sqlite3.Connection) -> _PromptImmediate:
+    """BEGIN IMMEDIATE that looks for the write lock every LOCK_LOOK_EVERY s while another holds it (a Queue's)."""
+    return _PromptImmediate(conn)
+
+
+class _PromptImmediate(_Immediate):
+    __slots__ = ()
+
+    def __enter__(self) -> sqlite3.Connection:
+        execute_promptly(self.conn, "BEGIN IMMEDIATE")
+        return self.conn
+
+
+def execute_promptly(conn: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Cursor:
+    """Run a statement that takes the write lock first (BEGIN IMMEDIATE, a lone INSERT), looking for the lock often.
+
+    SQLite's own wait (busy_timeout) looks again after 1, 2, 5, 10, ... and
+    then every 100 ms.  A worker busy with jobs of a few ms holds the lock most
+    of the time, in spells of a fraction of a ms, so a web request's enqueue
+    that looked that rarely waited hundreds of ms for a lock that was free
+    every ms (bench/workloads.py, the priority job).  A Queue's writes look
+    every LOCK_LOOK_EVERY instead, for as long as the busy timeout; refused,
+    such a statement has written nothing, so it is simply run again.  The
+    worker's own transactions keep SQLite's wait.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                return conn.execute(sql, params)
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", 0) & 0xFF != 5 or time.monotonic() >= deadline:  # 5: SQLITE_BUSY
+                    raise
+            time.sleep(LOCK_LOOK_EVERY)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
 def _file_identity(path: str | None) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the file at ``path`` (None for no path)."""
     if path is None:
@@ -2229,6 +2413,7 @@ class SQLiteStore(QueueControls):
         # the producer's verbs allow for (_changes, _last_rowid); the worker's do not need to.
         self.conn: sqlite3.Connection = conn
         self.nested = nested  # in the caller's transaction: a savepoint, not a transaction of its own
+        self.prompt_lock = False  # a Queue's: wait for the write lock looking often (_PromptImmediate)
         queue_filter = "AND queue IN (SELECT value FROM json_each(:queues))" if queues else ""
         # Only the types the worker has registered: during a rolling deploy, a
         # row of a type that only newer workers know waits for one of them.
@@ -2250,7 +2435,9 @@ class SQLiteStore(QueueControls):
         self._held_back = {}
 
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
-        return _InEngineErrors(_savepoint(self.conn) if self.nested else immediate(self.conn))
+        if self.nested:
+            return _InEngineErrors(_savepoint(self.conn))
+        return _InEngineErrors(prompt_immediate(self.conn) if self.prompt_lock else immediate(self.conn))
 
     def savepoint(self) -> contextlib.AbstractContextManager[Any]:
         return _InEngineErrors(_savepoint(self.conn))
@@ -2312,7 +2499,9 @@ class SQLiteStore(QueueControls):
         inserts nothing then, and returns the pending row.
         """
         conn = self.conn
-        if row["tag"] is None:
+        if row["tag"] is None and self.prompt_lock and not conn.in_transaction:  # a Queue's lone INSERT
+            cursor = execute_promptly(conn, self.INSERT_SQL, row)
+        elif row["tag"] is None:
             cursor = conn.execute(self.INSERT_SQL, row)
         elif on_conflict == "replace":
             reason = f"replaced by a newer job with tag {row['tag']!r}"
@@ -2801,6 +2990,19 @@ class SQLiteStore(QueueControls):
             return self.conn.execute(self.FINISHED_PER_MINUTE_SQL, {"since": since - since % MINUTE_MS}).fetchall()
         return self.conn.execute(self.FINISHED_SINCE_SQL, {"since": since}).fetchall()  # not upgraded: the rows
 
+    BY_MINUTE_SQL = """
+    SELECT minute, status, sum(count) FROM worker_finished_per_minute WHERE minute >= :since
+     GROUP BY minute, status ORDER BY minute, status
+    """
+    BY_MINUTE_FROM_ROWS_SQL = f"""
+    SELECT finished - finished % {MINUTE_MS}, status, count(*) FROM worker_jobs WHERE finished >= :since
+     GROUP BY 1, 2 ORDER BY 1, 2
+    """
+
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        sql = self.BY_MINUTE_SQL if self._installed_version >= 3 else self.BY_MINUTE_FROM_ROWS_SQL
+        return self.conn.execute(sql, {"since": since - since % MINUTE_MS}).fetchall()
+
     def running_by_owner(self) -> dict[str, int]:
         # Exact now, where worker_processes.running is as old as the process's
         # last heartbeat.  It walks the small index of running rows.
@@ -3231,6 +3433,10 @@ class JobContext:
         """Schedule a job at once, in a transaction of its own (it stays even if this job then fails)."""
         return self.producer.enqueue(type, data, **options)
 
+    async def enqueue_async(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
+        """``enqueue_now`` for async jobs: its write runs on a thread, so the job loop goes on meanwhile."""
+        return await asyncio.to_thread(self.enqueue_now, type, data, **options)
+
 
 @dataclasses.dataclass
 class Outcome:
@@ -3245,6 +3451,164 @@ class Outcome:
     started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
     follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
     snooze_ms: int = 0  # kind snoozed: how long until the next row is due
+
+
+def _snoozed(job: Job, snooze: Snooze, seconds: float, started_ms: int) -> Outcome:
+    """The outcome of a job that raised Snooze: not a failure; its next row is due later (Recording)."""
+    return Outcome(job, False, error=str(snooze), seconds=seconds, kind="snoozed", started=started_ms,
+                   snooze_ms=snooze.delay_ms)  # fmt: skip
+
+
+def _failed(job: Job, error: BaseException, seconds: float, started_ms: int) -> Outcome:
+    """The outcome of a job function that raised ``error`` (anything: it is the job's own failure)."""
+    kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "error"
+    return Outcome(job, False, error=_describe_exception(error), seconds=seconds, kind=kind, started=started_ms)
+
+
+def _returned(job: Job, value: Any, seconds: float, started_ms: int, ctx: JobContext) -> Outcome:
+    """The outcome of a job function that returned ``value``: success, if it can be stored as JSON."""
+    try:
+        result = encode_result(value)
+    except BaseException as e:  # anything: a value's own __repr__ or __iter__ may raise what it likes
+        why = "nested too deep: " if isinstance(e, RecursionError) else ""
+        error = f"result is not JSON-serialisable: {why}{_exception_line(e)}"
+        return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
+    return Outcome(job, True, result=result, seconds=seconds, started=started_ms, follow_ups=ctx.follow_ups)
+
+
+def _awaitable_returned(job: Job, value: Any, seconds: float, started_ms: int) -> Outcome:
+    """A sync job function returned a coroutine (a sync wrapper around an async def?): nothing awaited it."""
+    if inspect.iscoroutine(value):
+        value.close()  # never to run: no "coroutine was never awaited" warning besides this error
+    error = (
+        f"job {job.type!r} returned a {type(value).__name__} object instead of a result: its function"
+        f" {_qualname(_job_type(job).fn)} is not itself async def, so the worker ran it on a job thread and"
+        " nothing awaited what it returned; register the async def function itself (a decorator around it"
+        " must be async def too)"
+    )
+    return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
+
+
+class AsyncRunner:
+    """The event loop of a worker's ``async def`` jobs: one thread of its own, up to ``concurrency`` jobs at once.
+
+    The worker hands it the async jobs it claims (``start``) and asks how many
+    more it can take (``free``); each job runs as a task on the loop, and its
+    Outcome goes to ``hand_over``, as a job thread's does, to be recorded the
+    same way.  While jobs are short it takes up to ``concurrency`` more, which
+    wait on the loop and start the moment a job ends, not a step of the worker
+    later (ASYNC_PREFETCH_JOB_SECONDS).  A job's timeout cancels its task (see Worker.execute_async);
+    at shutdown ``cancel_all`` cancels what still runs, and the worker gives
+    those rows back.  Async hooks run on the same loop (``call``).
+    """
+
+    def __init__(
+        self, concurrency: int, execute: Callable[[Job], Awaitable[Outcome]], hand_over: Callable[[Outcome], None]
+    ) -> None:
+        self.concurrency = concurrency
+        self._execute, self._hand_over = execute, hand_over
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # by job id; touched on the loop's thread only
+        self._waiting: collections.deque[Job] = collections.deque()  # claimed ahead; the loop's thread only
+        self._ahead = 0  # how many jobs beyond ``concurrency`` it may hold: set by the loop's thread
+        # Counted apart, each by one thread (started: the worker's step; ended: the loop's), so no lock is needed.
+        self._started = 0
+        self._ended = 0
+
+    @property
+    def running(self) -> int:
+        """The async jobs handed to the loop that have not ended yet (running, or waiting to start)."""
+        return self._started - self._ended
+
+    @property
+    def free(self) -> int:
+        return self.concurrency + self._ahead - self.running
+
+    def _loop_running(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=loop.run_forever, name="worker-async", daemon=True)
+            self._thread.start()
+            self._loop = loop
+        return self._loop
+
+    def call(self, awaitable: Awaitable[_T], timeout: float | None = None) -> _T:
+        """Run ``awaitable`` on the job loop from another thread, and wait for its result (hooks; Worker.work).
+
+        TimeoutError after ``timeout`` seconds (a job that blocks the loop keeps everything else off it).
+        """
+
+        async def awaited() -> _T:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(awaited(), self._loop_running()).result(timeout)
+
+    def start(self, jobs: list[Job]) -> None:
+        """Run claimed async jobs on the loop (from the worker's step): one wake-up of the loop for them all."""
+        self._started += len(jobs)
+        self._loop_running().call_soon_threadsafe(self._begin_all, jobs)
+
+    def _begin_all(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._begin(job)
+
+    def _begin(self, job: Job) -> None:
+        if len(self._tasks) >= self.concurrency:
+            self._waiting.append(job)
+            return
+        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.id}")
+
+    async def _run(self, job: Job) -> None:
+        outcome = None
+        try:
+            outcome = await self._execute(job)
+        except asyncio.CancelledError:
+            pass  # cancelled by cancel_all: no outcome, the worker gives its row back
+        except BaseException:  # execute_async captures the job's own; this would be the worker's fault
+            logger.exception("job %d %s: the job loop failed running it", job.id, job.type)
+        finally:
+            del self._tasks[job.id]
+            self._ended += 1  # before the hand-over: the worker never counts this slot as free too late
+            if self._waiting:
+                self._begin(self._waiting.popleft())
+        if outcome is not None:
+            # Claim ahead only while jobs are short: one waiting behind long ones would wait as long.
+            self._ahead = self.concurrency if outcome.seconds < ASYNC_PREFETCH_JOB_SECONDS else 0
+            self._hand_over(outcome)
+
+    def cancel(self, job_id: int) -> None:
+        """Cancel the task of this job, if it is one of this loop's (from any thread)."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(lambda: (task := self._tasks.get(job_id)) and task.cancel())
+
+    def cancel_all(self, grace: float) -> None:
+        """Cancel the running async jobs and wait up to ``grace`` seconds for their ``finally`` blocks to run."""
+        if self._loop is None or not self.running:
+            return
+
+        async def cancelled() -> None:
+            self._waiting.clear()  # not started: given back as they are
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=grace)
+
+        with contextlib.suppress(TimeoutError):
+            asyncio.run_coroutine_threadsafe(cancelled(), self._loop).result(grace + 1.0)
+
+    def close(self) -> None:
+        """Stop the loop and its thread (after the shutdown hooks)."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(5.0)
+        if not loop.is_running():
+            loop.close()
 
 
 class _Write:
@@ -3403,6 +3767,7 @@ class CancelRequests:
         self._events: dict[int, threading.Event] = {}  # made only for jobs that look, or that were asked
         self._asked: dict[int, tuple[int, str | None]] = {}  # job id -> (when, by whom)
         self._next_look = 0
+        self.on_asked: Callable[[int], None] = lambda job_id: None  # the worker's: an async job is cancelled
 
     def event(self, job_id: int) -> threading.Event:
         return self._events.setdefault(job_id, threading.Event())
@@ -3424,6 +3789,7 @@ class CancelRequests:
             if job_id in running and job_id not in self._asked:
                 self._asked[job_id] = (asked_at, by)
                 self.event(job_id).set()
+                self.on_asked(job_id)
                 notes.append(_Note(logging.INFO, "job %d: asked to cancel it (by %s); ctx.cancelled is set",
                                    (job_id, by), {"action": "cancel", "job_id": job_id}))  # fmt: skip
         return notes
@@ -3740,9 +4106,12 @@ class Worker:
         keep_succeeded: Seconds | None = None,
         keep_failed: Seconds | None = None,
         prefetch: int | None = None,
+        async_concurrency: int = DEFAULT_ASYNC_CONCURRENCY,
     ) -> None:
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
+        if async_concurrency < 1:
+            raise ConfigError("async concurrency must be at least 1")
         if not 100 <= to_ms(lease) <= MAX_DURATION_MS:
             raise ConfigError("lease must be at least 0.1 s (and at most 100 years)")
         if max_deaths < 1:
@@ -3780,6 +4149,9 @@ class Worker:
 
         self._registered: tuple[str, ...] = ()  # the job types when _types_json was made
         self._types_json = "[]"
+        # The same, split: run on job threads, and async def ones, run on the job loop (None: there are none).
+        self._thread_types_json: str | None = None
+        self._async_types_json: str | None = None
 
         self._store: Store = cast(Store, None)  # opened on first use (see store): the hot path reads it directly
         self._pid = 0  # of the process that opened it
@@ -3803,6 +4175,8 @@ class Worker:
         # it over here; the main loop sleeps on it, so a finished job wakes it at
         # once (None only wakes it: stop() was called).
         self._handed_over: queue_module.SimpleQueue[Outcome | None] = queue_module.SimpleQueue()
+        self._async = AsyncRunner(async_concurrency, self.execute_async, self._handed_over.put)
+        self._recording.cancels.on_asked = self._async.cancel  # an operator's cancel reaches a coroutine so
         # 2: taken off that queue by the loop (or given by a job thread's own step).
         self._received: list[Outcome] = []
         # 3: its job is no longer running here (timeouts noted): written by the next step's transaction.
@@ -3827,6 +4201,7 @@ class Worker:
         # busy (None while they go through): how long it has waited for the lock.
         self._refused_since: float | None = None
         self._claim_notes: list[_Note] = []  # of rows a claim failed as unreadable
+        self._claim_skipped = (False, False)  # kinds (job threads, job loop) the last claim had no slot for
 
     # -- connection ---------------------------------------------------------------
 
@@ -3882,7 +4257,7 @@ class Worker:
             )  # fmt: skip
         self._waited(began)  # a start that waited for another writer's lock judges no lease at once
         for hook in STARTUP_HOOKS:
-            hook(self.app)
+            self._call_hook(hook)
         self._started_up = True
 
     def sync_cron(self, now: int | None = None) -> None:
@@ -3933,10 +4308,11 @@ class Worker:
         if self._started_up:
             for hook in SHUTDOWN_HOOKS:
                 try:
-                    hook(self.app)
+                    self._call_hook(hook, timeout=max(self.shutdown_timeout, CANCELLED_JOB_GRACE))
                 except Exception:
                     logger.exception("shutdown hook %s failed", _qualname(hook))
             self._started_up = False
+        self._async.close()
         if self._producer is not None:
             self._producer.close()
         if self._store is not None and self._pid == _process_id:
@@ -3945,6 +4321,14 @@ class Worker:
             self._store.close()
         self._store = cast(Store, None)
         self._wake_up.forget_connection()
+
+    def _call_hook(self, hook: Callable[[SimpleNamespace], Any], timeout: float | None = None) -> None:
+        """Run a startup or shutdown hook: an async def one on the job loop (within ``timeout`` s), where async jobs
+        will use what it made."""
+        if is_coroutine_function(hook):
+            self._async.call(hook(self.app), timeout)
+        else:
+            hook(self.app)
 
     # -- the steps ----------------------------------------------------------------
 
@@ -3956,7 +4340,9 @@ class Worker:
         _emit(self._claim_notes)
         return claimed
 
-    def _claim(self, limit: int, now: int) -> list[Job]:
+    def _claim(self, limit: int, now: int, async_limit: int | None = None) -> list[Job]:
+        """Claim up to ``limit`` jobs of any type; or, given ``async_limit`` (the loop's step), up to ``limit`` of the
+        types that run on job threads and up to ``async_limit`` of the async def ones."""
         self._claim_notes = []  # written once the claim commits
         store = self._store
         lease_until, types = now + self.lease_ms, self._known_types()
@@ -3972,14 +4358,22 @@ class Worker:
                 self._alone = suspect[0].id
                 self._last_claim_full = True
                 return suspect
-        jobs, unreadable = store.claim(self.owner, self.name, now, lease_until, limit, types, self._running)
-        for job, why in unreadable:
-            self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
+        kinds = [(types, limit)] if async_limit is None else self._claim_kinds(limit, async_limit)
+        jobs: list[Job] = []
+        full = False
+        for kind_types, kind_limit in kinds:
+            held = {*self._running, *(j.id for j in jobs)} if jobs else self._running
+            got, unreadable = store.claim(self.owner, self.name, now, lease_until, kind_limit, kind_types, held)
+            for job, why in unreadable:
+                self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
+            full = full or len(got) == kind_limit
+            jobs += got
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
             jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
-        self._last_claim_full = len(jobs) == limit
-        if len(jobs) < limit:
-            next_due = store.next_due(self._types_json)
+        self._last_claim_full = full
+        if not full:
+            due_types = kinds[0][0] if len(kinds) == 1 else self._types_json  # of the kinds with room
+            next_due = store.next_due(due_types)
             self._next_due = next_due if next_due is not None else 2**62
         for claimed in jobs if logger.isEnabledFor(logging.DEBUG) else ():
             logger.debug(
@@ -3996,7 +4390,39 @@ class Worker:
         if len(REGISTRY) != len(self._registered) or tuple(REGISTRY) != self._registered:
             self._registered = tuple(REGISTRY)
             self._types_json = json.dumps(sorted(self._registered))
+            threaded = sorted(name for name, job_type in REGISTRY.items() if not job_type.is_async)
+            awaited = sorted(name for name, job_type in REGISTRY.items() if job_type.is_async)
+            self._thread_types_json = json.dumps(threaded) if threaded else None
+            self._async_types_json = json.dumps(awaited) if awaited else None
         return self._types_json
+
+    def _claim_kinds(self, thread_slots: int, async_slots: int) -> list[tuple[str, int]]:
+        """(types, limit) of each kind of job that has free slots and registered types: one claim each.
+
+        Notes the kinds left out for want of a free slot (``_claim_skipped``):
+        their due rows are not looked at, and the first step that finds a slot
+        free for one of them claims (see _room_again).
+        """
+        self._known_types()
+        kinds = [(self._thread_types_json, thread_slots), (self._async_types_json, async_slots)]
+        self._claim_skipped = (
+            kinds[0][0] is not None and thread_slots <= 0,
+            kinds[1][0] is not None and async_slots <= 0,
+        )
+        return [(types, slots) for types, slots in kinds if types is not None and slots > 0]
+
+    def _free_slots(self) -> tuple[int, int]:
+        """How many more jobs the claim may take for the job threads (prefetch included), and for the job loop."""
+        self._known_types()
+        if self._async_types_json is None:  # no async def job: all is as before there were any
+            return self.concurrency + self._ahead.jobs - len(self._running), 0
+        threads = 0 if self._thread_types_json is None else self.concurrency + self._ahead.jobs
+        return threads - (len(self._running) - self._async.running), self._async.free
+
+    def _room_again(self, thread_slots: int, async_slots: int) -> bool:
+        """Whether a kind of job the last claim left out for want of a free slot has one now."""
+        skipped_threads, skipped_async = self._claim_skipped
+        return (skipped_threads and thread_slots > 0) or (skipped_async and async_slots > 0)
 
     def execute(self, job: Job) -> Outcome:
         """Run one claimed job's function and capture how it ended (never raises).
@@ -4009,12 +4435,11 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
-        cancels = self._recording.cancels
-        if cancels.asked(job.id):  # claimed ahead, and asked to cancel before a thread took it
+        if self._recording.cancels.asked(job.id):  # claimed ahead, and asked to cancel before a thread took it
             return Outcome(job, False, kind="not started")
-        ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now,
-                         cancelled=functools.partial(cancels.event, job.id),
-                         progress=self._recording.progress)  # fmt: skip
+        if job_type.is_async:  # here (work()), not handed to the loop by run(): this thread waits for it
+            return self._async.call(self.execute_async(job))
+        ctx = self._context(job)
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
@@ -4024,25 +4449,60 @@ class Worker:
         except Snooze as e:
             if _process_id != process:
                 _end_forked_child(e)
-            seconds = time.perf_counter() - started
-            return Outcome(job, False, error=str(e), seconds=seconds, kind="snoozed", started=started_ms,
-                           snooze_ms=e.delay_ms)  # fmt: skip
+            return _snoozed(job, e, time.perf_counter() - started, started_ms)
         except BaseException as e:
             if _process_id != process:
                 _end_forked_child(e)
-            seconds = time.perf_counter() - started
-            kind = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
-            return Outcome(job, False, error=_describe_exception(e), seconds=seconds, kind=kind, started=started_ms)
+            return _failed(job, e, time.perf_counter() - started, started_ms)
         if _process_id != process:
             _end_forked_child(None)
         seconds = time.perf_counter() - started
+        if inspect.isawaitable(value):
+            return _awaitable_returned(job, value, seconds, started_ms)
+        return _returned(job, value, seconds, started_ms, ctx)
+
+    async def execute_async(self, job: Job) -> Outcome:
+        """Await one claimed async def job on the job loop and capture how it ended, as ``execute`` does.
+
+        Its timeout cancels the coroutine (its ``finally`` blocks run) and fails
+        the row.  It raises only CancelledError, when the worker that is stopping
+        cancels the job (AsyncRunner.cancel_all): that row is given back.
+        """
+        job_type = _job_type(job)
+        cancels = self._recording.cancels
+        if cancels.asked(job.id):  # claimed ahead, and asked to cancel before the loop began it
+            return Outcome(job, False, kind="not started")
+        ctx = self._context(job)
+        timeout_ms = _first(job.timeout_ms, job_type.timeout_ms)
+        deadline = asyncio.timeout(None if timeout_ms is None else timeout_ms / 1000)
+        started_ms = self.now()
+        started = time.perf_counter()
         try:
-            result = encode_result(value)
-        except BaseException as e:  # anything: a value's own __repr__ or __iter__ may raise what it likes
-            why = "nested too deep: " if isinstance(e, RecursionError) else ""
-            error = f"result is not JSON-serialisable: {why}{_exception_line(e)}"
-            return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
-        return Outcome(job, True, result=result, seconds=seconds, started=started_ms, follow_ups=ctx.follow_ups)
+            async with deadline:
+                value = await job_type.fn(ctx, **job.data)
+        except asyncio.CancelledError as e:
+            task = cast(asyncio.Task[Any], asyncio.current_task())
+            if task.cancelling() and not cancels.asked(job.id):
+                raise  # the worker is stopping: the row is given back
+            if task.cancelling():  # an operator's cancel (worker cancel ID): the row ends cancelled
+                task.uncancel()
+            return _failed(job, e, time.perf_counter() - started, started_ms)  # the job's own, not the worker's
+        except Snooze as e:
+            return _snoozed(job, e, time.perf_counter() - started, started_ms)
+        except TimeoutError as e:
+            if not deadline.expired():
+                return _failed(job, e, time.perf_counter() - started, started_ms)
+            seconds = cast(int, timeout_ms) / 1000
+            error = f"timed out after {seconds:g} s"
+            return Outcome(job, False, error=error, seconds=seconds, kind="timeout", started=started_ms)
+        except BaseException as e:
+            return _failed(job, e, time.perf_counter() - started, started_ms)
+        return _returned(job, value, time.perf_counter() - started, started_ms, ctx)
+
+    def _context(self, job: Job) -> JobContext:
+        cancelled = functools.partial(self._recording.cancels.event, job.id)
+        return JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now,
+                          cancelled=cancelled, progress=self._recording.progress)  # fmt: skip
 
     def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
         """Write outcomes (and any retries) in one write transaction."""
@@ -4303,8 +4763,9 @@ class Worker:
         if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
             self._give_back_waiting("its worker's threads are all busy with longer jobs")
         busy = self._stopping.is_set() or self._alone in self._running  # nothing beside a job run alone
-        free = 0 if busy else self.concurrency + self._ahead.jobs - len(self._running)
-        want_claim = free > 0 and self._maybe_due(now)
+        free, async_free = (0, 0) if busy else self._free_slots()
+        room = free > 0 or async_free > 0
+        want_claim = room and (self._maybe_due(now) or self._room_again(free, async_free))
         claimed: list[Job] = []
         kept = None
         if self._to_record or want_claim:
@@ -4314,7 +4775,8 @@ class Worker:
                     if self._claim_in_doubt:
                         notes += self._give_back_unknown()
                     if want_claim:
-                        claimed = self._claim(free, now)
+                        kinds = () if self._async_types_json is None else (async_free,)  # one claim, as before
+                        claimed = self._claim(free, now, *kinds)
             except DatabaseUnavailable as e:
                 self._claim_in_doubt = self._claim_in_doubt or want_claim
                 self._back_off(e)
@@ -4330,24 +4792,35 @@ class Worker:
                 self._running[job.id] = job
             if claimed:
                 self._progress_at = time.monotonic()
-            kept = claimed[0] if keep_one and claimed else None
-            for job in claimed[1:] if kept else claimed:
+            threaded = self._start_async(claimed) if self._async_types_json is not None else claimed
+            kept = threaded[0] if keep_one and threaded else None
+            for job in threaded[1:] if kept else threaded:
                 self._todo.put(job)
             self._ahead.stepped(time.monotonic() - began)
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
-        self._nothing_due = free > 0 and not claimed and not self._last_claim_full and now < self._next_due
+        self._nothing_due = room and not claimed and not self._last_claim_full and now < self._next_due
         if self._nothing_due and self._store.at_running_limit():  # due rows wait for a place, not for a time
             self._nothing_due = False
         # Idle: nothing running and nothing claimed.  Only then do commits by
         # others wake it (under load, every commit would, and the wake-ups would
         # cost more than they save); a busy worker looks every poll_interval.
-        self._wants_commits = free > 0 and not claimed and not self._running
+        self._wants_commits = room and not claimed and not self._running
         self._wake_up.arm(self._wants_commits)
         self._housekeeping(now)
         if self._next_due <= now:  # the sweep just rescued a job, due at once: something is due after all
             self._nothing_due = False
         return kept
+
+    def _start_async(self, claimed: list[Job]) -> list[Job]:
+        """Hand the claimed async def jobs to the job loop; the others, returned, are the job threads'."""
+        threaded: list[Job] = []
+        awaited: list[Job] = []
+        for job in claimed:
+            (awaited if _job_type(job).is_async else threaded).append(job)
+        if awaited:
+            self._async.start(awaited)
+        return threaded
 
     def _give_back_unknown(self) -> list[_Note]:
         """Give back the rows running under this worker that it is not running (in the step's transaction).
@@ -4410,7 +4883,8 @@ class Worker:
                 with self._deadlines_lock:
                     self._deadlines.pop(outcome.job.id, None)
             self._to_record.append(outcome)
-        self._ahead.finished(outcome.seconds for outcome in arrived)
+        threaded = arrived if self._async_types_json is None else [o for o in arrived if not _job_type(o.job).is_async]
+        self._ahead.finished(outcome.seconds for outcome in threaded)  # the job loop claims ahead by its own
         if not self._deadlines:
             return
         with self._deadlines_lock:
@@ -4539,6 +5013,7 @@ class Worker:
     def _shut_down(self) -> None:
         deadline = time.monotonic() + max(self.shutdown_timeout, 5.0)
         self._take_waiting()  # still in _running: given back below, and no thread may start them now
+        self._async.cancel_all(grace=CANCELLED_JOB_GRACE)  # their rows too: given back below
         self._collect_outcomes(self.now())
         while time.monotonic() < deadline:
             try:
@@ -4898,6 +5373,10 @@ ENVIRONMENT = {
     "db": ("WORKER_DB", "database file, sqlite:/// or postgresql:// URL (else DATABASE_URL, else ./worker.db)"),
     "jobs": ("WORKER_JOBS", f"module name or .py path that registers the jobs (default ./{DEFAULT_JOBS_MODULE}.py)"),
     "concurrency": ("WORKER_CONCURRENCY", f"job threads per process (default {DEFAULT_CONCURRENCY})"),
+    "async_concurrency": (
+        "WORKER_ASYNC_CONCURRENCY",
+        f"async def jobs at once per process, on its job loop (default {DEFAULT_ASYNC_CONCURRENCY})",
+    ),
     "processes": ("WORKER_PROCESSES", "worker processes run by a supervisor (default 1)"),
     "queues": ("WORKER_QUEUES", "comma-separated queues to take jobs from (default all)"),
     "lease": ("WORKER_LEASE", f"seconds a claim holds without a heartbeat (default {DEFAULT_LEASE:g})"),
@@ -4997,6 +5476,7 @@ def add_engine_commands(commands: Any) -> None:
     )
     add_common_options(run)
     run.add_argument("--concurrency", type=int, help=option_help("concurrency"))
+    run.add_argument("--async-concurrency", type=int, help=option_help("async_concurrency"))
     run.add_argument("--processes", type=int, help=option_help("processes"))
     run.add_argument("--queues", help=option_help("queues"))
     run.add_argument("--lease", type=float, help=option_help("lease"))
@@ -5198,6 +5678,7 @@ def _run_command(
 ) -> int:
     settings = {
         "concurrency": setting(args, "concurrency", positive(int), DEFAULT_CONCURRENCY),
+        "async_concurrency": setting(args, "async_concurrency", positive(int), DEFAULT_ASYNC_CONCURRENCY),
         "queues": setting(args, "queues", str, ""),
         "lease": setting(args, "lease", positive(float), DEFAULT_LEASE),
         "shutdown_timeout": setting(args, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT),
@@ -5213,6 +5694,7 @@ def _run_command(
     worker = Worker(
         db,
         concurrency=settings["concurrency"],
+        async_concurrency=settings["async_concurrency"],
         queues=[q.strip() for q in settings["queues"].split(",") if q.strip()] or None,
         lease=settings["lease"],
         shutdown_timeout=settings["shutdown_timeout"],
