@@ -809,3 +809,53 @@ def test_a_job_reporting_progress_in_a_tight_loop_is_seen_while_it_runs_and_writ
     assert json.loads(row["progress"])["done"] == reports > 10_000  # the last report, of many thousands
     assert counting_writes() <= 5  # 3 s at one a second, and the last before the outcome
     assert counted.id == row["id"]
+
+
+# --- The dashboard's controls in a real browser ---------------------------------------------
+
+
+def test_browser_pauses_and_resumes_a_queue_sees_a_progress_bar_and_cancels_a_running_job(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    serve: Callable[..., Any], tmp_path: Path,
+) -> None:  # fmt: skip
+    from test_operations import CHROMIUM, CHROMIUM_ARGS, _browser_missing
+
+    if not Path(CHROMIUM).exists():
+        _browser_missing("Debian's chromium is not installed: run .ci/system-packages.sh")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        _browser_missing("the Python package playwright is not installed: pip install -e '.[dev]'")
+    claimed = running_with_progress(queue, make_worker(), clock, 1, 4, "a quarter")
+    queue.enqueue("noop", queue="mail")
+    server = serve(allow_actions=True, refresh_seconds=3600)  # no reload in the middle of a click
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=30_000
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            page.goto(f"{server.url}?token={server.token}")  # sets the cookie, lands on /
+            mail = page.locator("#queues tr:has(td:first-child:text-is('mail'))")
+            mail.get_by_role("button", name="pause").click()
+            page.wait_for_url(server.url)
+            expect(mail).to_contain_text("paused")
+            assert [control.queue for control in queue.controls()] == ["mail"]
+            mail.get_by_role("button", name="resume").click()
+            page.wait_for_url(server.url)
+            expect(mail.get_by_role("button", name="pause")).to_be_visible()
+            assert queue.controls() == []
+
+            running = page.locator(f'#running tr:has(td:first-child a[href="/jobs/{claimed.id}"])')
+            bar = running.locator("progress")
+            expect(bar).to_be_visible()
+            assert bar.evaluate("element => element.position") == 0.25
+            expect(running).to_contain_text("1/4 (25 %) a quarter")
+            running.get_by_role("button", name="cancel").click()
+            page.wait_for_url(f"{server.url}jobs/{claimed.id}")
+            (row,) = rows(db, f"id = {claimed.id}")
+            assert (row["status"], row["cancel_requested_by"]) == ("running", "dashboard, from 127.0.0.1")
+            assert page.evaluate("() => document.querySelectorAll('script[src]').length") == 0
+        finally:
+            browser.close()

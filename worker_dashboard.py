@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import worker
 
@@ -67,6 +67,8 @@ CONTENT_TYPES = {
 
 JOB_PATH = re.compile(r"/jobs/(\d+)")
 ACTION_PATH = re.compile(r"/jobs/(\d+)/(retry|cancel)")
+QUEUE_ACTION_PATH = re.compile(r"/queues/([^/]+)/(pause|resume)")
+_FAILED = object()  # a dashboard write that failed, and was answered with the error
 
 logger = logging.getLogger("worker.dashboard")
 
@@ -130,6 +132,15 @@ def action_button(id: int, action: str, token: str) -> Html:
     """A form that POSTs a retry or cancel with the token."""
     return Html(
         f'<form method="post" action="/jobs/{int(id)}/{e(action)}">'
+        f'<input type="hidden" name="{TOKEN_FIELD}" value="{e(token)}">'
+        f'<button type="submit" class="{e(action)}">{e(action)}</button></form>'
+    )
+
+
+def queue_button(queue: str, action: str, token: str) -> Html:
+    """A form that POSTs a pause or resume of a queue with the token (the name in the path, percent-encoded)."""
+    return Html(
+        f'<form method="post" action="/queues/{e(quote(queue, safe=""))}/{e(action)}">'
         f'<input type="hidden" name="{TOKEN_FIELD}" value="{e(token)}">'
         f'<button type="submit" class="{e(action)}">{e(action)}</button></form>'
     )
@@ -401,6 +412,7 @@ def render_index(
                 "cancelled 1h",
                 "oldest waiting",
                 "controls",
+                "",
             ],
             [
                 [
@@ -413,6 +425,7 @@ def render_index(
                     q["cancelled_last_hour"],
                     worker.ago(q["oldest_waiting_seconds"]),
                     worker.controls_text(q) or "-",
+                    queue_button(q["queue"], "resume" if q["paused"] else "pause", token) if token else "",
                 ]
                 for q in report["queues"]
             ],
@@ -705,15 +718,19 @@ class DashboardHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.nonce = secrets.token_urlsafe(12)
         match = ACTION_PATH.fullmatch(urlsplit(self.path).path)
+        on_queue = QUEUE_ACTION_PATH.fullmatch(urlsplit(self.path).path)
         if not self._host_allowed():
             self._message(HTTPStatus.FORBIDDEN, "unexpected Host header")
-        elif match is None:
+        elif match is None and on_queue is None:
             self._message(HTTPStatus.NOT_FOUND, f"no action {urlsplit(self.path).path}")
         elif self.server.token is None:
             self._message(HTTPStatus.FORBIDDEN, "actions are off: start the dashboard with --allow-actions")
         elif not self._token_given():
             self._message(HTTPStatus.FORBIDDEN, "missing or wrong token: use the one printed at start")
+        elif on_queue is not None:
+            self._control(unquote(on_queue[1]), on_queue[2])
         else:
+            assert match is not None
             self._act(int(match[1]), match[2])
 
     # -- pages ----------------------------------------------------------------------
@@ -748,22 +765,44 @@ class DashboardHandler(BaseHTTPRequestHandler):
         body = render_job(found, chain, token=self._page_token(), progress=progress)
         self._send(HTTPStatus.OK, page(f"job {id} {found.type}", body, nonce=self.nonce))
 
-    def _act(self, id: int, action: str) -> None:
+    def _control(self, queue: str, action: str) -> None:
+        """Pause or resume a queue, then back to the front page."""
+
+        def control(producer: worker.Queue) -> None:
+            if action == "pause":
+                producer.pause(queue)
+            else:
+                producer.resume(queue)
+
+        if self._write(control, f"{action} of queue {queue!r}") is not _FAILED:
+            logger.info("queue %r: %s from the dashboard", queue, action)
+            self._redirect("/")
+
+    def _write(self, write: Callable[[worker.Queue], Any], what: str) -> Any:
+        """``write`` on a Queue of its own; its value, or _FAILED once the error has been answered."""
         try:
             with worker.Queue(self.server.db, check_types=False) as producer:
-                if action == "retry":
-                    new = producer.retry(id)
-                    done_id = None if new is None else new.id
-                else:
-                    done_id = id if producer.cancel(id, by=f"dashboard, from {self.client_address[0]}") else None
-                found = producer.get(id) if done_id is None else None
+                return write(producer)
         except worker.DatabaseUnusable as error:
             self._message(HTTPStatus.SERVICE_UNAVAILABLE, str(error))
-            return
         except Exception as error:  # a busy database, say: say so rather than drop the connection
-            logger.exception("dashboard %s of job %d failed", action, id)
+            logger.exception("dashboard %s failed", what)
             self._message(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {error}")
+        return _FAILED
+
+    def _act(self, id: int, action: str) -> None:
+        def act(producer: worker.Queue) -> tuple[int | None, worker.Job | None]:
+            if action == "retry":
+                new = producer.retry(id)
+                done_id = None if new is None else new.id
+            else:
+                done_id = id if producer.cancel(id, by=f"dashboard, from {self.client_address[0]}") else None
+            return done_id, (producer.get(id) if done_id is None else None)
+
+        done = self._write(act, f"{action} of job {id}")
+        if done is _FAILED:
             return
+        done_id, found = done
         if done_id is not None:
             logger.info("job %d: %s from the dashboard (now job %d)", id, action, done_id)
             self._redirect(f"/jobs/{done_id}")
