@@ -150,6 +150,12 @@ def test_pause_resume_and_limit_from_the_command_line(db: str, capsys: pytest.Ca
         assert producer.controls() == [QueueControl("mail", max_running=2, changed=producer.controls()[0].changed)]
 
 
+def test_the_readme_documents_each_new_command() -> None:
+    readme = (Path(__file__).parent / "README.md").read_text()
+    for command in ("worker pause Q", "worker resume Q", "worker limit Q [--running N", "worker cancel ID"):
+        assert f"`{command}" in readme, command
+
+
 @pytest.mark.parametrize(
     "arguments",
     [["limit", "mail"], ["limit", "mail", "--running", "0"], ["limit", "mail", "--per-second", "-1"],

@@ -141,7 +141,7 @@ class Status(enum.StrEnum):
     RUNNING = "running"  # claimed, under a lease; finish, give back or rescue ends it
     SUCCEEDED = "succeeded"  # finished: its function returned
     FAILED = "failed"  # finished: it raised, timed out, or its worker was lost
-    CANCELLED = "cancelled"  # finished: cancelled (or replaced by a newer row of its tag), or it snoozed
+    CANCELLED = "cancelled"  # finished: cancelled, replaced by a newer row of its tag, asked to while running, snoozed
 
 
 STATUSES = tuple(status.value for status in Status)
