@@ -629,6 +629,7 @@ def _append(path, line):
 
 @job
 def ledger(ctx, path, seconds=0.0):
+    _append(path, f"claimed {ctx.job.started / 1000} {ctx.job.id}")  # the claim's own time, by the store's clock
     _append(path, f"start {time.time()} {ctx.job.id}")
     time.sleep(seconds)
     _append(path, f"end {time.time()} {ctx.job.id}")
@@ -686,7 +687,8 @@ def entries(path: Path) -> list[tuple[str, float, int]]:
 def most_at_once(ledger: list[tuple[str, float, int]]) -> int:
     """The largest number of jobs between their start and end at any moment (an end before a start at a tie)."""
     running = most = 0
-    for kind, _, _ in sorted(ledger, key=lambda entry: (entry[1], entry[0] == "start")):
+    ends = [entry for entry in ledger if entry[0] in ("start", "end")]
+    for kind, _, _ in sorted(ends, key=lambda entry: (entry[1], entry[0] == "start")):
         running += 1 if kind == "start" else -1
         most = max(most, running)
     return most
@@ -700,8 +702,8 @@ def worker_processes(db: str) -> list[dict[str, Any]]:
         store.close()
 
 
-def started_after(ledger: list[tuple[str, float, int]], moment: float) -> list[int]:
-    return [job_id for kind, seconds, job_id in ledger if kind == "start" and seconds > moment]
+def started_after(ledger: list[tuple[str, float, int]], moment: float, kind: str = "start") -> list[int]:
+    return [job_id for found, seconds, job_id in ledger if found == kind and seconds > moment]
 
 
 @pytest.mark.slow
@@ -716,6 +718,7 @@ def test_pause_stops_busy_and_idle_worker_processes_within_a_second_and_resume_s
         producer.pause("work")
         time.sleep(1.5)  # a pause must hold: wait past the second it may take
         seen = entries(ledger)
+        assert started_after(seen, paused_at + 0.5, kind="claimed") == []  # by the claims' own clock
         assert started_after(seen, paused_at + 1.0) == []
         started = {job_id for kind, _, job_id in seen if kind == "start"}
         wait_for(lambda: {i for kind, _, i in entries(ledger) if kind == "end"} >= started, 10, "running jobs to end")
@@ -752,7 +755,7 @@ def test_a_running_limit_holds_across_three_worker_processes(
     for process in workers:
         process.stop()
     seen = entries(ledger)
-    assert len(seen) == 48
+    assert len(seen) == 72
     assert most_at_once(seen) == 2  # the limit, and used in full
     if concurrency == 1:
         assert len({row["worker"] for row in rows(db)}) > 1
@@ -769,13 +772,12 @@ def test_a_rate_limit_holds_across_three_worker_processes(
     wait_for(lambda: len(rows(db, "status = 'succeeded'")) == 15, 60, "every job to succeed")
     for process in workers:
         process.stop()
-    starts = sorted(seconds for kind, seconds, _ in entries(ledger) if kind == "start")
-    # Claims are 200 ms apart by the database's clock; a job starts a few ms after its claim.
-    window = max(sum(1 for s in starts if first <= s < first + 1.0) for first in starts)
-    assert window <= 6, starts
-    assert (len(starts) - 1) / (starts[-1] - starts[0]) <= 5.0 * 1.05, starts
-    claimed = sorted(row["started"] for row in rows(db))
-    assert min(b - a for a, b in itertools.pairwise(claimed)) >= 150, claimed
+    # What the claim guarantees, by the store's clock (a job then starts after its thread is free, under load
+    # tens of ms later): claims at least 200 ms apart, so no second holds more than 5.
+    claimed = sorted(round(seconds * 1000) for kind, seconds, _ in entries(ledger) if kind == "claimed")
+    assert len(claimed) == 15
+    assert min(b - a for a, b in itertools.pairwise(claimed)) >= 200, claimed
+    assert max(sum(1 for ms in claimed if first <= ms < first + 1000) for first in claimed) == 5, claimed
 
 
 @pytest.mark.slow
@@ -786,7 +788,7 @@ def test_cancel_of_a_cooperative_and_an_uncooperative_job_in_a_worker_process(
         polite = producer.enqueue("cooperative", {"path": str(ledger)})
         stubborn = producer.enqueue("ledger", {"path": str(ledger), "seconds": 3})  # never looks at ctx.cancelled
         process = start_worker("--concurrency", "2", name="worker")
-        wait_for(lambda: len(entries(ledger)) == 2, 30, "both jobs to start")
+        wait_for(lambda: len([e for e in entries(ledger) if e[0] == "start"]) == 2, 30, "both jobs to start")
         asked_at = time.time()
         assert producer.cancel(polite.id, by="ops") and producer.cancel(stubborn.id, by="ops")
         wait_for(lambda: len(rows(db, "status = 'cancelled'")) == 2, 30, "both rows to end cancelled")
