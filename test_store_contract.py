@@ -880,7 +880,8 @@ def test_a_batch_finish_looks_its_rows_up_by_key_whatever_the_table_holds(postgr
         conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
         sql = store.FINISH_MANY_SQL.replace("%(outcomes)s", "$1").replace("%(now)s", "$2").replace("%(owner)s", "$3")
         conn.execute(f"PREPARE finish_many (text, bigint, text) AS {sql}")
-        plan = "\n".join(row[0] for row in conn.execute(f"EXPLAIN ANALYZE EXECUTE finish_many ('{outcomes}', {NOW}, 'a')"))
+        explained = conn.execute(f"EXPLAIN ANALYZE EXECUTE finish_many ('{outcomes}', {NOW}, 'a')")
+        plan = "\n".join(row[0] for row in explained)
         conn.execute("DEALLOCATE finish_many")
     assert "Index Scan using worker_jobs_pkey" in plan and "Seq Scan on worker_jobs" not in plan, plan
     assert re.search(r"Update on worker_jobs .* rows=300 loops=1", plan), plan
