@@ -3884,6 +3884,8 @@ class Worker:
         self.store  # noqa: B018 -- fail early, before any hook runs, if the database is unusable
         if self.cron:
             self.sync_cron()
+        if any(job_type.is_async for job_type in REGISTRY.values()):
+            self.producer  # noqa: B018 -- made now: made by an async job's first ctx.enqueue, it connects on the loop
         now = self.now()
         store = self.store
         with store.transaction():
