@@ -24,7 +24,7 @@ lint: $(BIN)/worker
 	$(BIN)/mypy
 
 test: lint
-	bash .ci/browser-setup.sh
+	bash .ci/system-packages.sh
 	$(BIN)/pytest
 
 clean:

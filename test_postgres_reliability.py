@@ -12,8 +12,11 @@ the proof its run wrote.
 Faults come from outside, as they would in production: kill -9, SIGSTOP past
 the lease (outside a transaction, and inside one), the server terminating
 every worker connection (``pg_terminate_backend``), a link cut past the lease
-(a TCP proxy of the test's own, on loopback, that severs and restores), and a
-server that cannot be reached or refuses the worker at start.  One fault comes
+(a TCP proxy of the test's own, on loopback, that severs and restores), a
+server that cannot be reached or refuses the worker at start (a wrong
+password included), and a server restarted mid-run (a cluster of the test's
+own, so that the shared server never restarts).  And one setting rather than a
+fault: workers and producers behind PgBouncer in transaction mode.  One fault comes
 from inside, by the jobs module wrapping engine methods: a claim that commits
 though the worker is told it failed (the reply lost with the connection).  The
 table is read here with psycopg, on a connection of the test's own that no
@@ -28,12 +31,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -539,10 +545,10 @@ def test_cron_every_second_on_three_workers_makes_one_row_per_slot(
 # --- 6. A server that is not there, or refuses the worker -------------------------------------------
 
 
-def run_once(db: str, jobs_file: Path) -> subprocess.CompletedProcess[str]:
+def run_once(db: str, jobs_file: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker_cli", "run", "--burst", "--no-cron", "--db", db, "--jobs", str(jobs_file)],
-        capture_output=True, text=True, cwd=HERE, env=clean_env(), timeout=60, check=False,
+        capture_output=True, text=True, cwd=HERE, env=clean_env(**env), timeout=60, check=False,
     )  # fmt: skip
 
 
@@ -586,3 +592,243 @@ def worker_postgres_redacted(url: str) -> str:
     redacted = worker_postgres.redacted(url)
     assert "s3cret" not in redacted
     return redacted
+
+
+@pytest.mark.slow
+def test_a_wrong_password_at_start_is_exit_3_in_one_line_without_either_password(
+    own_server: OwnServer, jobs_file: Path
+) -> None:
+    """The shared server trusts every local connection; this test's own asks for a password."""
+    url = own_server.url.replace(OwnServer.PASSWORD, "wr0ng")
+    result = run_once(url, jobs_file)
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "password authentication failed" in lines[0], result.stderr
+    assert "wr0ng" not in result.stderr and OwnServer.PASSWORD not in result.stderr
+    assert worker.redacted(url) in lines[0]
+    print(f"\nwrong password: exit 3: {lines[0]}")
+
+
+# --- 7. A server restart ------------------------------------------------------------------------
+
+
+class OwnServer:
+    """A PostgreSQL cluster of this test's own (initdb in a folder of its own, on a free port), so that it can
+    be restarted without touching the server every other test, and every other session, shares.  The folder
+    is not under tmp_path, which the postgres user cannot reach.  Unlike the shared server's, its
+    connections need a password (SCRAM)."""
+
+    PASSWORD = "s3cret"
+
+    def __init__(self, directory: Path) -> None:
+        self.bin = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                                       check=True).stdout.strip())  # fmt: skip
+        self.data, self.log = directory / "data", directory / "server.log"
+        self.port = free_port()
+        self.url = f"postgresql://postgres:{self.PASSWORD}@127.0.0.1:{self.port}/postgres"
+        (directory / "password").write_text(self.PASSWORD)
+        directory.chmod(0o700)
+        subprocess.run(["chown", "-R", "postgres:postgres", str(directory)], check=True)
+        self._as_postgres("initdb", "-D", self.data, "-U", "postgres", "--auth=scram-sha-256",
+                          f"--pwfile={directory / 'password'}", "--no-sync")  # fmt: skip
+        self.start()
+
+    def _as_postgres(self, program: str, *args: Any) -> None:
+        command = ["runuser", "-u", "postgres", "--", str(self.bin / program), *map(str, args)]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def _pg_ctl(self, action: str, *args: str) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
+        self._as_postgres("pg_ctl", action, "-D", self.data, "-l", self.log, "-w", "-o", options, *args)
+
+    def start(self) -> None:
+        self._pg_ctl("start")
+
+    def restart(self) -> None:
+        """A fast restart: every session ended, in-flight transactions rolled back, the server down for a
+        moment, then back."""
+        self._pg_ctl("restart", "-m", "fast")
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._pg_ctl("stop", "-m", "immediate")
+
+
+@contextlib.contextmanager
+def postgres_users_folder(prefix: str, *programs: str) -> Iterator[Path]:
+    """A new folder (not under tmp_path, which only root can reach) for a program run as the postgres user;
+    removed after.  Skips without root or the programs, and fails so under CI=true."""
+    missing = [program for program in ("runuser", *programs) if shutil.which(program) is None]
+    if os.geteuid() != 0 or missing:
+        why = f"needs root (to run programs as the postgres user) and {', '.join(programs)}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why} (.ci/system-packages.sh installs pgbouncer)", pytrace=False)
+        pytest.skip(why)
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def own_server() -> Iterator[OwnServer]:
+    with postgres_users_folder("worker-own-postgres-", "pg_config") as directory:
+        server = OwnServer(directory)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.mark.slow
+def test_a_server_restarted_twice_mid_run_loses_and_doubles_nothing(
+    run_worker: Callable[..., WorkerProcess], own_server: OwnServer, ledger: Path
+) -> None:
+    """2 workers x 4 threads run 1,000 jobs of 2-20 ms while their server restarts (fast: sessions ended,
+    transactions rolled back, a moment without a server) twice.
+
+    Each worker backs off while the server is down or starting, connects again,
+    records the outcomes it kept (fenced; the 10 s lease outlasts the outage),
+    LISTENs again, and goes on: no exit, no job lost, none run twice.
+    """
+    lease = 10.0
+    rng = random.Random(7)
+    with worker.Queue(own_server.url, check_types=False) as queue:
+        enqueued = ids(queue.enqueue_many([("work", {"ms": rng.randint(2, 20)}) for _ in range(1000)]))
+    table = Table(own_server.url)
+    workers = [
+        run_worker("--concurrency", "4", "--lease", str(lease), name=f"worker{i}", database=own_server.url)
+        for i in range(2)
+    ]
+    try:
+        for process in workers:
+            wait_for(lambda: started(process), 10, "the workers to start")  # noqa: B023
+        for _ in range(2):
+            done = len(table.rows("status = 'succeeded'"))
+            wait_for(lambda: len(table.rows("status = 'succeeded'")) >= done + 100, 30, "jobs to run")  # noqa: B023
+            table.close()
+            own_server.restart()
+            table = Table(own_server.url)
+            assert all(w.popen.poll() is None for w in workers), "a worker exited"
+        wait_for(lambda: table.unfinished() == 0, 60, "every job to finish")
+        assert [w.stop() for w in workers] == [0, 0]
+        report = table.check(ledger, enqueued, lease=lease)
+        assert report.reruns == 0 and report.rescued == 0
+        assert table.rows("status <> 'succeeded'") == []
+        for process in workers:
+            assert "outcome(s) kept" in process.log(), "the restarts came mid-run"
+            assert "Traceback" not in process.log()
+        logs = "".join(w.log() for w in workers)
+        print(f"\n2 restarts: {logs.count('cannot write now')} tries to write while the server was away; {report}")
+    finally:
+        table.close()
+
+
+# --- 8. Behind PgBouncer in transaction mode ------------------------------------------------------
+
+
+class Bouncer:
+    """PgBouncer (Debian's), in transaction mode with a pool of 2 server connections, in front of the shared
+    server: each transaction of a client may run on either, after any other client's."""
+
+    def __init__(self, directory: Path, server: str) -> None:
+        host, port = server.rsplit("@", 1)[1].split(":")
+        self.port = free_port()
+        self.log = directory / "pgbouncer.log"
+        (directory / "users.txt").write_text('"postgres" ""\n')
+        (directory / "pgbouncer.ini").write_text(
+            f"[databases]\n* = host={host} port={port}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {directory / 'users.txt'}\npool_mode = transaction\n"
+            f"default_pool_size = 2\nmax_client_conn = 100\nlogfile = {self.log}\npidfile = {directory / 'pid'}\n"
+        )
+        subprocess.run(["chown", "-R", "postgres:postgres", str(directory)], check=True)
+        self.process = subprocess.Popen(
+            ["runuser", "-u", "postgres", "--", "pgbouncer", str(directory / "pgbouncer.ini")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(lambda: f"listening on 127.0.0.1:{self.port}" in self.read_log(), 10, "PgBouncer to listen")
+
+    def read_log(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def url(self, database_url: str) -> str:
+        return database_url.replace(POSTGRES_SERVER.rsplit("@", 1)[1], f"127.0.0.1:{self.port}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture
+def bouncer() -> Iterator[Bouncer]:
+    with postgres_users_folder("worker-pgbouncer-", "pgbouncer") as directory:
+        running = Bouncer(directory, POSTGRES_SERVER)
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+@pytest.mark.slow
+def test_workers_and_producers_behind_pgbouncer_in_transaction_mode_run_every_job_once_and_leave_no_settings(
+    run_worker: Callable[..., WorkerProcess], bouncer: Bouncer, table: Table, ledger: Path, url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """With WORKER_PG_POOLER=transaction, 2 workers x 4 threads and 3 producer threads share 2 server
+    connections: 600 single enqueues and 300 in bulk, a fifth of them enqueueing a follow-up from job code.
+
+    Without it, psycopg's prepared statements meet server connections that never
+    prepared them ("prepared statement "_pg3_0" does not exist"), and the
+    worker's session settings would stay on server connections that an app's
+    client gets next.
+    """
+    monkeypatch.setenv("WORKER_PG_POOLER", "transaction")
+    behind = bouncer.url(url)
+    env = {"WORKER_PG_POOLER": "transaction"}
+    workers = [
+        run_worker("--concurrency", "4", "--lease", "10", name=f"worker{i}", database=behind, env=env) for i in range(2)
+    ]
+    rng = random.Random(3)
+    enqueued: list[int] = []
+
+    def produce() -> None:
+        with worker.Queue(behind, check_types=False) as queue:
+            for _ in range(200):
+                enqueued.append(queue.enqueue("work", {"ms": rng.randint(1, 5), "follow": rng.random() < 0.2}).id)
+            enqueued.extend(ids(queue.enqueue_many(work(100))))
+
+    producers = [threading.Thread(target=produce) for _ in range(3)]
+    for thread in producers:
+        thread.start()
+    for thread in producers:
+        thread.join(60)
+    assert len(enqueued) == 900
+    wait_for(lambda: table.unfinished() == 0, 60, "every job to finish")
+    assert [w.stop() for w in workers] == [0, 0]
+
+    followers = table.rows("data::json ->> 'parent' IS NOT NULL")
+    assert len(followers) == len(table.rows("(data::json ->> 'follow')::boolean")) > 0
+    report = table.check(ledger, enqueued + [r["id"] for r in followers], lease=10)
+    assert report.reruns == 0 and table.rows("status <> 'succeeded'") == []
+    for process in workers:
+        assert_clean_log(process)
+        assert "prepared statement" not in process.log()
+    with psycopg.connect(behind, autocommit=True, prepare_threshold=None) as app:  # any client of the pool
+        for _ in range(4):  # each statement may get either server connection
+            assert app.execute("SHOW enable_sort").fetchone() == ("on",)
+            assert app.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("0",)
+    print(f"\nbehind PgBouncer (pool of 2): {report}")
+
+
+@pytest.mark.parametrize("variable", ["WORKER_PG_POOLER", "WORKER_PG_LISTEN"])
+def test_an_unknown_pooler_or_listen_setting_is_exit_2_in_one_line(url: str, jobs_file: Path, variable: str) -> None:
+    result = run_once(url, jobs_file, **{variable: "session"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"worker: invalid {variable}='session'" + (
+        " (use none, or transaction)" if variable == "WORKER_PG_POOLER" else " (use 1, or 0 to poll)"
+    )

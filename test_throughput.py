@@ -11,8 +11,11 @@ import collections
 import json
 import os
 import signal
+import sqlite3
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +236,79 @@ def test_a_kill_9_with_jobs_claimed_ahead_reruns_only_jobs_the_dead_worker_held(
     assert ran_twice <= set(ran_before), "and of those, only the ones it had started"
     assert max(runs.values()) == 2
     assert {row_id for row_id, row in every_row.items() if (row["error"] or "").startswith("worker lost")} == set(held)
+
+
+# --- A producer beside a busy worker ------------------------------------------------
+
+
+@pytest.fixture
+def write_lock(db: str) -> Iterator[sqlite3.Connection]:
+    """Another connection that holds the write lock until the test commits it."""
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    yield holder
+    if holder.in_transaction:
+        holder.execute("COMMIT")
+    holder.close()
+
+
+def write_attempts(queue: Queue) -> list[str]:
+    """Every statement of the queue's own connection that takes the write lock first (a BEGIN IMMEDIATE, a lone
+    INSERT), traced by SQLite: those refused as busy too."""
+    attempts: list[str] = []
+    store = queue._store()
+    assert isinstance(store, worker.SQLiteStore)
+    writes = ("BEGIN", "INSERT")
+    store.conn.set_trace_callback(lambda sql: attempts.append(sql) if sql.lstrip().startswith(writes) else None)
+    return attempts
+
+
+@pytest.mark.stores("sqlite")
+def test_an_enqueue_looks_for_the_write_lock_often_while_another_holds_it_and_takes_it_once_free(
+    db: str, queue: Queue, write_lock: sqlite3.Connection
+) -> None:
+    @worker.job
+    def anything(ctx: JobContext) -> None:
+        pass
+
+    attempts = write_attempts(queue)
+
+    def release_after_ten_looks() -> None:
+        # SQLite's own busy wait would look 5 times in its first 33 ms, and then every 100 ms at most.
+        wait_for(lambda: len(attempts) >= 10, 10, "the enqueue to look for the lock ten times")
+        write_lock.execute("COMMIT")
+
+    releaser = threading.Thread(target=release_after_ten_looks)
+    releaser.start()
+    enqueued = queue.enqueue("anything")  # waits here while the lock is held
+    releaser.join(10)
+    assert not write_lock.in_transaction, "it got the lock only once it was free"
+    assert [row["id"] for row in rows(db)] == [enqueued.id]
+    conn = queue._store().conn  # type: ignore[attr-defined]
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == worker.BUSY_TIMEOUT_MS, "its busy timeout restored"
+
+
+@pytest.mark.stores("sqlite")
+def test_an_enqueue_still_fails_as_busy_once_the_lock_outlasts_the_busy_timeout(
+    db: str, queue: Queue, write_lock: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @worker.job
+    def anything(ctx: JobContext) -> None:
+        pass
+
+    monkeypatch.setattr(worker, "BUSY_TIMEOUT_MS", 50)
+    with pytest.raises(worker.DatabaseBusy):
+        queue.enqueue("anything")
+    write_lock.execute("COMMIT")
+    assert queue.enqueue("anything").type == "anything", "and the queue works on once the lock is free"
+    assert [row["type"] for row in rows(db)] == ["anything"]
+
+
+@pytest.mark.stores("sqlite")
+def test_a_workers_own_transactions_keep_sqlites_busy_wait(db: str) -> None:
+    w = Worker(db, cron=False)
+    try:
+        assert isinstance(w.store, worker.SQLiteStore)
+        assert not w.store.prompt_lock
+    finally:
+        w.close()

@@ -54,6 +54,7 @@ import ctypes
 import dataclasses
 import enum
 import functools
+import getpass
 import importlib
 import inspect
 import json
@@ -90,6 +91,7 @@ logger = logging.getLogger("worker")
 # be a stranger in site-packages.
 SCHEMA_FILES = (Path(__file__).with_name("schema.sql"), Path(__file__).with_name("worker_schema.sql"))
 BUSY_TIMEOUT_MS = 5_000
+LOCK_LOOK_EVERY = 0.0005  # seconds between a producer's looks for the write lock while a worker holds it
 DEFAULT_DB = "worker.db"
 DEFAULT_JOBS_MODULE = "jobs"
 DEFAULT_CONCURRENCY = 4
@@ -112,6 +114,7 @@ POLL_INTERVAL = 0.006  # how often an idle worker looks for commits by others, w
 WATCHED_POLL_INTERVAL = 0.025  # ... and with it: only a safety net for a missed event
 COMMIT_SETTLE_SECONDS, COMMIT_SETTLE_POLL = 0.05, 0.002  # after a -wal event, look every 2 ms for 50 ms
 MAX_BUSY_BACKOFF = 2.0
+MAX_SNOOZES = 100  # per chain: a job that always says "not yet" ends failed, not pending for ever
 # Claiming ahead: while jobs are short, a claim takes up to DEFAULT_PREFETCH
 # jobs beyond the free slots, so that one commit records and claims a batch
 # (at concurrency 1 every job would otherwise need a commit of its own).
@@ -138,7 +141,7 @@ class Status(enum.StrEnum):
     RUNNING = "running"  # claimed, under a lease; finish, give back or rescue ends it
     SUCCEEDED = "succeeded"  # finished: its function returned
     FAILED = "failed"  # finished: it raised, timed out, or its worker was lost
-    CANCELLED = "cancelled"  # finished: cancelled (or replaced by a newer row of its tag) while pending
+    CANCELLED = "cancelled"  # finished: cancelled (or replaced by a newer row of its tag), or it snoozed
 
 
 STATUSES = tuple(status.value for status in Status)
@@ -197,6 +200,18 @@ class DatabaseReplaced(WorkerError):
 
 class ForkedConnection(WorkerError):
     """A database connection opened in another process was used after fork()."""
+
+
+class Snooze(Exception):
+    """Raised by a job: not yet.  Its row ends `cancelled`, and the next row of its chain is due in ``seconds``,
+    with the same attempt: a snooze uses up no attempt.  A chain snoozes at most MAX_SNOOZES times; the next
+    snooze fails the job."""
+
+    def __init__(self, seconds: Seconds) -> None:
+        delay_ms = _optional_ms(seconds, "a snooze")
+        assert delay_ms is not None
+        super().__init__(f"snoozed for {delay_ms / 1000:g} s")
+        self.delay_ms = delay_ms
 
 
 # --- Time -------------------------------------------------------------------------
@@ -879,6 +894,8 @@ class Queue:
             # leaves the parent's untouched.
             assert self.path is not None
             local.store, local.pid = open_store(self.path), _process_id
+            if isinstance(local.store, SQLiteStore):
+                local.store.prompt_lock = True
         store: Store = local.store
         return store
 
@@ -1048,12 +1065,18 @@ class Queue:
         """The row with this id, or None."""
         return self._store().get(id)
 
-    def cancel(self, id: int, *, reason: str = "cancelled", now: int | None = None) -> bool:
-        """Cancel a pending job; False when it is not pending (running or finished)."""
+    def cancel(self, id: int, *, reason: str = "cancelled", by: str | None = None, now: int | None = None) -> bool:
+        """Cancel a pending job, or ask the worker of a running one to stop it (within about a second it sets the
+        job's ``ctx.cancelled``, and the row ends ``cancelled``); False when it has ended, or was asked already.
+
+        ``by`` names who asked (default: this user at this host), kept in the row.
+        """
         now = self.now() if now is None else now
         store = self._store()
         with store.transaction():
-            return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1
+            if store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1:
+                return True
+            return store.request_cancel(id, now, by or _who_asks())
 
     def cancel_type(self, type: str, *, reason: str | None = None, now: int | None = None) -> int:
         """Cancel every pending job of a type (one no worker will ever run: a typo, a removed job); how many."""
@@ -1357,6 +1380,15 @@ def _new_job(id: int, row: dict[str, Any]) -> Job:
     )
 
 
+def _who_asks() -> str:
+    """The user and host of this process, as the one who asks to cancel a running job."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
 def default_keep_ms(*, succeeded: bool) -> int:
     """How long finished rows stay: WORKER_KEEP_SUCCEEDED / WORKER_KEEP_FAILED seconds, else 7 / 30 days."""
     variable, default = ("WORKER_KEEP_SUCCEEDED", KEEP_SUCCEEDED) if succeeded else ("WORKER_KEEP_FAILED", KEEP_FAILED)
@@ -1469,6 +1501,15 @@ class Store(Protocol):
         """Cancel the pending row of this id, or the pending rows of this tag or type; how many (pending only)."""
         ...
 
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        """Ask the worker running row ``id`` to cancel it (it reads cancel_requests); False if it is not running,
+        or was asked already."""
+        ...
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        """(id, when, by whom) of the rows running under ``owner`` that someone asked to cancel."""
+        ...
+
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt of a failed or cancelled row that ends its chain; None if it is not one."""
         ...
@@ -1562,6 +1603,15 @@ class Store(Protocol):
         """
         ...
 
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        """Insert the row that a snooze of row ``id`` asks for (same attempt, one more snooze), if ``owner`` still
+        runs it and no pending row holds its tag; the new id, or None."""
+        ...
+
+    def snoozes(self, id: int) -> int:
+        """How often the chain of row ``id`` has snoozed so far."""
+        ...
+
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
         """Insert the run of row ``id``'s schedule at slot ``due`` (a new chain), unless a pending row holds its tag.
 
@@ -1632,6 +1682,10 @@ class Store(Protocol):
 
     def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
         """Per queue and status: rows finished since ``since`` (from the per-minute counts: the whole minute)."""
+        ...
+
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        """Per minute (its first ms) and status, all queues together: rows finished since ``since``'s minute."""
         ...
 
     def running_by_owner(self) -> dict[str, int]:
@@ -1908,7 +1962,9 @@ def installed_schema_version(conn: Any) -> int:
         version = int(recorded)
     elif "worker_jobs" not in names:
         version = 0
-    elif "worker_queues" in names:  # worker_schema, or its row, dropped by hand
+    elif _scalar(conn, "SELECT count(*) FROM pragma_table_info('worker_jobs') WHERE name = 'snoozes'"):
+        version = 8  # worker_schema, or its row, dropped by hand
+    elif "worker_queues" in names:
         version = 7
     elif "worker_jobs_refuse_invalid" in names:
         version = 6
@@ -2018,6 +2074,45 @@ class _Immediate:
         finally:
             if self.conn.in_transaction:  # an error in the block, or COMMIT failed
                 self.conn.execute("ROLLBACK")
+
+
+def prompt_immediate(conn: sqlite3.Connection) -> _PromptImmediate:
+    """BEGIN IMMEDIATE that looks for the write lock every LOCK_LOOK_EVERY s while another holds it (a Queue's)."""
+    return _PromptImmediate(conn)
+
+
+class _PromptImmediate(_Immediate):
+    __slots__ = ()
+
+    def __enter__(self) -> sqlite3.Connection:
+        execute_promptly(self.conn, "BEGIN IMMEDIATE")
+        return self.conn
+
+
+def execute_promptly(conn: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Cursor:
+    """Run a statement that takes the write lock first (BEGIN IMMEDIATE, a lone INSERT), looking for the lock often.
+
+    SQLite's own wait (busy_timeout) looks again after 1, 2, 5, 10, ... and
+    then every 100 ms.  A worker busy with jobs of a few ms holds the lock most
+    of the time, in spells of a fraction of a ms, so a web request's enqueue
+    that looked that rarely waited hundreds of ms for a lock that was free
+    every ms (bench/workloads.py, the priority job).  A Queue's writes look
+    every LOCK_LOOK_EVERY instead, for as long as the busy timeout; refused,
+    such a statement has written nothing, so it is simply run again.  The
+    worker's own transactions keep SQLite's wait.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                return conn.execute(sql, params)
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", 0) & 0xFF != 5 or time.monotonic() >= deadline:  # 5: SQLITE_BUSY
+                    raise
+            time.sleep(LOCK_LOOK_EVERY)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 def _file_identity(path: str | None) -> tuple[int, int] | None:
@@ -2308,6 +2403,7 @@ class SQLiteStore(QueueControls):
         # the producer's verbs allow for (_changes, _last_rowid); the worker's do not need to.
         self.conn: sqlite3.Connection = conn
         self.nested = nested  # in the caller's transaction: a savepoint, not a transaction of its own
+        self.prompt_lock = False  # a Queue's: wait for the write lock looking often (_PromptImmediate)
         queue_filter = "AND queue IN (SELECT value FROM json_each(:queues))" if queues else ""
         # Only the types the worker has registered: during a rolling deploy, a
         # row of a type that only newer workers know waits for one of them.
@@ -2329,7 +2425,9 @@ class SQLiteStore(QueueControls):
         self._held_back = {}
 
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
-        return _InEngineErrors(_savepoint(self.conn) if self.nested else immediate(self.conn))
+        if self.nested:
+            return _InEngineErrors(_savepoint(self.conn))
+        return _InEngineErrors(prompt_immediate(self.conn) if self.prompt_lock else immediate(self.conn))
 
     def savepoint(self) -> contextlib.AbstractContextManager[Any]:
         return _InEngineErrors(_savepoint(self.conn))
@@ -2391,7 +2489,9 @@ class SQLiteStore(QueueControls):
         inserts nothing then, and returns the pending row.
         """
         conn = self.conn
-        if row["tag"] is None:
+        if row["tag"] is None and self.prompt_lock and not conn.in_transaction:  # a Queue's lone INSERT
+            cursor = execute_promptly(conn, self.INSERT_SQL, row)
+        elif row["tag"] is None:
             cursor = conn.execute(self.INSERT_SQL, row)
         elif on_conflict == "replace":
             reason = f"replaced by a newer job with tag {row['tag']!r}"
@@ -2467,9 +2567,26 @@ class SQLiteStore(QueueControls):
            {COPIED_POLICY}, persistent
       FROM worker_jobs AS old
      WHERE id = :id AND status IN ('failed', 'cancelled') AND attempt < {MAX_COUNT}
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
     RETURNING {SELECT_COLUMNS}
     """
+
+    REQUEST_CANCEL_SQL = """
+    UPDATE worker_jobs SET cancel_requested = :now, cancel_requested_by = :by
+     WHERE id = :id AND status = 'running' AND cancel_requested IS NULL
+    """
+    # INDEXED BY: the running rows' own small index (a worker looks twice a second).
+    CANCEL_REQUESTS_SQL = """
+    SELECT id, cancel_requested, cancel_requested_by FROM worker_jobs INDEXED BY worker_jobs_lease
+     WHERE status = 'running' AND owner = :owner AND cancel_requested IS NOT NULL
+    """
+
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        return self.conn.execute(self.REQUEST_CANCEL_SQL, {"id": id, "now": now, "by": by}).rowcount == 1
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        return self.conn.execute(self.CANCEL_REQUESTS_SQL, {"owner": owner}).fetchall()
 
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt, due now, of a failed or cancelled row that ends its chain; None if it is not one."""
@@ -2479,7 +2596,8 @@ class SQLiteStore(QueueControls):
     RETRYABLE_FAILED_SQL = """
     SELECT id FROM worker_jobs AS old
      WHERE status = 'failed' AND (:type IS NULL OR type = :type)
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
      ORDER BY id
     """
 
@@ -2624,13 +2742,18 @@ class SQLiteStore(QueueControls):
     RETRY_SQL = f"""
     INSERT OR IGNORE INTO worker_jobs
            (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
-            rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
+            rescheduled_from_job, created_at, deaths, snoozes, max_attempts, retry_delay_ms, backoff, timeout_ms,
             keep_ms, persistent)
-    SELECT type, data, queue, priority, :due, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
-           id, :now, :deaths, {COPIED_POLICY}, persistent
-      FROM worker_jobs WHERE id = :id
+    SELECT type, data, queue, priority, :due, tag, attempt + {{next_attempt}}, cron_schedule, cron_timezone, cron_slot,
+           id, :now, {{deaths}}, snoozes + {{snoozed}}, {COPIED_POLICY}, persistent
+      FROM worker_jobs WHERE id = :id {{fence}}
     RETURNING id
     """
+    # A snooze's next row: the same attempt, one more snooze; only while the row is still this worker's.
+    SNOOZE_SQL = RETRY_SQL.format(
+        next_attempt=0, deaths="deaths", snoozed=1, fence="AND status = 'running' AND owner = :owner"
+    )
+    RETRY_SQL = RETRY_SQL.format(next_attempt=1, deaths=":deaths", snoozed=0, fence="")
 
     def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
         inserted = self.conn.execute(self.RETRY_SQL, {"id": id, "due": due, "now": now, "deaths": deaths}).fetchall()
@@ -2648,6 +2771,14 @@ class SQLiteStore(QueueControls):
       FROM worker_jobs WHERE id = :id
     RETURNING id
     """
+
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        params = {"id": id, "owner": owner, "due": due, "now": now}
+        inserted = self.conn.execute(self.SNOOZE_SQL, params).fetchall()
+        return int(inserted[0][0]) if inserted else None
+
+    def snoozes(self, id: int) -> int:
+        return int(_scalar(self.conn, "SELECT snoozes FROM worker_jobs WHERE id = ?", (id,)) or 0)
 
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
         inserted = self.conn.execute(self.NEXT_CRON_RUN_SQL, {"id": id, "due": due, "now": now}).fetchall()
@@ -2844,6 +2975,19 @@ class SQLiteStore(QueueControls):
             return self.conn.execute(self.FINISHED_PER_MINUTE_SQL, {"since": since - since % MINUTE_MS}).fetchall()
         return self.conn.execute(self.FINISHED_SINCE_SQL, {"since": since}).fetchall()  # not upgraded: the rows
 
+    BY_MINUTE_SQL = """
+    SELECT minute, status, sum(count) FROM worker_finished_per_minute WHERE minute >= :since
+     GROUP BY minute, status ORDER BY minute, status
+    """
+    BY_MINUTE_FROM_ROWS_SQL = f"""
+    SELECT finished - finished % {MINUTE_MS}, status, count(*) FROM worker_jobs WHERE finished >= :since
+     GROUP BY 1, 2 ORDER BY 1, 2
+    """
+
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        sql = self.BY_MINUTE_SQL if self._installed_version >= 3 else self.BY_MINUTE_FROM_ROWS_SQL
+        return self.conn.execute(sql, {"since": since - since % MINUTE_MS}).fetchall()
+
     def running_by_owner(self) -> dict[str, int]:
         # Exact now, where worker_processes.running is as old as the process's
         # last heartbeat.  It walks the small index of running rows.
@@ -2912,7 +3056,8 @@ class SQLiteStore(QueueControls):
     # As `worker retry` sees it; walks the chain index, one probe per row.
     RETRIED_AS_SQL = """
     SELECT old.id, new.id FROM worker_jobs AS old
-      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id AND new.attempt > old.attempt
+      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id
+                                   AND (new.attempt > old.attempt OR new.snoozes > old.snoozes)
      WHERE old.id IN (SELECT value FROM json_each(:ids))
     """
 
@@ -3136,7 +3281,9 @@ def open_wake_up(target: str, store: Callable[[], Store]) -> WakeUp:
         listen = os.environ.get("WORKER_PG_LISTEN", "1").strip()
         if listen not in ("0", "1"):
             raise ConfigError(f"invalid WORKER_PG_LISTEN={listen!r} (use 1, or 0 to poll)")
-        return cast(WakeUp, postgres_module().PostgresWakeUp(target, listen=listen == "1"))
+        postgres = postgres_module()
+        pooled = postgres.pooler() == "transaction"  # a LISTEN needs a server session of its own
+        return cast(WakeUp, postgres.PostgresWakeUp(target, listen=listen == "1" and not pooled))
     return SQLiteWakeUp(sqlite_path(target), lambda: cast(SQLiteStore, store()).conn)
 
 
@@ -3192,9 +3339,10 @@ class JobContext:
 
     def __init__(
         self, job: Job, *, app: SimpleNamespace, producer: Callable[[], Queue], worker_name: str,
-        clock: Callable[[], int] = now_ms,
+        clock: Callable[[], int] = now_ms, cancelled: Callable[[], threading.Event] = threading.Event,
     ) -> None:  # fmt: skip
         self.job = job
+        self._cancelled = cancelled
         self._clock = clock  # the worker's: the follow-ups' times are the server's, as their parent's
         self.app = app
         self.worker = worker_name
@@ -3206,6 +3354,12 @@ class JobContext:
         """The worker's Queue, got when a job first enqueues: getting it may connect, and fail if the database is
         out of reach, which is then the job's error (made before the job ran, it killed the job's thread)."""
         return self._producer()
+
+    @functools.cached_property
+    def cancelled(self) -> threading.Event:
+        """Set once someone asked to cancel this running job (``worker cancel ID``); a long job may check it (or
+        wait on it) and return early.  Its row ends ``cancelled`` however the job then ends."""
+        return self._cancelled()
 
     @functools.cached_property
     def logger(self) -> JobLogger:
@@ -3260,9 +3414,10 @@ class Outcome:
     result: str | None = None  # JSON text
     error: str | None = None
     seconds: float = 0.0
-    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown | unrecordable
+    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown | unrecordable | snoozed
     started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
     follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
+    snooze_ms: int = 0  # kind snoozed: how long until the next row is due
 
 
 def _failed(job: Job, error: BaseException, seconds: float, started_ms: int) -> Outcome:
@@ -3552,6 +3707,65 @@ class ClaimAhead:
         return min(self.limit, math.ceil(PREFETCH_ROUND_TRIPS * self.round_trip_seconds / start_every))
 
 
+CANCEL_LOOK_MS = 500  # how often a worker with running jobs looks for requests to cancel one
+
+
+class CancelRequests:
+    """Requests to cancel this worker's running jobs: looked for in its housekeeping, passed to each job as
+    ``ctx.cancelled``, and turned into the outcome the row ends with.
+
+    The request reaches a job when the worker sets its event; a job whose
+    outcome reached the worker's loop before that keeps its own outcome.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[int, threading.Event] = {}  # made only for jobs that look, or that were asked
+        self._asked: dict[int, tuple[int, str | None]] = {}  # job id -> (when, by whom)
+        self._next_look = 0
+
+    def event(self, job_id: int) -> threading.Event:
+        return self._events.setdefault(job_id, threading.Event())
+
+    def asked(self, job_id: int) -> bool:
+        return job_id in self._asked
+
+    def any(self) -> bool:
+        """Whether any job has an event or a request (else nothing to do when outcomes are recorded)."""
+        return bool(self._events or self._asked)
+
+    def look(self, store: Store, owner: str, running: Container[int], now: int) -> list[_Note]:
+        """Every CANCEL_LOOK_MS: set the event of each running job that someone asked to cancel."""
+        if now < self._next_look:
+            return []
+        self._next_look = now + CANCEL_LOOK_MS
+        notes = []
+        for job_id, asked_at, by in store.cancel_requests(owner):
+            if job_id in running and job_id not in self._asked:
+                self._asked[job_id] = (asked_at, by)
+                self.event(job_id).set()
+                notes.append(_Note(logging.INFO, "job %d: asked to cancel it (by %s); ctx.cancelled is set",
+                                   (job_id, by), {"action": "cancel", "job_id": job_id}))  # fmt: skip
+        return notes
+
+    def outcome(self, outcome: Outcome) -> Outcome:
+        """The outcome a job's row ends with: ``cancelled`` if the request reached it first, beside what it
+        returned or raised; else its own."""
+        job_id = outcome.job.id
+        self._events.pop(job_id, None)
+        asked = self._asked.pop(job_id, None)
+        if asked is None or outcome.kind in ("timeout", "unrecordable"):
+            return outcome
+        request = f"cancelled while running (asked by {asked[1] or 'someone'} at {iso_time(asked[0])})"
+        if outcome.kind == "not started":
+            error = request.replace("while running", "before it started")
+        elif outcome.succeeded:
+            error = f"{request}; it then returned (its result is kept)"
+        else:
+            error = f"{request}; it then {'snoozed' if outcome.kind == 'snoozed' else 'raised'}:\n{outcome.error}"
+        return dataclasses.replace(outcome, succeeded=False, result=outcome.result, error=error, kind="cancelled",
+                                   follow_ups=[])  # fmt: skip
+
+
 class Recording:
     """How a worker ends what it claimed, by each job's policy: the part of the worker that writes outcomes.
 
@@ -3569,11 +3783,17 @@ class Recording:
     ) -> None:  # fmt: skip
         self.store: Store = cast(Store, None)  # the worker's, set each time it opens one
         self.owner, self.max_deaths, self.rng, self.scheduled = owner, max_deaths, rng, scheduled
+        self.cancels = CancelRequests()
         self.keep_succeeded_ms, self.keep_failed_ms = keep_succeeded_ms, keep_failed_ms
 
     def record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
         """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
-        ended = [(o.job.id, _ENDED_AS[o.succeeded], o.result, o.error, o.started, self.keep_ms(o)) for o in outcomes]
+        if self.cancels.any():
+            outcomes = [self.cancels.outcome(outcome) for outcome in outcomes]
+        for outcome in outcomes:
+            if outcome.kind == "snoozed":
+                self.snooze(outcome, now)
+        ended = [(o.job.id, _ended_as(o), o.result, o.error, o.started, self.keep_ms(o)) for o in outcomes]
         owned = self.store.finish_many_if_owned(self.owner, now, ended) if ended else set()
         notes: list[_Note] = []
         finished: list[tuple[int, str, str]] = []
@@ -3581,6 +3801,20 @@ class Recording:
             notes.extend(self.finish(outcome, now, finished, outcome.job.id in owned))
         self.store.count_finished(finished)
         return notes
+
+    def snooze(self, outcome: Outcome, now: int) -> None:
+        """Make the row a snoozed job asks for, before its own row ends: or, past MAX_SNOOZES, fail it instead."""
+        job = outcome.job
+        if self.store.snoozes(job.id) >= MAX_SNOOZES:
+            outcome.kind, outcome.error = "error", f"snoozed {MAX_SNOOZES} times (the most a chain may): given up"
+            return
+        due = min(now + outcome.snooze_ms, MAX_TIME_MS)
+        next_id = self.store.schedule_snooze_if_owned(job.id, self.owner, due=due, now=now)
+        if next_id is None:
+            outcome.error = f"{outcome.error}: not run again (a newer pending job holds its tag, or it was rescued)"
+        else:
+            self.scheduled(due)
+            outcome.error = f"{outcome.error}: job {next_id} runs it then"
 
     def keep_ms(self, outcome: Outcome) -> int:
         keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
@@ -3590,11 +3824,16 @@ class Recording:
     def finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]], owned: bool) -> list[_Note]:
         """What follows a row ended (``owned``: it was still this worker's): follow-ups, retry, next cron run, notes."""
         job = outcome.job
-        status = _ENDED_AS[outcome.succeeded]
+        status = _ended_as(outcome)
         if not owned:
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
         finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
+        if outcome.kind == "snoozed":  # its next row is the rest of this run: no retry, no next cron run
+            return [_Note.about(job, "snoozed", logging.INFO, "job %d %s %s", job.id, job.type, outcome.error)]
+        if outcome.kind == "cancelled":  # no retry; a recurring job's schedule goes on
+            note = _Note.about(job, "cancelled", logging.WARNING, "job %d %s %s", job.id, job.type, outcome.error)
+            return [note, *self.schedule_next_cron_run(job, now)]
         if outcome.succeeded:
             for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
                 self.store.insert(row, on_conflict)
@@ -3718,6 +3957,11 @@ class Recording:
 
 
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
+
+
+def _ended_as(outcome: Outcome) -> str:
+    """The status an outcome ends its row in."""
+    return Status.CANCELLED.value if outcome.kind in ("snoozed", "cancelled") else _ENDED_AS[outcome.succeeded]
 
 
 class Worker:
@@ -4075,6 +4319,9 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
+        cancels = self._recording.cancels
+        if cancels.asked(job.id):  # claimed ahead, and asked to cancel before a thread took it
+            return Outcome(job, False, kind="not started")
         if job_type.is_async:  # here (work()), not handed to the loop by run(): this thread waits for it
             return self._async.call(self.execute_async(job))
         ctx = self._context(job)
@@ -4084,6 +4331,12 @@ class Worker:
         process = _process_id
         try:
             value = job_type.fn(ctx, **job.data)
+        except Snooze as e:
+            if _process_id != process:
+                _end_forked_child(e)
+            seconds = time.perf_counter() - started
+            return Outcome(job, False, error=str(e), seconds=seconds, kind="snoozed", started=started_ms,
+                           snooze_ms=e.delay_ms)  # fmt: skip
         except BaseException as e:
             if _process_id != process:
                 _end_forked_child(e)
@@ -4102,6 +4355,8 @@ class Worker:
         the row.  It raises only CancelledError, when the worker that is stopping
         cancels the job (AsyncRunner.cancel_all): that row is given back.
         """
+        if self._recording.cancels.asked(job.id):  # claimed ahead, and asked to cancel before it started
+            return Outcome(job, False, kind="not started")
         job_type = _job_type(job)
         ctx = self._context(job)
         timeout_ms = _first(job.timeout_ms, job_type.timeout_ms)
@@ -4111,6 +4366,10 @@ class Worker:
         try:
             async with deadline:
                 value = await job_type.fn(ctx, **job.data)
+        except Snooze as e:
+            seconds = time.perf_counter() - started
+            return Outcome(job, False, error=str(e), seconds=seconds, kind="snoozed", started=started_ms,
+                           snooze_ms=e.delay_ms)  # fmt: skip
         except asyncio.CancelledError as e:
             if cast(asyncio.Task[Any], asyncio.current_task()).cancelling():
                 raise
@@ -4126,7 +4385,8 @@ class Worker:
         return _returned(job, value, time.perf_counter() - started, started_ms, ctx)
 
     def _context(self, job: Job) -> JobContext:
-        return JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now)
+        return JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now,
+                          cancelled=functools.partial(self._recording.cancels.event, job.id))  # fmt: skip
 
     def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
         """Write outcomes (and any retries) in one write transaction."""
@@ -4424,6 +4684,8 @@ class Worker:
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
         self._nothing_due = room and not claimed and not self._last_claim_full and now < self._next_due
+        if self._nothing_due and self._store.at_running_limit():  # due rows wait for a place, not for a time
+            self._nothing_due = False
         # Idle: nothing running and nothing claimed.  Only then do commits by
         # others wake it (under load, every commit would, and the wake-ups would
         # cost more than they save); a busy worker looks every poll_interval.
@@ -4565,7 +4827,7 @@ class Worker:
     def _back_off(self, error: DatabaseError) -> None:
         self._busy_backoff = min(max(0.05, self._busy_backoff * 2), MAX_BUSY_BACKOFF)
         logger.warning(
-            "database busy or full (%s); %d outcome(s) kept, retrying in %.2f s",
+            "cannot write now (%s); %d outcome(s) kept, retrying in %.2f s",
             error,
             len(self._to_record),
             self._busy_backoff,
@@ -4620,6 +4882,8 @@ class Worker:
             if schedule.rescue_due(now):
                 self.rescue(now)
                 schedule.rescue_done(now)
+            if self._running:
+                _emit(self._recording.cancels.look(self._store, self.owner, self._running, now))
         except DatabaseError as e:
             # Postponed, not given up: tried again after a backoff, as a failed step is.  At the next tick it
             # was a connection attempt and a warning every few ms while the server was out of reach.
@@ -5014,9 +5278,11 @@ ENVIRONMENT = {
     "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
     "keep_failed": ("WORKER_KEEP_FAILED", "seconds a failed or cancelled row is kept (default 30 days)"),
     "synchronous": ("WORKER_SYNCHRONOUS", "NORMAL (a power cut may lose the last commits) or FULL (default NORMAL)"),
-    "pg_listen": (
-        "WORKER_PG_LISTEN",
-        "PostgreSQL: 0 polls instead of LISTEN (PgBouncer in transaction mode; default 1)",
+    "pg_listen": ("WORKER_PG_LISTEN", "PostgreSQL: 0 polls instead of LISTEN (default 1)"),
+    "pg_pooler": (
+        "WORKER_PG_POOLER",
+        "PostgreSQL: transaction behind PgBouncer in transaction mode: no LISTEN, no prepared statements, "
+        "no session settings (default none)",
     ),
     "log_level": ("WORKER_LOG_LEVEL", "the worker's own log threshold: DEBUG, INFO, WARNING, ERROR (default INFO)"),
     "log_format": ("WORKER_LOG_FORMAT", "text or json (default text)"),
@@ -5086,7 +5352,8 @@ def add_engine_commands(commands: Any) -> None:
     run = commands.add_parser(
         "run",
         help="claim and run jobs until stopped",
-        epilog=f"Environment only: {option_help('synchronous')}; {option_help('pg_listen')}",
+        epilog="Environment only: "
+        + "; ".join(option_help(dest) for dest in ("synchronous", "pg_listen", "pg_pooler")),
     )
     add_common_options(run)
     run.add_argument("--concurrency", type=int, help=option_help("concurrency"))

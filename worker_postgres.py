@@ -24,6 +24,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -101,6 +102,25 @@ SESSION_SETTINGS = (
 # Set at each connect (a test shortens it), on the store's connections only.
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 5000
 
+# Behind a pooler in transaction mode (PgBouncer's pool_mode = transaction),
+# each transaction may run on another server connection, shared with other
+# clients.  So the engine keeps no state on a server session there: no
+# prepared statements (psycopg prepares a statement run 5 times, and the next
+# server connection has never heard of it), no session SETs (they would stay
+# on the server connection, for whichever client gets it next: an app's), and
+# no LISTEN (which needs a session of its own).  The settings are made with SET
+# LOCAL at the start of each of the store's transactions instead.
+POOLERS = ("none", "transaction")
+
+
+def pooler() -> str:
+    """WORKER_PG_POOLER: ``transaction`` behind PgBouncer in transaction mode (or another such pooler)."""
+    value = os.environ.get("WORKER_PG_POOLER", "none").strip().lower() or "none"
+    if value not in POOLERS:
+        raise worker.ConfigError(f"invalid WORKER_PG_POOLER={value!r} (use none, or transaction)")
+    return value
+
+
 # FATAL errors at connect that pass: the server is starting, stopping or full.
 _TRANSIENT_AT_CONNECT = ("starting up", "shutting down", "in recovery", "too many", "remaining connection slots")
 
@@ -139,8 +159,10 @@ def connect(url: str) -> psycopg.Connection[Any]:
         kind = worker.DatabaseUnusable if refused else worker.DatabaseUnavailable
         raise kind(f"cannot connect to {redacted(url)}: {line}") from e
     try:
-        timeout = f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT_MS:d}"
-        conn.execute(f"{SESSION_SETTINGS}; {timeout}")
+        if pooler() == "transaction":
+            conn.prepare_threshold = None
+        else:
+            conn.execute(session_settings())
     except psycopg.Error as e:
         conn.close()
         raise _engine_error(url, conn, e) from e
@@ -149,6 +171,12 @@ def connect(url: str) -> psycopg.Connection[Any]:
     # prepared again for each width of its values.
     conn.adapters.register_dumper(int, Int8Dumper)
     return conn
+
+
+def session_settings(scope: str = "") -> str:
+    """The engine's settings for its own sessions (``scope`` LOCAL: for one transaction)."""
+    settings = f"{SESSION_SETTINGS}; SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_TIMEOUT_MS:d}"
+    return settings.replace("SET ", f"SET {scope} ") if scope else settings
 
 
 def _engine_error(url: str, conn: psycopg.Connection[Any] | None, error: psycopg.Error) -> worker.DatabaseError:
@@ -348,6 +376,14 @@ class OperatingReads:
     def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
         return self._execute(self.FINISHED_PER_MINUTE_SQL, {"since": since - since % worker.MINUTE_MS}).fetchall()
 
+    BY_MINUTE_SQL = """
+    SELECT minute, status, sum(count)::bigint FROM worker_finished_per_minute
+     WHERE minute >= %(since)s GROUP BY minute, status ORDER BY minute, status
+    """
+
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        return self._execute(self.BY_MINUTE_SQL, {"since": since - since % worker.MINUTE_MS}).fetchall()
+
     def running_by_owner(self) -> dict[str, int]:
         sql = "SELECT owner, count(*) FROM worker_jobs WHERE status = 'running' GROUP BY owner"
         return dict(self._execute(sql).fetchall())
@@ -409,7 +445,8 @@ class OperatingReads:
 
     RETRIED_AS_SQL = """
     SELECT old.id, new.id FROM worker_jobs AS old
-      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id AND new.attempt > old.attempt
+      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id
+                                   AND (new.attempt > old.attempt OR new.snoozes > old.snoozes)
      WHERE old.id = ANY(%(ids)s)
     """
 
@@ -437,6 +474,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     ) -> None:
         self.conn = conn
         self.url = url  # to connect again once the connection is lost
+        self._pooled = pooler() == "transaction"  # then each transaction sets what a session would (SET LOCAL)
         self._pid = worker._process_id  # the process the connection belongs to
         self._clock = clock
         self._offset_ms = 0
@@ -485,6 +523,8 @@ class PostgresStore(OperatingReads, worker.QueueControls):
                 self.refresh_clock()
         try:
             with self.conn.transaction():
+                if self._pooled:
+                    self.conn.execute(session_settings("LOCAL"))
                 yield self.conn
         except psycopg.Error as e:  # BEGIN, COMMIT, or the caller's own statement on this connection
             raise _engine_error(self.url, self.conn, e) from e
@@ -661,10 +701,28 @@ class PostgresStore(OperatingReads, worker.QueueControls):
            %(now)s, {COPIED_POLICY}, persistent
       FROM worker_jobs AS old
      WHERE id = %(id)s AND status IN ('failed', 'cancelled') AND attempt < {MAX_COUNT}
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
     {UNLESS_TAG_IS_PENDING}
     RETURNING {SELECT_COLUMNS}
     """
+
+    REQUEST_CANCEL_SQL = """
+    UPDATE worker_jobs SET cancel_requested = %(now)s, cancel_requested_by = %(by)s
+     WHERE id = %(id)s AND status = 'running' AND cancel_requested IS NULL
+    """
+    CANCEL_REQUESTS_SQL = """
+    SELECT id, cancel_requested, cancel_requested_by FROM worker_jobs
+     WHERE status = 'running' AND owner = %(owner)s AND cancel_requested IS NOT NULL
+    """
+
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        """Ask the worker running row ``id`` to cancel it; False if it is not running, or was asked already."""
+        return self._execute(self.REQUEST_CANCEL_SQL, {"id": id, "now": now, "by": by}).rowcount == 1
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        """(id, when, by whom) of the rows running under ``owner`` that someone asked to cancel."""
+        return self._execute(self.CANCEL_REQUESTS_SQL, {"owner": owner}).fetchall()
 
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt, due now, of a failed or cancelled row that ends its chain; None if it is not one."""
@@ -676,7 +734,8 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     RETRYABLE_FAILED_SQL = """
     SELECT id FROM worker_jobs AS old
      WHERE status = 'failed' AND (%(type)s::text IS NULL OR type = %(type)s::text)
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
      ORDER BY id
     """
 
@@ -870,14 +929,19 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     RETRY_SQL = f"""
     INSERT INTO worker_jobs
            (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
-            rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
+            rescheduled_from_job, created_at, deaths, snoozes, max_attempts, retry_delay_ms, backoff, timeout_ms,
             keep_ms, persistent)
-    SELECT type, data, queue, priority, %(due)s, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
-           id, %(now)s, %(deaths)s, {COPIED_POLICY}, persistent
-      FROM worker_jobs WHERE id = %(id)s
+    SELECT type, data, queue, priority, %(due)s, tag, attempt + {{next_attempt}}, cron_schedule, cron_timezone,
+           cron_slot, id, %(now)s, {{deaths}}, snoozes + {{snoozed}}, {COPIED_POLICY}, persistent
+      FROM worker_jobs WHERE id = %(id)s {{fence}}
     {UNLESS_TAG_IS_PENDING}
     RETURNING id
     """
+    # A snooze's next row: the same attempt, one more snooze; only while the row is still this worker's.
+    SNOOZE_SQL = RETRY_SQL.format(
+        next_attempt=0, deaths="deaths", snoozed=1, fence="AND status = 'running' AND owner = %(owner)s"
+    )
+    RETRY_SQL = RETRY_SQL.format(next_attempt=1, deaths="%(deaths)s", snoozed=0, fence="")
 
     def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
         """Insert the next attempt of row ``id``, unless a pending row holds its tag; the new id, or None."""
@@ -896,6 +960,15 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     {UNLESS_TAG_IS_PENDING}
     RETURNING id
     """
+
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        """The row a snooze of ``id`` asks for, if ``owner`` still runs it and no pending row holds its tag."""
+        inserted = self._execute(self.SNOOZE_SQL, {"id": id, "owner": owner, "due": due, "now": now}).fetchone()
+        return None if inserted is None else int(inserted[0])
+
+    def snoozes(self, id: int) -> int:
+        """How often the chain of row ``id`` has snoozed so far."""
+        return int(self._scalar("SELECT coalesce(max(snoozes), 0) FROM worker_jobs WHERE id = %(id)s", {"id": id}))
 
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
         """Insert the run of ``id``'s schedule at slot ``due`` unless a pending row holds its tag; its id, or None."""
