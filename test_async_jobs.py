@@ -216,6 +216,35 @@ def test_timeout_cancels_the_coroutine_and_its_finally_runs(db: str, queue: Queu
     assert ledger == ["started", "finally"]
 
 
+def test_a_running_async_job_asked_to_cancel_is_cancelled_and_its_finally_runs(db: str, queue: Queue) -> None:
+    """Unlike a sync job, which can only look at ctx.cancelled, the coroutine is cancelled where it awaits."""
+    ledger: list[str] = []
+    started = threading.Event()
+
+    @worker.job
+    async def hang(ctx: JobContext) -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()  # never set, and the job never looks at ctx.cancelled
+        finally:
+            ledger.append(f"finally, ctx.cancelled {ctx.cancelled.is_set()}")
+
+    enqueued = queue.enqueue("hang")
+    running = Worker(db, cron=False)
+    thread = threading.Thread(target=running.run)
+    thread.start()
+    try:
+        assert started.wait(10)
+        assert queue.cancel(enqueued.id, by="ops")
+        ended = wait_for(lambda: rows(db, f"id = {enqueued.id} AND status = 'cancelled'"), 10, "the row to end")[0]
+    finally:
+        running.stop()
+        thread.join(15)
+    assert ended["error"].startswith("cancelled while running (asked by ops at ")
+    assert "the worker cancelled the coroutine, as asked" in ended["error"]
+    assert ledger == ["finally, ctx.cancelled True"]
+
+
 def test_a_timeout_error_of_the_job_itself_is_an_ordinary_failure(db: str, queue: Queue) -> None:
     @worker.job(timeout=30)
     async def impatient(ctx: JobContext) -> None:

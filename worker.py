@@ -127,6 +127,7 @@ PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given
 # would do on average; the second absorbs a slow commit or a late wake-up.
 PREFETCH_ROUND_TRIPS = 2
 ASYNC_PREFETCH_JOB_SECONDS = 0.1  # an async job that runs longer stops the job loop's claiming ahead
+CANCEL_WATCH_SECONDS = 0.05  # how often the job loop looks for running async jobs someone asked to cancel
 CANCELLED_JOB_GRACE = 5.0  # how long a stopping worker waits for its cancelled async jobs' finally blocks
 
 
@@ -1310,9 +1311,9 @@ class AsyncQueue:
         """Queue.get, awaited."""
         return await self._on_thread(lambda queue: queue.get(id))
 
-    async def cancel(self, id: int, *, reason: str = "cancelled") -> bool:
-        """Queue.cancel, awaited."""
-        return await self._on_thread(lambda queue: queue.cancel(id, reason=reason))
+    async def cancel(self, id: int, *, reason: str = "cancelled", by: str | None = None) -> bool:
+        """Queue.cancel, awaited: a pending job is cancelled, a running one asked to stop."""
+        return await self._on_thread(lambda queue: queue.cancel(id, reason=reason, by=by))
 
     async def close(self) -> None:
         """Close this AsyncQueue's connection and thread (an app's connection is left open)."""
@@ -3464,10 +3465,13 @@ class AsyncRunner:
     """
 
     def __init__(
-        self, concurrency: int, execute: Callable[[Job], Awaitable[Outcome]], hand_over: Callable[[Outcome], None]
-    ) -> None:
+        self, concurrency: int, execute: Callable[[Job], Awaitable[Outcome]], hand_over: Callable[[Outcome], None],
+        cancel_asked: Callable[[int], bool] = lambda job_id: False,
+    ) -> None:  # fmt: skip
         self.concurrency = concurrency
-        self._execute, self._hand_over = execute, hand_over
+        self._execute, self._hand_over, self._cancel_asked = execute, hand_over, cancel_asked
+        self._cancelled_on_request: set[int] = set()  # job ids; the loop's thread only
+        self._watching = False  # whether _watch_cancel_requests is scheduled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}  # by job id; touched on the loop's thread only
@@ -3518,7 +3522,25 @@ class AsyncRunner:
         if len(self._tasks) >= self.concurrency:
             self._waiting.append(job)
             return
-        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.id}")
+        loop = asyncio.get_running_loop()
+        self._tasks[job.id] = loop.create_task(self._run(job), name=f"job {job.id}")
+        if not self._watching:
+            self._watching = True
+            loop.call_later(CANCEL_WATCH_SECONDS, self._watch_cancel_requests)
+
+    def _watch_cancel_requests(self) -> None:
+        """While jobs run: cancel the task of each job someone asked to cancel (Queue.cancel of a running job)."""
+        for job_id, task in self._tasks.items():
+            if job_id not in self._cancelled_on_request and self._cancel_asked(job_id):
+                self._cancelled_on_request.add(job_id)
+                task.cancel()
+        self._watching = bool(self._tasks)
+        if self._watching:
+            asyncio.get_running_loop().call_later(CANCEL_WATCH_SECONDS, self._watch_cancel_requests)
+
+    def cancelled_on_request(self, job_id: int) -> bool:
+        """Whether this job's task was cancelled because someone asked (not because the worker is stopping)."""
+        return job_id in self._cancelled_on_request
 
     async def _run(self, job: Job) -> None:
         outcome = None
@@ -3530,6 +3552,7 @@ class AsyncRunner:
             logger.exception("job %d %s: the job loop failed running it", job.id, job.type)
         finally:
             del self._tasks[job.id]
+            self._cancelled_on_request.discard(job.id)
             self._ended += 1  # before the hand-over: the worker never counts this slot as free too late
             if self._waiting:
                 self._begin(self._waiting.popleft())
@@ -4058,7 +4081,9 @@ class Worker:
         # it over here; the main loop sleeps on it, so a finished job wakes it at
         # once (None only wakes it: stop() was called).
         self._handed_over: queue_module.SimpleQueue[Outcome | None] = queue_module.SimpleQueue()
-        self._async = AsyncRunner(async_concurrency, self.execute_async, self._handed_over.put)
+        self._async = AsyncRunner(
+            async_concurrency, self.execute_async, self._handed_over.put, self._recording.cancels.asked
+        )
         # 2: taken off that queue by the loop (or given by a job thread's own step).
         self._received: list[Outcome] = []
         # 3: its job is no longer running here (timeouts noted): written by the next step's transaction.
@@ -4371,7 +4396,12 @@ class Worker:
             return Outcome(job, False, error=str(e), seconds=seconds, kind="snoozed", started=started_ms,
                            snooze_ms=e.delay_ms)  # fmt: skip
         except asyncio.CancelledError as e:
-            if cast(asyncio.Task[Any], asyncio.current_task()).cancelling():
+            task = cast(asyncio.Task[Any], asyncio.current_task())
+            if task.cancelling() == 1 and self._async.cancelled_on_request(job.id):
+                task.uncancel()  # asked to cancel: the row ends cancelled (CancelRequests.outcome says why)
+                error = "CancelledError: the worker cancelled the coroutine, as asked"
+                return Outcome(job, False, error=error, seconds=time.perf_counter() - started, started=started_ms)
+            if task.cancelling():
                 raise
             return _failed(job, e, time.perf_counter() - started, started_ms)  # the job's own, not the worker's
         except TimeoutError as e:
