@@ -127,7 +127,6 @@ PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given
 # would do on average; the second absorbs a slow commit or a late wake-up.
 PREFETCH_ROUND_TRIPS = 2
 ASYNC_PREFETCH_JOB_SECONDS = 0.1  # an async job that runs longer stops the job loop's claiming ahead
-CANCEL_WATCH_SECONDS = 0.05  # how often the job loop looks for running async jobs someone asked to cancel
 CANCELLED_JOB_GRACE = 5.0  # how long a stopping worker waits for its cancelled async jobs' finally blocks
 
 
@@ -3421,6 +3420,12 @@ class Outcome:
     snooze_ms: int = 0  # kind snoozed: how long until the next row is due
 
 
+def _snoozed(job: Job, snooze: Snooze, seconds: float, started_ms: int) -> Outcome:
+    """The outcome of a job that raised Snooze: not a failure; its next row is due later (Recording)."""
+    return Outcome(job, False, error=str(snooze), seconds=seconds, kind="snoozed", started=started_ms,
+                   snooze_ms=snooze.delay_ms)  # fmt: skip
+
+
 def _failed(job: Job, error: BaseException, seconds: float, started_ms: int) -> Outcome:
     """The outcome of a job function that raised ``error`` (anything: it is the job's own failure)."""
     kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "error"
@@ -3465,13 +3470,10 @@ class AsyncRunner:
     """
 
     def __init__(
-        self, concurrency: int, execute: Callable[[Job], Awaitable[Outcome]], hand_over: Callable[[Outcome], None],
-        cancel_asked: Callable[[int], bool] = lambda job_id: False,
-    ) -> None:  # fmt: skip
+        self, concurrency: int, execute: Callable[[Job], Awaitable[Outcome]], hand_over: Callable[[Outcome], None]
+    ) -> None:
         self.concurrency = concurrency
-        self._execute, self._hand_over, self._cancel_asked = execute, hand_over, cancel_asked
-        self._cancelled_on_request: set[int] = set()  # job ids; the loop's thread only
-        self._watching = False  # whether _watch_cancel_requests is scheduled
+        self._execute, self._hand_over = execute, hand_over
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}  # by job id; touched on the loop's thread only
@@ -3522,25 +3524,7 @@ class AsyncRunner:
         if len(self._tasks) >= self.concurrency:
             self._waiting.append(job)
             return
-        loop = asyncio.get_running_loop()
-        self._tasks[job.id] = loop.create_task(self._run(job), name=f"job {job.id}")
-        if not self._watching:
-            self._watching = True
-            loop.call_later(CANCEL_WATCH_SECONDS, self._watch_cancel_requests)
-
-    def _watch_cancel_requests(self) -> None:
-        """While jobs run: cancel the task of each job someone asked to cancel (Queue.cancel of a running job)."""
-        for job_id, task in self._tasks.items():
-            if job_id not in self._cancelled_on_request and self._cancel_asked(job_id):
-                self._cancelled_on_request.add(job_id)
-                task.cancel()
-        self._watching = bool(self._tasks)
-        if self._watching:
-            asyncio.get_running_loop().call_later(CANCEL_WATCH_SECONDS, self._watch_cancel_requests)
-
-    def cancelled_on_request(self, job_id: int) -> bool:
-        """Whether this job's task was cancelled because someone asked (not because the worker is stopping)."""
-        return job_id in self._cancelled_on_request
+        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.id}")
 
     async def _run(self, job: Job) -> None:
         outcome = None
@@ -3552,7 +3536,6 @@ class AsyncRunner:
             logger.exception("job %d %s: the job loop failed running it", job.id, job.type)
         finally:
             del self._tasks[job.id]
-            self._cancelled_on_request.discard(job.id)
             self._ended += 1  # before the hand-over: the worker never counts this slot as free too late
             if self._waiting:
                 self._begin(self._waiting.popleft())
@@ -3560,6 +3543,12 @@ class AsyncRunner:
             # Claim ahead only while jobs are short: one waiting behind long ones would wait as long.
             self._ahead = self.concurrency if outcome.seconds < ASYNC_PREFETCH_JOB_SECONDS else 0
             self._hand_over(outcome)
+
+    def cancel(self, job_id: int) -> None:
+        """Cancel the task of this job, if it is one of this loop's (from any thread)."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(lambda: (task := self._tasks.get(job_id)) and task.cancel())
 
     def cancel_all(self, grace: float) -> None:
         """Cancel the running async jobs and wait up to ``grace`` seconds for their ``finally`` blocks to run."""
@@ -3745,6 +3734,7 @@ class CancelRequests:
         self._events: dict[int, threading.Event] = {}  # made only for jobs that look, or that were asked
         self._asked: dict[int, tuple[int, str | None]] = {}  # job id -> (when, by whom)
         self._next_look = 0
+        self.on_asked: Callable[[int], None] = lambda job_id: None  # the worker's: an async job is cancelled
 
     def event(self, job_id: int) -> threading.Event:
         return self._events.setdefault(job_id, threading.Event())
@@ -3766,6 +3756,7 @@ class CancelRequests:
             if job_id in running and job_id not in self._asked:
                 self._asked[job_id] = (asked_at, by)
                 self.event(job_id).set()
+                self.on_asked(job_id)
                 notes.append(_Note(logging.INFO, "job %d: asked to cancel it (by %s); ctx.cancelled is set",
                                    (job_id, by), {"action": "cancel", "job_id": job_id}))  # fmt: skip
         return notes
@@ -4081,9 +4072,8 @@ class Worker:
         # it over here; the main loop sleeps on it, so a finished job wakes it at
         # once (None only wakes it: stop() was called).
         self._handed_over: queue_module.SimpleQueue[Outcome | None] = queue_module.SimpleQueue()
-        self._async = AsyncRunner(
-            async_concurrency, self.execute_async, self._handed_over.put, self._recording.cancels.asked
-        )
+        self._async = AsyncRunner(async_concurrency, self.execute_async, self._handed_over.put)
+        self._recording.cancels.on_asked = self._async.cancel  # an operator's cancel reaches a coroutine so
         # 2: taken off that queue by the loop (or given by a job thread's own step).
         self._received: list[Outcome] = []
         # 3: its job is no longer running here (timeouts noted): written by the next step's transaction.
@@ -4344,8 +4334,7 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
-        cancels = self._recording.cancels
-        if cancels.asked(job.id):  # claimed ahead, and asked to cancel before a thread took it
+        if self._recording.cancels.asked(job.id):  # claimed ahead, and asked to cancel before a thread took it
             return Outcome(job, False, kind="not started")
         if job_type.is_async:  # here (work()), not handed to the loop by run(): this thread waits for it
             return self._async.call(self.execute_async(job))
@@ -4359,9 +4348,7 @@ class Worker:
         except Snooze as e:
             if _process_id != process:
                 _end_forked_child(e)
-            seconds = time.perf_counter() - started
-            return Outcome(job, False, error=str(e), seconds=seconds, kind="snoozed", started=started_ms,
-                           snooze_ms=e.delay_ms)  # fmt: skip
+            return _snoozed(job, e, time.perf_counter() - started, started_ms)
         except BaseException as e:
             if _process_id != process:
                 _end_forked_child(e)
@@ -4380,9 +4367,10 @@ class Worker:
         the row.  It raises only CancelledError, when the worker that is stopping
         cancels the job (AsyncRunner.cancel_all): that row is given back.
         """
-        if self._recording.cancels.asked(job.id):  # claimed ahead, and asked to cancel before it started
-            return Outcome(job, False, kind="not started")
         job_type = _job_type(job)
+        cancels = self._recording.cancels
+        if cancels.asked(job.id):  # claimed ahead, and asked to cancel before the loop began it
+            return Outcome(job, False, kind="not started")
         ctx = self._context(job)
         timeout_ms = _first(job.timeout_ms, job_type.timeout_ms)
         deadline = asyncio.timeout(None if timeout_ms is None else timeout_ms / 1000)
@@ -4391,19 +4379,15 @@ class Worker:
         try:
             async with deadline:
                 value = await job_type.fn(ctx, **job.data)
-        except Snooze as e:
-            seconds = time.perf_counter() - started
-            return Outcome(job, False, error=str(e), seconds=seconds, kind="snoozed", started=started_ms,
-                           snooze_ms=e.delay_ms)  # fmt: skip
         except asyncio.CancelledError as e:
             task = cast(asyncio.Task[Any], asyncio.current_task())
-            if task.cancelling() == 1 and self._async.cancelled_on_request(job.id):
-                task.uncancel()  # asked to cancel: the row ends cancelled (CancelRequests.outcome says why)
-                error = "CancelledError: the worker cancelled the coroutine, as asked"
-                return Outcome(job, False, error=error, seconds=time.perf_counter() - started, started=started_ms)
-            if task.cancelling():
-                raise
+            if task.cancelling() and not cancels.asked(job.id):
+                raise  # the worker is stopping: the row is given back
+            if task.cancelling():  # an operator's cancel (worker cancel ID): the row ends cancelled
+                task.uncancel()
             return _failed(job, e, time.perf_counter() - started, started_ms)  # the job's own, not the worker's
+        except Snooze as e:
+            return _snoozed(job, e, time.perf_counter() - started, started_ms)
         except TimeoutError as e:
             if not deadline.expired():
                 return _failed(job, e, time.perf_counter() - started, started_ms)
@@ -4415,8 +4399,9 @@ class Worker:
         return _returned(job, value, time.perf_counter() - started, started_ms, ctx)
 
     def _context(self, job: Job) -> JobContext:
+        cancelled = functools.partial(self._recording.cancels.event, job.id)
         return JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now,
-                          cancelled=functools.partial(self._recording.cancels.event, job.id))  # fmt: skip
+                          cancelled=cancelled)  # fmt: skip
 
     def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
         """Write outcomes (and any retries) in one write transaction."""
