@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import http.server
 import json
-import os
 import signal
 import sqlite3
 import threading
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 import worker
-from conftest import HERE, Processes, WorkerProcess, rows, wait_for
+from conftest import Processes, WorkerProcess, rows, wait_for
 from test_examples import environment, example, run, succeeded
 from worker import ConfigError, JobContext, Queue, Worker
 
@@ -392,12 +391,9 @@ def run_worker(processes: Processes, db: str, tmp_path: Path) -> Callable[..., W
     """Start ``worker run`` on the test's database with the async jobs above and extra flags."""
     jobs_file = tmp_path / "async_jobs.py"
     jobs_file.write_text(ASYNC_JOBS_MODULE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}
-    env["PYTHONPATH"] = str(HERE)
 
     def start(*flags: str, name: str = "worker") -> WorkerProcess:
-        args = ["run", "--db", db, "--jobs", str(jobs_file), "--no-cron", *flags]
-        return processes.start(*args, name=name, env=env, cwd=tmp_path)
+        return processes.run_jobs(db, jobs_file, *flags, name=name)
 
     return start
 
