@@ -1310,9 +1310,9 @@ class AsyncQueue:
         """Queue.get, awaited."""
         return await self._on_thread(lambda queue: queue.get(id))
 
-    async def cancel(self, id: int, *, reason: str = "cancelled") -> bool:
-        """Queue.cancel, awaited."""
-        return await self._on_thread(lambda queue: queue.cancel(id, reason=reason))
+    async def cancel(self, id: int, *, reason: str = "cancelled", by: str | None = None) -> bool:
+        """Queue.cancel, awaited: a pending job is cancelled, a running one asked to stop."""
+        return await self._on_thread(lambda queue: queue.cancel(id, reason=reason, by=by))
 
     async def close(self) -> None:
         """Close this AsyncQueue's connection and thread (an app's connection is left open)."""
@@ -4143,6 +4143,8 @@ class Worker:
         self.store  # noqa: B018 -- fail early, before any hook runs, if the database is unusable
         if self.cron:
             self.sync_cron()
+        if any(job_type.is_async for job_type in REGISTRY.values()):
+            self.producer  # noqa: B018 -- made now: made by an async job's first ctx.enqueue, it connects on the loop
         now = self.now()
         store = self.store
         with store.transaction():
