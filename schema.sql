@@ -22,6 +22,9 @@
 --                           message and traceback in `error`; a retry row may follow
 --   running   -> pending    given back by a worker shutting down before it finished
 --   pending   -> cancelled  cancelled, or replaced by a newer job with the same tag
+--   running   -> cancelled  asked to cancel while it ran (`worker cancel ID`, since version
+--                           8: cancel_requested, _by); or it snoozed (raised worker.Snooze):
+--                           a new pending row of its chain follows it
 
 -- version 1
 CREATE TABLE IF NOT EXISTS worker_jobs (
@@ -213,3 +216,16 @@ CREATE TABLE IF NOT EXISTS worker_queues (
     next_start   INTEGER,
     changed      INTEGER NOT NULL     -- epoch ms of the operator's last change
 ) STRICT;
+
+-- version 8
+
+-- How often this chain's job has snoozed (raised worker.Snooze: "not yet, in N
+-- seconds"): each snooze ends the row `cancelled` and makes the next row of the
+-- chain with the same attempt and snoozes + 1, so a snooze uses up no attempt,
+-- and the worker stops a job snoozing past its cap.  Retries copy it on.
+ALTER TABLE worker_jobs ADD COLUMN snoozes INTEGER NOT NULL DEFAULT 0 CHECK (snoozes >= 0);
+
+-- Cancelling a running row is a request its worker sees within about a second
+-- (`worker cancel ID`, Queue.cancel): when, and who asked.  Kept once the row ends.
+ALTER TABLE worker_jobs ADD COLUMN cancel_requested INTEGER;
+ALTER TABLE worker_jobs ADD COLUMN cancel_requested_by TEXT;

@@ -27,6 +27,9 @@
 --                           message and traceback in `error`; a retry row may follow
 --   running   -> pending    given back by a worker shutting down before it finished
 --   pending   -> cancelled  cancelled, or replaced by a newer job with the same tag
+--   running   -> cancelled  asked to cancel while it ran (`worker cancel ID`, since version
+--                           3: cancel_requested, _by); or it snoozed (raised worker.Snooze):
+--                           a new pending row of its chain follows it
 
 -- version 1
 CREATE TABLE IF NOT EXISTS worker_jobs (
@@ -182,3 +185,11 @@ CREATE TABLE IF NOT EXISTS worker_queues (
     next_start   BIGINT,
     changed      BIGINT  NOT NULL     -- epoch ms of the operator's last change
 );
+
+-- version 3
+
+-- As schema.sql's version 8: a chain's snoozes, and the request to cancel a
+-- running row (when, and who asked).
+ALTER TABLE worker_jobs ADD COLUMN IF NOT EXISTS snoozes BIGINT NOT NULL DEFAULT 0 CHECK (snoozes >= 0);
+ALTER TABLE worker_jobs ADD COLUMN IF NOT EXISTS cancel_requested BIGINT;
+ALTER TABLE worker_jobs ADD COLUMN IF NOT EXISTS cancel_requested_by TEXT;

@@ -9,6 +9,7 @@ processes that keep a ledger of each job's start and end.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import threading
@@ -278,6 +279,183 @@ def test_both_limits_at_once_take_the_smaller(
     assert runner.claim(4) == []  # the rate allows one, the running limit none
 
 
+# --- Snooze -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def snoozing(registry: dict[str, worker.JobType]) -> list[int]:
+    """A job that snoozes 30 s on its first run of each attempt and fails on its second; the attempts it saw."""
+    seen: list[int] = []
+
+    @job(max_attempts=2, retry_delay=0)
+    def waits(ctx: worker.JobContext) -> None:
+        seen.append(ctx.attempt)
+        ctx.enqueue("noop")  # a follow-up goes with a success only
+        if len(seen) % 2:
+            raise worker.Snooze(30)
+        raise RuntimeError("boom")
+
+    return seen
+
+
+def test_a_snooze_ends_the_row_and_makes_the_next_of_its_chain_due_later_using_no_attempt(
+    noop: None, snoozing: list[int], queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock,
+    db: str,
+) -> None:  # fmt: skip
+    first = queue.enqueue("waits", tag="once", now=at(clock))
+    runner = make_worker()
+    assert runner.work() == 1
+    ended, later = rows(db)
+    assert (ended["status"], ended["error"]) == ("cancelled", f"snoozed for 30 s: job {later['id']} runs it then")
+    assert (later["status"], later["due"], later["attempt"], later["snoozes"]) == ("pending", at(clock, 30), 1, 1)
+    assert (later["rescheduled_from_job"], later["tag"]) == (first.id, "once")
+    assert runner.work() == 0  # not before it is due
+    clock.advance(30)
+    while runner.work():
+        clock.advance(30)
+    # attempt 1 snoozed, then failed; attempt 2 snoozed, then failed: two attempts, as max_attempts says.
+    assert snoozing == [1, 1, 2, 2]
+    assert [(row["status"], row["attempt"]) for row in rows(db)] == [
+        ("cancelled", 1), ("failed", 1), ("cancelled", 2), ("failed", 2)]  # fmt: skip
+    assert [job.id for job in worker.job_chain(worker.open_reader(db), first.id)] == [r["id"] for r in rows(db)]
+
+
+def test_a_snoozed_row_cannot_be_retried_by_hand(
+    noop: None, snoozing: list[int], queue: Queue, make_worker: Callable[..., worker.Worker]
+) -> None:
+    snoozed = queue.enqueue("waits")
+    make_worker().work()
+    assert queue.retry(snoozed.id) is None  # its chain goes on in the snooze's row
+
+
+def test_a_chain_that_snoozes_past_the_cap_fails(
+    queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(worker, "MAX_SNOOZES", 2)
+
+    @job
+    def never(ctx: worker.JobContext) -> None:
+        raise worker.Snooze(1)
+
+    queue.enqueue("never", now=at(clock))
+    runner = make_worker()
+    while runner.work():
+        clock.advance(1)
+    assert [row["status"] for row in rows(db)] == ["cancelled", "cancelled", "failed"]
+    assert rows(db)[-1]["error"] == "snoozed 2 times (the most a chain may): given up"
+
+
+def test_a_snooze_of_nonsense_length_fails_the_job(
+    queue: Queue, make_worker: Callable[..., worker.Worker], db: str
+) -> None:
+    @job
+    def bad(ctx: worker.JobContext) -> None:
+        raise worker.Snooze(-1)
+
+    queue.enqueue("bad")
+    make_worker().work()
+    (row,) = rows(db)
+    assert row["status"] == "failed" and "a snooze must not be negative" in row["error"]
+
+
+# --- Cancelling a running job ---------------------------------------------------------------
+
+
+@pytest.fixture
+def patient(registry: dict[str, worker.JobType]) -> None:
+    @job
+    def patient(ctx: worker.JobContext, then: str = "return") -> str:
+        """Waits for a cancel request (bounded), then returns or raises."""
+        if not ctx.cancelled.wait(10):
+            return "never asked"
+        if then == "raise":
+            raise RuntimeError("stopped half-way")
+        return "stopped early"
+
+
+def run_in_thread(runner: worker.Worker, claimed: worker.Job) -> tuple[threading.Thread, list[worker.Outcome]]:
+    ended: list[worker.Outcome] = []
+    thread = threading.Thread(target=lambda: ended.append(runner.execute(claimed)), daemon=True)
+    thread.start()
+    return thread, ended
+
+
+def look_for_requests(runner: worker.Worker, claimed: worker.Job, clock: FakeClock) -> None:
+    """What the worker's housekeeping does twice a second."""
+    worker._emit(runner._recording.cancels.look(runner.store, runner.owner, {claimed.id}, at(clock)))
+
+
+@pytest.mark.parametrize(("then", "kept"), [("return", "stopped early"), ("raise", None)])
+def test_a_running_job_asked_to_cancel_sees_ctx_cancelled_and_its_row_ends_cancelled(
+    patient: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    then: str, kept: str | None,
+) -> None:  # fmt: skip
+    queue.enqueue("patient", {"then": then})
+    runner = make_worker()
+    (claimed,) = runner.claim(1)
+    thread, ended = run_in_thread(runner, claimed)
+    assert queue.cancel(claimed.id, by="ops@desk", now=at(clock))
+    assert not queue.cancel(claimed.id, now=at(clock))  # asked once
+    assert rows(db)[0]["status"] == "running"  # until its worker passes the request on
+    look_for_requests(runner, claimed, clock)
+    thread.join(timeout=10)
+    runner.record(ended)
+    (row,) = rows(db)
+    assert (row["status"], row["cancel_requested"], row["cancel_requested_by"]) == ("cancelled", at(clock), "ops@desk")
+    assert row["error"].startswith("cancelled while running (asked by ops@desk at ")
+    if kept is None:
+        assert "it then raised:\nRuntimeError: stopped half-way" in row["error"] and row["result"] is None
+    else:
+        assert row["error"].endswith("it then returned (its result is kept)") and json.loads(row["result"]) == kept
+
+
+def test_a_job_that_ended_before_the_request_reached_its_worker_keeps_its_own_outcome(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str
+) -> None:
+    queue.enqueue("noop")
+    runner = make_worker()
+    (claimed,) = runner.claim(1)
+    outcome = runner.execute(claimed)
+    assert queue.cancel(claimed.id)  # the row still runs: asked
+    runner.record([outcome])  # its outcome was in before the worker looked
+    assert rows(db)[0]["status"] == "succeeded"
+    assert not queue.cancel(claimed.id)  # ended: nothing to cancel
+
+
+def test_a_job_claimed_ahead_and_asked_to_cancel_before_it_started_never_runs(
+    queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str
+) -> None:
+    ran = []
+
+    @job
+    def counted(ctx: worker.JobContext) -> None:
+        ran.append(ctx.id)
+
+    queue.enqueue("counted")
+    runner = make_worker()
+    (claimed,) = runner.claim(1)
+    queue.cancel(claimed.id, by="ops")
+    look_for_requests(runner, claimed, clock)
+    runner.record([runner.execute(claimed)])
+    assert ran == []
+    assert rows(db)[0]["error"].startswith("cancelled before it started (asked by ops at ")
+
+
+def test_cancel_of_a_running_job_from_the_command_line(
+    patient: None, queue: Queue, make_worker: Callable[..., worker.Worker], db: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    queue.enqueue("patient")
+    (claimed,) = make_worker().claim(1)
+    assert worker_cli.main(["cancel", str(claimed.id), "--db", db]) == 0
+    assert worker_cli.main(["cancel", str(claimed.id), "--db", db]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == f"job {claimed.id} is running: its worker was asked to stop it (ctx.cancelled)\n"
+    assert captured.err == f"worker: cannot cancel job {claimed.id}: its worker was asked to stop it already\n"
+    assert rows(db)[0]["cancel_requested_by"].endswith(f"@{os.uname().nodename}")
+
+
 # --- Real worker processes, with a ledger of each job's start and end ---------------------
 
 LEDGER_JOBS = """
@@ -302,6 +480,15 @@ def ledger(ctx, path, seconds=0.0):
     _append(path, f"start {time.time()} {ctx.job.id}")
     time.sleep(seconds)
     _append(path, f"end {time.time()} {ctx.job.id}")
+    return "done"
+
+
+@job
+def cooperative(ctx, path):
+    _append(path, f"start {time.time()} {ctx.job.id}")
+    ctx.cancelled.wait(60)
+    _append(path, f"end {time.time()} {ctx.job.id}")
+    return "stopped when asked"
 """
 
 
@@ -428,3 +615,24 @@ def test_a_rate_limit_holds_across_three_worker_processes(
     assert (len(starts) - 1) / (starts[-1] - starts[0]) <= 5.0 * 1.05, starts
     claimed = sorted(row["started"] for row in rows(db))
     assert min(b - a for a, b in itertools.pairwise(claimed)) >= 150, claimed
+
+
+@pytest.mark.slow
+def test_cancel_of_a_cooperative_and_an_uncooperative_job_in_a_worker_process(
+    start_worker: Callable[..., WorkerProcess], db: str, ledger: Path
+) -> None:
+    with Queue(db, check_types=False) as producer:
+        polite = producer.enqueue("cooperative", {"path": str(ledger)})
+        stubborn = producer.enqueue("ledger", {"path": str(ledger), "seconds": 3})  # never looks at ctx.cancelled
+        process = start_worker("--concurrency", "2", name="worker")
+        wait_for(lambda: len(entries(ledger)) == 2, 30, "both jobs to start")
+        asked_at = time.time()
+        assert producer.cancel(polite.id, by="ops") and producer.cancel(stubborn.id, by="ops")
+        wait_for(lambda: len(rows(db, "status = 'cancelled'")) == 2, 30, "both rows to end cancelled")
+    process.stop()
+    ends = {job_id: seconds for kind, seconds, job_id in entries(ledger) if kind == "end"}
+    assert ends[polite.id] - asked_at < 1.5  # noticed within about a second (a look every 0.5 s)
+    by_id = {row["id"]: row for row in rows(db)}
+    assert json.loads(by_id[polite.id]["result"]) == "stopped when asked"
+    assert json.loads(by_id[stubborn.id]["result"]) == "done"  # it ran to its end; the row says it was asked
+    assert by_id[stubborn.id]["error"].startswith("cancelled while running (asked by ops at ")

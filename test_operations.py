@@ -276,13 +276,15 @@ def test_retry_needs_an_id_or_failed(db: str, prepared: dict[str, int]) -> None:
     assert cli("retry", db=db).returncode == 2
 
 
-def test_cancel_a_pending_job_but_not_a_running_one(db: str, prepared: dict[str, int]) -> None:
+def test_cancel_a_pending_job_and_ask_the_worker_of_a_running_one(db: str, prepared: dict[str, int]) -> None:
     assert cli("cancel", str(prepared["pending"]), db=db).returncode == 0
     assert rows(db, f"id = {prepared['pending']}")[0]["status"] == "cancelled"
-    refused = cli("cancel", str(prepared["running"]), db=db)
-    assert refused.returncode == 1
-    assert "it is running" in refused.stderr
-    assert rows(db, f"id = {prepared['running']}")[0]["status"] == "running"
+    asked = cli("cancel", str(prepared["running"]), db=db)
+    assert asked.returncode == 0
+    assert "its worker was asked to stop it" in asked.stdout
+    assert rows(db, f"id = {prepared['running']}")[0]["status"] == "running"  # until its worker sees it
+    again = cli("cancel", str(prepared["running"]), db=db)
+    assert again.returncode == 1 and "asked to stop it already" in again.stderr
 
 
 # --- worker check / schema ---------------------------------------------------------
@@ -548,8 +550,11 @@ def test_cancel_posted_with_the_token_header(
     assert (answer.status, answer.headers["Location"]) == (303, f"/jobs/{prepared['pending']}")
     assert rows(db, f"id = {prepared['pending']}")[0]["status"] == "cancelled"
     running = request(f"{server.url}jobs/{prepared['running']}/cancel", headers=token, method="POST")
-    assert running.status == 409
-    assert rows(db, f"id = {prepared['running']}")[0]["status"] == "running"
+    assert running.status == 303  # its worker is asked to stop it
+    asked = rows(db, f"id = {prepared['running']}")[0]
+    assert (asked["status"], asked["cancel_requested_by"]) == ("running", "dashboard, from 127.0.0.1")
+    again = request(f"{server.url}jobs/{prepared['running']}/cancel", headers=token, method="POST")
+    assert again.status == 409
 
 
 def test_start_up_url_with_the_token_shows_the_buttons_in_that_browser_only(
@@ -691,6 +696,9 @@ def test_browser_shows_a_failed_job_and_opens_its_traceback(
             expect(traceback).to_contain_text("Traceback (most recent call last)")
             expect(traceback).to_contain_text(XSS_ERROR)  # shown as text, not run
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            chart = page.locator("svg.chart")  # the last hour, drawn under the page's CSP
+            expect(chart).to_be_visible()
+            assert (chart.bounding_box() or {"width": 0})["width"] >= 500
 
             row.get_by_role("button", name="retry").click()
             page.wait_for_url(re.compile(r"/jobs/\d+$"))

@@ -816,13 +816,15 @@ def test_enqueue_on_an_autocommit_connection_is_still_all_or_nothing(db: str, qu
     conn.close()
 
 
-def test_cancel_only_a_pending_job(queue: Queue, make_worker: Any, ok_job: None) -> None:
+def test_cancel_ends_a_pending_job_and_only_asks_about_a_running_one(
+    queue: Queue, make_worker: Any, ok_job: None
+) -> None:
     pending = queue.enqueue("add", {"a": 1, "b": 1})
     running = queue.enqueue("add", {"a": 1, "b": 1})
     assert queue.cancel(pending.id)
     assert queue.get(pending.id).status == "cancelled"  # type: ignore[union-attr]
     make_worker(clock=time.time).claim(1)
-    assert not queue.cancel(running.id)
+    assert queue.cancel(running.id)  # its worker is asked to stop it (test_control.py)
     assert not queue.cancel(pending.id), "already cancelled"
     assert queue.get(running.id).status == "running"  # type: ignore[union-attr]
 

@@ -46,11 +46,15 @@ if __name__ == "__main__":
     sys.exit(worker.main())
 
 import argparse
+import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
 import enum
 import functools
+import getpass
 import importlib
 import inspect
 import json
@@ -68,7 +72,7 @@ import threading
 import time
 import traceback
 import zoneinfo
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Container, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import EllipsisType, ModuleType, SimpleNamespace
@@ -94,6 +98,7 @@ LOCK_WAITED = 0.001  # a write that took this long may have waited for the lock:
 DEFAULT_DB = "worker.db"
 DEFAULT_JOBS_MODULE = "jobs"
 DEFAULT_CONCURRENCY = 4
+DEFAULT_ASYNC_CONCURRENCY = 100  # async def jobs at once on the job loop: an awaiting coroutine costs little
 DEFAULT_LEASE = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_DEATHS = 3
@@ -112,6 +117,7 @@ POLL_INTERVAL = 0.006  # how often an idle worker looks for commits by others, w
 WATCHED_POLL_INTERVAL = 0.025  # ... and with it: only a safety net for a missed event
 COMMIT_SETTLE_SECONDS, COMMIT_SETTLE_POLL = 0.05, 0.002  # after a -wal event, look every 2 ms for 50 ms
 MAX_BUSY_BACKOFF = 2.0
+MAX_SNOOZES = 100  # per chain: a job that always says "not yet" ends failed, not pending for ever
 # Claiming ahead: while jobs are short, a claim takes up to DEFAULT_PREFETCH
 # jobs beyond the free slots, so that one commit records and claims a batch
 # (at concurrency 1 every job would otherwise need a commit of its own).
@@ -123,6 +129,8 @@ PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given
 # How many loop round trips the jobs claimed ahead cover (see ClaimAhead): one
 # would do on average; the second absorbs a slow commit or a late wake-up.
 PREFETCH_ROUND_TRIPS = 2
+ASYNC_PREFETCH_JOB_SECONDS = 0.1  # an async job that runs longer stops the job loop's claiming ahead
+CANCELLED_JOB_GRACE = 5.0  # how long a stopping worker waits for its cancelled async jobs' finally blocks
 
 
 class Status(enum.StrEnum):
@@ -136,7 +144,7 @@ class Status(enum.StrEnum):
     RUNNING = "running"  # claimed, under a lease; finish, give back or rescue ends it
     SUCCEEDED = "succeeded"  # finished: its function returned
     FAILED = "failed"  # finished: it raised, timed out, or its worker was lost
-    CANCELLED = "cancelled"  # finished: cancelled (or replaced by a newer row of its tag) while pending
+    CANCELLED = "cancelled"  # finished: cancelled (or replaced by a newer row of its tag), or it snoozed
 
 
 STATUSES = tuple(status.value for status in Status)
@@ -195,6 +203,18 @@ class DatabaseReplaced(WorkerError):
 
 class ForkedConnection(WorkerError):
     """A database connection opened in another process was used after fork()."""
+
+
+class Snooze(Exception):
+    """Raised by a job: not yet.  Its row ends `cancelled`, and the next row of its chain is due in ``seconds``,
+    with the same attempt: a snooze uses up no attempt.  A chain snoozes at most MAX_SNOOZES times; the next
+    snooze fails the job."""
+
+    def __init__(self, seconds: Seconds) -> None:
+        delay_ms = _optional_ms(seconds, "a snooze")
+        assert delay_ms is not None
+        super().__init__(f"snoozed for {delay_ms / 1000:g} s")
+        self.delay_ms = delay_ms
 
 
 # --- Time -------------------------------------------------------------------------
@@ -409,6 +429,7 @@ class JobType(JobOptions):
     fn: Callable[..., Any]
     cron: str | None = None  # a recurring job: every worker keeps one pending row for it
     timezone: str | None = None  # of `cron`; None means UTC
+    is_async: bool = False  # an async def function: run on the worker's job loop, not on a job thread
 
     @property
     def cron_tag(self) -> str:
@@ -467,6 +488,11 @@ def job(
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         job_name = name or fn.__name__
+        if _is_function_of_kind(fn, inspect.isasyncgenfunction):
+            raise ConfigError(
+                f"job {job_name!r}: {_qualname(fn)} is an async generator function (it uses yield): a job returns"
+                " one result; write it as async def returning a value"
+            )
         try:
             check_policy(max_attempts=max_attempts, backoff=backoff, timeout=timeout)
             if cron is not None:
@@ -480,11 +506,22 @@ def job(
             queue=queue, max_attempts=max_attempts, retry_delay=retry_delay, backoff=backoff, timeout=timeout, keep=keep
         )
         REGISTRY[job_name] = JobType(
-            name=job_name, fn=fn, cron=cron, timezone=timezone, queue=options.queue, **options.columns()
-        )
+            name=job_name, fn=fn, cron=cron, timezone=timezone, is_async=is_coroutine_function(fn),
+            queue=options.queue, **options.columns()
+        )  # fmt: skip
         return fn
 
     return register(fn) if fn is not None else register
+
+
+def is_coroutine_function(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a coroutine: an async def function, a partial of one, or an object whose
+    ``__call__`` is one."""
+    return _is_function_of_kind(fn, inspect.iscoroutinefunction)
+
+
+def _is_function_of_kind(fn: Any, kind: Callable[[Any], bool]) -> bool:
+    return kind(fn) or (callable(fn) and not inspect.isroutine(fn) and kind(type(fn).__call__))
 
 
 def check_policy(*, max_attempts: int | None, backoff: float | None, timeout: Seconds | None) -> None:
@@ -712,13 +749,17 @@ def _qualname(fn: Callable[..., Any]) -> str:
 
 
 def on_startup(fn: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
-    """Run ``fn(app)`` once per worker process before it claims; jobs see ``ctx.app``."""
+    """Run ``fn(app)`` once per worker process before it claims; jobs see ``ctx.app``.
+
+    An ``async def`` hook runs on the worker's job loop, so what it makes there
+    (an HTTP client session, an async database pool) is usable by async jobs.
+    """
     STARTUP_HOOKS.append(fn)
     return fn
 
 
 def on_shutdown(fn: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
-    """Run ``fn(app)`` once when a worker process stops (close what on_startup opened)."""
+    """Run ``fn(app)`` once when a worker process stops (close what on_startup opened); async def on the job loop."""
     SHUTDOWN_HOOKS.append(fn)
     return fn
 
@@ -1027,12 +1068,18 @@ class Queue:
         """The row with this id, or None."""
         return self._store().get(id)
 
-    def cancel(self, id: int, *, reason: str = "cancelled", now: int | None = None) -> bool:
-        """Cancel a pending job; False when it is not pending (running or finished)."""
+    def cancel(self, id: int, *, reason: str = "cancelled", by: str | None = None, now: int | None = None) -> bool:
+        """Cancel a pending job, or ask the worker of a running one to stop it (within about a second it sets the
+        job's ``ctx.cancelled``, and the row ends ``cancelled``); False when it has ended, or was asked already.
+
+        ``by`` names who asked (default: this user at this host), kept in the row.
+        """
         now = self.now() if now is None else now
         store = self._store()
         with store.transaction():
-            return store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1
+            if store.cancel_pending(now, reason, default_keep_ms(succeeded=False), id=id) == 1:
+                return True
+            return store.request_cancel(id, now, by or _who_asks())
 
     def cancel_type(self, type: str, *, reason: str | None = None, now: int | None = None) -> int:
         """Cancel every pending job of a type (one no worker will ever run: a typo, a removed job); how many."""
@@ -1181,6 +1228,117 @@ class Queue:
         }
 
 
+class AsyncQueue:
+    """The producer side for async web apps (FastAPI, Starlette, aiohttp): Queue's verbs, awaited, never blocking
+    the event loop.
+
+    ``AsyncQueue(path or URL)`` runs a Queue of its own on one thread of its
+    own (one connection: enqueues from many requests take turns, as SQLite's
+    writers do anyway).  ``AsyncQueue(conn)``, on a psycopg AsyncConnection,
+    enqueues on the app's connection inside the app's own transaction, so a
+    job commits or rolls back with the app's writes (only ``enqueue`` and
+    ``enqueue_many`` there).  SQLite's drivers have no async connection of the
+    standard library's: enqueue in an app's SQLite transaction with the sync
+    ``Queue(conn)`` on the connection that transaction is on.
+    """
+
+    def __init__(self, db: str | os.PathLike[str] | Any, *, check_types: bool = True) -> None:
+        self.check_types = check_types
+        self._queue: Queue | None = None
+        if isinstance(db, str | os.PathLike):
+            self.path: str | None = database_target(os.fspath(db))
+            self._thread: concurrent.futures.ThreadPoolExecutor | None = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="worker-enqueue"
+            )
+            self._caller_store: Any = None
+        elif type(db).__module__.startswith("psycopg"):
+            self.path, self._thread = None, None
+            self._caller_store = postgres_module().async_store_in_callers_transaction(db)
+            self._rows = _RowsOnly(check_types=check_types)
+        else:
+            raise TypeError(
+                f"AsyncQueue takes a path, a URL or a psycopg AsyncConnection, not {type(db)!r}"
+                " (in a transaction of a sync connection, enqueue with Queue(conn))"
+            )
+
+    async def __aenter__(self) -> AsyncQueue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _on_thread(self, call: Callable[[Queue], _T]) -> _T:
+        """``call(queue)`` on this AsyncQueue's thread, where its Queue (and so its connection) lives."""
+        if self._thread is None:
+            raise TypeError("on an app's connection, AsyncQueue only enqueues (enqueue, enqueue_many)")
+
+        def on_thread() -> _T:
+            if self._queue is None:
+                assert self.path is not None
+                self._queue = Queue(self.path, check_types=self.check_types)
+            return call(self._queue)
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, on_thread)
+
+    async def enqueue(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
+        """Queue.enqueue, awaited (the same options); on an app's AsyncConnection, in its transaction."""
+        if self._caller_store is None:
+            return await self._on_thread(lambda queue: queue.enqueue(type, data, **options))
+        on_conflict = options.pop("on_conflict", "replace")
+        if options.get("now") is None:
+            options["now"] = await self._caller_store.now()
+        row = self._rows._new_row(type, data, **options)
+        job: Job = await self._caller_store.insert(row, on_conflict)
+        return job
+
+    async def enqueue_many(
+        self, jobs: Iterable[tuple[str, Mapping[str, Any] | None] | Mapping[str, Any]], **options: Any
+    ) -> list[Job]:
+        """Queue.enqueue_many, awaited: all or none."""
+        if self._caller_store is None:
+            items = list(jobs)
+            return await self._on_thread(lambda queue: queue.enqueue_many(items, **options))
+        calls = []
+        for item in jobs:
+            arguments = (
+                {**options, **item} if isinstance(item, Mapping) else {**options, "type": item[0], "data": item[1]}
+            )
+            calls.append(arguments)
+        # One savepoint each, in the app's transaction: the app's rollback takes them all back.
+        return [
+            await self.enqueue(arguments.pop("type"), arguments.pop("data", None), **arguments) for arguments in calls
+        ]
+
+    async def get(self, id: int) -> Job | None:
+        """Queue.get, awaited."""
+        return await self._on_thread(lambda queue: queue.get(id))
+
+    async def cancel(self, id: int, *, reason: str = "cancelled") -> bool:
+        """Queue.cancel, awaited."""
+        return await self._on_thread(lambda queue: queue.cancel(id, reason=reason))
+
+    async def close(self) -> None:
+        """Close this AsyncQueue's connection and thread (an app's connection is left open)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        if self._queue is not None:
+            await asyncio.get_running_loop().run_in_executor(thread, self._queue.close)
+        thread.shutdown(wait=False)
+
+
+class _RowsOnly(Queue):
+    """Queue's checks and rows without a connection of its own: AsyncQueue's on an app's AsyncConnection, which
+    gives every row its ``now`` (the server's time)."""
+
+    def __init__(self, *, check_types: bool) -> None:  # no super().__init__(): nothing to connect to
+        self.check_types = check_types
+        self.path, self._caller_store = None, None
+
+    def now(self) -> int:
+        raise AssertionError("AsyncQueue gives each row its time")
+
+
 def _dbapi_connection(db: Any) -> Any:
     """The DB-API connection under Django's connection or SQLAlchemy's Session, Connection or pooled proxy.
 
@@ -1223,6 +1381,15 @@ def _new_job(id: int, row: dict[str, Any]) -> Job:
         keep_ms=row["keep_ms"],
         persistent=bool(row["persistent"]),
     )
+
+
+def _who_asks() -> str:
+    """The user and host of this process, as the one who asks to cancel a running job."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 def default_keep_ms(*, succeeded: bool) -> int:
@@ -1337,6 +1504,15 @@ class Store(Protocol):
         """Cancel the pending row of this id, or the pending rows of this tag or type; how many (pending only)."""
         ...
 
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        """Ask the worker running row ``id`` to cancel it (it reads cancel_requests); False if it is not running,
+        or was asked already."""
+        ...
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        """(id, when, by whom) of the rows running under ``owner`` that someone asked to cancel."""
+        ...
+
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt of a failed or cancelled row that ends its chain; None if it is not one."""
         ...
@@ -1430,6 +1606,15 @@ class Store(Protocol):
         """
         ...
 
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        """Insert the row that a snooze of row ``id`` asks for (same attempt, one more snooze), if ``owner`` still
+        runs it and no pending row holds its tag; the new id, or None."""
+        ...
+
+    def snoozes(self, id: int) -> int:
+        """How often the chain of row ``id`` has snoozed so far."""
+        ...
+
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
         """Insert the run of row ``id``'s schedule at slot ``due`` (a new chain), unless a pending row holds its tag.
 
@@ -1500,6 +1685,10 @@ class Store(Protocol):
 
     def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
         """Per queue and status: rows finished since ``since`` (from the per-minute counts: the whole minute)."""
+        ...
+
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        """Per minute (its first ms) and status, all queues together: rows finished since ``since``'s minute."""
         ...
 
     def running_by_owner(self) -> dict[str, int]:
@@ -1776,7 +1965,9 @@ def installed_schema_version(conn: Any) -> int:
         version = int(recorded)
     elif "worker_jobs" not in names:
         version = 0
-    elif "worker_queues" in names:  # worker_schema, or its row, dropped by hand
+    elif _scalar(conn, "SELECT count(*) FROM pragma_table_info('worker_jobs') WHERE name = 'snoozes'"):
+        version = 8  # worker_schema, or its row, dropped by hand
+    elif "worker_queues" in names:
         version = 7
     elif "worker_jobs_refuse_invalid" in names:
         version = 6
@@ -2407,9 +2598,26 @@ class SQLiteStore(QueueControls):
            {COPIED_POLICY}, persistent
       FROM worker_jobs AS old
      WHERE id = :id AND status IN ('failed', 'cancelled') AND attempt < {MAX_COUNT}
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
     RETURNING {SELECT_COLUMNS}
     """
+
+    REQUEST_CANCEL_SQL = """
+    UPDATE worker_jobs SET cancel_requested = :now, cancel_requested_by = :by
+     WHERE id = :id AND status = 'running' AND cancel_requested IS NULL
+    """
+    # INDEXED BY: the running rows' own small index (a worker looks twice a second).
+    CANCEL_REQUESTS_SQL = """
+    SELECT id, cancel_requested, cancel_requested_by FROM worker_jobs INDEXED BY worker_jobs_lease
+     WHERE status = 'running' AND owner = :owner AND cancel_requested IS NOT NULL
+    """
+
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        return self.conn.execute(self.REQUEST_CANCEL_SQL, {"id": id, "now": now, "by": by}).rowcount == 1
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        return self.conn.execute(self.CANCEL_REQUESTS_SQL, {"owner": owner}).fetchall()
 
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt, due now, of a failed or cancelled row that ends its chain; None if it is not one."""
@@ -2419,7 +2627,8 @@ class SQLiteStore(QueueControls):
     RETRYABLE_FAILED_SQL = """
     SELECT id FROM worker_jobs AS old
      WHERE status = 'failed' AND (:type IS NULL OR type = :type)
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
      ORDER BY id
     """
 
@@ -2564,13 +2773,18 @@ class SQLiteStore(QueueControls):
     RETRY_SQL = f"""
     INSERT OR IGNORE INTO worker_jobs
            (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
-            rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
+            rescheduled_from_job, created_at, deaths, snoozes, max_attempts, retry_delay_ms, backoff, timeout_ms,
             keep_ms, persistent)
-    SELECT type, data, queue, priority, :due, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
-           id, :now, :deaths, {COPIED_POLICY}, persistent
-      FROM worker_jobs WHERE id = :id
+    SELECT type, data, queue, priority, :due, tag, attempt + {{next_attempt}}, cron_schedule, cron_timezone, cron_slot,
+           id, :now, {{deaths}}, snoozes + {{snoozed}}, {COPIED_POLICY}, persistent
+      FROM worker_jobs WHERE id = :id {{fence}}
     RETURNING id
     """
+    # A snooze's next row: the same attempt, one more snooze; only while the row is still this worker's.
+    SNOOZE_SQL = RETRY_SQL.format(
+        next_attempt=0, deaths="deaths", snoozed=1, fence="AND status = 'running' AND owner = :owner"
+    )
+    RETRY_SQL = RETRY_SQL.format(next_attempt=1, deaths=":deaths", snoozed=0, fence="")
 
     def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
         inserted = self.conn.execute(self.RETRY_SQL, {"id": id, "due": due, "now": now, "deaths": deaths}).fetchall()
@@ -2588,6 +2802,14 @@ class SQLiteStore(QueueControls):
       FROM worker_jobs WHERE id = :id
     RETURNING id
     """
+
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        params = {"id": id, "owner": owner, "due": due, "now": now}
+        inserted = self.conn.execute(self.SNOOZE_SQL, params).fetchall()
+        return int(inserted[0][0]) if inserted else None
+
+    def snoozes(self, id: int) -> int:
+        return int(_scalar(self.conn, "SELECT snoozes FROM worker_jobs WHERE id = ?", (id,)) or 0)
 
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
         inserted = self.conn.execute(self.NEXT_CRON_RUN_SQL, {"id": id, "due": due, "now": now}).fetchall()
@@ -2784,6 +3006,19 @@ class SQLiteStore(QueueControls):
             return self.conn.execute(self.FINISHED_PER_MINUTE_SQL, {"since": since - since % MINUTE_MS}).fetchall()
         return self.conn.execute(self.FINISHED_SINCE_SQL, {"since": since}).fetchall()  # not upgraded: the rows
 
+    BY_MINUTE_SQL = """
+    SELECT minute, status, sum(count) FROM worker_finished_per_minute WHERE minute >= :since
+     GROUP BY minute, status ORDER BY minute, status
+    """
+    BY_MINUTE_FROM_ROWS_SQL = f"""
+    SELECT finished - finished % {MINUTE_MS}, status, count(*) FROM worker_jobs WHERE finished >= :since
+     GROUP BY 1, 2 ORDER BY 1, 2
+    """
+
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        sql = self.BY_MINUTE_SQL if self._installed_version >= 3 else self.BY_MINUTE_FROM_ROWS_SQL
+        return self.conn.execute(sql, {"since": since - since % MINUTE_MS}).fetchall()
+
     def running_by_owner(self) -> dict[str, int]:
         # Exact now, where worker_processes.running is as old as the process's
         # last heartbeat.  It walks the small index of running rows.
@@ -2852,7 +3087,8 @@ class SQLiteStore(QueueControls):
     # As `worker retry` sees it; walks the chain index, one probe per row.
     RETRIED_AS_SQL = """
     SELECT old.id, new.id FROM worker_jobs AS old
-      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id AND new.attempt > old.attempt
+      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id
+                                   AND (new.attempt > old.attempt OR new.snoozes > old.snoozes)
      WHERE old.id IN (SELECT value FROM json_each(:ids))
     """
 
@@ -3134,9 +3370,10 @@ class JobContext:
 
     def __init__(
         self, job: Job, *, app: SimpleNamespace, producer: Callable[[], Queue], worker_name: str,
-        clock: Callable[[], int] = now_ms,
+        clock: Callable[[], int] = now_ms, cancelled: Callable[[], threading.Event] = threading.Event,
     ) -> None:  # fmt: skip
         self.job = job
+        self._cancelled = cancelled
         self._clock = clock  # the worker's: the follow-ups' times are the server's, as their parent's
         self.app = app
         self.worker = worker_name
@@ -3148,6 +3385,12 @@ class JobContext:
         """The worker's Queue, got when a job first enqueues: getting it may connect, and fail if the database is
         out of reach, which is then the job's error (made before the job ran, it killed the job's thread)."""
         return self._producer()
+
+    @functools.cached_property
+    def cancelled(self) -> threading.Event:
+        """Set once someone asked to cancel this running job (``worker cancel ID``); a long job may check it (or
+        wait on it) and return early.  Its row ends ``cancelled`` however the job then ends."""
+        return self._cancelled()
 
     @functools.cached_property
     def logger(self) -> JobLogger:
@@ -3188,6 +3431,10 @@ class JobContext:
         """Schedule a job at once, in a transaction of its own (it stays even if this job then fails)."""
         return self.producer.enqueue(type, data, **options)
 
+    async def enqueue_async(self, type: str, data: Mapping[str, Any] | None = None, **options: Any) -> Job:
+        """``enqueue_now`` for async jobs: its write runs on a thread, so the job loop goes on meanwhile."""
+        return await asyncio.to_thread(self.enqueue_now, type, data, **options)
+
 
 @dataclasses.dataclass
 class Outcome:
@@ -3198,9 +3445,168 @@ class Outcome:
     result: str | None = None  # JSON text
     error: str | None = None
     seconds: float = 0.0
-    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown | unrecordable
+    kind: str = "ok"  # ok | error | interrupted (KeyboardInterrupt) | timeout | unknown | unrecordable | snoozed
     started: int | None = None  # epoch ms the function was called (None: the claim's time stands)
     follow_ups: list[tuple[dict[str, Any], str]] = dataclasses.field(default_factory=list)  # ctx.enqueue's
+    snooze_ms: int = 0  # kind snoozed: how long until the next row is due
+
+
+def _snoozed(job: Job, snooze: Snooze, seconds: float, started_ms: int) -> Outcome:
+    """The outcome of a job that raised Snooze: not a failure; its next row is due later (Recording)."""
+    return Outcome(job, False, error=str(snooze), seconds=seconds, kind="snoozed", started=started_ms,
+                   snooze_ms=snooze.delay_ms)  # fmt: skip
+
+
+def _failed(job: Job, error: BaseException, seconds: float, started_ms: int) -> Outcome:
+    """The outcome of a job function that raised ``error`` (anything: it is the job's own failure)."""
+    kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "error"
+    return Outcome(job, False, error=_describe_exception(error), seconds=seconds, kind=kind, started=started_ms)
+
+
+def _returned(job: Job, value: Any, seconds: float, started_ms: int, ctx: JobContext) -> Outcome:
+    """The outcome of a job function that returned ``value``: success, if it can be stored as JSON."""
+    try:
+        result = encode_result(value)
+    except BaseException as e:  # anything: a value's own __repr__ or __iter__ may raise what it likes
+        why = "nested too deep: " if isinstance(e, RecursionError) else ""
+        error = f"result is not JSON-serialisable: {why}{_exception_line(e)}"
+        return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
+    return Outcome(job, True, result=result, seconds=seconds, started=started_ms, follow_ups=ctx.follow_ups)
+
+
+def _awaitable_returned(job: Job, value: Any, seconds: float, started_ms: int) -> Outcome:
+    """A sync job function returned a coroutine (a sync wrapper around an async def?): nothing awaited it."""
+    if inspect.iscoroutine(value):
+        value.close()  # never to run: no "coroutine was never awaited" warning besides this error
+    error = (
+        f"job {job.type!r} returned a {type(value).__name__} object instead of a result: its function"
+        f" {_qualname(_job_type(job).fn)} is not itself async def, so the worker ran it on a job thread and"
+        " nothing awaited what it returned; register the async def function itself (a decorator around it"
+        " must be async def too)"
+    )
+    return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
+
+
+class AsyncRunner:
+    """The event loop of a worker's ``async def`` jobs: one thread of its own, up to ``concurrency`` jobs at once.
+
+    The worker hands it the async jobs it claims (``start``) and asks how many
+    more it can take (``free``); each job runs as a task on the loop, and its
+    Outcome goes to ``hand_over``, as a job thread's does, to be recorded the
+    same way.  While jobs are short it takes up to ``concurrency`` more, which
+    wait on the loop and start the moment a job ends, not a step of the worker
+    later (ASYNC_PREFETCH_JOB_SECONDS).  A job's timeout cancels its task (see Worker.execute_async);
+    at shutdown ``cancel_all`` cancels what still runs, and the worker gives
+    those rows back.  Async hooks run on the same loop (``call``).
+    """
+
+    def __init__(
+        self, concurrency: int, execute: Callable[[Job], Awaitable[Outcome]], hand_over: Callable[[Outcome], None]
+    ) -> None:
+        self.concurrency = concurrency
+        self._execute, self._hand_over = execute, hand_over
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # by job id; touched on the loop's thread only
+        self._waiting: collections.deque[Job] = collections.deque()  # claimed ahead; the loop's thread only
+        self._ahead = 0  # how many jobs beyond ``concurrency`` it may hold: set by the loop's thread
+        # Counted apart, each by one thread (started: the worker's step; ended: the loop's), so no lock is needed.
+        self._started = 0
+        self._ended = 0
+
+    @property
+    def running(self) -> int:
+        """The async jobs handed to the loop that have not ended yet (running, or waiting to start)."""
+        return self._started - self._ended
+
+    @property
+    def free(self) -> int:
+        return self.concurrency + self._ahead - self.running
+
+    def _loop_running(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=loop.run_forever, name="worker-async", daemon=True)
+            self._thread.start()
+            self._loop = loop
+        return self._loop
+
+    def call(self, awaitable: Awaitable[_T], timeout: float | None = None) -> _T:
+        """Run ``awaitable`` on the job loop from another thread, and wait for its result (hooks; Worker.work).
+
+        TimeoutError after ``timeout`` seconds (a job that blocks the loop keeps everything else off it).
+        """
+
+        async def awaited() -> _T:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(awaited(), self._loop_running()).result(timeout)
+
+    def start(self, jobs: list[Job]) -> None:
+        """Run claimed async jobs on the loop (from the worker's step): one wake-up of the loop for them all."""
+        self._started += len(jobs)
+        self._loop_running().call_soon_threadsafe(self._begin_all, jobs)
+
+    def _begin_all(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._begin(job)
+
+    def _begin(self, job: Job) -> None:
+        if len(self._tasks) >= self.concurrency:
+            self._waiting.append(job)
+            return
+        self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.id}")
+
+    async def _run(self, job: Job) -> None:
+        outcome = None
+        try:
+            outcome = await self._execute(job)
+        except asyncio.CancelledError:
+            pass  # cancelled by cancel_all: no outcome, the worker gives its row back
+        except BaseException:  # execute_async captures the job's own; this would be the worker's fault
+            logger.exception("job %d %s: the job loop failed running it", job.id, job.type)
+        finally:
+            del self._tasks[job.id]
+            self._ended += 1  # before the hand-over: the worker never counts this slot as free too late
+            if self._waiting:
+                self._begin(self._waiting.popleft())
+        if outcome is not None:
+            # Claim ahead only while jobs are short: one waiting behind long ones would wait as long.
+            self._ahead = self.concurrency if outcome.seconds < ASYNC_PREFETCH_JOB_SECONDS else 0
+            self._hand_over(outcome)
+
+    def cancel(self, job_id: int) -> None:
+        """Cancel the task of this job, if it is one of this loop's (from any thread)."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(lambda: (task := self._tasks.get(job_id)) and task.cancel())
+
+    def cancel_all(self, grace: float) -> None:
+        """Cancel the running async jobs and wait up to ``grace`` seconds for their ``finally`` blocks to run."""
+        if self._loop is None or not self.running:
+            return
+
+        async def cancelled() -> None:
+            self._waiting.clear()  # not started: given back as they are
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=grace)
+
+        with contextlib.suppress(TimeoutError):
+            asyncio.run_coroutine_threadsafe(cancelled(), self._loop).result(grace + 1.0)
+
+    def close(self) -> None:
+        """Stop the loop and its thread (after the shutdown hooks)."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(5.0)
+        if not loop.is_running():
+            loop.close()
 
 
 class _Write:
@@ -3344,6 +3750,67 @@ class ClaimAhead:
         return min(self.limit, math.ceil(PREFETCH_ROUND_TRIPS * self.round_trip_seconds / start_every))
 
 
+CANCEL_LOOK_MS = 500  # how often a worker with running jobs looks for requests to cancel one
+
+
+class CancelRequests:
+    """Requests to cancel this worker's running jobs: looked for in its housekeeping, passed to each job as
+    ``ctx.cancelled``, and turned into the outcome the row ends with.
+
+    The request reaches a job when the worker sets its event; a job whose
+    outcome reached the worker's loop before that keeps its own outcome.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[int, threading.Event] = {}  # made only for jobs that look, or that were asked
+        self._asked: dict[int, tuple[int, str | None]] = {}  # job id -> (when, by whom)
+        self._next_look = 0
+        self.on_asked: Callable[[int], None] = lambda job_id: None  # the worker's: an async job is cancelled
+
+    def event(self, job_id: int) -> threading.Event:
+        return self._events.setdefault(job_id, threading.Event())
+
+    def asked(self, job_id: int) -> bool:
+        return job_id in self._asked
+
+    def any(self) -> bool:
+        """Whether any job has an event or a request (else nothing to do when outcomes are recorded)."""
+        return bool(self._events or self._asked)
+
+    def look(self, store: Store, owner: str, running: Container[int], now: int) -> list[_Note]:
+        """Every CANCEL_LOOK_MS: set the event of each running job that someone asked to cancel."""
+        if now < self._next_look:
+            return []
+        self._next_look = now + CANCEL_LOOK_MS
+        notes = []
+        for job_id, asked_at, by in store.cancel_requests(owner):
+            if job_id in running and job_id not in self._asked:
+                self._asked[job_id] = (asked_at, by)
+                self.event(job_id).set()
+                self.on_asked(job_id)
+                notes.append(_Note(logging.INFO, "job %d: asked to cancel it (by %s); ctx.cancelled is set",
+                                   (job_id, by), {"action": "cancel", "job_id": job_id}))  # fmt: skip
+        return notes
+
+    def outcome(self, outcome: Outcome) -> Outcome:
+        """The outcome a job's row ends with: ``cancelled`` if the request reached it first, beside what it
+        returned or raised; else its own."""
+        job_id = outcome.job.id
+        self._events.pop(job_id, None)
+        asked = self._asked.pop(job_id, None)
+        if asked is None or outcome.kind in ("timeout", "unrecordable"):
+            return outcome
+        request = f"cancelled while running (asked by {asked[1] or 'someone'} at {iso_time(asked[0])})"
+        if outcome.kind == "not started":
+            error = request.replace("while running", "before it started")
+        elif outcome.succeeded:
+            error = f"{request}; it then returned (its result is kept)"
+        else:
+            error = f"{request}; it then {'snoozed' if outcome.kind == 'snoozed' else 'raised'}:\n{outcome.error}"
+        return dataclasses.replace(outcome, succeeded=False, result=outcome.result, error=error, kind="cancelled",
+                                   follow_ups=[])  # fmt: skip
+
+
 class Recording:
     """How a worker ends what it claimed, by each job's policy: the part of the worker that writes outcomes.
 
@@ -3361,11 +3828,17 @@ class Recording:
     ) -> None:  # fmt: skip
         self.store: Store = cast(Store, None)  # the worker's, set each time it opens one
         self.owner, self.max_deaths, self.rng, self.scheduled = owner, max_deaths, rng, scheduled
+        self.cancels = CancelRequests()
         self.keep_succeeded_ms, self.keep_failed_ms = keep_succeeded_ms, keep_failed_ms
 
     def record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
         """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
-        ended = [(o.job.id, _ENDED_AS[o.succeeded], o.result, o.error, o.started, self.keep_ms(o)) for o in outcomes]
+        if self.cancels.any():
+            outcomes = [self.cancels.outcome(outcome) for outcome in outcomes]
+        for outcome in outcomes:
+            if outcome.kind == "snoozed":
+                self.snooze(outcome, now)
+        ended = [(o.job.id, _ended_as(o), o.result, o.error, o.started, self.keep_ms(o)) for o in outcomes]
         owned = self.store.finish_many_if_owned(self.owner, now, ended) if ended else set()
         notes: list[_Note] = []
         finished: list[tuple[int, str, str]] = []
@@ -3373,6 +3846,20 @@ class Recording:
             notes.extend(self.finish(outcome, now, finished, outcome.job.id in owned))
         self.store.count_finished(finished)
         return notes
+
+    def snooze(self, outcome: Outcome, now: int) -> None:
+        """Make the row a snoozed job asks for, before its own row ends: or, past MAX_SNOOZES, fail it instead."""
+        job = outcome.job
+        if self.store.snoozes(job.id) >= MAX_SNOOZES:
+            outcome.kind, outcome.error = "error", f"snoozed {MAX_SNOOZES} times (the most a chain may): given up"
+            return
+        due = min(now + outcome.snooze_ms, MAX_TIME_MS)
+        next_id = self.store.schedule_snooze_if_owned(job.id, self.owner, due=due, now=now)
+        if next_id is None:
+            outcome.error = f"{outcome.error}: not run again (a newer pending job holds its tag, or it was rescued)"
+        else:
+            self.scheduled(due)
+            outcome.error = f"{outcome.error}: job {next_id} runs it then"
 
     def keep_ms(self, outcome: Outcome) -> int:
         keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
@@ -3382,11 +3869,16 @@ class Recording:
     def finish(self, outcome: Outcome, now: int, finished: list[tuple[int, str, str]], owned: bool) -> list[_Note]:
         """What follows a row ended (``owned``: it was still this worker's): follow-ups, retry, next cron run, notes."""
         job = outcome.job
-        status = _ENDED_AS[outcome.succeeded]
+        status = _ended_as(outcome)
         if not owned:
             message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
             return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
         finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
+        if outcome.kind == "snoozed":  # its next row is the rest of this run: no retry, no next cron run
+            return [_Note.about(job, "snoozed", logging.INFO, "job %d %s %s", job.id, job.type, outcome.error)]
+        if outcome.kind == "cancelled":  # no retry; a recurring job's schedule goes on
+            note = _Note.about(job, "cancelled", logging.WARNING, "job %d %s %s", job.id, job.type, outcome.error)
+            return [note, *self.schedule_next_cron_run(job, now)]
         if outcome.succeeded:
             for row, on_conflict in outcome.follow_ups:  # committed with the success, or not at all
                 self.store.insert(row, on_conflict)
@@ -3512,6 +4004,11 @@ class Recording:
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
 
 
+def _ended_as(outcome: Outcome) -> str:
+    """The status an outcome ends its row in."""
+    return Status.CANCELLED.value if outcome.kind in ("snoozed", "cancelled") else _ENDED_AS[outcome.succeeded]
+
+
 class Worker:
     """Claims due jobs, runs them on ``concurrency`` threads, records every outcome.
 
@@ -3537,9 +4034,12 @@ class Worker:
         keep_succeeded: Seconds | None = None,
         keep_failed: Seconds | None = None,
         prefetch: int | None = None,
+        async_concurrency: int = DEFAULT_ASYNC_CONCURRENCY,
     ) -> None:
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
+        if async_concurrency < 1:
+            raise ConfigError("async concurrency must be at least 1")
         if not 100 <= to_ms(lease) <= MAX_DURATION_MS:
             raise ConfigError("lease must be at least 0.1 s (and at most 100 years)")
         if max_deaths < 1:
@@ -3577,6 +4077,9 @@ class Worker:
 
         self._registered: tuple[str, ...] = ()  # the job types when _types_json was made
         self._types_json = "[]"
+        # The same, split: run on job threads, and async def ones, run on the job loop (None: there are none).
+        self._thread_types_json: str | None = None
+        self._async_types_json: str | None = None
 
         self._store: Store = cast(Store, None)  # opened on first use (see store): the hot path reads it directly
         self._pid = 0  # of the process that opened it
@@ -3600,6 +4103,8 @@ class Worker:
         # it over here; the main loop sleeps on it, so a finished job wakes it at
         # once (None only wakes it: stop() was called).
         self._handed_over: queue_module.SimpleQueue[Outcome | None] = queue_module.SimpleQueue()
+        self._async = AsyncRunner(async_concurrency, self.execute_async, self._handed_over.put)
+        self._recording.cancels.on_asked = self._async.cancel  # an operator's cancel reaches a coroutine so
         # 2: taken off that queue by the loop (or given by a job thread's own step).
         self._received: list[Outcome] = []
         # 3: its job is no longer running here (timeouts noted): written by the next step's transaction.
@@ -3624,6 +4129,7 @@ class Worker:
         # busy (None while they go through): how long it has waited for the lock.
         self._refused_since: float | None = None
         self._claim_notes: list[_Note] = []  # of rows a claim failed as unreadable
+        self._claim_skipped = (False, False)  # kinds (job threads, job loop) the last claim had no slot for
 
     # -- connection ---------------------------------------------------------------
 
@@ -3679,7 +4185,7 @@ class Worker:
             )  # fmt: skip
         self._waited(began)  # a start that waited for another writer's lock judges no lease at once
         for hook in STARTUP_HOOKS:
-            hook(self.app)
+            self._call_hook(hook)
         self._started_up = True
 
     def sync_cron(self, now: int | None = None) -> None:
@@ -3730,10 +4236,11 @@ class Worker:
         if self._started_up:
             for hook in SHUTDOWN_HOOKS:
                 try:
-                    hook(self.app)
+                    self._call_hook(hook, timeout=max(self.shutdown_timeout, CANCELLED_JOB_GRACE))
                 except Exception:
                     logger.exception("shutdown hook %s failed", _qualname(hook))
             self._started_up = False
+        self._async.close()
         if self._producer is not None:
             self._producer.close()
         if self._store is not None and self._pid == _process_id:
@@ -3742,6 +4249,14 @@ class Worker:
             self._store.close()
         self._store = cast(Store, None)
         self._wake_up.forget_connection()
+
+    def _call_hook(self, hook: Callable[[SimpleNamespace], Any], timeout: float | None = None) -> None:
+        """Run a startup or shutdown hook: an async def one on the job loop (within ``timeout`` s), where async jobs
+        will use what it made."""
+        if is_coroutine_function(hook):
+            self._async.call(hook(self.app), timeout)
+        else:
+            hook(self.app)
 
     # -- the steps ----------------------------------------------------------------
 
@@ -3753,7 +4268,9 @@ class Worker:
         _emit(self._claim_notes)
         return claimed
 
-    def _claim(self, limit: int, now: int) -> list[Job]:
+    def _claim(self, limit: int, now: int, async_limit: int | None = None) -> list[Job]:
+        """Claim up to ``limit`` jobs of any type; or, given ``async_limit`` (the loop's step), up to ``limit`` of the
+        types that run on job threads and up to ``async_limit`` of the async def ones."""
         self._claim_notes = []  # written once the claim commits
         store = self._store
         lease_until, types = now + self.lease_ms, self._known_types()
@@ -3769,14 +4286,22 @@ class Worker:
                 self._alone = suspect[0].id
                 self._last_claim_full = True
                 return suspect
-        jobs, unreadable = store.claim(self.owner, self.name, now, lease_until, limit, types, self._running)
-        for job, why in unreadable:
-            self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
+        kinds = [(types, limit)] if async_limit is None else self._claim_kinds(limit, async_limit)
+        jobs: list[Job] = []
+        full = False
+        for kind_types, kind_limit in kinds:
+            held = {*self._running, *(j.id for j in jobs)} if jobs else self._running
+            got, unreadable = store.claim(self.owner, self.name, now, lease_until, kind_limit, kind_types, held)
+            for job, why in unreadable:
+                self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
+            full = full or len(got) == kind_limit
+            jobs += got
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
             jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
-        self._last_claim_full = len(jobs) == limit
-        if len(jobs) < limit:
-            next_due = store.next_due(self._types_json)
+        self._last_claim_full = full
+        if not full:
+            due_types = kinds[0][0] if len(kinds) == 1 else self._types_json  # of the kinds with room
+            next_due = store.next_due(due_types)
             self._next_due = next_due if next_due is not None else 2**62
         for claimed in jobs if logger.isEnabledFor(logging.DEBUG) else ():
             logger.debug(
@@ -3793,7 +4318,39 @@ class Worker:
         if len(REGISTRY) != len(self._registered) or tuple(REGISTRY) != self._registered:
             self._registered = tuple(REGISTRY)
             self._types_json = json.dumps(sorted(self._registered))
+            threaded = sorted(name for name, job_type in REGISTRY.items() if not job_type.is_async)
+            awaited = sorted(name for name, job_type in REGISTRY.items() if job_type.is_async)
+            self._thread_types_json = json.dumps(threaded) if threaded else None
+            self._async_types_json = json.dumps(awaited) if awaited else None
         return self._types_json
+
+    def _claim_kinds(self, thread_slots: int, async_slots: int) -> list[tuple[str, int]]:
+        """(types, limit) of each kind of job that has free slots and registered types: one claim each.
+
+        Notes the kinds left out for want of a free slot (``_claim_skipped``):
+        their due rows are not looked at, and the first step that finds a slot
+        free for one of them claims (see _room_again).
+        """
+        self._known_types()
+        kinds = [(self._thread_types_json, thread_slots), (self._async_types_json, async_slots)]
+        self._claim_skipped = (
+            kinds[0][0] is not None and thread_slots <= 0,
+            kinds[1][0] is not None and async_slots <= 0,
+        )
+        return [(types, slots) for types, slots in kinds if types is not None and slots > 0]
+
+    def _free_slots(self) -> tuple[int, int]:
+        """How many more jobs the claim may take for the job threads (prefetch included), and for the job loop."""
+        self._known_types()
+        if self._async_types_json is None:  # no async def job: all is as before there were any
+            return self.concurrency + self._ahead.jobs - len(self._running), 0
+        threads = 0 if self._thread_types_json is None else self.concurrency + self._ahead.jobs
+        return threads - (len(self._running) - self._async.running), self._async.free
+
+    def _room_again(self, thread_slots: int, async_slots: int) -> bool:
+        """Whether a kind of job the last claim left out for want of a free slot has one now."""
+        skipped_threads, skipped_async = self._claim_skipped
+        return (skipped_threads and thread_slots > 0) or (skipped_async and async_slots > 0)
 
     def execute(self, job: Job) -> Outcome:
         """Run one claimed job's function and capture how it ended (never raises).
@@ -3806,29 +4363,74 @@ class Worker:
         job_type = REGISTRY.get(job.type)
         if job_type is None:
             return Outcome(job, False, error=f"unknown job type {job.type!r}", kind="unknown")
-        ctx = JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now)
+        if self._recording.cancels.asked(job.id):  # claimed ahead, and asked to cancel before a thread took it
+            return Outcome(job, False, kind="not started")
+        if job_type.is_async:  # here (work()), not handed to the loop by run(): this thread waits for it
+            return self._async.call(self.execute_async(job))
+        ctx = self._context(job)
         # The row's `started` becomes this moment: a job claimed ahead started later than its claim.
         started_ms = self.now()
         started = time.perf_counter()
         process = _process_id
         try:
             value = job_type.fn(ctx, **job.data)
+        except Snooze as e:
+            if _process_id != process:
+                _end_forked_child(e)
+            return _snoozed(job, e, time.perf_counter() - started, started_ms)
         except BaseException as e:
             if _process_id != process:
                 _end_forked_child(e)
-            seconds = time.perf_counter() - started
-            kind = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
-            return Outcome(job, False, error=_describe_exception(e), seconds=seconds, kind=kind, started=started_ms)
+            return _failed(job, e, time.perf_counter() - started, started_ms)
         if _process_id != process:
             _end_forked_child(None)
         seconds = time.perf_counter() - started
+        if inspect.isawaitable(value):
+            return _awaitable_returned(job, value, seconds, started_ms)
+        return _returned(job, value, seconds, started_ms, ctx)
+
+    async def execute_async(self, job: Job) -> Outcome:
+        """Await one claimed async def job on the job loop and capture how it ended, as ``execute`` does.
+
+        Its timeout cancels the coroutine (its ``finally`` blocks run) and fails
+        the row.  It raises only CancelledError, when the worker that is stopping
+        cancels the job (AsyncRunner.cancel_all): that row is given back.
+        """
+        job_type = _job_type(job)
+        cancels = self._recording.cancels
+        if cancels.asked(job.id):  # claimed ahead, and asked to cancel before the loop began it
+            return Outcome(job, False, kind="not started")
+        ctx = self._context(job)
+        timeout_ms = _first(job.timeout_ms, job_type.timeout_ms)
+        deadline = asyncio.timeout(None if timeout_ms is None else timeout_ms / 1000)
+        started_ms = self.now()
+        started = time.perf_counter()
         try:
-            result = encode_result(value)
-        except BaseException as e:  # anything: a value's own __repr__ or __iter__ may raise what it likes
-            why = "nested too deep: " if isinstance(e, RecursionError) else ""
-            error = f"result is not JSON-serialisable: {why}{_exception_line(e)}"
-            return Outcome(job, False, error=error, seconds=seconds, kind="error", started=started_ms)
-        return Outcome(job, True, result=result, seconds=seconds, started=started_ms, follow_ups=ctx.follow_ups)
+            async with deadline:
+                value = await job_type.fn(ctx, **job.data)
+        except asyncio.CancelledError as e:
+            task = cast(asyncio.Task[Any], asyncio.current_task())
+            if task.cancelling() and not cancels.asked(job.id):
+                raise  # the worker is stopping: the row is given back
+            if task.cancelling():  # an operator's cancel (worker cancel ID): the row ends cancelled
+                task.uncancel()
+            return _failed(job, e, time.perf_counter() - started, started_ms)  # the job's own, not the worker's
+        except Snooze as e:
+            return _snoozed(job, e, time.perf_counter() - started, started_ms)
+        except TimeoutError as e:
+            if not deadline.expired():
+                return _failed(job, e, time.perf_counter() - started, started_ms)
+            seconds = cast(int, timeout_ms) / 1000
+            error = f"timed out after {seconds:g} s"
+            return Outcome(job, False, error=error, seconds=seconds, kind="timeout", started=started_ms)
+        except BaseException as e:
+            return _failed(job, e, time.perf_counter() - started, started_ms)
+        return _returned(job, value, time.perf_counter() - started, started_ms, ctx)
+
+    def _context(self, job: Job) -> JobContext:
+        cancelled = functools.partial(self._recording.cancels.event, job.id)
+        return JobContext(job, app=self.app, producer=lambda: self.producer, worker_name=self.name, clock=self.now,
+                          cancelled=cancelled)  # fmt: skip
 
     def record(self, outcomes: list[Outcome], now: int | None = None) -> None:
         """Write outcomes (and any retries) in one write transaction."""
@@ -4089,8 +4691,9 @@ class Worker:
         if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
             self._give_back_waiting("its worker's threads are all busy with longer jobs")
         busy = self._stopping.is_set() or self._alone in self._running  # nothing beside a job run alone
-        free = 0 if busy else self.concurrency + self._ahead.jobs - len(self._running)
-        want_claim = free > 0 and self._maybe_due(now)
+        free, async_free = (0, 0) if busy else self._free_slots()
+        room = free > 0 or async_free > 0
+        want_claim = room and (self._maybe_due(now) or self._room_again(free, async_free))
         claimed: list[Job] = []
         kept = None
         if self._to_record or want_claim:
@@ -4100,7 +4703,8 @@ class Worker:
                     if self._claim_in_doubt:
                         notes += self._give_back_unknown()
                     if want_claim:
-                        claimed = self._claim(free, now)
+                        kinds = () if self._async_types_json is None else (async_free,)  # one claim, as before
+                        claimed = self._claim(free, now, *kinds)
             except DatabaseUnavailable as e:
                 self._claim_in_doubt = self._claim_in_doubt or want_claim
                 self._back_off(e)
@@ -4116,22 +4720,35 @@ class Worker:
                 self._running[job.id] = job
             if claimed:
                 self._progress_at = time.monotonic()
-            kept = claimed[0] if keep_one and claimed else None
-            for job in claimed[1:] if kept else claimed:
+            threaded = self._start_async(claimed) if self._async_types_json is not None else claimed
+            kept = threaded[0] if keep_one and threaded else None
+            for job in threaded[1:] if kept else threaded:
                 self._todo.put(job)
             self._ahead.stepped(time.monotonic() - began)
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
-        self._nothing_due = free > 0 and not claimed and not self._last_claim_full and now < self._next_due
+        self._nothing_due = room and not claimed and not self._last_claim_full and now < self._next_due
+        if self._nothing_due and self._store.at_running_limit():  # due rows wait for a place, not for a time
+            self._nothing_due = False
         # Idle: nothing running and nothing claimed.  Only then do commits by
         # others wake it (under load, every commit would, and the wake-ups would
         # cost more than they save); a busy worker looks every poll_interval.
-        self._wants_commits = free > 0 and not claimed and not self._running
+        self._wants_commits = room and not claimed and not self._running
         self._wake_up.arm(self._wants_commits)
         self._housekeeping(now)
         if self._next_due <= now:  # the sweep just rescued a job, due at once: something is due after all
             self._nothing_due = False
         return kept
+
+    def _start_async(self, claimed: list[Job]) -> list[Job]:
+        """Hand the claimed async def jobs to the job loop; the others, returned, are the job threads'."""
+        threaded: list[Job] = []
+        awaited: list[Job] = []
+        for job in claimed:
+            (awaited if _job_type(job).is_async else threaded).append(job)
+        if awaited:
+            self._async.start(awaited)
+        return threaded
 
     def _give_back_unknown(self) -> list[_Note]:
         """Give back the rows running under this worker that it is not running (in the step's transaction).
@@ -4194,7 +4811,8 @@ class Worker:
                 with self._deadlines_lock:
                     self._deadlines.pop(outcome.job.id, None)
             self._to_record.append(outcome)
-        self._ahead.finished(outcome.seconds for outcome in arrived)
+        threaded = arrived if self._async_types_json is None else [o for o in arrived if not _job_type(o.job).is_async]
+        self._ahead.finished(outcome.seconds for outcome in threaded)  # the job loop claims ahead by its own
         if not self._deadlines:
             return
         with self._deadlines_lock:
@@ -4308,6 +4926,8 @@ class Worker:
             if schedule.rescue_due(now):
                 self.rescue(now)
                 schedule.rescue_done(now)
+            if self._running:
+                _emit(self._recording.cancels.look(self._store, self.owner, self._running, now))
         except DatabaseError as e:
             # Postponed, not given up: tried again after a backoff, as a failed step is.  At the next tick it
             # was a connection attempt and a warning every few ms while the server was out of reach.
@@ -4318,6 +4938,7 @@ class Worker:
     def _shut_down(self) -> None:
         deadline = time.monotonic() + max(self.shutdown_timeout, 5.0)
         self._take_waiting()  # still in _running: given back below, and no thread may start them now
+        self._async.cancel_all(grace=CANCELLED_JOB_GRACE)  # their rows too: given back below
         self._collect_outcomes(self.now())
         while time.monotonic() < deadline:
             try:
@@ -4677,6 +5298,10 @@ ENVIRONMENT = {
     "db": ("WORKER_DB", "database file, sqlite:/// or postgresql:// URL (else DATABASE_URL, else ./worker.db)"),
     "jobs": ("WORKER_JOBS", f"module name or .py path that registers the jobs (default ./{DEFAULT_JOBS_MODULE}.py)"),
     "concurrency": ("WORKER_CONCURRENCY", f"job threads per process (default {DEFAULT_CONCURRENCY})"),
+    "async_concurrency": (
+        "WORKER_ASYNC_CONCURRENCY",
+        f"async def jobs at once per process, on its job loop (default {DEFAULT_ASYNC_CONCURRENCY})",
+    ),
     "processes": ("WORKER_PROCESSES", "worker processes run by a supervisor (default 1)"),
     "queues": ("WORKER_QUEUES", "comma-separated queues to take jobs from (default all)"),
     "lease": ("WORKER_LEASE", f"seconds a claim holds without a heartbeat (default {DEFAULT_LEASE:g})"),
@@ -4776,6 +5401,7 @@ def add_engine_commands(commands: Any) -> None:
     )
     add_common_options(run)
     run.add_argument("--concurrency", type=int, help=option_help("concurrency"))
+    run.add_argument("--async-concurrency", type=int, help=option_help("async_concurrency"))
     run.add_argument("--processes", type=int, help=option_help("processes"))
     run.add_argument("--queues", help=option_help("queues"))
     run.add_argument("--lease", type=float, help=option_help("lease"))
@@ -4977,6 +5603,7 @@ def _run_command(
 ) -> int:
     settings = {
         "concurrency": setting(args, "concurrency", positive(int), DEFAULT_CONCURRENCY),
+        "async_concurrency": setting(args, "async_concurrency", positive(int), DEFAULT_ASYNC_CONCURRENCY),
         "queues": setting(args, "queues", str, ""),
         "lease": setting(args, "lease", positive(float), DEFAULT_LEASE),
         "shutdown_timeout": setting(args, "shutdown_timeout", float, DEFAULT_SHUTDOWN_TIMEOUT),
@@ -4992,6 +5619,7 @@ def _run_command(
     worker = Worker(
         db,
         concurrency=settings["concurrency"],
+        async_concurrency=settings["async_concurrency"],
         queues=[q.strip() for q in settings["queues"].split(",") if q.strip()] or None,
         lease=settings["lease"],
         shutdown_timeout=settings["shutdown_timeout"],

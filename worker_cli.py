@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--type", help="with --failed: only this type")
     retry.add_argument("--db", help=option_help("db"))
 
-    cancel = commands.add_parser("cancel", help="cancel a pending job, or every pending job of a type")
+    cancel = commands.add_parser(
+        "cancel", help="cancel a pending job, or ask a running one's worker to stop it; or every pending job of a type"
+    )
     cancel.add_argument("id", type=int, nargs="?")
     cancel.add_argument("--type", help="every pending job of this type instead (say, one no worker will ever know)")
     cancel.add_argument("--db", help=option_help("db"))
@@ -670,10 +672,16 @@ def _cancel_command(args: argparse.Namespace, db: str) -> int:
             print(f"{producer.cancel_type(args.type)} pending {printable(args.type)} jobs cancelled")
             return EXIT_OK
         if producer.cancel(args.id):
-            print(f"job {args.id} cancelled")
+            found = producer.get(args.id)
+            if found is not None and found.status == "running":
+                print(f"job {args.id} is running: its worker was asked to stop it (ctx.cancelled)")
+            else:
+                print(f"job {args.id} cancelled")
             return EXIT_OK
         found = producer.get(args.id)
-        why = "no such job" if found is None else f"it is {found.status}; only pending jobs can be cancelled"
+        why = "no such job" if found is None else f"it is {found.status}; only pending and running jobs can be"
+        if found is not None and found.status == "running":
+            why = "its worker was asked to stop it already"
         print(f"worker: cannot cancel job {args.id}: {why}", file=sys.stderr)
         return EXIT_FAILURE
 

@@ -9,8 +9,8 @@ start (as the form field ``token`` or the header ``X-Worker-Token``).
     $ worker dashboard --db app.db                  # http://127.0.0.1:8750/
     $ worker dashboard --db app.db --allow-actions  # prints the URL with its token
 
-Routes: ``/`` (refreshes itself), ``/jobs/<id>`` and ``/status.json`` (the same
-report as ``worker status --json``).  Job data, type names and errors are
+Routes: ``/`` (refreshes itself), ``/jobs/<id>``, ``/status.json`` (the same
+report as ``worker status --json``) and ``/metrics`` (Prometheus's text format).  Job data, type names and errors are
 written by other programs, so every value taken from the table is escaped.
 This module imports worker only; neither worker.py nor worker_cli.py needs it to run jobs.
 """
@@ -58,6 +58,12 @@ TOKEN_FIELD = "token"
 TOKEN_HEADER = "X-Worker-Token"
 TOKEN_COOKIE = "worker_dashboard_token"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+CONTENT_TYPES = {
+    "html": "text/html; charset=utf-8",
+    "json": "application/json",
+    "metrics": "text/plain; version=0.0.4; charset=utf-8",  # Prometheus's text format
+}
 
 JOB_PATH = re.compile(r"/jobs/(\d+)")
 ACTION_PATH = re.compile(r"/jobs/(\d+)/(retry|cancel)")
@@ -130,14 +136,15 @@ def action_button(id: int, action: str, token: str) -> Html:
 
 
 def actions_for(job: worker.Job, token: str | None, retried_as: int | None = None) -> Html:
-    """What can be done with a row: retry a failed or cancelled one, cancel a pending one."""
+    """What can be done with a row: retry a failed or cancelled one, cancel a pending one, ask a running one's
+    worker to stop it."""
     if retried_as is not None:
         return Html(f"retried as {job_link(retried_as)}")
     if token is None:
         return Html("")
     if job.status in ("failed", "cancelled"):
         return action_button(job.id, "retry", token)
-    if job.status == "pending":
+    if job.status in ("pending", "running"):
         return action_button(job.id, "cancel", token)
     return Html("")
 
@@ -168,7 +175,168 @@ summary { cursor: pointer; }
 .running { background: #00838f; } .pending { background: #ef6c00; } .cancelled { background: #9e9e9e; }
 form { display: inline; } button { cursor: pointer; }
 .note { background: #fff8e1; border: 1px solid #ffe082; padding: .4rem .7rem; display: inline-block; }
+svg.chart { background: #fff; border: 1px solid #ddd; display: block; }
+svg.chart .done { fill: #2e7d32; } svg.chart .fail { fill: #c62828; } svg.chart .cancel { fill: #9e9e9e; }
+svg.chart text { font: 11px system-ui, sans-serif; fill: #555; } svg.chart line { stroke: #ccc; }
 """
+
+
+# --- The last hour, minute by minute: inline SVG (no script, nothing from elsewhere) --------
+
+CHART_MINUTES = 60
+BAR_WIDTH, CHART_HEIGHT, LABEL_WIDTH = 8, 80, 44
+CHART_CLASSES = {"succeeded": "done", "failed": "fail", "cancelled": "cancel"}  # bottom to top
+
+
+def render_chart(by_minute: list[tuple[int, str, int]], now: int) -> Html:
+    """Rows finished in each of the last 60 minutes, succeeded / failed / cancelled stacked (the per-minute counts)."""
+    first = now - now % worker.MINUTE_MS - (CHART_MINUTES - 1) * worker.MINUTE_MS
+    counts: dict[int, dict[str, int]] = {}
+    for minute, state, count in by_minute:
+        if minute >= first and state in CHART_CLASSES:
+            column = counts.setdefault((minute - first) // worker.MINUTE_MS, {})
+            column[state] = column.get(state, 0) + int(count)
+    top = max((sum(column.values()) for column in counts.values()), default=0)
+    scale = CHART_HEIGHT / top if top else 0.0
+    width = LABEL_WIDTH + CHART_MINUTES * BAR_WIDTH
+    parts = [
+        f'<svg class="chart" role="img" width="{width}" height="{CHART_HEIGHT + 18}" '
+        f'viewBox="0 0 {width} {CHART_HEIGHT + 18}" xmlns="http://www.w3.org/2000/svg">',
+        f"<title>rows finished per minute, the last {CHART_MINUTES} minutes</title>",
+        f'<line x1="{LABEL_WIDTH}" y1="{CHART_HEIGHT}" x2="{width}" y2="{CHART_HEIGHT}"/>',
+        f'<text x="0" y="10">{e(top)}/min</text><text x="0" y="{CHART_HEIGHT}">0</text>',
+        f'<text x="{LABEL_WIDTH}" y="{CHART_HEIGHT + 14}">{CHART_MINUTES} min ago</text>',
+        f'<text x="{width - 24}" y="{CHART_HEIGHT + 14}">now</text>',
+    ]
+    for index, column in sorted(counts.items()):
+        x, bottom = LABEL_WIDTH + index * BAR_WIDTH, float(CHART_HEIGHT)
+        at = when(first + index * worker.MINUTE_MS)
+        for state, css in CHART_CLASSES.items():
+            if not column.get(state):
+                continue
+            height = column[state] * scale
+            bottom -= height
+            parts.append(
+                f'<rect class="{css}" x="{x}" y="{max(bottom, 0.0):.1f}" width="{BAR_WIDTH - 1}" height="{height:.1f}">'
+                f"<title>{e(at)}: {e(column[state])} {e(state)}</title></rect>"
+            )
+    parts.append("</svg>")
+    return Html("<h2>Finished per minute, last hour</h2>" + "".join(parts))
+
+
+# --- /metrics: the Prometheus text format -----------------------------------------------
+
+# A minute's count stops changing once its minute is over: an outcome is
+# counted in the minute it is recorded in.  Ten minutes leaves room for clocks.
+SETTLED_MS = 10 * worker.MINUTE_MS
+
+
+class FinishedCounters:
+    """Rows finished per (queue, status) since this process started: counters, which only grow.
+
+    The table's per-minute counts are pruned after a while (retention), so a
+    sum over them would fall.  The minutes that have settled are added up here
+    once, and only the later ones are read again at each scrape.
+    """
+
+    def __init__(self, now: int) -> None:
+        self.settled_before = now - now % worker.MINUTE_MS
+        self.settled: dict[tuple[str, str], int] = {}
+        self.lock = threading.Lock()
+
+    def read(self, store: worker.Store, now: int) -> dict[tuple[str, str], int]:
+        with self.lock:
+            recent = _by_key(store.finished_by_queue(self.settled_before))
+            boundary = now - now % worker.MINUTE_MS - SETTLED_MS
+            if boundary > self.settled_before:
+                later = _by_key(store.finished_by_queue(boundary))
+                for key, count in recent.items():
+                    self.settled[key] = self.settled.get(key, 0) + count - later.get(key, 0)
+                self.settled_before, recent = boundary, later
+            return {key: self.settled.get(key, 0) + recent.get(key, 0) for key in self.settled.keys() | recent.keys()}
+
+
+def _by_key(rows: list[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
+    return {(queue, state): int(count) for queue, state, count in rows}
+
+
+def label(value: Any) -> str:
+    """A label value as the text format spells it (queue names are anyone's text)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(report: dict[str, Any], finished: dict[tuple[str, str], int]) -> str:
+    """``status`` and the finished counters in the Prometheus text format (version 0.0.4)."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help: str, samples: list[tuple[dict[str, Any], float]]) -> None:
+        lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}"])
+        for labels, value in samples:
+            given = ",".join(f'{key}="{label(each)}"' for key, each in labels.items())
+            number = repr(float(value)) if isinstance(value, float) else str(int(value))
+            lines.append(f"{name}{{{given}}} {number}" if given else f"{name} {number}")
+
+    queues = report["queues"]
+    family(
+        "worker_jobs",
+        "gauge",
+        "Rows pending (due now or later) or running, per queue.",
+        [
+            *(({"queue": q["queue"], "status": "pending"}, q["pending_due"] + q["pending_later"]) for q in queues),
+            *(({"queue": q["queue"], "status": "running"}, q["running"]) for q in queues),
+        ],
+    )
+    family(
+        "worker_jobs_due",
+        "gauge",
+        "Pending rows due now: waiting for a worker.",
+        [({"queue": q["queue"]}, q["pending_due"]) for q in queues],
+    )
+    family(
+        "worker_jobs_oldest_waiting_seconds",
+        "gauge",
+        "How long the oldest due pending row has waited.",
+        [
+            ({"queue": q["queue"]}, q["oldest_waiting_seconds"])
+            for q in queues
+            if q["oldest_waiting_seconds"] is not None
+        ],
+    )
+    family(
+        "worker_queue_paused",
+        "gauge",
+        "1 while the queue is paused.",
+        [({"queue": q["queue"]}, int(bool(q.get("paused")))) for q in queues],
+    )
+    family(
+        "worker_jobs_finished_total",
+        "counter",
+        "Rows finished per queue and status (succeeded, failed, cancelled) since this dashboard started.",
+        [({"queue": queue, "status": state}, count) for (queue, state), count in sorted(finished.items())],
+    )
+    workers = report["workers"]
+    family(
+        "worker_processes",
+        "gauge",
+        "Registered worker processes, and those with a fresh heartbeat.",
+        [
+            ({"fresh": "false"}, sum(not w["fresh"] for w in workers)),
+            ({"fresh": "true"}, sum(bool(w["fresh"]) for w in workers)),
+        ],
+    )
+    family(
+        "worker_process_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since each worker process's last heartbeat.",
+        [({"worker": f"{w['host']}:{w['pid']}"}, w["heartbeat_age_seconds"]) for w in workers],
+    )
+    family(
+        "worker_process_running_jobs",
+        "gauge",
+        "Rows each worker process holds (claimed ahead included).",
+        [({"worker": f"{w['host']}:{w['pid']}"}, w["running"]) for w in workers],
+    )
+    return "\n".join(lines) + "\n"
 
 
 def page(title: str, body: Html, *, nonce: str, refresh: int | None = None) -> str:
@@ -412,6 +580,7 @@ class DashboardServer(ThreadingHTTPServer):
         self.deadlines: dict[socket.socket, float] = {}  # of the connections being served
         self.deadlines_lock = threading.Lock()
         self.token = secrets.token_urlsafe(24) if allow_actions else None
+        self.finished_counters = FinishedCounters(worker.now_ms())
         # On loopback, a request naming another host is a DNS-rebinding page
         # trying to read ours: refuse it.  Bound elsewhere, the names are unknown.
         self.allowed_hosts = LOOPBACK_NAMES | {host} if host in LOOPBACK_NAMES else None
@@ -495,6 +664,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self._accept_token(url.path, query[TOKEN_FIELD][0])
         elif url.path == "/":
             self._read(self._index)
+        elif url.path == "/metrics":
+            self._read(self._metrics)
         elif url.path == "/status.json":
             self._read(lambda conn: self._send(HTTPStatus.OK, json.dumps(worker.status(conn), indent=2), "json"))
         elif match := JOB_PATH.fullmatch(url.path):
@@ -524,9 +695,16 @@ class DashboardHandler(BaseHTTPRequestHandler):
         latest = worker.list_jobs(conn, limit=RECENT_LIMIT)
         token = self._page_token()
         body = render_index(report, failures, latest, token=token, retried=retries_of(conn, failures + latest))
+        chart = render_chart(conn.finished_by_minute(report["now"] - CHART_MINUTES * worker.MINUTE_MS), report["now"])
+        body = Html(body.replace("<h2>Queues</h2>", chart + "<h2>Queues</h2>", 1))
         if self.server.token is not None and token is None:
             body = Html('<p class="note">Retry and cancel are allowed: open the URL printed at start.</p>' + body)
         self._send(HTTPStatus.OK, page("worker dashboard", body, nonce=self.nonce, refresh=self.server.refresh_seconds))
+
+    def _metrics(self, conn: Any) -> None:
+        report = worker.status(conn)
+        finished = self.server.finished_counters.read(conn, report["now"])
+        self._send(HTTPStatus.OK, render_metrics(report, finished), "metrics")
 
     def _job(self, conn: Any, id: int) -> None:
         chain = worker.job_chain(conn, id)
@@ -544,7 +722,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
                     new = producer.retry(id)
                     done_id = None if new is None else new.id
                 else:
-                    done_id = id if producer.cancel(id) else None
+                    done_id = id if producer.cancel(id, by=f"dashboard, from {self.client_address[0]}") else None
                 found = producer.get(id) if done_id is None else None
         except worker.DatabaseUnusable as error:
             self._message(HTTPStatus.SERVICE_UNAVAILABLE, str(error))
@@ -563,7 +741,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
         elif action == "retry":
             self._message(HTTPStatus.CONFLICT, f"job {id} is {found.status}: only failed or cancelled jobs are retried")
         else:
-            self._message(HTTPStatus.CONFLICT, f"job {id} is {found.status}: only pending jobs can be cancelled")
+            asked = " and its worker was asked to stop it already" if found.status == "running" else ""
+            self._message(HTTPStatus.CONFLICT, f"job {id} is {found.status}{asked}: only pending and running jobs "
+                          "can be cancelled, a running one once")  # fmt: skip
 
     # -- the token --------------------------------------------------------------------
 
@@ -620,7 +800,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
     def _send(self, status: HTTPStatus, text: str, kind: str = "html", headers: dict[str, str] | None = None) -> None:
         body = text.encode(errors="backslashreplace")  # a lone surrogate, which JSON in a row may spell as \\udcff
         self.send_response(status)
-        self.send_header("Content-Type", "application/json" if kind == "json" else "text/html; charset=utf-8")
+        self.send_header("Content-Type", CONTENT_TYPES[kind])
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")

@@ -28,7 +28,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -70,6 +70,7 @@ CONNECTION_DEFAULTS: dict[str, str | int] = {
 }
 LISTEN_BACKOFF, MAX_LISTEN_BACKOFF = 0.05, 5.0  # seconds between attempts to LISTEN again
 TAG_RACE_ATTEMPTS = 10  # see PostgresStore.insert: each retry means another writer won a race just now
+Statement = tuple[str, Mapping[str, Any]]  # SQL and its parameters
 
 # Every statement of this store touches a few rows through an index (a claim
 # walks worker_jobs_claim for `limit` rows; a finish looks each id up by its
@@ -375,6 +376,14 @@ class OperatingReads:
     def finished_by_queue(self, since: int) -> list[tuple[str, str, int]]:
         return self._execute(self.FINISHED_PER_MINUTE_SQL, {"since": since - since % worker.MINUTE_MS}).fetchall()
 
+    BY_MINUTE_SQL = """
+    SELECT minute, status, sum(count)::bigint FROM worker_finished_per_minute
+     WHERE minute >= %(since)s GROUP BY minute, status ORDER BY minute, status
+    """
+
+    def finished_by_minute(self, since: int) -> list[tuple[int, str, int]]:
+        return self._execute(self.BY_MINUTE_SQL, {"since": since - since % worker.MINUTE_MS}).fetchall()
+
     def running_by_owner(self) -> dict[str, int]:
         sql = "SELECT owner, count(*) FROM worker_jobs WHERE status = 'running' GROUP BY owner"
         return dict(self._execute(sql).fetchall())
@@ -436,7 +445,8 @@ class OperatingReads:
 
     RETRIED_AS_SQL = """
     SELECT old.id, new.id FROM worker_jobs AS old
-      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id AND new.attempt > old.attempt
+      JOIN worker_jobs AS new ON new.rescheduled_from_job = old.id
+                                   AND (new.attempt > old.attempt OR new.snoozes > old.snoozes)
      WHERE old.id = ANY(%(ids)s)
     """
 
@@ -589,21 +599,46 @@ class PostgresStore(OperatingReads, worker.QueueControls):
         Replacing writers of one tag take turns (LOCK_TAG_SQL), or two of
         them could keep cancelling each other's row and neither get in.
         """
+        steps = self.insert_steps(row, on_conflict)
+        try:
+            statement = next(steps)
+            while True:
+                cursor = self._execute(*statement)
+                statement = steps.send(cursor.fetchall() if cursor.description else [])
+        except StopIteration as done:
+            inserted: Job = done.value
+            return inserted
+
+    @classmethod
+    def insert_steps(cls, row: dict[str, Any], on_conflict: str) -> Generator[Statement, list[tuple[Any, ...]], Job]:
+        """The statements of ``insert``, each sent the rows it returned; the Job is the generator's value.
+
+        Apart from their execution, so that AsyncStoreInCallersTransaction awaits the same statements on an
+        app's psycopg AsyncConnection.
+        """
         if row["tag"] is None:
-            return worker._new_job(self._scalar(self.INSERT_RETURNING_SQL, row), row)
+            ((id,),) = yield cls.INSERT_RETURNING_SQL, row
+            return worker._new_job(id, row)
         if on_conflict not in ("replace", "ignore"):
             raise ValueError(f"on_conflict must be 'replace' or 'ignore', not {on_conflict!r}")
         if on_conflict == "replace":
-            self._execute(self.LOCK_TAG_SQL, {"tag": row["tag"]})
+            yield cls.LOCK_TAG_SQL, {"tag": row["tag"]}
         for _ in range(TAG_RACE_ATTEMPTS):
             if on_conflict == "replace":
                 reason = f"replaced by a newer job with tag {row['tag']!r}"
-                self.cancel_pending(row["created_at"], reason, worker.default_keep_ms(succeeded=False), tag=row["tag"])
-            inserted = self._execute(self.INSERT_UNLESS_TAGGED_SQL, row).fetchone()
-            if inserted is not None:
-                return worker._new_job(inserted[0], row)
-            if on_conflict == "ignore" and (pending := self.pending_with_tag(row["tag"])) is not None:
-                return pending
+                params = {"id": None, "tag": row["tag"], "type": None, "now": row["created_at"], "reason": reason,
+                          "keep_ms": worker.default_keep_ms(succeeded=False)}  # fmt: skip
+                cancelled = yield cls.CANCEL_BY["tag"], params
+                counted = worker.finished_per_minute(cancelled)
+                if counted:
+                    yield cls.COUNT_FINISHED_SQL, _finished_counts(counted)
+            inserted = yield cls.INSERT_UNLESS_TAGGED_SQL, row
+            if inserted:
+                return worker._new_job(inserted[0][0], row)
+            if on_conflict == "ignore":
+                pending = yield cls.PENDING_WITH_TAG_SQL, {"tag": row["tag"]}
+                if pending:
+                    return Job.from_row(pending[0])
         raise worker.DatabaseUnavailable(f"tag {row['tag']!r}: other writers kept taking it; try again")
 
     # enqueue_many's rows in one statement: %(rows)s is a JSON array of [type, data,
@@ -666,10 +701,28 @@ class PostgresStore(OperatingReads, worker.QueueControls):
            %(now)s, {COPIED_POLICY}, persistent
       FROM worker_jobs AS old
      WHERE id = %(id)s AND status IN ('failed', 'cancelled') AND attempt < {MAX_COUNT}
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
     {UNLESS_TAG_IS_PENDING}
     RETURNING {SELECT_COLUMNS}
     """
+
+    REQUEST_CANCEL_SQL = """
+    UPDATE worker_jobs SET cancel_requested = %(now)s, cancel_requested_by = %(by)s
+     WHERE id = %(id)s AND status = 'running' AND cancel_requested IS NULL
+    """
+    CANCEL_REQUESTS_SQL = """
+    SELECT id, cancel_requested, cancel_requested_by FROM worker_jobs
+     WHERE status = 'running' AND owner = %(owner)s AND cancel_requested IS NOT NULL
+    """
+
+    def request_cancel(self, id: int, now: int, by: str) -> bool:
+        """Ask the worker running row ``id`` to cancel it; False if it is not running, or was asked already."""
+        return self._execute(self.REQUEST_CANCEL_SQL, {"id": id, "now": now, "by": by}).rowcount == 1
+
+    def cancel_requests(self, owner: str) -> list[tuple[int, int, str | None]]:
+        """(id, when, by whom) of the rows running under ``owner`` that someone asked to cancel."""
+        return self._execute(self.CANCEL_REQUESTS_SQL, {"owner": owner}).fetchall()
 
     def manual_retry(self, id: int, now: int) -> Job | None:
         """Insert the next attempt, due now, of a failed or cancelled row that ends its chain; None if it is not one."""
@@ -681,7 +734,8 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     RETRYABLE_FAILED_SQL = """
     SELECT id FROM worker_jobs AS old
      WHERE status = 'failed' AND (%(type)s::text IS NULL OR type = %(type)s::text)
-       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id AND attempt > old.attempt)
+       AND NOT EXISTS (SELECT 1 FROM worker_jobs WHERE rescheduled_from_job = old.id
+                                   AND (attempt > old.attempt OR snoozes > old.snoozes))
      ORDER BY id
     """
 
@@ -875,14 +929,19 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     RETRY_SQL = f"""
     INSERT INTO worker_jobs
            (type, data, queue, priority, due, tag, attempt, cron_schedule, cron_timezone, cron_slot,
-            rescheduled_from_job, created_at, deaths, max_attempts, retry_delay_ms, backoff, timeout_ms,
+            rescheduled_from_job, created_at, deaths, snoozes, max_attempts, retry_delay_ms, backoff, timeout_ms,
             keep_ms, persistent)
-    SELECT type, data, queue, priority, %(due)s, tag, attempt + 1, cron_schedule, cron_timezone, cron_slot,
-           id, %(now)s, %(deaths)s, {COPIED_POLICY}, persistent
-      FROM worker_jobs WHERE id = %(id)s
+    SELECT type, data, queue, priority, %(due)s, tag, attempt + {{next_attempt}}, cron_schedule, cron_timezone,
+           cron_slot, id, %(now)s, {{deaths}}, snoozes + {{snoozed}}, {COPIED_POLICY}, persistent
+      FROM worker_jobs WHERE id = %(id)s {{fence}}
     {UNLESS_TAG_IS_PENDING}
     RETURNING id
     """
+    # A snooze's next row: the same attempt, one more snooze; only while the row is still this worker's.
+    SNOOZE_SQL = RETRY_SQL.format(
+        next_attempt=0, deaths="deaths", snoozed=1, fence="AND status = 'running' AND owner = %(owner)s"
+    )
+    RETRY_SQL = RETRY_SQL.format(next_attempt=1, deaths="%(deaths)s", snoozed=0, fence="")
 
     def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
         """Insert the next attempt of row ``id``, unless a pending row holds its tag; the new id, or None."""
@@ -901,6 +960,15 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     {UNLESS_TAG_IS_PENDING}
     RETURNING id
     """
+
+    def schedule_snooze_if_owned(self, id: int, owner: str, *, due: int, now: int) -> int | None:
+        """The row a snooze of ``id`` asks for, if ``owner`` still runs it and no pending row holds its tag."""
+        inserted = self._execute(self.SNOOZE_SQL, {"id": id, "owner": owner, "due": due, "now": now}).fetchone()
+        return None if inserted is None else int(inserted[0])
+
+    def snoozes(self, id: int) -> int:
+        """How often the chain of row ``id`` has snoozed so far."""
+        return int(self._scalar("SELECT coalesce(max(snoozes), 0) FROM worker_jobs WHERE id = %(id)s", {"id": id}))
 
     def schedule_next_cron_run(self, id: int, *, due: int, now: int) -> int | None:
         """Insert the run of ``id``'s schedule at slot ``due`` unless a pending row holds its tag; its id, or None."""
@@ -923,11 +991,8 @@ class PostgresStore(OperatingReads, worker.QueueControls):
 
     def add_finished_counts(self, counted: list[tuple[int, str, str, int]]) -> None:
         """Add (minute, queue, status, count) to the per-minute counts of finished rows."""
-        if not counted:
-            return
-        minutes, queues, statuses, counts = (list(column) for column in zip(*counted, strict=True))
-        self._execute(self.COUNT_FINISHED_SQL, {"minutes": minutes, "queues": queues, "statuses": statuses,
-                                                "counts": counts})  # fmt: skip
+        if counted:
+            self._execute(self.COUNT_FINISHED_SQL, _finished_counts(counted))
 
     # The SELECT in a CTE, so the planner can never lock or update more rows than
     # the LIMIT (Oban's engines/basic.ex); SKIP LOCKED: rows another claim holds
@@ -1110,6 +1175,12 @@ class PostgresStore(OperatingReads, worker.QueueControls):
 _PRIORITY, _DUE = worker.COLUMNS.index("priority"), worker.COLUMNS.index("due")
 
 
+def _finished_counts(counted: list[tuple[int, str, str, int]]) -> dict[str, list[Any]]:
+    """COUNT_FINISHED_SQL's parameters: a column array each."""
+    minutes, queues, statuses, counts = (list(column) for column in zip(*counted, strict=True))
+    return {"minutes": minutes, "queues": queues, "statuses": statuses, "counts": counts}
+
+
 def _claim_order(row: tuple[Any, ...]) -> tuple[int, int, int]:
     return -row[_PRIORITY], row[_DUE], row[0]
 
@@ -1206,6 +1277,71 @@ def store_in_callers_transaction(conn: psycopg.Connection[Any]) -> StoreInCaller
         if installed_schema_version(conn) != schema_version():
             apply_schema(conn)
     return store
+
+
+class AsyncStoreInCallersTransaction:
+    """What ``worker.AsyncQueue(conn)`` writes through on an app's psycopg AsyncConnection: PostgresStore's
+    insert statements, awaited, in a savepoint of the app's own transaction (a job commits or rolls back with
+    the app's writes).  Its tables must exist already (a worker, ``worker schema`` or a sync Queue makes them).
+    """
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+        self.url = "postgresql://" + (conn.info.host or "") + "/" + (conn.info.dbname or "")  # for messages only
+        self.schema_checked = False
+
+    def _cursor(self) -> psycopg.AsyncCursor[Any]:
+        cursor = self.conn.cursor(row_factory=tuple_row)
+        cursor.adapters.register_dumper(int, Int8Dumper)
+        return cursor
+
+    async def now(self) -> int:
+        """Rows are due by the server's clock, as a sync Queue's."""
+        cursor = await self._cursor().execute(PostgresStore.SERVER_TIME_SQL)
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def insert(self, row: dict[str, Any], on_conflict: str) -> Job:
+        """PostgresStore.insert on the app's connection, in a savepoint (its own transaction on an autocommit one)."""
+        try:
+            if not self.conn.autocommit and self.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                await self._cursor().execute("SELECT 1")  # open the app's transaction, for its commit() to end
+            if not self.schema_checked:
+                await self._check_schema()
+            async with self.conn.transaction():
+                steps = PostgresStore.insert_steps(row, on_conflict)
+                try:
+                    statement = next(steps)
+                    while True:
+                        cursor = await self._cursor().execute(*statement)
+                        statement = steps.send(await cursor.fetchall() if cursor.description else [])
+                except StopIteration as done:
+                    inserted: Job = done.value
+                    return inserted
+        except psycopg.Error as e:
+            raise _engine_error(self.url, None, e) from e
+
+    async def _check_schema(self) -> None:
+        cursor = await self._cursor().execute(
+            "SELECT (SELECT version FROM worker_schema WHERE id = 1) FROM (SELECT to_regclass('worker_schema') AS t) s"
+            " WHERE t IS NOT NULL"
+        )
+        found = await cursor.fetchone()
+        version = None if found is None else found[0]
+        if version != schema_version():
+            raise worker.DatabaseUnusable(
+                f"database {self.url}: schema version {version or 'none'}, this code's is {schema_version()}:"
+                " start a worker (or run `worker schema`) once before enqueueing on an AsyncConnection"
+            )
+        self.schema_checked = True
+
+
+def async_store_in_callers_transaction(conn: psycopg.AsyncConnection[Any]) -> AsyncStoreInCallersTransaction:
+    """worker.AsyncQueue(conn) on a psycopg 3 AsyncConnection."""
+    if not isinstance(conn, psycopg.AsyncConnection):
+        raise TypeError(f"AsyncQueue takes a psycopg AsyncConnection, not {type(conn).__name__}")
+    return AsyncStoreInCallersTransaction(conn)
 
 
 def open_reader(url: str) -> PostgresStore:
