@@ -288,6 +288,13 @@ class Processes:
         self.started.append(started)
         return started
 
+    def run_jobs(self, db: str | Path, jobs_file: Path, *flags: str, name: str) -> WorkerProcess:
+        """``worker run --no-cron`` on ``db`` with the jobs of ``jobs_file`` and ``flags``, taking none of the
+        worker's settings from this environment, in the test's directory."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}
+        args = ["run", "--db", str(db), "--jobs", str(jobs_file), "--no-cron", *flags]
+        return self.start(*args, name=name, env=env, cwd=self.directory)
+
     def adopt(self, pids: set[int]) -> None:
         """Grandchildren (a supervisor's workers) to kill at teardown too."""
         self.adopted |= pids

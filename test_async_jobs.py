@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import http.server
 import json
-import os
 import signal
 import sqlite3
 import threading
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 import worker
-from conftest import HERE, Processes, WorkerProcess, rows, wait_for
+from conftest import Processes, WorkerProcess, rows, wait_for
 from test_examples import environment, example, run, succeeded
 from worker import ConfigError, JobContext, Queue, Worker
 
@@ -216,6 +215,35 @@ def test_timeout_cancels_the_coroutine_and_its_finally_runs(db: str, queue: Queu
     assert ledger == ["started", "finally"]
 
 
+def test_a_running_async_job_asked_to_cancel_is_cancelled_and_its_finally_runs(db: str, queue: Queue) -> None:
+    """Unlike a sync job, which can only look at ctx.cancelled, the coroutine is cancelled where it awaits."""
+    ledger: list[str] = []
+    started = threading.Event()
+
+    @worker.job
+    async def hang(ctx: JobContext) -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()  # never set, and the job never looks at ctx.cancelled
+        finally:
+            ledger.append(f"finally, ctx.cancelled {ctx.cancelled.is_set()}")
+
+    enqueued = queue.enqueue("hang")
+    running = Worker(db, cron=False)
+    thread = threading.Thread(target=running.run)
+    thread.start()
+    try:
+        assert started.wait(10)
+        assert queue.cancel(enqueued.id, by="ops")
+        ended = wait_for(lambda: rows(db, f"id = {enqueued.id} AND status = 'cancelled'"), 10, "the row to end")[0]
+    finally:
+        running.stop()
+        thread.join(15)
+    assert ended["error"].startswith("cancelled while running (asked by ops at ")
+    assert "CancelledError" in ended["error"]
+    assert ledger == ["finally, ctx.cancelled True"]
+
+
 def test_a_timeout_error_of_the_job_itself_is_an_ordinary_failure(db: str, queue: Queue) -> None:
     @worker.job(timeout=30)
     async def impatient(ctx: JobContext) -> None:
@@ -363,12 +391,9 @@ def run_worker(processes: Processes, db: str, tmp_path: Path) -> Callable[..., W
     """Start ``worker run`` on the test's database with the async jobs above and extra flags."""
     jobs_file = tmp_path / "async_jobs.py"
     jobs_file.write_text(ASYNC_JOBS_MODULE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}
-    env["PYTHONPATH"] = str(HERE)
 
     def start(*flags: str, name: str = "worker") -> WorkerProcess:
-        args = ["run", "--db", db, "--jobs", str(jobs_file), "--no-cron", *flags]
-        return processes.start(*args, name=name, env=env, cwd=tmp_path)
+        return processes.run_jobs(db, jobs_file, *flags, name=name)
 
     return start
 

@@ -99,11 +99,9 @@ def run_worker(processes: Processes, process_db: Path, tmp_path: Path) -> Callab
     """Start ``worker run`` on the test's database and jobs module with extra flags."""
     jobs_file = tmp_path / "misbehaving_jobs.py"
     jobs_file.write_text(JOBS_MODULE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_") and k != "DATABASE_URL"}
 
     def start(*flags: str, name: str = "worker") -> WorkerProcess:
-        args = ["run", "--db", str(process_db), "--jobs", str(jobs_file), "--no-cron", *flags]
-        return processes.start(*args, name=name, env=env, cwd=tmp_path)
+        return processes.run_jobs(process_db, jobs_file, *flags, name=name)
 
     return start
 

@@ -7,6 +7,7 @@ store only; a later store joins by adding its case to the fixture.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import sqlite3
 import threading
@@ -862,6 +863,28 @@ def test_a_claim_walks_the_claim_index_for_its_limit_whatever_the_backlog(postgr
         plan = "\n".join(row[0] for row in conn.execute("EXPLAIN ANALYZE " + store._claim_sqls["fast", False], params))
     assert "Index Scan using worker_jobs_claim" in plan and "Sort" not in plan, plan
     assert re.search(r"Index Scan using worker_jobs_claim .* rows=10 loops=1", plan), plan  # read 10 rows, not 20,000
+
+
+def test_a_batch_finish_looks_its_rows_up_by_key_whatever_the_table_holds(postgres: PostgresBackend) -> None:
+    """The plan that a prepared statement settles on (generic), on a table without statistics: a join of the
+    outcomes to the table once scanned all of it and unpacked the outcomes for each running row."""
+    store = postgres.postgres_store
+    postgres.raw.execute(
+        "INSERT INTO worker_jobs (type, due, status, owner, lease_until)"
+        " SELECT 'noop', %s, 'running', 'a', %s FROM generate_series(1, 5000)",
+        (NOW, NOW + LEASE),
+    )  # fmt: skip
+    ids = [row["id"] for row in postgres.raw.execute("SELECT id FROM worker_jobs ORDER BY id LIMIT 300")]
+    outcomes = json.dumps({str(id): ["succeeded", "null", None, NOW, 10] for id in ids})
+    with store.transaction() as conn:
+        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        sql = store.FINISH_MANY_SQL.replace("%(outcomes)s", "$1").replace("%(now)s", "$2").replace("%(owner)s", "$3")
+        conn.execute(f"PREPARE finish_many (text, bigint, text) AS {sql}")
+        explained = conn.execute(f"EXPLAIN ANALYZE EXECUTE finish_many ('{outcomes}', {NOW}, 'a')")
+        plan = "\n".join(row[0] for row in explained)
+        conn.execute("DEALLOCATE finish_many")
+    assert "Index Scan using worker_jobs_pkey" in plan and "Seq Scan on worker_jobs" not in plan, plan
+    assert re.search(r"Update on worker_jobs .* rows=300 loops=1", plan), plan
 
 
 def test_a_store_used_after_fork_refuses_and_leaves_the_parents_connection_working(postgres: PostgresBackend) -> None:

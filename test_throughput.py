@@ -264,7 +264,7 @@ def write_attempts(queue: Queue) -> list[str]:
 
 
 @pytest.mark.stores("sqlite")
-def test_an_enqueue_looks_for_the_write_lock_often_while_another_holds_it_and_takes_it_once_free(
+def test_once_an_enqueue_waited_for_the_write_lock_the_next_ones_look_for_it_often(
     db: str, queue: Queue, write_lock: sqlite3.Connection
 ) -> None:
     @worker.job
@@ -273,17 +273,26 @@ def test_an_enqueue_looks_for_the_write_lock_often_while_another_holds_it_and_ta
 
     attempts = write_attempts(queue)
 
-    def release_after_ten_looks() -> None:
-        # SQLite's own busy wait would look 5 times in its first 33 ms, and then every 100 ms at most.
-        wait_for(lambda: len(attempts) >= 10, 10, "the enqueue to look for the lock ten times")
-        write_lock.execute("COMMIT")
+    def release_after(looks: int) -> threading.Thread:
+        def release() -> None:
+            wait_for(lambda: len(attempts) >= looks, 10, f"the enqueue to look for the lock {looks} times")
+            write_lock.execute("COMMIT")
 
-    releaser = threading.Thread(target=release_after_ten_looks)
-    releaser.start()
-    enqueued = queue.enqueue("anything")  # waits here while the lock is held
+        releaser = threading.Thread(target=release)
+        releaser.start()
+        return releaser
+
+    releaser = release_after(1)
+    first = queue.enqueue("anything")  # waits with SQLite's own busy wait: one statement, looked again inside
     releaser.join(10)
-    assert not write_lock.in_transaction, "it got the lock only once it was free"
-    assert [row["id"] for row in rows(db)] == [enqueued.id]
+    write_lock.execute("BEGIN IMMEDIATE")
+    attempts.clear()
+    # SQLite's own wait would look 5 times in its first 33 ms, and then every 100 ms at most.
+    releaser = release_after(10)
+    second = queue.enqueue("anything")
+    releaser.join(10)
+    assert len(attempts) >= 10
+    assert [row["id"] for row in rows(db)] == [first.id, second.id]
     conn = queue._store().conn  # type: ignore[attr-defined]
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == worker.BUSY_TIMEOUT_MS, "its busy timeout restored"
 
@@ -309,6 +318,6 @@ def test_a_workers_own_transactions_keep_sqlites_busy_wait(db: str) -> None:
     w = Worker(db, cron=False)
     try:
         assert isinstance(w.store, worker.SQLiteStore)
-        assert not w.store.prompt_lock
+        assert w.store.lock_wait is None
     finally:
         w.close()

@@ -91,7 +91,10 @@ logger = logging.getLogger("worker")
 # be a stranger in site-packages.
 SCHEMA_FILES = (Path(__file__).with_name("schema.sql"), Path(__file__).with_name("worker_schema.sql"))
 BUSY_TIMEOUT_MS = 5_000
-LOCK_LOOK_EVERY = 0.0005  # seconds between a producer's looks for the write lock while a worker holds it
+# A Queue's writes on SQLite, once one of them waited for the write lock
+# (ProducerLockWait): how often they look for it, and until how many in a row found it free.
+LOCK_LOOK_EVERY, LOOK_OFTEN_UNTIL_FREE = 0.0005, 20
+LOCK_WAITED = 0.001  # a write that took this long may have waited for the lock: SQLite's wait sleeps 1 ms first
 DEFAULT_DB = "worker.db"
 DEFAULT_JOBS_MODULE = "jobs"
 DEFAULT_CONCURRENCY = 4
@@ -895,7 +898,7 @@ class Queue:
             assert self.path is not None
             local.store, local.pid = open_store(self.path), _process_id
             if isinstance(local.store, SQLiteStore):
-                local.store.prompt_lock = True
+                local.store.lock_wait = ProducerLockWait()
         store: Store = local.store
         return store
 
@@ -1310,9 +1313,9 @@ class AsyncQueue:
         """Queue.get, awaited."""
         return await self._on_thread(lambda queue: queue.get(id))
 
-    async def cancel(self, id: int, *, reason: str = "cancelled") -> bool:
-        """Queue.cancel, awaited."""
-        return await self._on_thread(lambda queue: queue.cancel(id, reason=reason))
+    async def cancel(self, id: int, *, reason: str = "cancelled", by: str | None = None) -> bool:
+        """Queue.cancel, awaited: a pending job is cancelled, a running one asked to stop."""
+        return await self._on_thread(lambda queue: queue.cancel(id, reason=reason, by=by))
 
     async def close(self) -> None:
         """Close this AsyncQueue's connection and thread (an app's connection is left open)."""
@@ -2086,43 +2089,69 @@ class _Immediate:
                 self.conn.execute("ROLLBACK")
 
 
-def prompt_immediate(conn: sqlite3.Connection) -> _PromptImmediate:
-    """BEGIN IMMEDIATE that looks for the write lock every LOCK_LOOK_EVERY s while another holds it (a Queue's)."""
-    return _PromptImmediate(conn)
-
-
-class _PromptImmediate(_Immediate):
-    __slots__ = ()
-
-    def __enter__(self) -> sqlite3.Connection:
-        execute_promptly(self.conn, "BEGIN IMMEDIATE")
-        return self.conn
-
-
-def execute_promptly(conn: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Cursor:
-    """Run a statement that takes the write lock first (BEGIN IMMEDIATE, a lone INSERT), looking for the lock often.
+class ProducerLockWait:
+    """How a Queue's writes wait for the SQLite write lock: as SQLite does, until one has had to wait.
 
     SQLite's own wait (busy_timeout) looks again after 1, 2, 5, 10, ... and
     then every 100 ms.  A worker busy with jobs of a few ms holds the lock most
     of the time, in spells of a fraction of a ms, so a web request's enqueue
     that looked that rarely waited hundreds of ms for a lock that was free
-    every ms (bench/workloads.py, the priority job).  A Queue's writes look
-    every LOCK_LOOK_EVERY instead, for as long as the busy timeout; refused,
-    such a statement has written nothing, so it is simply run again.  The
-    worker's own transactions keep SQLite's wait.
+    every ms (bench/workloads.py, the priority job).  So once a write of this
+    connection took long enough to have waited, its writes look every
+    LOCK_LOOK_EVERY instead (for up to the busy timeout), until
+    LOOK_OFTEN_UNTIL_FREE of them in a row found the lock free at once: an
+    uncontended write costs nothing more, and a write slow for another reason
+    (a checkpoint's sync) only a few looks.  Refused, such a statement (BEGIN
+    IMMEDIATE, a lone INSERT) has written nothing, so it is simply run again.
+    The worker's own transactions keep SQLite's wait.
     """
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        while True:
-            try:
-                return conn.execute(sql, params)
-            except sqlite3.OperationalError as e:
-                if getattr(e, "sqlite_errorcode", 0) & 0xFF != 5 or time.monotonic() >= deadline:  # 5: SQLITE_BUSY
-                    raise
-            time.sleep(LOCK_LOOK_EVERY)
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    __slots__ = ("free_in_a_row",)
+
+    def __init__(self) -> None:
+        self.free_in_a_row = LOOK_OFTEN_UNTIL_FREE  # SQLite's own wait until a write takes long
+
+    def execute(self, conn: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        """Run a statement that takes the write lock before anything else."""
+        if self.free_in_a_row < LOOK_OFTEN_UNTIL_FREE:
+            return self._looking_often(conn, sql, params)
+        began = time.monotonic()
+        try:
+            return conn.execute(sql, params)
+        finally:
+            if time.monotonic() - began > LOCK_WAITED:
+                self.free_in_a_row = 0
+
+    def _looking_often(self, conn: sqlite3.Connection, sql: str, params: Any) -> sqlite3.Cursor:
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            while True:
+                try:
+                    cursor = conn.execute(sql, params)
+                    self.free_in_a_row += 1
+                    return cursor
+                except sqlite3.OperationalError as e:
+                    if getattr(e, "sqlite_errorcode", 0) & 0xFF != 5 or time.monotonic() >= deadline:  # 5: BUSY
+                        raise
+                self.free_in_a_row = 0
+                time.sleep(LOCK_LOOK_EVERY)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+
+class _ProducerImmediate(_Immediate):
+    """BEGIN IMMEDIATE for a Queue's transaction, waiting for the lock as ProducerLockWait says."""
+
+    __slots__ = ("lock_wait",)
+
+    def __init__(self, conn: sqlite3.Connection, lock_wait: ProducerLockWait) -> None:
+        super().__init__(conn)
+        self.lock_wait = lock_wait
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.lock_wait.execute(self.conn, "BEGIN IMMEDIATE")
+        return self.conn
 
 
 def _file_identity(path: str | None) -> tuple[int, int] | None:
@@ -2413,7 +2442,7 @@ class SQLiteStore(QueueControls):
         # the producer's verbs allow for (_changes, _last_rowid); the worker's do not need to.
         self.conn: sqlite3.Connection = conn
         self.nested = nested  # in the caller's transaction: a savepoint, not a transaction of its own
-        self.prompt_lock = False  # a Queue's: wait for the write lock looking often (_PromptImmediate)
+        self.lock_wait: ProducerLockWait | None = None  # a Queue's (set by it): how its writes wait for the lock
         queue_filter = "AND queue IN (SELECT value FROM json_each(:queues))" if queues else ""
         # Only the types the worker has registered: during a rolling deploy, a
         # row of a type that only newer workers know waits for one of them.
@@ -2437,7 +2466,9 @@ class SQLiteStore(QueueControls):
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         if self.nested:
             return _InEngineErrors(_savepoint(self.conn))
-        return _InEngineErrors(prompt_immediate(self.conn) if self.prompt_lock else immediate(self.conn))
+        if self.lock_wait is not None:
+            return _InEngineErrors(_ProducerImmediate(self.conn, self.lock_wait))
+        return _InEngineErrors(immediate(self.conn))
 
     def savepoint(self) -> contextlib.AbstractContextManager[Any]:
         return _InEngineErrors(_savepoint(self.conn))
@@ -2499,8 +2530,8 @@ class SQLiteStore(QueueControls):
         inserts nothing then, and returns the pending row.
         """
         conn = self.conn
-        if row["tag"] is None and self.prompt_lock and not conn.in_transaction:  # a Queue's lone INSERT
-            cursor = execute_promptly(conn, self.INSERT_SQL, row)
+        if row["tag"] is None and self.lock_wait is not None and not conn.in_transaction:  # a Queue's lone INSERT
+            cursor = self.lock_wait.execute(conn, self.INSERT_SQL, row)
         elif row["tag"] is None:
             cursor = conn.execute(self.INSERT_SQL, row)
         elif on_conflict == "replace":
@@ -4246,6 +4277,8 @@ class Worker:
         self.store  # noqa: B018 -- fail early, before any hook runs, if the database is unusable
         if self.cron:
             self.sync_cron()
+        if any(job_type.is_async for job_type in REGISTRY.values()):
+            self.producer  # noqa: B018 -- made now: made by an async job's first ctx.enqueue, it connects on the loop
         now = self.now()
         store = self.store
         with store.transaction():
