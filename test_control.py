@@ -337,6 +337,18 @@ def test_a_snoozed_row_cannot_be_retried_by_hand(
     assert queue.retry(snoozed.id) is None  # its chain goes on in the snooze's row
 
 
+def test_the_dashboard_offers_no_retry_of_a_snoozed_row(
+    noop: None, snoozing: list[int], queue: Queue, make_worker: Callable[..., worker.Worker],
+    serve: Callable[..., Any],
+) -> None:  # fmt: skip
+    snoozed = queue.enqueue("waits")
+    make_worker().work()
+    server = serve(allow_actions=True)
+    with urllib.request.urlopen(f"{server.url}jobs/{snoozed.id}", timeout=10) as answer:
+        page = answer.read().decode()
+    assert f'retried as <a href="/jobs/{snoozed.id + 1}"' in page
+
+
 def test_a_chain_that_snoozes_past_the_cap_fails(
     queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
     monkeypatch: pytest.MonkeyPatch,

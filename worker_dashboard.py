@@ -541,9 +541,15 @@ def render_index(
     return Html("".join(parts))
 
 
+def continues(later: worker.Job, job: worker.Job) -> bool:
+    """Whether a row pointing back to ``job`` goes on with its run: a retry (a later attempt), or its snooze (the
+    same attempt of the same cron slot); not the next run of a schedule (attempt 1 of a new slot)."""
+    return later.attempt > job.attempt or (later.attempt == job.attempt and later.cron_slot == job.cron_slot)
+
+
 def render_job(job: worker.Job, chain: list[worker.Job], *, token: str | None, progress: str | None = None) -> Html:
     """A job's page: its row, data, result, error and chain."""
-    retried_as = next((j.id for j in chain if j.rescheduled_from_job == job.id and j.attempt > job.attempt), None)
+    retried_as = next((j.id for j in chain if j.rescheduled_from_job == job.id and continues(j, job)), None)
     cron = job.cron_schedule and f"{job.cron_schedule} ({job.cron_timezone or 'UTC'})"
     fields = [
         ("status", badge(job.status)), ("queue", job.queue), ("priority", job.priority),
