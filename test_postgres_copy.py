@@ -105,6 +105,21 @@ def test_pending_rows_keep_their_ids_columns_and_the_exact_text_of_their_data(
     assert "copied 3 jobs" in out and "3 pending" in out
 
 
+def test_paused_queues_and_limits_come_with_the_jobs(
+    source: Path, target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with Queue(source, check_types=False) as queue:
+        queue.enqueue("mail", queue="mail")
+        queue.pause("mail")
+        queue.limit("api", running=2, per_second=5)
+    code, out, err = copy("--from", str(source), "--to", target, capsys=capsys)
+    assert (code, err) == (0, "")
+    assert "the controls of 2 queue(s)" in out
+    with Queue(target, check_types=False) as there:
+        controls = {c.queue: (c.paused, c.max_running, c.per_second) for c in there.controls()}
+    assert controls == {"mail": (True, None, None), "api": (False, 2, 5.0)}
+
+
 def test_a_chain_keeps_its_links_and_with_history_every_row_of_it(
     source: Path, target: str, clock: FakeClock, failing: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -280,6 +280,7 @@ class CopyTarget(Protocol):
     def copy_rows(self, rows: Iterable[tuple[Any, ...]]) -> int: ...
     def add_finished_counts(self, counted: list[tuple[int, str, str, int]]) -> None: ...
     def move_ids_past(self, highest: int) -> int: ...
+    def control_queue(self, queue: str, now: int, changes: dict[str, Any]) -> Any: ...
     def describe(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -291,7 +292,8 @@ def copy_jobs(
 
     Pending rows (cron schedules among them) keep their ids, data text, tags,
     attempts and chains (rescheduled_from_job); ``history`` copies the
-    finished rows too, and their per-minute counts.  The database's id
+    finished rows too, and their per-minute counts.  Paused queues and
+    limits (worker_queues) come too.  The database's id
     sequence moves past the highest id the file ever gave, so no id is given
     twice.  All in one transaction: refused (ConfigError), or failed, nothing
     is written.  Refused while a worker is alive on the file, or a row is
@@ -368,10 +370,14 @@ def _copy(reader: SQLiteStore, writer: CopyTarget, *, history: bool, append: boo
             raise type(e)(f"{e}: nothing copied") from e
         if history:
             writer.add_finished_counts(reader.finished_counts())
+        controls = reader.queue_controls()  # paused queues stay paused, limits stay set (a rate's next start does not)
+        for control in controls:
+            changes = {"paused": control.paused, "max_running": control.max_running, "per_second": control.per_second}
+            writer.control_queue(control.queue, now_ms(), changes)
         highest = reader.highest_id()
         last_id = writer.move_ids_past(highest) if highest else 0
     return {"rows": total, **copied, "cron_schedules": cron_schedules, "last_id": last_id,
-            "database": writer.describe()["database"]}  # fmt: skip
+            "queue_controls": len(controls), "database": writer.describe()["database"]}  # fmt: skip
 
 
 def _given_back(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -391,6 +397,8 @@ def _copy_command(args: argparse.Namespace) -> int:
         parts.append(f"{copied['running']} running, as pending")
     if args.history:
         parts.append(", ".join(f"{copied[state]} {state}" for state in FINISHED))
+    if copied["queue_controls"]:
+        parts.append(f"the controls of {copied['queue_controls']} queue(s)")
     jobs = f"{copied['rows']} job{'' if copied['rows'] == 1 else 's'}"
     print(f"copied {jobs} from {printable(args.source)} to {printable(copied['database'])}: "
           f"{'; '.join(parts)}; new ids start after {copied['last_id']}")  # fmt: skip
