@@ -294,6 +294,17 @@ REMOVE_AT = (
 )
 # The arbiter of every insert under the tag rule: the partial unique index worker_jobs_pending_tag.
 UNLESS_TAG_IS_PENDING = "ON CONFLICT (tag) WHERE status = 'pending' AND tag IS NOT NULL DO NOTHING"
+# The priority levels of the pending rows, highest first, one seek down
+# worker_jobs_claim (priority DESC, due) each: a skip scan, which PostgreSQL 15
+# does not do by itself.  Within one level `due` orders the index, so a range
+# `due <= now` or a `LIMIT 1` there reads only what it returns.
+PRIORITY_LEVELS = """WITH RECURSIVE level(priority) AS (
+        (SELECT priority FROM worker_jobs WHERE status = 'pending' ORDER BY priority DESC LIMIT 1)
+        UNION ALL
+        SELECT (SELECT priority FROM worker_jobs WHERE status = 'pending' AND priority < level.priority
+                 ORDER BY priority DESC LIMIT 1)
+          FROM level WHERE level.priority IS NOT NULL
+    )"""
 
 
 @functools.lru_cache(maxsize=64)
@@ -1022,8 +1033,8 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     # are passed over, not waited for, and never taken twice.  A row that another
     # transaction claimed and committed since this statement began is re-checked
     # once locked, and is no longer pending.  The order is worker_jobs_claim's
-    # own (priority DESC, due), read one priority level at a time with the skip
-    # scan of NEXT_DUE_SQL: within a level `due <= now` bounds the index range,
+    # own (priority DESC, due), read one priority level at a time
+    # (PRIORITY_LEVELS, as NEXT_DUE_SQL does): within a level `due <= now` bounds the index range,
     # so rows due later are never read.  Read whole, the index range was bounded
     # by the LIMIT only, and a claim that found fewer due rows than its limit
     # walked every pending row due later (40 ms at 1,000,000 due tomorrow, for
@@ -1032,19 +1043,13 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     # SQLite's third key, id, made PostgreSQL sort the whole backlog (100 ms at
     # 100,000 due rows, against 2.5 ms).  Equal (priority, due) rows come in the
     # index's order, which is mostly the order they were inserted.
-    CLAIM_SQL = """
-    WITH RECURSIVE level(priority) AS (
-        (SELECT priority FROM worker_jobs WHERE status = 'pending' ORDER BY priority DESC LIMIT 1)
-        UNION ALL
-        SELECT (SELECT priority FROM worker_jobs WHERE status = 'pending' AND priority < level.priority
-                 ORDER BY priority DESC LIMIT 1)
-          FROM level WHERE level.priority IS NOT NULL
-    ),
+    CLAIM_SQL = f"""
+    {PRIORITY_LEVELS},
     picked AS (
         SELECT due_now.id FROM level, LATERAL (
             SELECT id FROM worker_jobs
-             WHERE status = 'pending' AND priority = level.priority AND due <= %(now)s AND {deaths}
-               AND type = ANY(%(types)s) {queue_filter}
+             WHERE status = 'pending' AND priority = level.priority AND due <= %(now)s AND {{deaths}}
+               AND type = ANY(%(types)s) {{queue_filter}}
              ORDER BY due
              LIMIT %(limit)s
                FOR UPDATE SKIP LOCKED
@@ -1057,7 +1062,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
            lease_until = %(lease_until)s
       FROM picked
      WHERE job.id = picked.id
-    RETURNING {columns}
+    RETURNING {{columns}}
     """
 
     # The claim's variants (worker.QueueControls.claim), as SQLiteStore's.  The
@@ -1097,16 +1102,10 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     # priority level in use, so a million rows due later cost no more than one.
     # ORDER BY due LIMIT 1, not min(due): on a table without statistics the
     # planner aggregated every row of the level instead (590 ms at 1,000,000).
-    NEXT_DUE_SQL = """
-    WITH RECURSIVE level(priority) AS (
-        (SELECT priority FROM worker_jobs WHERE status = 'pending' ORDER BY priority DESC LIMIT 1)
-        UNION ALL
-        SELECT (SELECT priority FROM worker_jobs WHERE status = 'pending' AND priority < level.priority
-                 ORDER BY priority DESC LIMIT 1)
-          FROM level WHERE level.priority IS NOT NULL
-    )
+    NEXT_DUE_SQL = f"""
+    {PRIORITY_LEVELS}
     SELECT min((SELECT due FROM worker_jobs
-                 WHERE status = 'pending' AND priority = level.priority AND type = ANY(%(types)s) {queue_filter}
+                 WHERE status = 'pending' AND priority = level.priority AND type = ANY(%(types)s) {{queue_filter}}
                  ORDER BY due LIMIT 1))
       FROM level WHERE level.priority IS NOT NULL
     """
