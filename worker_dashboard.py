@@ -387,8 +387,9 @@ def render_index(
     retried: dict[int, int],
     running: list[worker.Job] | None = None,
     progress: dict[int, str] | None = None,
+    chart: Html | None = None,
 ) -> Html:
-    """The front page: queues, workers, cron jobs, recent failures and the latest rows."""
+    """The front page: the last hour's ``chart``, queues, workers, cron jobs, recent failures and the latest rows."""
     fresh = sum(1 for w in report["workers"] if w["fresh"])
     health = badge("fresh") if report["healthy"] else badge("stale")
     parts = [
@@ -400,6 +401,7 @@ def render_index(
         )
     ]
     parts += [
+        chart or Html(""),
         Html("<h2>Queues</h2>"),
         table(
             [
@@ -748,10 +750,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
         running = worker.list_jobs(conn, status="running", limit=RECENT_LIMIT)
         progress = worker.as_store(conn).progress_of([j.id for j in running])
         token = self._page_token()
-        body = render_index(report, failures, latest, token=token, retried=retries_of(conn, failures + latest),
-                            running=running, progress=progress)  # fmt: skip
         chart = render_chart(conn.finished_by_minute(report["now"] - CHART_MINUTES * worker.MINUTE_MS), report["now"])
-        body = Html(body.replace("<h2>Queues</h2>", chart + "<h2>Queues</h2>", 1))
+        body = render_index(report, failures, latest, token=token, retried=retries_of(conn, failures + latest),
+                            running=running, progress=progress, chart=chart)  # fmt: skip
         if self.server.token is not None and token is None:
             body = Html('<p class="note">Retry and cancel are allowed: open the URL printed at start.</p>' + body)
         self._send(HTTPStatus.OK, page("worker dashboard", body, nonce=self.nonce, refresh=self.server.refresh_seconds))
