@@ -371,9 +371,10 @@ def _copy(reader: SQLiteStore, writer: CopyTarget, *, history: bool, append: boo
         if history:
             writer.add_finished_counts(reader.finished_counts())
         controls = reader.queue_controls()  # paused queues stay paused, limits stay set (a rate's next start does not)
+        copied_at = now_ms()
         for control in controls:
             changes = {"paused": control.paused, "max_running": control.max_running, "per_second": control.per_second}
-            writer.control_queue(control.queue, now_ms(), changes)
+            writer.control_queue(control.queue, copied_at, changes)
         highest = reader.highest_id()
         last_id = writer.move_ids_past(highest) if highest else 0
     return {"rows": total, **copied, "cron_schedules": cron_schedules, "last_id": last_id,
