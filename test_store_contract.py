@@ -660,7 +660,7 @@ def test_wake_up_sees_a_commit_by_another_connection_and_only_then(backend: Back
         wake_up.stop()
 
 
-def test_wake_up_calls_wake_on_a_commit_only_while_armed(backend: Backend) -> None:
+def test_wake_up_calls_wake_on_a_commit_only_while_armed_and_once_per_arming(backend: Backend) -> None:
     woken = threading.Event()
     wake_up = backend.wake_up()
     wake_up.start(woken.set)
@@ -670,6 +670,14 @@ def test_wake_up_calls_wake_on_a_commit_only_while_armed(backend: Backend) -> No
         with other.transaction():
             other.insert(new_row(), "replace")
         assert not woken.wait(0.2)  # disarmed: a busy worker is not woken per commit
+        wake_up.arm(True)
+        with other.transaction():
+            other.insert(new_row(), "replace")
+        assert woken.wait(10)
+        woken.clear()
+        with other.transaction():
+            other.insert(new_row(), "replace")
+        assert not woken.wait(0.2)  # once per arming: the worker, woken, looks anyway
         wake_up.arm(True)
         with other.transaction():
             other.insert(new_row(), "replace")

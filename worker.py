@@ -1741,7 +1741,8 @@ class WakeUp(Protocol):
         """Begin calling ``wake`` (from a thread of its own) when another process commits, where it can."""
 
     def arm(self, armed: bool) -> None:
-        """Call ``wake`` only while armed: an idle worker wants it, a busy one would only pay for it."""
+        """Call ``wake`` only while armed, and once: an idle worker wants it (and arms it again after each look
+        that finds it still idle), a busy one would only pay for it."""
 
     def changed(self) -> bool:
         """Cheap, no disk read: did any other connection commit since the last call?"""
@@ -3245,6 +3246,9 @@ class CommitWatcher:
             except OSError:
                 return
             if not self._stopped and self.armed.is_set():
+                # Once: one commit writes the -wal several times, and the worker,
+                # woken, looks anyway; it arms the watch again while it stays idle.
+                self.armed.clear()
                 self._wake()
 
     def stop(self) -> None:
@@ -4393,14 +4397,23 @@ class Worker:
                 return suspect
         kinds = [(types, limit)] if async_limit is None else self._claim_kinds(limit, async_limit)
         jobs: list[Job] = []
-        full = False
+        if len(kinds) == 2:
+            # Jobs of either kind fit in the smaller kind's free slots: one
+            # statement claims from both, so an idle worker's claim is one
+            # statement whatever kind its job is.  Only a claim that fills
+            # leaves more due, for the kinds' claims of what is left.
+            both = min(slots for _, slots in kinds)
+            jobs = self._claim_of(types, both, now, lease_until, jobs)
+            awaited = sum(1 for job in jobs if _job_type(job).is_async)
+            taken = (len(jobs) - awaited, awaited)
+            left = [(of, slots - got) for (of, slots), got in zip(kinds, taken, strict=True)]
+            kinds = left if len(jobs) == both else []
+        full = any(slots <= 0 for _, slots in kinds)  # a kind whose slots the first claim filled
         for kind_types, kind_limit in kinds:
-            held = {*self._running, *(j.id for j in jobs)} if jobs else self._running
-            got, unreadable = store.claim(self.owner, self.name, now, lease_until, kind_limit, kind_types, held)
-            for job, why in unreadable:
-                self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
-            full = full or len(got) == kind_limit
-            jobs += got
+            if kind_limit > 0:
+                got = self._claim_of(kind_types, kind_limit, now, lease_until, jobs)
+                full = full or len(got) == kind_limit
+                jobs += got
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
             jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
         self._last_claim_full = full
@@ -4417,6 +4430,14 @@ class Worker:
                 extra={"action": "start", "job_id": claimed.id, "job_type": claimed.type},
             )
         return jobs
+
+    def _claim_of(self, types: str, limit: int, now: int, lease_until: int, claimed: list[Job]) -> list[Job]:
+        """Claim up to ``limit`` jobs of ``types`` (a JSON array), beside ``claimed`` in this step."""
+        held = {*self._running, *(job.id for job in claimed)} if claimed else self._running
+        got, unreadable = self._store.claim(self.owner, self.name, now, lease_until, limit, types, held)
+        for job, why in unreadable:
+            self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
+        return got
 
     def _known_types(self) -> str:
         """The registered job types as a JSON array, made again only when the registry changed."""

@@ -1443,6 +1443,7 @@ class PostgresWakeUp:
                     for _ in self._conn.notifies(timeout=0.25):  # returns every 0.25 s to see stop()
                         self._notified.set()
                         if self._armed.is_set():
+                            self._armed.clear()  # once: the worker, woken, arms it again while it stays idle
                             wake()
             except (psycopg.Error, worker.DatabaseError) as e:
                 if self.pushes or backoff == LISTEN_BACKOFF:
