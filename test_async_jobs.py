@@ -216,6 +216,44 @@ def test_async_concurrency_bounds_the_async_jobs_at_once(db: str, queue: Queue) 
     assert most == 3
 
 
+def test_async_jobs_claimed_ahead_behind_a_long_one_are_given_back_for_other_workers(db: str, queue: Queue) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    @worker.job
+    async def quick(ctx: JobContext) -> None:
+        pass
+
+    @worker.job
+    async def long(ctx: JobContext) -> None:
+        started.set()
+        while not release.is_set():
+            await asyncio.sleep(0.005)
+
+    first = queue.enqueue("quick")  # a short job first: the job loop then claims ahead
+    queue.enqueue("long")
+    behind = [queue.enqueue("quick") for _ in range(3)]
+    busy = Worker(db, cron=False, async_concurrency=1)
+    loop = threading.Thread(target=busy.run)
+    loop.start()
+    try:
+        assert started.wait(10)
+        # The job claimed ahead waits for the one slot, which the long job holds:
+        # within PREFETCH_PATIENCE it is pending again, for another worker.
+        wait_for(lambda: len(rows(db, "status = 'pending'")) == 3, 5, "the job claimed ahead to be given back")
+        other = Worker(db, cron=False)
+        while other.work():
+            pass
+        assert {queue.get(job.id).worker for job in behind} == {other.name}  # type: ignore[union-attr]
+        assert queue.get(first.id).worker == busy.name  # type: ignore[union-attr]
+    finally:
+        release.set()
+        busy.stop()
+        loop.join(10)
+    assert not loop.is_alive()
+    assert [r["status"] for r in rows(db)] == ["succeeded"] * 5
+
+
 def test_async_job_failure_is_recorded_and_retried_like_a_sync_one(db: str, queue: Queue) -> None:
     @worker.job(max_attempts=2, retry_delay=0)
     async def flaky(ctx: JobContext) -> int:

@@ -3532,9 +3532,11 @@ class AsyncRunner:
     Outcome goes to ``hand_over``, as a job thread's does, to be recorded the
     same way.  While jobs are short it takes up to ``concurrency`` more, which
     wait on the loop and start the moment a job ends, not a step of the worker
-    later (ASYNC_PREFETCH_JOB_SECONDS).  A job's timeout cancels its task (see Worker.execute_async);
-    at shutdown ``cancel_all`` cancels what still runs, and the worker gives
-    those rows back.  Async hooks run on the same loop (``call``).
+    later (ASYNC_PREFETCH_JOB_SECONDS); those that wait behind long jobs are
+    taken back, for the worker to give back (take_waiting).  A job's timeout
+    cancels its task (see Worker.execute_async); at shutdown ``cancel_all``
+    cancels what still runs, and the worker gives those rows back.  Async
+    hooks run on the same loop (``call``).
     """
 
     def __init__(
@@ -3545,8 +3547,11 @@ class AsyncRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}  # by job id; touched on the loop's thread only
-        self._waiting: collections.deque[Job] = collections.deque()  # claimed ahead; the loop's thread only
-        self._ahead = 0  # how many jobs beyond ``concurrency`` it may hold: set by the loop's thread
+        # Claimed ahead, waiting for a task to end.  The loop's thread takes the next to begin it, the worker's
+        # the lot to give them back (take_waiting); each popleft is atomic, so a job is begun or given back.
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._began_at = time.monotonic()  # when a job last began on the loop
+        self._ahead = 0  # how many jobs beyond ``concurrency`` it may hold
         # Counted apart, each by one thread (started: the worker's step; ended: the loop's), so no lock is needed.
         self._started = 0
         self._ended = 0
@@ -3584,6 +3589,19 @@ class AsyncRunner:
         self._started += len(jobs)
         self._loop_running().call_soon_threadsafe(self._begin_all, jobs)
 
+    def take_waiting(self, patience: float) -> list[Job]:
+        """Take back the jobs claimed ahead if none has begun for ``patience`` seconds (every task is a long job):
+        the worker gives them back for other workers, and claims no more ahead until a short job ends."""
+        if not self._waiting or time.monotonic() - self._began_at <= patience:
+            return []
+        self._ahead = 0
+        taken = []
+        with contextlib.suppress(IndexError):
+            while True:
+                taken.append(self._waiting.popleft())
+        self._started -= len(taken)
+        return taken
+
     def _begin_all(self, jobs: list[Job]) -> None:
         for job in jobs:
             self._begin(job)
@@ -3592,6 +3610,7 @@ class AsyncRunner:
         if len(self._tasks) >= self.concurrency:
             self._waiting.append(job)
             return
+        self._began_at = time.monotonic()
         self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.id}")
 
     async def _run(self, job: Job) -> None:
@@ -3605,7 +3624,7 @@ class AsyncRunner:
         finally:
             del self._tasks[job.id]
             self._ended += 1  # before the hand-over: the worker never counts this slot as free too late
-            if self._waiting:
+            with contextlib.suppress(IndexError):  # none waiting, or the worker just took them back
                 self._begin(self._waiting.popleft())
         if outcome is not None:
             # Claim ahead only while jobs are short: one waiting behind long ones would wait as long.
@@ -4816,6 +4835,8 @@ class Worker:
         self._collect_outcomes(now)
         if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
             self._give_back_waiting("its worker's threads are all busy with longer jobs")
+        if self._async_types_json is not None and (waiting := self._async.take_waiting(PREFETCH_PATIENCE)):
+            self._give_back_waiting("its worker's async slots are all busy with longer jobs", waiting)
         busy = self._stopping.is_set() or self._alone in self._running  # nothing beside a job run alone
         free, async_free = (0, 0) if busy else self._free_slots()
         room = free > 0 or async_free > 0
@@ -4971,18 +4992,23 @@ class Worker:
             if job is not None:
                 waiting.append(job)
 
-    def _give_back_waiting(self, why: str) -> None:
-        """Return the jobs claimed ahead that no thread has started, so that other workers may take them."""
-        self._ahead.stop()
-        waiting = self._take_waiting()
+    def _give_back_waiting(self, why: str, awaited: list[Job] | None = None) -> None:
+        """Return the jobs claimed ahead that no thread has started (or these the job loop has not begun), so
+        that other workers may take them."""
+        if awaited is None:
+            self._ahead.stop()
+        waiting = self._take_waiting() if awaited is None else awaited
         if not waiting:
             return
         try:
             self.give_back(waiting, f"not started: {why}", logging.INFO)
         except DatabaseError as e:
             logger.warning("could not give back %d job(s) claimed ahead (%s); they stay claimed", len(waiting), e)
-            for job in waiting:
-                self._todo.put(job)
+            if awaited is None:
+                for job in waiting:
+                    self._todo.put(job)
+            else:
+                self._async.start(waiting)
             return
         for job in waiting:
             del self._running[job.id]
