@@ -1599,8 +1599,14 @@ class Store(Protocol):
         """``finish_if_owned`` for each (id, status, result, error, started, keep_ms); the ids that were owned."""
         ...
 
-    def give_back_if_owned(self, id: int, owner: str) -> bool:
-        """Make the row pending again, unclaimed, if it is running under ``owner``; whether it was."""
+    def give_back_if_owned(self, id: int, owner: str, now: int) -> str | None:
+        """Make the row pending again, unclaimed, if it is running under ``owner``; its status then, or None if
+        it was not.
+
+        Under the tag rule: when a newer pending row holds its tag (enqueued
+        or scheduled while this one ran), that one is the job, as an enqueue
+        with the tag would have made it, and this row ends ``cancelled``.
+        """
         ...
 
     def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
@@ -2749,9 +2755,22 @@ class SQLiteStore(QueueControls):
        SET status = 'pending', started = NULL, worker = NULL, owner = NULL, lease_until = NULL
      WHERE id = :id AND status = 'running' AND owner = :owner
     """
+    GIVE_BACK_TAKEN_TAG_SQL = f"""
+    UPDATE worker_jobs
+       SET status = 'cancelled', lease_until = NULL, finished = :now, remove_at = {REMOVE_AT},
+           error = 'not run to its end: a newer pending job holds its tag ' || quote(tag) || ' and runs in its place'
+     WHERE id = :id AND status = 'running' AND owner = :owner AND tag IS NOT NULL
+       AND EXISTS (SELECT 1 FROM worker_jobs AS newer WHERE newer.tag = worker_jobs.tag AND newer.status = 'pending')
+    RETURNING finished, queue, status
+    """
 
-    def give_back_if_owned(self, id: int, owner: str) -> bool:
-        return self.conn.execute(self.GIVE_BACK_SQL, {"id": id, "owner": owner}).rowcount == 1
+    def give_back_if_owned(self, id: int, owner: str, now: int) -> str | None:
+        params = {"id": id, "owner": owner, "now": now, "keep_ms": default_keep_ms(succeeded=False)}
+        cancelled = self.conn.execute(self.GIVE_BACK_TAKEN_TAG_SQL, params).fetchall()
+        if cancelled:
+            count_finished(self.conn, cancelled)
+            return Status.CANCELLED.value
+        return Status.PENDING.value if self.conn.execute(self.GIVE_BACK_SQL, params).rowcount == 1 else None
 
     # `started` becomes the moment the function was called (a job claimed ahead
     # waited after its claim); `finished` is the step's time, never before that.
@@ -4130,6 +4149,16 @@ class Recording:
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
 
 
+def _given_back(job: Job, status: str | None, level: int, why: str) -> list[_Note]:
+    """What to log of a job given back, by the status give_back_if_owned left it in (None: not this worker's)."""
+    if status == Status.PENDING:
+        return [_Note.about(job, "given_back", level, "job %d %s given back: %s", job.id, job.type, why)]
+    if status == Status.CANCELLED:
+        message = "job %d %s not given back (%s): a newer pending job holds its tag %r; cancelled"
+        return [_Note.about(job, "cancelled", level, message, job.id, job.type, why, job.tag)]
+    return []
+
+
 def _ended_as(outcome: Outcome) -> str:
     """The status an outcome ends its row in."""
     return Status.CANCELLED.value if outcome.kind in ("snoozed", "cancelled") else _ENDED_AS[outcome.succeeded]
@@ -4638,14 +4667,11 @@ class Worker:
         self, jobs: Iterable[Job], why: str = "still running at shutdown", level: int = logging.WARNING
     ) -> None:
         """Return unfinished jobs to pending (at shutdown); fenced on our ownership."""
-        message = "job %d %s given back: %s"
-        store = self.store
+        store, now = self.store, self.now()
+        notes: list[_Note] = []
         with store.transaction():
-            notes = [
-                _Note.about(job, "given_back", level, message, job.id, job.type, why)
-                for job in jobs
-                if store.give_back_if_owned(job.id, self.owner)
-            ]
+            for job in jobs:
+                notes += _given_back(job, store.give_back_if_owned(job.id, self.owner, now), level, why)
         _emit(notes)  # once committed, like every other outcome
 
     def work(self) -> int:
@@ -4908,10 +4934,12 @@ class Worker:
         known = set(self._running) | {outcome.job.id for outcome in self._to_record}
         running = self._store.jobs(status=Status.RUNNING.value, type=None, queue=None, limit=MAX_COUNT)
         notes = []
+        now = self.now()
         for job in running:
-            if job.owner == self.owner and job.id not in known and self._store.give_back_if_owned(job.id, self.owner):
-                message = "job %d %s: given back: claimed by a claim this worker was told had failed"
-                notes.append(_Note.about(job, "given back", logging.WARNING, message, job.id, job.type))
+            if job.owner == self.owner and job.id not in known:
+                status = self._store.give_back_if_owned(job.id, self.owner, now)
+                why = "claimed by a claim this worker was told had failed"
+                notes += _given_back(job, status, logging.WARNING, why)
         return notes
 
     def _notice_database_replaced(self) -> None:
