@@ -271,6 +271,9 @@ COLUMNS = tuple(
     """.split()
 )
 SELECT_COLUMNS = ", ".join(COLUMNS)
+# What `worker copy` moves: a Job's columns, then those a Job does not carry (a chain's snooze count, a cancel
+# request and its asker, the last progress reported), named alike in both schemas.
+COPIED_COLUMNS = ", ".join((*COLUMNS, "snoozes", "cancel_requested", "cancel_requested_by", "progress"))
 _DATA, _RESULT, _PERSISTENT = COLUMNS.index("data"), COLUMNS.index("result"), COLUMNS.index("persistent")
 
 
@@ -3148,12 +3151,13 @@ class SQLiteStore(QueueControls):
         return _InEngineErrors(_read_transaction(self.conn))
 
     EXPORT_SQL = f"""
-    SELECT {SELECT_COLUMNS} FROM worker_jobs
+    SELECT {COPIED_COLUMNS} FROM worker_jobs
      WHERE id > :after AND status IN (SELECT value FROM json_each(:statuses)) ORDER BY id LIMIT :limit
     """
 
     def rows_to_copy(self, statuses: list[str], *, after: int, limit: int) -> list[tuple[Any, ...]]:
-        """Up to ``limit`` rows in one of ``statuses`` with ids above ``after``, in id order, each column as stored.
+        """Up to ``limit`` rows in one of ``statuses`` with ids above ``after``, in id order, each column of
+        COPIED_COLUMNS as stored.
 
         Text exactly as it is in the file (no JSON is parsed and written again);
         UnreadableRow, naming the row, for text that is not UTF-8, which no

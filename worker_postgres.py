@@ -38,7 +38,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.numeric import Int8Dumper
 
 import worker
-from worker import MAX_COUNT, MAX_DURATION_MS, SELECT_COLUMNS, Job
+from worker import COPIED_COLUMNS, MAX_COUNT, MAX_DURATION_MS, SELECT_COLUMNS, Job
 
 logger = logging.getLogger("worker")
 
@@ -1197,7 +1197,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     # Held to the end of the copy's transaction: no writer can add a row between
     # the look at the table and the copy's commit (readers go on meanwhile).
     LOCK_FOR_COPY_SQL = "LOCK TABLE worker_jobs IN SHARE ROW EXCLUSIVE MODE"
-    COPY_SQL = f"COPY worker_jobs ({SELECT_COLUMNS}) FROM STDIN"
+    COPY_SQL = f"COPY worker_jobs ({COPIED_COLUMNS}) FROM STDIN"
 
     def lock_for_copy(self) -> int:
         """Keep every other writer out of worker_jobs until this transaction ends; how many rows it holds now."""
@@ -1205,7 +1205,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
         return int(self._scalar("SELECT count(*) FROM worker_jobs"))
 
     def copy_rows(self, rows: Iterable[tuple[Any, ...]]) -> int:
-        """Write rows given as SELECT_COLUMNS, ids and all, as they are (one COPY); how many.
+        """Write rows given as COPIED_COLUMNS, ids and all, as they are (one COPY); how many.
 
         The table checks each row as it would an INSERT's (and the insert
         trigger wakes the workers at commit).  DatabaseError naming the row it refused.
