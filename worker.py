@@ -4449,11 +4449,12 @@ class Worker:
                 return suspect
         kinds = [(types, limit)] if async_limit is None else self._claim_kinds(limit, async_limit)
         jobs: list[Job] = []
-        if len(kinds) == 2:
+        if len(kinds) == 2 and not self._running:
             # Jobs of either kind fit in the smaller kind's free slots: one
             # statement claims from both, so an idle worker's claim is one
             # statement whatever kind its job is.  Only a claim that fills
-            # leaves more due, for the kinds' claims of what is left.
+            # leaves more due, for the kinds' claims of what is left (a busy
+            # worker claims per kind at once: two statements, not three).
             both = min(slots for _, slots in kinds)
             jobs = self._claim_of(types, both, now, lease_until, jobs)
             awaited = sum(1 for job in jobs if _job_type(job).is_async)
