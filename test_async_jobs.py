@@ -138,6 +138,45 @@ def test_sync_jobs_are_claimed_while_every_async_slot_is_busy(db: str, queue: Qu
     assert [(r["type"], r["result"]) for r in rows(db)] == [("hold", "true"), ("release", "null")]
 
 
+@pytest.mark.parametrize(
+    ("due", "thread_slots", "async_slots", "claimed"),
+    [
+        ({"plain": 5, "awaited": 5}, 2, 3, {"plain": 2, "awaited": 3}),
+        ({"plain": 5, "awaited": 5}, 3, 2, {"plain": 3, "awaited": 2}),
+        ({"awaited": 5}, 2, 3, {"awaited": 3}),
+        ({"plain": 5}, 2, 3, {"plain": 2}),
+        ({"plain": 1, "awaited": 1}, 4, 100, {"plain": 2, "awaited": 2}),
+        ({"plain": 1, "awaited": 3}, 1, 100, {"plain": 1, "awaited": 6}),
+    ],
+)
+def test_a_claim_takes_each_kind_up_to_its_own_free_slots(
+    queue: Queue, make_worker: Callable[..., Worker], due: dict[str, int], thread_slots: int, async_slots: int,
+    claimed: dict[str, int],
+) -> None:  # fmt: skip
+    """Whatever mix is due, no kind gets more jobs than it has slots free, and neither kind waits while the
+    other has jobs due; within a kind, the highest priority goes first."""
+
+    @worker.job
+    def plain(ctx: JobContext) -> None: ...
+
+    @worker.job
+    async def awaited(ctx: JobContext) -> None: ...
+
+    for type, count in due.items():
+        queue.enqueue_many([(type, {})] * count, priority=0)
+        queue.enqueue_many([(type, {})] * count, priority=5)
+    claimer = make_worker()
+    claimer.start_up()
+    with claimer._write():
+        jobs = claimer._claim(thread_slots, claimer.now(), async_slots)
+    by_type: dict[str, list[int]] = {}
+    for job in jobs:
+        by_type.setdefault(job.type, []).append(job.priority)
+    assert {type: len(priorities) for type, priorities in by_type.items()} == claimed
+    for type, priorities in by_type.items():  # the highest first: those of 5, then those of 0
+        assert sorted(priorities, reverse=True) == ([5] * due[type] + [0] * due[type])[: len(priorities)]
+
+
 def test_the_job_loop_claims_ahead_while_async_jobs_are_short_and_stops_after_a_long_one() -> None:
     ended: list[worker.Outcome] = []
 
@@ -175,6 +214,44 @@ def test_async_concurrency_bounds_the_async_jobs_at_once(db: str, queue: Queue) 
     run_burst(db, async_concurrency=3)
     assert len(rows(db, "status = 'succeeded'")) == 12
     assert most == 3
+
+
+def test_async_jobs_claimed_ahead_behind_a_long_one_are_given_back_for_other_workers(db: str, queue: Queue) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    @worker.job
+    async def quick(ctx: JobContext) -> None:
+        pass
+
+    @worker.job
+    async def long(ctx: JobContext) -> None:
+        started.set()
+        while not release.is_set():
+            await asyncio.sleep(0.005)
+
+    first = queue.enqueue("quick")  # a short job first: the job loop then claims ahead
+    queue.enqueue("long")
+    behind = [queue.enqueue("quick") for _ in range(3)]
+    busy = Worker(db, cron=False, async_concurrency=1)
+    loop = threading.Thread(target=busy.run)
+    loop.start()
+    try:
+        assert started.wait(10)
+        # The job claimed ahead waits for the one slot, which the long job holds:
+        # within PREFETCH_PATIENCE it is pending again, for another worker.
+        wait_for(lambda: len(rows(db, "status = 'pending'")) == 3, 5, "the job claimed ahead to be given back")
+        other = Worker(db, cron=False)
+        while other.work():
+            pass
+        assert {queue.get(job.id).worker for job in behind} == {other.name}  # type: ignore[union-attr]
+        assert queue.get(first.id).worker == busy.name  # type: ignore[union-attr]
+    finally:
+        release.set()
+        busy.stop()
+        loop.join(10)
+    assert not loop.is_alive()
+    assert [r["status"] for r in rows(db)] == ["succeeded"] * 5
 
 
 def test_async_job_failure_is_recorded_and_retried_like_a_sync_one(db: str, queue: Queue) -> None:

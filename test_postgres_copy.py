@@ -21,8 +21,8 @@ import worker_cli
 from conftest import HERE, FakeClock, NoJitter, Processes, at, wait_for
 from worker import JobContext, Queue, Worker
 
-# Every column but the claim's, whose copy a pending row does not have anyway.
-COMPARED = ", ".join(worker.COLUMNS)
+# Every column a copy moves.
+COMPARED = worker.COPIED_COLUMNS
 
 
 @pytest.fixture
@@ -139,6 +139,34 @@ def test_a_chain_keeps_its_links_and_with_history_every_row_of_it(
         store.close()
 
 
+def test_a_chains_snooze_count_and_a_finished_rows_progress_and_cancel_request_come_too(
+    source: Path, target: str, clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    @worker.job
+    def nap(ctx: JobContext) -> None:
+        raise worker.Snooze(60)
+
+    @worker.job
+    def report(ctx: JobContext) -> None:
+        ctx.progress(1, 2, "half way")
+        Queue(source).cancel(ctx.id, by="ops")  # asked while it runs: the row ends cancelled, the request kept
+
+    with Queue(source) as queue:
+        queue.enqueue("nap", now=at(clock))
+        queue.enqueue("report", now=at(clock))
+    made = Worker(str(source), clock=clock, rng=NoJitter(), cron=False)
+    try:
+        made.work()
+    finally:
+        made.close()
+    snoozed, asked = sqlite_rows(source, "snoozes > 0")[0], sqlite_rows(source, "cancel_requested IS NOT NULL")[0]
+    assert snoozed[-4] == 1 and asked[-2] == "ops" and '"message":"half way"' in asked[-1]
+
+    assert copy("--from", str(source), "--to", target, "--history", capsys=capsys)[0] == 0
+
+    assert postgres_rows(target) == sqlite_rows(source)
+
+
 def test_without_history_only_pending_rows_come_and_their_links_still_point_at_the_old_ids(
     source: Path, target: str, clock: FakeClock, failing: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -214,7 +242,7 @@ def test_running_rows_are_refused_unless_asked_to_copy_them_as_pending(
     code, out, _ = copy("--from", str(source), "--to", target, "--running-as-pending", capsys=capsys)
     assert code == 0 and "1 running, as pending" in out
     (row,) = postgres_rows(target)
-    columns = dict(zip(worker.COLUMNS, row, strict=True))
+    columns = dict(zip(worker.COPIED_COLUMNS.split(", "), row, strict=True))
     assert (columns["id"], columns["status"], columns["attempt"]) == (job.id, "pending", 1)
     assert [columns[name] for name in ("started", "worker", "owner", "lease_until")] == [None] * 4
     died.close()

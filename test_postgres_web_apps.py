@@ -1,11 +1,11 @@
 """Living inside a web app on PostgreSQL: Queue(conn) enqueues exactly as the app's own INSERT would.
 
 On a psycopg 3 connection (autocommit off and on, in the app's own
-transaction blocks and savepoints), through SQLAlchemy 2 on psycopg (Session,
-Connection, pooled connection) and Django 5.2 on PostgreSQL (``atomic()``): a
-job enqueued inside the app's transaction commits and rolls back with it,
+transaction blocks and savepoints) and Django 5.2 on PostgreSQL (``atomic()``):
+a job enqueued inside the app's transaction commits and rolls back with it,
 wherever in the transaction it was enqueued, as test_web_apps.py holds for
-SQLite.  Each test reads the tables back from a connection of its own.
+SQLite (SQLAlchemy's objects, on both stores, are test_sqlalchemy.py's).  Each
+test reads the tables back from a connection of its own.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-import sqlalchemy
 from psycopg.rows import dict_row, namedtuple_row
-from sqlalchemy import orm
 
 import worker
 from conftest import HERE
@@ -245,78 +243,6 @@ def test_a_job_the_app_committed_is_run_by_a_worker(
     with Queue(app_db) as queue:
         done = queue.get(1)
     assert done is not None and (done.status, done.result) == ("succeeded", {"sent": 1})
-
-
-# --- SQLAlchemy 2 on psycopg -----------------------------------------------------------
-
-
-@pytest.fixture
-def engine(app_db: str) -> Iterator[sqlalchemy.Engine]:
-    made = sqlalchemy.create_engine(app_db.replace("postgresql://", "postgresql+psycopg://", 1))
-    yield made
-    made.dispose()
-
-
-ORDER_INSERT = sqlalchemy.text(ORDER)
-
-
-def test_sqlalchemy_session_before_its_first_flush_rolls_back_the_job(engine: sqlalchemy.Engine, app_db: str) -> None:
-    with orm.Session(engine) as session:
-        Queue(session, check_types=False).enqueue("send_receipt", {"order": 1})
-        session.execute(ORDER_INSERT)
-        session.rollback()
-    assert counts(app_db) == (0, 0)
-    with orm.Session(engine) as session:
-        Queue(session, check_types=False).enqueue("send_receipt", {"order": 1})
-        session.execute(ORDER_INSERT)
-        assert counts(app_db) == (0, 0)
-        session.commit()
-    assert counts(app_db) == (1, 1)
-
-
-def test_sqlalchemy_session_that_raises_in_begin_leaves_no_job(engine: sqlalchemy.Engine, app_db: str) -> None:
-    with pytest.raises(RuntimeError), orm.Session(engine) as session, session.begin():
-        session.execute(ORDER_INSERT)
-        Queue(session, check_types=False).enqueue("send_receipt", {"order": 1})
-        raise RuntimeError("the order failed")
-    assert counts(app_db) == (0, 0)
-
-
-def test_sqlalchemy_nested_transaction_rolls_back_the_job_and_the_outer_one_commits(
-    engine: sqlalchemy.Engine, app_db: str
-) -> None:
-    with orm.Session(engine) as session, session.begin():
-        session.execute(ORDER_INSERT)
-        with pytest.raises(RuntimeError), session.begin_nested():
-            Queue(session, check_types=False).enqueue("send_receipt", {"order": 1})
-            raise RuntimeError("the receipt is not wanted after all")
-        Queue(session, check_types=False).enqueue("audit", {})
-    assert counts(app_db) == (1, 1)
-
-
-def test_sqlalchemy_connection_commits_and_rolls_back_the_job_with_it(engine: sqlalchemy.Engine, app_db: str) -> None:
-    with engine.connect() as connection:
-        Queue(connection, check_types=False).enqueue("send_receipt", {"order": 1})
-        connection.rollback()
-        assert counts(app_db) == (0, 0)
-        Queue(connection, check_types=False).enqueue("send_receipt", {"order": 2})
-        connection.execute(ORDER_INSERT)
-        connection.commit()
-    assert counts(app_db) == (1, 1)
-    with engine.begin() as connection:
-        Queue(connection, check_types=False).enqueue("audit", {})
-    assert counts(app_db) == (1, 2)
-
-
-def test_sqlalchemy_pooled_connection_is_a_dbapi_connection(engine: sqlalchemy.Engine, app_db: str) -> None:
-    raw = engine.raw_connection()
-    Queue(raw, check_types=False).enqueue("send_receipt", {"order": 1})
-    raw.rollback()
-    assert counts(app_db) == (0, 0)
-    Queue(raw, check_types=False).enqueue("send_receipt", {"order": 2})
-    raw.commit()
-    raw.close()
-    assert counts(app_db) == (0, 1)
 
 
 # --- Django 5.2 on PostgreSQL -----------------------------------------------------------

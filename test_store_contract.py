@@ -222,7 +222,7 @@ def store(backend: Backend) -> worker.Store:
 def test_a_transaction_that_raises_writes_nothing(backend: Backend, store: worker.Store) -> None:
     id = backend.running("a")
     with pytest.raises(RuntimeError), store.transaction():
-        assert store.give_back_if_owned(id, "a")
+        assert store.give_back_if_owned(id, "a", NOW)
         raise RuntimeError("the step failed after its write")
     assert backend.row(id)["status"] == worker.Status.RUNNING
 
@@ -233,14 +233,31 @@ def test_a_transaction_that_raises_writes_nothing(backend: Backend, store: worke
 def test_give_back_changes_only_a_row_running_under_that_owner(backend: Backend, store: worker.Store) -> None:
     mine, theirs, pending = backend.running("a"), backend.running("b"), backend.insert()
     with store.transaction():
-        assert store.give_back_if_owned(mine, "a")
-        assert not store.give_back_if_owned(theirs, "a")
-        assert not store.give_back_if_owned(pending, "a")
-        assert not store.give_back_if_owned(mine, "a")  # given back already: no longer running
+        assert store.give_back_if_owned(mine, "a", NOW)
+        assert not store.give_back_if_owned(theirs, "a", NOW)
+        assert not store.give_back_if_owned(pending, "a", NOW)
+        assert not store.give_back_if_owned(mine, "a", NOW)  # given back already: no longer running
     given_back = backend.row(mine)
     assert given_back["status"] == worker.Status.PENDING
     assert (given_back["owner"], given_back["worker"], given_back["started"], given_back["lease_until"]) == (None,) * 4
     assert backend.row(theirs)["status"] == worker.Status.RUNNING and backend.row(theirs)["owner"] == "b"
+
+
+def test_a_row_given_back_whose_tag_a_newer_pending_row_holds_ends_cancelled(
+    backend: Backend, store: worker.Store
+) -> None:
+    """The tag rule: the newer row (enqueued, or scheduled, while this one ran) is the job, as an enqueue with
+    the tag would have made it; the table never holds two pending rows of one tag."""
+    ran, newer = backend.running("a", tag="nightly"), backend.insert(tag="nightly")
+    untagged = backend.running("a")
+    with store.transaction():
+        assert store.give_back_if_owned(ran, "a", NOW + 5) == worker.Status.CANCELLED
+        assert store.give_back_if_owned(untagged, "a", NOW + 5) == worker.Status.PENDING
+        assert store.give_back_if_owned(ran, "a", NOW + 5) is None  # no longer running
+    cancelled = backend.row(ran)
+    assert (cancelled["status"], cancelled["finished"], cancelled["lease_until"]) == ("cancelled", NOW + 5, None)
+    assert cancelled["error"] == "not run to its end: a newer pending job holds its tag 'nightly' and runs in its place"
+    assert backend.row(newer)["status"] == worker.Status.PENDING
 
 
 def test_finish_writes_the_outcome_only_while_that_owner_holds_the_row(backend: Backend, store: worker.Store) -> None:
@@ -660,7 +677,7 @@ def test_wake_up_sees_a_commit_by_another_connection_and_only_then(backend: Back
         wake_up.stop()
 
 
-def test_wake_up_calls_wake_on_a_commit_only_while_armed(backend: Backend) -> None:
+def test_wake_up_calls_wake_on_a_commit_only_while_armed_and_once_per_arming(backend: Backend) -> None:
     woken = threading.Event()
     wake_up = backend.wake_up()
     wake_up.start(woken.set)
@@ -670,6 +687,14 @@ def test_wake_up_calls_wake_on_a_commit_only_while_armed(backend: Backend) -> No
         with other.transaction():
             other.insert(new_row(), "replace")
         assert not woken.wait(0.2)  # disarmed: a busy worker is not woken per commit
+        wake_up.arm(True)
+        with other.transaction():
+            other.insert(new_row(), "replace")
+        assert woken.wait(10)
+        woken.clear()
+        with other.transaction():
+            other.insert(new_row(), "replace")
+        assert not woken.wait(0.2)  # once per arming: the worker, woken, looks anyway
         wake_up.arm(True)
         with other.transaction():
             other.insert(new_row(), "replace")
@@ -711,7 +736,7 @@ def test_a_terminated_connection_at_commit_is_unavailable_and_writes_nothing(pos
     id = postgres.running("a")
     store = postgres.postgres_store
     with pytest.raises(worker.DatabaseUnavailable), store.transaction():
-        assert store.give_back_if_owned(id, "a")
+        assert store.give_back_if_owned(id, "a", NOW)
         postgres.raw.execute("SELECT pg_terminate_backend(%s)", (backend_pid(store),))
     assert postgres.row(id)["status"] == "running"
 

@@ -2,9 +2,9 @@
 
 On every connection state of the standard library's sqlite3 (its default
 legacy mode with each isolation level, an explicit BEGIN, a savepoint,
-autocommit), on apsw, and through SQLAlchemy's Session, Connection and pooled
-connection: a job enqueued inside the app's transaction commits and rolls back
-with it, wherever in the transaction it was enqueued.
+autocommit) and on apsw: a job enqueued inside the app's transaction commits
+and rolls back with it, wherever in the transaction it was enqueued.
+SQLAlchemy's objects, on both stores, are test_sqlalchemy.py's.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import apsw
 import pytest
-import sqlalchemy
-from sqlalchemy import orm
 
 import worker
 import worker_dashboard
@@ -171,62 +169,6 @@ def test_apsw_outside_a_transaction_commits_by_itself_and_inside_joins(app_db: P
     conn.execute("ROLLBACK")
     assert counts(app_db) == (0, 1)
     conn.close()
-
-
-# --- SQLAlchemy ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def engine(app_db: Path) -> Iterator[sqlalchemy.Engine]:
-    made = sqlalchemy.create_engine(f"sqlite:///{app_db}")
-    yield made
-    made.dispose()
-
-
-ORDER_INSERT = sqlalchemy.text("INSERT INTO orders (item) VALUES ('book')")
-
-
-def test_sqlalchemy_session_before_its_first_flush_rolls_back_the_job(engine: sqlalchemy.Engine, app_db: Path) -> None:
-    with orm.Session(engine) as session:
-        Queue(session, check_types=False).enqueue("send_receipt", {"order": 1})
-        session.execute(ORDER_INSERT)
-        session.rollback()
-    assert counts(app_db) == (0, 0)
-    with orm.Session(engine) as session:
-        Queue(session, check_types=False).enqueue("send_receipt", {"order": 1})
-        session.execute(ORDER_INSERT)
-        session.commit()
-    assert counts(app_db) == (1, 1)
-
-
-def test_sqlalchemy_session_that_raises_in_begin_leaves_no_job(engine: sqlalchemy.Engine, app_db: Path) -> None:
-    with pytest.raises(RuntimeError), orm.Session(engine) as session, session.begin():
-        session.execute(sqlalchemy.text("SELECT 1"))
-        Queue(session, check_types=False).enqueue("send_receipt", {"order": 1})
-        raise RuntimeError("the order failed")
-    assert counts(app_db) == (0, 0)
-
-
-def test_sqlalchemy_connection_commits_and_rolls_back_the_job_with_it(engine: sqlalchemy.Engine, app_db: Path) -> None:
-    with engine.connect() as connection:
-        Queue(connection, check_types=False).enqueue("send_receipt", {"order": 1})
-        connection.rollback()
-        assert counts(app_db) == (0, 0)
-        Queue(connection, check_types=False).enqueue("send_receipt", {"order": 2})
-        connection.execute(ORDER_INSERT)
-        connection.commit()
-    assert counts(app_db) == (1, 1)
-
-
-def test_sqlalchemy_pooled_connection_is_a_dbapi_connection(engine: sqlalchemy.Engine, app_db: Path) -> None:
-    raw = engine.raw_connection()
-    Queue(raw, check_types=False).enqueue("send_receipt", {"order": 1})
-    raw.rollback()
-    assert counts(app_db) == (0, 0)
-    Queue(raw, check_types=False).enqueue("send_receipt", {"order": 2})
-    raw.commit()
-    raw.close()
-    assert counts(app_db) == (0, 1)
 
 
 # --- The worker is a guest in the app's file ---------------------------------------------

@@ -496,6 +496,36 @@ def test_at_concurrency_1_stop_gives_back_the_running_job_after_the_shutdown_tim
     assert statuses == {first.id: "succeeded", long.id: "pending", never.id: "pending"}
 
 
+def test_a_job_stopped_at_shutdown_whose_tag_a_newer_job_holds_is_cancelled_and_the_rest_are_given_back(
+    queue: Queue, db: str, long_job: tuple[threading.Event, threading.Event]
+) -> None:
+    """One tagged row costs only itself: the others running beside it are given back in the same step."""
+    started, release = long_job
+
+    @worker.job
+    def tagged(ctx: JobContext) -> None:
+        release.wait(10)
+
+    report = queue.enqueue("tagged", tag="report")
+    long = queue.enqueue("long")
+    w = Worker(db, cron=False, concurrency=2, shutdown_timeout=0.3)
+    loop = threading.Thread(target=w.run)
+    loop.start()
+    try:
+        assert started.wait(10)
+        wait_for(lambda: queue.get(report.id).status == "running", 5, "the tagged job to run")  # type: ignore[union-attr]
+        newer = queue.enqueue("tagged", tag="report")  # the app asks again meanwhile: the tag's newer job
+        w.stop()
+        loop.join(10)
+        assert not loop.is_alive()
+    finally:
+        release.set()
+    cancelled = queue.get(report.id)
+    assert cancelled is not None and cancelled.status == "cancelled"
+    assert cancelled.error == "not run to its end: a newer pending job holds its tag 'report' and runs in its place"
+    assert [queue.get(job.id).status for job in (newer, long)] == ["pending", "pending"]  # type: ignore[union-attr]
+
+
 # --- Leases: a worker that dies or stalls ---------------------------------------
 
 

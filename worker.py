@@ -272,6 +272,9 @@ COLUMNS = tuple(
     """.split()
 )
 SELECT_COLUMNS = ", ".join(COLUMNS)
+# What `worker copy` moves: a Job's columns, then those a Job does not carry (a chain's snooze count, a cancel
+# request and its asker, the last progress reported), named alike in both schemas.
+COPIED_COLUMNS = ", ".join((*COLUMNS, "snoozes", "cancel_requested", "cancel_requested_by", "progress"))
 _DATA, _RESULT, _PERSISTENT = COLUMNS.index("data"), COLUMNS.index("result"), COLUMNS.index("persistent")
 
 
@@ -1600,8 +1603,14 @@ class Store(Protocol):
         """``finish_if_owned`` for each (id, status, result, error, started, keep_ms); the ids that were owned."""
         ...
 
-    def give_back_if_owned(self, id: int, owner: str) -> bool:
-        """Make the row pending again, unclaimed, if it is running under ``owner``; whether it was."""
+    def give_back_if_owned(self, id: int, owner: str, now: int) -> str | None:
+        """Make the row pending again, unclaimed, if it is running under ``owner``; its status then, or None if
+        it was not.
+
+        Under the tag rule: when a newer pending row holds its tag (enqueued
+        or scheduled while this one ran), that one is the job, as an enqueue
+        with the tag would have made it, and this row ends ``cancelled``.
+        """
         ...
 
     def schedule_next_attempt(self, id: int, *, due: int, deaths: int, now: int) -> int | None:
@@ -1742,7 +1751,8 @@ class WakeUp(Protocol):
         """Begin calling ``wake`` (from a thread of its own) when another process commits, where it can."""
 
     def arm(self, armed: bool) -> None:
-        """Call ``wake`` only while armed: an idle worker wants it, a busy one would only pay for it."""
+        """Call ``wake`` only while armed, and once: an idle worker wants it (and arms it again after each look
+        that finds it still idle), a busy one would only pay for it."""
 
     def changed(self) -> bool:
         """Cheap, no disk read: did any other connection commit since the last call?"""
@@ -2773,9 +2783,22 @@ class SQLiteStore(QueueControls):
        SET status = 'pending', started = NULL, worker = NULL, owner = NULL, lease_until = NULL
      WHERE id = :id AND status = 'running' AND owner = :owner
     """
+    GIVE_BACK_TAKEN_TAG_SQL = f"""
+    UPDATE worker_jobs
+       SET status = 'cancelled', lease_until = NULL, finished = :now, remove_at = {REMOVE_AT},
+           error = 'not run to its end: a newer pending job holds its tag ' || quote(tag) || ' and runs in its place'
+     WHERE id = :id AND status = 'running' AND owner = :owner AND tag IS NOT NULL
+       AND EXISTS (SELECT 1 FROM worker_jobs AS newer WHERE newer.tag = worker_jobs.tag AND newer.status = 'pending')
+    RETURNING finished, queue, status
+    """
 
-    def give_back_if_owned(self, id: int, owner: str) -> bool:
-        return self.conn.execute(self.GIVE_BACK_SQL, {"id": id, "owner": owner}).rowcount == 1
+    def give_back_if_owned(self, id: int, owner: str, now: int) -> str | None:
+        params = {"id": id, "owner": owner, "now": now, "keep_ms": default_keep_ms(succeeded=False)}
+        cancelled = self.conn.execute(self.GIVE_BACK_TAKEN_TAG_SQL, params).fetchall()
+        if cancelled:
+            count_finished(self.conn, cancelled)
+            return Status.CANCELLED.value
+        return Status.PENDING.value if self.conn.execute(self.GIVE_BACK_SQL, params).rowcount == 1 else None
 
     # `started` becomes the moment the function was called (a job claimed ahead
     # waited after its claim); `finished` is the step's time, never before that.
@@ -3153,12 +3176,13 @@ class SQLiteStore(QueueControls):
         return _InEngineErrors(_read_transaction(self.conn))
 
     EXPORT_SQL = f"""
-    SELECT {SELECT_COLUMNS} FROM worker_jobs
+    SELECT {COPIED_COLUMNS} FROM worker_jobs
      WHERE id > :after AND status IN (SELECT value FROM json_each(:statuses)) ORDER BY id LIMIT :limit
     """
 
     def rows_to_copy(self, statuses: list[str], *, after: int, limit: int) -> list[tuple[Any, ...]]:
-        """Up to ``limit`` rows in one of ``statuses`` with ids above ``after``, in id order, each column as stored.
+        """Up to ``limit`` rows in one of ``statuses`` with ids above ``after``, in id order, each column of
+        COPIED_COLUMNS as stored.
 
         Text exactly as it is in the file (no JSON is parsed and written again);
         UnreadableRow, naming the row, for text that is not UTF-8, which no
@@ -3270,6 +3294,9 @@ class CommitWatcher:
             except OSError:
                 return
             if not self._stopped and self.armed.is_set():
+                # Once: one commit writes the -wal several times, and the worker,
+                # woken, looks anyway; it arms the watch again while it stays idle.
+                self.armed.clear()
                 self._wake()
 
     def stop(self) -> None:
@@ -3553,9 +3580,11 @@ class AsyncRunner:
     Outcome goes to ``hand_over``, as a job thread's does, to be recorded the
     same way.  While jobs are short it takes up to ``concurrency`` more, which
     wait on the loop and start the moment a job ends, not a step of the worker
-    later (ASYNC_PREFETCH_JOB_SECONDS).  A job's timeout cancels its task (see Worker.execute_async);
-    at shutdown ``cancel_all`` cancels what still runs, and the worker gives
-    those rows back.  Async hooks run on the same loop (``call``).
+    later (ASYNC_PREFETCH_JOB_SECONDS); those that wait behind long jobs are
+    taken back, for the worker to give back (take_waiting).  A job's timeout
+    cancels its task (see Worker.execute_async); at shutdown ``cancel_all``
+    cancels what still runs, and the worker gives those rows back.  Async
+    hooks run on the same loop (``call``).
     """
 
     def __init__(
@@ -3566,8 +3595,11 @@ class AsyncRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}  # by job id; touched on the loop's thread only
-        self._waiting: collections.deque[Job] = collections.deque()  # claimed ahead; the loop's thread only
-        self._ahead = 0  # how many jobs beyond ``concurrency`` it may hold: set by the loop's thread
+        # Claimed ahead, waiting for a task to end.  The loop's thread takes the next to begin it, the worker's
+        # the lot to give them back (take_waiting); each popleft is atomic, so a job is begun or given back.
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._began_at = time.monotonic()  # when a job last began on the loop
+        self._ahead = 0  # how many jobs beyond ``concurrency`` it may hold
         # Counted apart, each by one thread (started: the worker's step; ended: the loop's), so no lock is needed.
         self._started = 0
         self._ended = 0
@@ -3605,6 +3637,19 @@ class AsyncRunner:
         self._started += len(jobs)
         self._loop_running().call_soon_threadsafe(self._begin_all, jobs)
 
+    def take_waiting(self, patience: float) -> list[Job]:
+        """Take back the jobs claimed ahead if none has begun for ``patience`` seconds (every task is a long job):
+        the worker gives them back for other workers, and claims no more ahead until a short job ends."""
+        if not self._waiting or time.monotonic() - self._began_at <= patience:
+            return []
+        self._ahead = 0
+        taken = []
+        with contextlib.suppress(IndexError):
+            while True:
+                taken.append(self._waiting.popleft())
+        self._started -= len(taken)
+        return taken
+
     def _begin_all(self, jobs: list[Job]) -> None:
         for job in jobs:
             self._begin(job)
@@ -3613,6 +3658,7 @@ class AsyncRunner:
         if len(self._tasks) >= self.concurrency:
             self._waiting.append(job)
             return
+        self._began_at = time.monotonic()
         self._tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job), name=f"job {job.id}")
 
     async def _run(self, job: Job) -> None:
@@ -3626,7 +3672,7 @@ class AsyncRunner:
         finally:
             del self._tasks[job.id]
             self._ended += 1  # before the hand-over: the worker never counts this slot as free too late
-            if self._waiting:
+            with contextlib.suppress(IndexError):  # none waiting, or the worker just took them back
                 self._begin(self._waiting.popleft())
         if outcome is not None:
             # Claim ahead only while jobs are short: one waiting behind long ones would wait as long.
@@ -4156,6 +4202,16 @@ def claim_order(job: Job) -> tuple[int, int, int]:
     return -job.priority, job.due, job.id
 
 
+def _given_back(job: Job, status: str | None, level: int, why: str) -> list[_Note]:
+    """What to log of a job given back, by the status give_back_if_owned left it in (None: not this worker's)."""
+    if status == Status.PENDING:
+        return [_Note.about(job, "given_back", level, "job %d %s given back: %s", job.id, job.type, why)]
+    if status == Status.CANCELLED:
+        message = "job %d %s not given back (%s): a newer pending job holds its tag %r; cancelled"
+        return [_Note.about(job, "cancelled", level, message, job.id, job.type, why, job.tag)]
+    return []
+
+
 def _ended_as(outcome: Outcome) -> str:
     """The status an outcome ends its row in."""
     return Status.CANCELLED.value if outcome.kind in ("snoozed", "cancelled") else _ENDED_AS[outcome.succeeded]
@@ -4449,14 +4505,24 @@ class Worker:
                 return suspect
         kinds = [(types, limit)] if async_limit is None else self._claim_kinds(limit, async_limit)
         jobs: list[Job] = []
-        full = False
+        if len(kinds) == 2 and not self._running:
+            # Jobs of either kind fit in the smaller kind's free slots: one
+            # statement claims from both, so an idle worker's claim is one
+            # statement whatever kind its job is.  Only a claim that fills
+            # leaves more due, for the kinds' claims of what is left (a busy
+            # worker claims per kind at once: two statements, not three).
+            both = min(slots for _, slots in kinds)
+            jobs = self._claim_of(types, both, now, lease_until, jobs)
+            awaited = sum(1 for job in jobs if _job_type(job).is_async)
+            taken = (len(jobs) - awaited, awaited)
+            left = [(of, slots - got) for (of, slots), got in zip(kinds, taken, strict=True)]
+            kinds = left if len(jobs) == both else []
+        full = any(slots <= 0 for _, slots in kinds)  # a kind whose slots the first claim filled
         for kind_types, kind_limit in kinds:
-            held = {*self._running, *(j.id for j in jobs)} if jobs else self._running
-            got, unreadable = store.claim(self.owner, self.name, now, lease_until, kind_limit, kind_types, held)
-            for job, why in unreadable:
-                self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
-            full = full or len(got) == kind_limit
-            jobs += got
+            if kind_limit > 0:
+                got = self._claim_of(kind_types, kind_limit, now, lease_until, jobs)
+                full = full or len(got) == kind_limit
+                jobs += got
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
             jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
         self._last_claim_full = full
@@ -4473,6 +4539,14 @@ class Worker:
                 extra={"action": "start", "job_id": claimed.id, "job_type": claimed.type},
             )
         return jobs
+
+    def _claim_of(self, types: str, limit: int, now: int, lease_until: int, claimed: list[Job]) -> list[Job]:
+        """Claim up to ``limit`` jobs of ``types`` (a JSON array), beside ``claimed`` in this step."""
+        held = {*self._running, *(job.id for job in claimed)} if claimed else self._running
+        got, unreadable = self._store.claim(self.owner, self.name, now, lease_until, limit, types, held)
+        for job, why in unreadable:
+            self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
+        return got
 
     def _known_types(self) -> str:
         """The registered job types as a JSON array, made again only when the registry changed."""
@@ -4654,14 +4728,11 @@ class Worker:
         self, jobs: Iterable[Job], why: str = "still running at shutdown", level: int = logging.WARNING
     ) -> None:
         """Return unfinished jobs to pending (at shutdown); fenced on our ownership."""
-        message = "job %d %s given back: %s"
-        store = self.store
+        store, now = self.store, self.now()
+        notes: list[_Note] = []
         with store.transaction():
-            notes = [
-                _Note.about(job, "given_back", level, message, job.id, job.type, why)
-                for job in jobs
-                if store.give_back_if_owned(job.id, self.owner)
-            ]
+            for job in jobs:
+                notes += _given_back(job, store.give_back_if_owned(job.id, self.owner, now), level, why)
         _emit(notes)  # once committed, like every other outcome
 
     def work(self) -> int:
@@ -4858,6 +4929,8 @@ class Worker:
         self._collect_outcomes(now)
         if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
             self._give_back_waiting("its worker's threads are all busy with longer jobs")
+        if self._async_types_json is not None and (waiting := self._async.take_waiting(PREFETCH_PATIENCE)):
+            self._give_back_waiting("its worker's async slots are all busy with longer jobs", waiting)
         busy = self._stopping.is_set() or self._alone in self._running  # nothing beside a job run alone
         free, async_free = (0, 0) if busy else self._free_slots()
         room = free > 0 or async_free > 0
@@ -4948,10 +5021,12 @@ class Worker:
         known = set(self._running) | {outcome.job.id for outcome in self._to_record}
         running = self._store.jobs(status=Status.RUNNING.value, type=None, queue=None, limit=MAX_COUNT)
         notes = []
+        now = self.now()
         for job in running:
-            if job.owner == self.owner and job.id not in known and self._store.give_back_if_owned(job.id, self.owner):
-                message = "job %d %s: given back: claimed by a claim this worker was told had failed"
-                notes.append(_Note.about(job, "given back", logging.WARNING, message, job.id, job.type))
+            if job.owner == self.owner and job.id not in known:
+                status = self._store.give_back_if_owned(job.id, self.owner, now)
+                why = "claimed by a claim this worker was told had failed"
+                notes += _given_back(job, status, logging.WARNING, why)
         return notes
 
     def _notice_database_replaced(self) -> None:
@@ -5033,18 +5108,23 @@ class Worker:
             if job is not None:
                 waiting.append(job)
 
-    def _give_back_waiting(self, why: str) -> None:
-        """Return the jobs claimed ahead that no thread has started, so that other workers may take them."""
-        self._ahead.stop()
-        waiting = self._take_waiting()
+    def _give_back_waiting(self, why: str, awaited: list[Job] | None = None) -> None:
+        """Return the jobs claimed ahead that no thread has started (or these the job loop has not begun), so
+        that other workers may take them."""
+        if awaited is None:
+            self._ahead.stop()
+        waiting = self._take_waiting() if awaited is None else awaited
         if not waiting:
             return
         try:
             self.give_back(waiting, f"not started: {why}", logging.INFO)
         except DatabaseError as e:
             logger.warning("could not give back %d job(s) claimed ahead (%s); they stay claimed", len(waiting), e)
-            for job in waiting:
-                self._todo.put(job)
+            if awaited is None:
+                for job in waiting:
+                    self._todo.put(job)
+            else:
+                self._async.start(waiting)
             return
         for job in waiting:
             del self._running[job.id]

@@ -38,7 +38,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.numeric import Int8Dumper
 
 import worker
-from worker import MAX_COUNT, MAX_DURATION_MS, SELECT_COLUMNS, Job
+from worker import COPIED_COLUMNS, MAX_COUNT, MAX_DURATION_MS, SELECT_COLUMNS, Job
 
 logger = logging.getLogger("worker")
 
@@ -885,16 +885,38 @@ class PostgresStore(OperatingReads, worker.QueueControls):
      WHERE id = %(id)s AND status = 'running' AND owner = %(owner)s
     """
 
-    def give_back_if_owned(self, id: int, owner: str) -> bool:
-        """Make the row pending again, unclaimed, if it is running under ``owner``; whether it was.
+    GIVE_BACK_TAKEN_TAG_SQL = f"""
+    UPDATE worker_jobs
+       SET status = 'cancelled', lease_until = NULL, finished = %(now)s, remove_at = {REMOVE_AT},
+           error = 'not run to its end: a newer pending job holds its tag ' || quote_literal(tag)
+                   || ' and runs in its place'
+     WHERE id = %(id)s AND status = 'running' AND owner = %(owner)s
+       AND EXISTS (SELECT 1 FROM worker_jobs AS newer WHERE newer.tag = worker_jobs.tag AND newer.status = 'pending')
+    RETURNING finished, queue, status
+    """
+    RUNNING_TAG_SQL = "SELECT tag FROM worker_jobs WHERE id = %(id)s AND status = 'running' AND owner = %(owner)s"
+
+    def give_back_if_owned(self, id: int, owner: str, now: int) -> str | None:
+        """As SQLiteStore's; a tagged row's tag is locked first, as an insert with that tag locks it, so that a
+        pending row of the tag that commits meanwhile cannot make this one a second.
 
         The table's trigger NOTIFYs on INSERT only (an UPDATE trigger would fire
         on every claim and finish), so a row given back wakes idle workers here.
         """
-        if self._execute(self.GIVE_BACK_SQL, {"id": id, "owner": owner}).rowcount != 1:
-            return False
+        params = {"id": id, "owner": owner, "now": now, "keep_ms": worker.default_keep_ms(succeeded=False)}
+        running = self._execute(self.RUNNING_TAG_SQL, params).fetchone()
+        if running is None:
+            return None
+        if running[0] is not None:
+            self._execute(self.LOCK_TAG_SQL, {"tag": running[0]})
+            cancelled = self._execute(self.GIVE_BACK_TAKEN_TAG_SQL, params).fetchall()
+            if cancelled:
+                self.count_finished(cancelled)
+                return worker.Status.CANCELLED.value
+        if self._execute(self.GIVE_BACK_SQL, params).rowcount != 1:
+            return None
         self._execute(f"NOTIFY {CHANNEL}")
-        return True
+        return worker.Status.PENDING.value
 
     # `started` becomes the moment the function was called (a job claimed ahead
     # waited after its claim); `finished` is the step's time, never before that.
@@ -1175,7 +1197,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     # Held to the end of the copy's transaction: no writer can add a row between
     # the look at the table and the copy's commit (readers go on meanwhile).
     LOCK_FOR_COPY_SQL = "LOCK TABLE worker_jobs IN SHARE ROW EXCLUSIVE MODE"
-    COPY_SQL = f"COPY worker_jobs ({SELECT_COLUMNS}) FROM STDIN"
+    COPY_SQL = f"COPY worker_jobs ({COPIED_COLUMNS}) FROM STDIN"
 
     def lock_for_copy(self) -> int:
         """Keep every other writer out of worker_jobs until this transaction ends; how many rows it holds now."""
@@ -1183,7 +1205,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
         return int(self._scalar("SELECT count(*) FROM worker_jobs"))
 
     def copy_rows(self, rows: Iterable[tuple[Any, ...]]) -> int:
-        """Write rows given as SELECT_COLUMNS, ids and all, as they are (one COPY); how many.
+        """Write rows given as COPIED_COLUMNS, ids and all, as they are (one COPY); how many.
 
         The table checks each row as it would an INSERT's (and the insert
         trigger wakes the workers at commit).  DatabaseError naming the row it refused.
@@ -1443,6 +1465,7 @@ class PostgresWakeUp:
                     for _ in self._conn.notifies(timeout=0.25):  # returns every 0.25 s to see stop()
                         self._notified.set()
                         if self._armed.is_set():
+                            self._armed.clear()  # once: the worker, woken, arms it again while it stays idle
                             wake()
             except (psycopg.Error, worker.DatabaseError) as e:
                 if self.pushes or backoff == LISTEN_BACKOFF:

@@ -2,6 +2,7 @@
 
     python bench/async_jobs.py            # 10,000 jobs, 3 rounds each: about 2 minutes
     python bench/async_jobs.py --quick    # 1 round
+    python bench/async_jobs.py --skip drain --latency 300   # only the idle latency, 300 jobs of each kind
 
 Like run.py it re-runs itself in bench/.venv (arq is installed only there).
 
@@ -21,9 +22,11 @@ How each figure is measured:
 - CPU: the worker process's (and the arq worker's) user + system time from wait4,
   per job, its start-up included: a figure that a busy machine moves less.
 - Latency: one idle worker (default settings) with both an async job and a
-  sync one registered; another process enqueues them in turn, 20-30 ms apart;
-  latency is from just before the enqueue call to the job function's start
-  (``astamp`` / ``stamp`` return time.time_ns()).
+  sync one registered; another process enqueues them in turn, 20-30 ms apart
+  (``--latency`` of each kind, 100 by default); latency is from just before the
+  enqueue call, and from its return (the commit), to the job function's start
+  (``astamp`` / ``stamp`` return time.time_ns()).  On SQLite, and on
+  PostgreSQL when it answers.
 """
 
 from __future__ import annotations
@@ -198,24 +201,29 @@ def latency(db: str, n: int, log: Path) -> dict[str, Any]:
         wait_until(lambda: queue.get(1) is not None and queue.get(1).status == "succeeded", 30)  # type: ignore[union-attr]
         time.sleep(1.0)  # settled: idle
         rng = random.Random(5)
-        sent: list[tuple[str, int, int]] = []
+        sent: list[tuple[str, int, int, int]] = []
         for number in range(n):
             time.sleep(0.02 * (1 + 0.5 * rng.random()))
             kind = "astamp" if number % 2 else "stamp"
             t0 = time.time_ns()
-            sent.append((kind, t0, queue.enqueue(kind).id))
-        by_kind: dict[str, list[float]] = {"astamp": [], "stamp": []}
-        for kind, t0, job_id in sent:
+            job_id = queue.enqueue(kind).id
+            sent.append((kind, t0, time.time_ns(), job_id))
+        from_call: dict[str, list[float]] = {"astamp": [], "stamp": []}
+        from_commit: dict[str, list[float]] = {"astamp": [], "stamp": []}
+        for kind, t0, committed, job_id in sent:
             done = wait_until(lambda: _succeeded(queue, job_id), 30)  # noqa: B023
-            by_kind[kind].append((done.result - t0) / 1e6)
+            from_call[kind].append((done.result - t0) / 1e6)
+            from_commit[kind].append((done.result - committed) / 1e6)
     finally:
         proc.terminate()
         reap(proc)
         queue.close()
-    return {
-        kind: {"p50_ms": percentile(values, 50), "p99_ms": percentile(values, 99), "n": len(values)}
-        for kind, values in by_kind.items()
-    }
+    figures = {}
+    for kind in from_call:
+        call, commit = from_call[kind], from_commit[kind]
+        figures[kind] = {"p50_ms": percentile(call, 50), "p99_ms": percentile(call, 99), "n": len(call),
+                         "commit_p50_ms": percentile(commit, 50), "commit_p99_ms": percentile(commit, 99)}  # fmt: skip
+    return figures
 
 
 def _succeeded(queue: Any, job_id: int) -> Any:
@@ -241,6 +249,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one round instead of three")
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, help="rounds of each system (default 3, 1 with --quick)")
+    parser.add_argument("--latency", type=int, default=100, help="jobs of each kind for the idle latency")
+    parser.add_argument("--skip", default="", help="parts to leave out: drain, latency")
     args = parser.parse_args()
     if args.mode == "arq-worker":
         print(json.dumps(arq_worker()))
@@ -258,7 +268,8 @@ def main() -> None:
         results[name].append(run["jobs_per_s"])
         cpu[name].append(run["cpu_us_per_job"])
 
-    for number in range(rounds):
+    skip = set(args.skip.split(",")) - {""}
+    for number in range(0 if "drain" in skip else rounds):
         note("sqlite", drain_ours(str(work / f"drain{number}.db"), args.n, log))
         note("arq", drain_arq(args.n, log))
         if with_postgres:
@@ -267,20 +278,31 @@ def main() -> None:
                 note("postgres", drain_ours(database.url, args.n, log))
             finally:
                 database.drop()
-    idle = latency(str(work / "latency.db"), 60, log)
-    arq_rate = median(results["arq"])
-    print(f"\n{args.n:,} jobs of `await asyncio.sleep(0.01)` at async concurrency 100 (median of {rounds})")
-    print(f"{'':24} {'jobs/s':>10} {'x arq':>7} {'CPU us/job':>11}   rounds")
-    for name in ("sqlite", "postgres", "arq"):
-        if results[name]:
-            rate = median(results[name])
-            each = ", ".join(f"{r:,.0f}" for r in results[name])
-            label = "arq (Redis)" if name == "arq" else f"ours, {name}"
-            print(f"{label:24} {rate:10,.0f} {rate / arq_rate:7.2f} {median(cpu[name]):11.0f}   {each}")
-    print("\nidle latency, enqueue to start (SQLite, 30 of each, in turn)")
-    for kind, label in (("astamp", "async def job"), ("stamp", "sync job")):
-        figures = idle[kind]
-        print(f"{label:24} p50 {figures['p50_ms']:6.2f} ms   p99 {figures['p99_ms']:6.2f} ms")
+    idle: dict[str, Any] = {}
+    if "latency" not in skip:
+        idle["sqlite"] = latency(str(work / "latency.db"), 2 * args.latency, log)
+        if with_postgres:
+            database = PostgresDatabase(rounds)
+            try:
+                idle["postgres"] = latency(database.url, 2 * args.latency, log)
+            finally:
+                database.drop()
+    if results["arq"]:
+        arq_rate = median(results["arq"])
+        print(f"\n{args.n:,} jobs of `await asyncio.sleep(0.01)` at async concurrency 100 (median of {rounds})")
+        print(f"{'':24} {'jobs/s':>10} {'x arq':>7} {'CPU us/job':>11}   rounds")
+        for name in ("sqlite", "postgres", "arq"):
+            if results[name]:
+                rate = median(results[name])
+                each = ", ".join(f"{r:,.0f}" for r in results[name])
+                label = "arq (Redis)" if name == "arq" else f"ours, {name}"
+                print(f"{label:24} {rate:10,.0f} {rate / arq_rate:7.2f} {median(cpu[name]):11.0f}   {each}")
+    for store, figures_by_kind in idle.items():
+        print(f"\nidle latency on {store}, {args.latency} of each kind in turn: from the enqueue call / its commit")
+        for kind, label in (("astamp", "async def job"), ("stamp", "sync job")):
+            f = figures_by_kind[kind]
+            print(f"{label:24} p50 {f['p50_ms']:6.2f} / {f['commit_p50_ms']:5.2f} ms   "
+                  f"p99 {f['p99_ms']:6.2f} / {f['commit_p99_ms']:5.2f} ms")  # fmt: skip
     print(f"\nlog: {log}")
 
 
