@@ -199,6 +199,31 @@ def test_a_job_of_higher_priority_starts_before_the_jobs_claimed_ahead_of_it(que
         w.close()
 
 
+def test_jobs_given_back_for_waiting_too_long_are_claimed_again_once_a_thread_is_free(queue: Queue, db: str) -> None:
+    """A burst worker that gave back the jobs waiting behind a long one must not think nothing is due then:
+    its own give-back is no commit by another process, which is all an idle worker's wake-up looks for."""
+
+    @worker.job
+    def quick(ctx: JobContext) -> None:
+        pass
+
+    made = queue.enqueue_many([("quick", None)] * 3)
+    w = Worker(db, cron=False, concurrency=1, burst=True)
+    try:
+        w.start_up()
+        w._ahead.jobs = 4  # room for 5: the claim takes all 3 and finds no more
+        w._tick()
+        assert len(w._running) == 3 and not w._last_claim_full
+        w._wake_up.changed()  # whatever other connections committed before is seen
+        w._progress_at = time.monotonic() - 1  # no thread has started a job for a second
+        w._tick()  # gives the 3 back: none had started
+        assert not w._nothing_due, "they are due"
+        w.run()
+        assert [queue.get(job.id).status for job in made] == ["succeeded"] * 3  # type: ignore[union-attr]
+    finally:
+        w.close()
+
+
 def test_while_a_worker_holds_the_write_lock_the_gil_comes_back_to_it_after_a_short_switch_interval(
     db: str,
 ) -> None:

@@ -5128,6 +5128,10 @@ class Worker:
             return
         for job in waiting:
             del self._running[job.id]
+        # Pending and due again: no commit by another process says so (the
+        # wake-up's only news), so a burst worker would else stop, and an idle
+        # one wait for the next, with these rows left behind.
+        self._scheduled(min(job.due for job in waiting))
 
     def _maybe_due(self, now: int) -> bool:
         if self._last_claim_full or now >= self._next_due:
