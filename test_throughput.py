@@ -147,6 +147,130 @@ def test_a_job_claimed_ahead_of_millisecond_jobs_times_out_from_its_own_start(qu
     assert row.status == "succeeded" and row.result == "in time"
 
 
+def test_the_round_trip_that_jobs_are_claimed_ahead_for_counts_from_the_oldest_outcome_handed_over(
+    queue: Queue, db: str
+) -> None:
+    """A job thread running pure Python keeps the GIL from the main thread for up to the switch interval after
+    it hands an outcome over: the jobs claimed ahead must last through that wait as well as through the step."""
+
+    @worker.job
+    def quick(ctx: JobContext) -> None:
+        pass
+
+    queue.enqueue_many([("quick", None)] * 3)
+    w = Worker(db, cron=False, concurrency=1)
+    try:
+        w.start_up()
+        w._tick()
+        first = w._todo.get_nowait()
+        assert first is not None
+        w._hand_over(w.execute(first))
+        assert w._handed_over_at is not None
+        w._handed_over_at -= 0.5  # as if the main thread had waited half a second to take it
+        w._tick()
+        assert w._ahead.round_trip_seconds >= ClaimAhead.SMOOTHING * 0.5, "half a second, in the moving average"
+        assert w._handed_over_at is None, "the next step measures from the next outcome handed over"
+        assert queue.get(first.id).status == "succeeded"  # type: ignore[union-attr]
+    finally:
+        w.close()
+
+
+def test_a_job_of_higher_priority_starts_before_the_jobs_claimed_ahead_of_it(queue: Queue, db: str) -> None:
+    @worker.job
+    def quick(ctx: JobContext) -> None:
+        pass
+
+    backlog = queue.enqueue_many([("quick", None)] * 10)
+    w = Worker(db, cron=False, concurrency=1)
+    try:
+        w.start_up()
+        w._ahead.jobs = 4  # as measured for jobs of milliseconds: 1 for the thread, 4 claimed ahead
+        w._tick()
+        first = w._todo.get_nowait()
+        assert first is not None and first.id == backlog[0].id
+        urgent = queue.enqueue("quick", priority=100)
+        w._progress_at = time.monotonic()  # as a job thread notes it starts a job (else those waiting go back)
+        w._hand_over(w.execute(first))
+        w._tick()  # records the first job, and claims the urgent one for the place it freed
+        waiting = [job.id for job in w._take_waiting()]
+        assert waiting[0] == urgent.id, "the urgent job first"
+        assert waiting[1:] == sorted(waiting[1:]) and waiting[1:5] == [job.id for job in backlog[1:5]], "then the rest"
+    finally:
+        w.close()
+
+
+def test_jobs_given_back_for_waiting_too_long_are_claimed_again_once_a_thread_is_free(queue: Queue, db: str) -> None:
+    """A burst worker that gave back the jobs waiting behind a long one must not think nothing is due then:
+    its own give-back is no commit by another process, which is all an idle worker's wake-up looks for."""
+
+    @worker.job
+    def quick(ctx: JobContext) -> None:
+        pass
+
+    made = queue.enqueue_many([("quick", None)] * 3)
+    w = Worker(db, cron=False, concurrency=1, burst=True)
+    try:
+        w.start_up()
+        w._ahead.jobs = 4  # room for 5: the claim takes all 3 and finds no more
+        w._tick()
+        assert len(w._running) == 3 and not w._last_claim_full
+        w._wake_up.changed()  # whatever other connections committed before is seen
+        w._progress_at = time.monotonic() - 1  # no thread has started a job for a second
+        w._tick()  # gives the 3 back: none had started
+        assert not w._nothing_due, "they are due"
+        w.run()
+        assert [queue.get(job.id).status for job in made] == ["succeeded"] * 3  # type: ignore[union-attr]
+    finally:
+        w.close()
+
+
+def test_while_a_worker_holds_the_write_lock_the_gil_comes_back_to_it_after_a_short_switch_interval(
+    db: str,
+) -> None:
+    """Each statement lets go of the GIL; a job thread running pure Python would keep it for the whole
+    default switch interval (5 ms), holding up the transaction, and every other process waiting for the lock."""
+    w = Worker(db, cron=False)
+    before = sys.getswitchinterval()
+    inside: list[float] = []
+    try:
+        with w._write():
+            inside.append(sys.getswitchinterval())
+        assert inside == [pytest.approx(worker.LOCK_HELD_SWITCH_INTERVAL)]
+        assert sys.getswitchinterval() == before, "restored at the commit"
+        with pytest.raises(RuntimeError), w._write():
+            raise RuntimeError("a step that fails")
+        assert sys.getswitchinterval() == before, "and after a rollback"
+    finally:
+        w.close()
+
+
+def test_a_switch_interval_a_job_sets_during_a_workers_transaction_is_left_as_the_job_set_it(db: str) -> None:
+    w = Worker(db, cron=False)
+    before = sys.getswitchinterval()
+    try:
+        with w._write():
+            sys.setswitchinterval(0.001)  # a job thread's own, say
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    finally:
+        sys.setswitchinterval(before)
+        w.close()
+
+
+@pytest.mark.stores("sqlite")
+def test_a_worker_that_cannot_take_the_write_lock_restores_the_switch_interval(
+    db: str, write_lock: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "BUSY_TIMEOUT_MS", 50)
+    w = Worker(db, cron=False)
+    before = sys.getswitchinterval()
+    try:
+        with pytest.raises(worker.DatabaseBusy), w._write():
+            pass
+        assert sys.getswitchinterval() == before
+    finally:
+        w.close()
+
+
 # --- What a kill -9 repeats -------------------------------------------------------
 
 LEDGER_JOBS = '''
@@ -263,6 +387,18 @@ def write_attempts(queue: Queue) -> list[str]:
     return attempts
 
 
+def released_after(write_lock: sqlite3.Connection, attempts: list[str], looks: int) -> threading.Thread:
+    """A thread that commits ``write_lock`` once ``looks`` attempts to take the lock are traced."""
+
+    def release() -> None:
+        wait_for(lambda: len(attempts) >= looks, 10, f"{looks} looks for the lock")
+        write_lock.execute("COMMIT")
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    return releaser
+
+
 @pytest.mark.stores("sqlite")
 def test_once_an_enqueue_waited_for_the_write_lock_the_next_ones_look_for_it_often(
     db: str, queue: Queue, write_lock: sqlite3.Connection
@@ -272,23 +408,13 @@ def test_once_an_enqueue_waited_for_the_write_lock_the_next_ones_look_for_it_oft
         pass
 
     attempts = write_attempts(queue)
-
-    def release_after(looks: int) -> threading.Thread:
-        def release() -> None:
-            wait_for(lambda: len(attempts) >= looks, 10, f"the enqueue to look for the lock {looks} times")
-            write_lock.execute("COMMIT")
-
-        releaser = threading.Thread(target=release)
-        releaser.start()
-        return releaser
-
-    releaser = release_after(1)
+    releaser = released_after(write_lock, attempts, 1)
     first = queue.enqueue("anything")  # waits with SQLite's own busy wait: one statement, looked again inside
     releaser.join(10)
     write_lock.execute("BEGIN IMMEDIATE")
     attempts.clear()
     # SQLite's own wait would look 5 times in its first 33 ms, and then every 100 ms at most.
-    releaser = release_after(10)
+    releaser = released_after(write_lock, attempts, 10)
     second = queue.enqueue("anything")
     releaser.join(10)
     assert len(attempts) >= 10
@@ -314,10 +440,28 @@ def test_an_enqueue_still_fails_as_busy_once_the_lock_outlasts_the_busy_timeout(
 
 
 @pytest.mark.stores("sqlite")
-def test_a_workers_own_transactions_keep_sqlites_busy_wait(db: str) -> None:
+def test_once_a_workers_step_waited_for_the_write_lock_its_next_ones_look_for_it_often(db: str) -> None:
+    """Beside another worker process: SQLite's own waits (5, 10, ... 100 ms) kept meeting the other's commits."""
     w = Worker(db, cron=False)
+    write_lock = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     try:
-        assert isinstance(w.store, worker.SQLiteStore)
-        assert w.store.lock_wait is None
+        store = w.store  # the schema is there: now another connection takes the lock
+        assert isinstance(store, worker.SQLiteStore)
+        write_lock.execute("BEGIN IMMEDIATE")
+        attempts: list[str] = []
+        store.conn.set_trace_callback(lambda sql: attempts.append(sql) if sql.startswith("BEGIN") else None)
+        releaser = released_after(write_lock, attempts, 1)
+        with w._write():  # SQLite's own busy wait, the first time: one statement, looked again inside
+            pass
+        releaser.join(10)
+        write_lock.execute("BEGIN IMMEDIATE")
+        attempts.clear()
+        releaser = released_after(write_lock, attempts, 10)
+        with w._write():
+            pass
+        releaser.join(10)
+        assert len(attempts) >= 10
+        assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] == worker.BUSY_TIMEOUT_MS
     finally:
+        write_lock.close()
         w.close()

@@ -91,8 +91,8 @@ logger = logging.getLogger("worker")
 # be a stranger in site-packages.
 SCHEMA_FILES = (Path(__file__).with_name("schema.sql"), Path(__file__).with_name("worker_schema.sql"))
 BUSY_TIMEOUT_MS = 5_000
-# A Queue's writes on SQLite, once one of them waited for the write lock
-# (ProducerLockWait): how often they look for it, and until how many in a row found it free.
+# A Queue's writes on SQLite, and a worker's, once one of them waited for the write
+# lock (ProducerLockWait): how often they look for it, and until how many in a row found it free.
 LOCK_LOOK_EVERY, LOOK_OFTEN_UNTIL_FREE = 0.0005, 20
 LOCK_WAITED = 0.001  # a write that took this long may have waited for the lock: SQLite's wait sleeps 1 ms first
 DEFAULT_DB = "worker.db"
@@ -117,6 +117,7 @@ POLL_INTERVAL = 0.006  # how often an idle worker looks for commits by others, w
 WATCHED_POLL_INTERVAL = 0.025  # ... and with it: only a safety net for a missed event
 COMMIT_SETTLE_SECONDS, COMMIT_SETTLE_POLL = 0.05, 0.002  # after a -wal event, look every 2 ms for 50 ms
 MAX_BUSY_BACKOFF = 2.0
+LOCK_HELD_SWITCH_INTERVAL = 0.0002  # seconds: how soon the GIL comes back to a thread holding the write lock
 MAX_SNOOZES = 100  # per chain: a job that always says "not yet" ends failed, not pending for ever
 # Claiming ahead: while jobs are short, a claim takes up to DEFAULT_PREFETCH
 # jobs beyond the free slots, so that one commit records and claims a batch
@@ -2113,7 +2114,13 @@ class ProducerLockWait:
     uncontended write costs nothing more, and a write slow for another reason
     (a checkpoint's sync) only a few looks.  Refused, such a statement (BEGIN
     IMMEDIATE, a lone INSERT) has written nothing, so it is simply run again.
-    The worker's own transactions keep SQLite's wait.
+
+    A worker's transactions (its store's BEGIN IMMEDIATE) wait the same way.
+    Beside another worker process its steps come every few ms (a job thread
+    running pure Python hands the GIL back every switch interval, 5 ms), and
+    SQLite's waits of 5, 10, ... 100 ms, all multiples of that, kept meeting
+    the other's commits: a worker's claim waited up to 1.6 s, its job thread
+    idle, while the lock was free two thirds of the time (bench/README.md).
     """
 
     __slots__ = ("free_in_a_row",)
@@ -2123,24 +2130,28 @@ class ProducerLockWait:
 
     def execute(self, conn: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Cursor:
         """Run a statement that takes the write lock before anything else."""
+        return self.attempt(conn, lambda: conn.execute(sql, params))
+
+    def attempt(self, conn: sqlite3.Connection, write: Callable[[], _T]) -> _T:
+        """Call ``write`` (which runs such a statement on ``conn``), again each time it is refused as busy."""
         if self.free_in_a_row < LOOK_OFTEN_UNTIL_FREE:
-            return self._looking_often(conn, sql, params)
+            return self._looking_often(conn, write)
         began = time.monotonic()
         try:
-            return conn.execute(sql, params)
+            return write()
         finally:
             if time.monotonic() - began > LOCK_WAITED:
                 self.free_in_a_row = 0
 
-    def _looking_often(self, conn: sqlite3.Connection, sql: str, params: Any) -> sqlite3.Cursor:
+    def _looking_often(self, conn: sqlite3.Connection, write: Callable[[], _T]) -> _T:
         deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
         conn.execute("PRAGMA busy_timeout = 0")
         try:
             while True:
                 try:
-                    cursor = conn.execute(sql, params)
+                    written = write()
                     self.free_in_a_row += 1
-                    return cursor
+                    return written
                 except sqlite3.OperationalError as e:
                     if getattr(e, "sqlite_errorcode", 0) & 0xFF != 5 or time.monotonic() >= deadline:  # 5: BUSY
                         raise
@@ -2150,18 +2161,32 @@ class ProducerLockWait:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
-class _ProducerImmediate(_Immediate):
-    """BEGIN IMMEDIATE for a Queue's transaction, waiting for the lock as ProducerLockWait says."""
+class _ProducerImmediate:
+    """A write transaction (``immediate()``) of a Queue or a worker, waiting for the lock as ProducerLockWait says.
 
-    __slots__ = ("lock_wait",)
+    Each attempt is an ``immediate()`` of its own, looked up when made, so
+    what wraps that (the crash points of test_reliability.py) wraps the one
+    that takes the lock.
+    """
+
+    __slots__ = ("begun", "conn", "lock_wait")
 
     def __init__(self, conn: sqlite3.Connection, lock_wait: ProducerLockWait) -> None:
-        super().__init__(conn)
-        self.lock_wait = lock_wait
+        self.conn, self.lock_wait = conn, lock_wait
+        self.begun: contextlib.AbstractContextManager[sqlite3.Connection] | None = None
 
     def __enter__(self) -> sqlite3.Connection:
-        self.lock_wait.execute(self.conn, "BEGIN IMMEDIATE")
-        return self.conn
+        return self.lock_wait.attempt(self.conn, self._begin)
+
+    def _begin(self) -> sqlite3.Connection:
+        begun = immediate(self.conn)
+        conn = begun.__enter__()
+        self.begun = begun
+        return conn
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        assert self.begun is not None
+        self.begun.__exit__(kind, error, trace)
 
 
 def _file_identity(path: str | None) -> tuple[int, int] | None:
@@ -2452,7 +2477,7 @@ class SQLiteStore(QueueControls):
         # the producer's verbs allow for (_changes, _last_rowid); the worker's do not need to.
         self.conn: sqlite3.Connection = conn
         self.nested = nested  # in the caller's transaction: a savepoint, not a transaction of its own
-        self.lock_wait: ProducerLockWait | None = None  # a Queue's (set by it): how its writes wait for the lock
+        self.lock_wait: ProducerLockWait | None = None  # a Queue's or a Worker's (set by it): how writes wait
         queue_filter = "AND queue IN (SELECT value FROM json_each(:queues))" if queues else ""
         # Only the types the worker has registered: during a rolling deploy, a
         # row of a type that only newer workers know waits for one of them.
@@ -3694,28 +3719,47 @@ class _Write:
     See Worker._waited.  It wraps the store's ``transaction()``, made at each
     call (the SQLite store's looks ``immediate()`` up each time, so what wraps
     that, as the crash points of test_reliability.py do, wraps this too).
+
+    While it is open the interpreter's switch interval is LOCK_HELD_SWITCH_INTERVAL.
+    Each statement lets go of the GIL while SQLite works, and a job thread
+    running pure Python takes it and keeps it until the interval forces a
+    switch (5 ms by default): a transaction of a few statements held the write
+    lock for several intervals, and another worker process waited for it all
+    that time (bench/README.md, "Jobs that take milliseconds").
     """
 
-    __slots__ = ("held_up", "transaction", "worker")
+    __slots__ = ("held_up", "lowered_to", "switch_interval", "transaction", "worker")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.transaction = worker.store.transaction()
         self.held_up = False  # whether this worker had to wait long for the lock, up to this transaction
+        self.switch_interval = self.lowered_to = 0.0
 
     def __enter__(self) -> Any:
         began = time.monotonic()
+        self.switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(LOCK_HELD_SWITCH_INTERVAL)
+        self.lowered_to = sys.getswitchinterval()  # as the interpreter rounded it
         try:
             conn = self.transaction.__enter__()
-        except DatabaseUnavailable:
-            if self.worker._refused_since is None:
+        except BaseException as e:
+            self._restore_switch_interval()
+            if isinstance(e, DatabaseUnavailable) and self.worker._refused_since is None:
                 self.worker._refused_since = began
             raise
         self.held_up = self.worker._waited(began)
         return conn
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
-        self.transaction.__exit__(kind, error, trace)
+        try:
+            self.transaction.__exit__(kind, error, trace)
+        finally:
+            self._restore_switch_interval()
+
+    def _restore_switch_interval(self) -> None:
+        if sys.getswitchinterval() == self.lowered_to:  # unless a job set one of its own meanwhile
+            sys.setswitchinterval(self.switch_interval)
 
 
 class HousekeepingSchedule:
@@ -4153,6 +4197,11 @@ class Recording:
 _ENDED_AS = {True: Status.SUCCEEDED.value, False: Status.FAILED.value}
 
 
+def claim_order(job: Job) -> tuple[int, int, int]:
+    """The order a claim takes due jobs in, and the job threads start them: highest priority, earliest due, first id."""
+    return -job.priority, job.due, job.id
+
+
 def _given_back(job: Job, status: str | None, level: int, why: str) -> list[_Note]:
     """What to log of a job given back, by the status give_back_if_owned left it in (None: not this worker's)."""
     if status == Status.PENDING:
@@ -4258,6 +4307,7 @@ class Worker:
         self._wants_commits = False  # idle: a commit by another process may bring work
         self._woken_at = 0.0  # time.monotonic() of the watcher's last wake-up
         self._todo: queue_module.SimpleQueue[Job | None] = queue_module.SimpleQueue()
+        self._lowest_priority_queued = 0  # of the last job put in _todo (the lowest of those waiting, if any are)
         # An outcome goes through three hands, in this order.  1: job threads hand
         # it over here; the main loop sleeps on it, so a finished job wakes it at
         # once (None only wakes it: stop() was called).
@@ -4268,6 +4318,10 @@ class Worker:
         self._received: list[Outcome] = []
         # 3: its job is no longer running here (timeouts noted): written by the next step's transaction.
         self._to_record: list[Outcome] = []
+        # time.monotonic() of the oldest outcome handed over and not yet taken off
+        # _handed_over (written by job threads), and of those the last step took.
+        self._handed_over_at: float | None = None
+        self._round_trip_from: float | None = None
         # A claim may have committed though this worker was told it failed (the
         # connection dropped before the reply): see _give_back_unknown.
         self._claim_in_doubt = False
@@ -4299,6 +4353,8 @@ class Worker:
             # A clock given to the worker (a test's) is the store's too; else the store's own judges leases.
             clock = None if self.clock is time.time else self.now
             self._store, self._pid = open_store(self.db, queues=self.queues, clock=clock), _process_id
+            if isinstance(self._store, SQLiteStore):
+                self._store.lock_wait = ProducerLockWait()  # beside other workers, look for the lock often
             self._recording.store = self._store
         elif self._pid != _process_id:
             raise ForkedConnection(f"worker connection opened in process {self._pid} used in process {_process_id}")
@@ -4820,9 +4876,15 @@ class Worker:
                 with self._threads_lock:
                     if self._surplus_threads > 0:
                         self._surplus_threads -= 1
-                        self._handed_over.put(outcome)
+                        self._hand_over(outcome)
                         return
             claimed = self._step_after(outcome) or self._todo.get()
+
+    def _hand_over(self, outcome: Outcome) -> None:
+        """Give a job thread's outcome to the main loop, noting when the oldest one not yet taken arrived."""
+        if self._handed_over_at is None:
+            self._handed_over_at = time.monotonic()
+        self._handed_over.put(outcome)
 
     def _step_after(self, outcome: Outcome) -> Job | None:
         """Record the outcome of the worker's only claimed job, and claim the thread's next job right here.
@@ -4837,11 +4899,11 @@ class Worker:
         the loop, or the worker is stopping or backing off.
         """
         if self._stopping.is_set() or self._busy_backoff or not self._step_lock.acquire(blocking=False):
-            self._handed_over.put(outcome)
+            self._hand_over(outcome)
             return None
         try:
             if len(self._running) > 1 or not self._handed_over.empty():
-                self._handed_over.put(outcome)
+                self._hand_over(outcome)
                 return None
             self._received.append(outcome)
             return self._tick(keep_one=True)
@@ -4863,6 +4925,7 @@ class Worker:
         now = self.now()
         began = time.monotonic()
         self._notice_clock_jump(now, began)
+        self._round_trip_from = None  # set by _collect_outcomes when it takes handed-over outcomes
         self._collect_outcomes(now)
         if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
             self._give_back_waiting("its worker's threads are all busy with longer jobs")
@@ -4900,9 +4963,13 @@ class Worker:
                 self._progress_at = time.monotonic()
             threaded = self._start_async(claimed) if self._async_types_json is not None else claimed
             kept = threaded[0] if keep_one and threaded else None
-            for job in threaded[1:] if kept else threaded:
-                self._todo.put(job)
-            self._ahead.stepped(time.monotonic() - began)
+            self._queue_for_threads(threaded[1:] if kept else threaded)
+            # From the oldest outcome's hand-over, not the step's start: the main
+            # thread may first wait for the GIL, held by a job thread running
+            # pure Python, for up to the switch interval, and the jobs claimed
+            # ahead must last through that wait too.
+            since = began if self._round_trip_from is None else min(began, self._round_trip_from)
+            self._ahead.stepped(time.monotonic() - since)
         # Nothing is due when a claim with room to spare found nothing (or nothing
         # changed since one did) and the next pending row is due later.
         self._nothing_due = room and not claimed and not self._last_claim_full and now < self._next_due
@@ -4917,6 +4984,21 @@ class Worker:
         if self._next_due <= now:  # the sweep just rescued a job, due at once: something is due after all
             self._nothing_due = False
         return kept
+
+    def _queue_for_threads(self, jobs: list[Job]) -> None:
+        """Queue claimed jobs for the job threads, a job of higher priority before those claimed ahead of it.
+
+        A job enqueued with a higher priority during a backlog is claimed first
+        at the next step, but the jobs claimed ahead at earlier steps would
+        still start before it (the threads take jobs in the order queued).
+        """
+        if not jobs:
+            return
+        if jobs[0].priority > self._lowest_priority_queued and not self._todo.empty():
+            jobs = sorted(self._take_waiting() + jobs, key=claim_order)
+        for job in jobs:
+            self._todo.put(job)
+        self._lowest_priority_queued = jobs[-1].priority
 
     def _start_async(self, claimed: list[Job]) -> list[Job]:
         """Hand the claimed async def jobs to the job loop; the others, returned, are the job threads'."""
@@ -4945,6 +5027,8 @@ class Worker:
                 status = self._store.give_back_if_owned(job.id, self.owner, now)
                 why = "claimed by a claim this worker was told had failed"
                 notes += _given_back(job, status, logging.WARNING, why)
+                if status == Status.PENDING:
+                    self._scheduled(job.due)  # due again, and no other process's commit will say so
         return notes
 
     def _notice_database_replaced(self) -> None:
@@ -4972,6 +5056,7 @@ class Worker:
     def _collect_outcomes(self, now: int) -> None:
         if not self._received and not self._deadlines and self._handed_over.empty():
             return  # the idle case, 200 times a second: keep it cheap
+        self._round_trip_from, self._handed_over_at = self._handed_over_at, None
         arrived, self._received = self._received, []
         while True:
             try:
@@ -5045,6 +5130,10 @@ class Worker:
             return
         for job in waiting:
             del self._running[job.id]
+        # Pending and due again: no commit by another process says so (the
+        # wake-up's only news), so a burst worker would else stop, and an idle
+        # one wait for the next, with these rows left behind.
+        self._scheduled(min(job.due for job in waiting))
 
     def _maybe_due(self, now: int) -> bool:
         if self._last_claim_full or now >= self._next_due:
