@@ -925,7 +925,7 @@ def test_a_batch_finish_looks_its_rows_up_by_key_whatever_the_table_holds(postgr
     with store.transaction() as conn:
         conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
         sql = store.FINISH_MANY_SQL.replace("%(outcomes)s", "$1").replace("%(now)s", "$2").replace("%(owner)s", "$3")
-        conn.execute(f"PREPARE finish_many (text, bigint, text) AS {sql}")
+        conn.execute(f"PREPARE finish_many (jsonb, bigint, text) AS {sql}")
         explained = conn.execute(f"EXPLAIN ANALYZE EXECUTE finish_many ('{outcomes}', {NOW}, 'a')")
         plan = "\n".join(row[0] for row in explained)
         conn.execute("DEALLOCATE finish_many")

@@ -5027,6 +5027,8 @@ class Worker:
                 status = self._store.give_back_if_owned(job.id, self.owner, now)
                 why = "claimed by a claim this worker was told had failed"
                 notes += _given_back(job, status, logging.WARNING, why)
+                if status == Status.PENDING:
+                    self._scheduled(job.due)  # due again, and no other process's commit will say so
         return notes
 
     def _notice_database_replaced(self) -> None:

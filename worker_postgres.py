@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import tuple_row
+from psycopg.types.json import Jsonb
 from psycopg.types.numeric import Int8Dumper
 
 import worker
@@ -946,21 +947,22 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     # each running row, parse the array again (400-1,000 us a row at 250 rows a
     # batch, against 20 us).  JSON, not array parameters: psycopg writes an
     # array's text in Python, a fifth of the worker's own time on a no-op drain
-    # (bench/README.md).  `status || ''`: the same fence, in a form that does not
-    # match worker_jobs_lease's predicate, so the planner cannot walk that index
-    # instead (without a vacuum it still holds every row ever leased).
+    # (bench/README.md).  The object is a parameter of type jsonb (psycopg.Jsonb),
+    # parsed once as the statement is bound, and each lookup reads it where it
+    # lies; taken from a CTE instead, the whole object was copied out of the
+    # CTE's store for every row.  `status || ''`: the same fence, in a form that
+    # does not match worker_jobs_lease's predicate, so the planner cannot walk
+    # that index instead (without a vacuum it still holds every row ever leased).
     FINISH_MANY_SQL = f"""
-    WITH given AS (SELECT %(outcomes)s::jsonb AS outcomes)
     UPDATE worker_jobs AS job
-       SET status = given.outcomes -> job.id::text ->> 0, result = given.outcomes -> job.id::text ->> 1,
-           error = given.outcomes -> job.id::text ->> 2, lease_until = NULL,
-           started = coalesce((given.outcomes -> job.id::text ->> 3)::bigint, job.started),
-           finished = greatest(%(now)s, coalesce((given.outcomes -> job.id::text ->> 3)::bigint, 0)),
+       SET status = %(outcomes)s -> job.id::text ->> 0, result = %(outcomes)s -> job.id::text ->> 1,
+           error = %(outcomes)s -> job.id::text ->> 2, lease_until = NULL,
+           started = coalesce((%(outcomes)s -> job.id::text ->> 3)::bigint, job.started),
+           finished = greatest(%(now)s, coalesce((%(outcomes)s -> job.id::text ->> 3)::bigint, 0)),
            remove_at = CASE WHEN job.persistent <> 0 THEN NULL
-                            ELSE %(now)s + least(coalesce(job.keep_ms, (given.outcomes -> job.id::text ->> 4)::bigint),
+                            ELSE %(now)s + least(coalesce(job.keep_ms, (%(outcomes)s -> job.id::text ->> 4)::bigint),
                                                  {MAX_DURATION_MS}) END
-      FROM given
-     WHERE job.id = ANY (ARRAY(SELECT jsonb_object_keys(outcomes)::bigint FROM given))
+     WHERE job.id = ANY (ARRAY(SELECT jsonb_object_keys(%(outcomes)s)::bigint))
        AND job.status || '' = 'running' AND job.owner = %(owner)s
     RETURNING job.id
     """
@@ -977,7 +979,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
                  for id, status, result, error, started, keep_ms in outcomes}  # fmt: skip
         if not given:
             return set()
-        params = {"owner": owner, "now": now, "outcomes": worker.JSON.encode(given)}
+        params = {"owner": owner, "now": now, "outcomes": Jsonb(given, dumps=worker.JSON.encode)}
         return {id for (id,) in self._execute(self.FINISH_MANY_SQL, params).fetchall()}
 
     # DO NOTHING on the pending tag: a newer pending job with the same tag

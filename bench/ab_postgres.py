@@ -1,6 +1,7 @@
 """bench/ab.py's processing figure on PostgreSQL: two revisions' no-op drains, turn by turn, on fresh databases.
 
     .venv/bin/python bench/ab_postgres.py 311e91d 7b1b2a7 [--n 10000] [--rounds 6] [--concurrency 1]
+    .venv/bin/python bench/ab_postgres.py HEAD WORKTREE     # uncommitted changes, as bench/ab.py
 
 Each revision's worker.py, worker_cli.py, worker_postgres.py and both schema
 files are exported to a scratch directory; every round and revision gets a
@@ -46,6 +47,9 @@ print(count / (window / 1000) if count == int(sys.argv[2]) else 0)
 def export(revision: str, into: Path) -> Path:
     into.mkdir()
     for name in FILES:
+        if revision == "WORKTREE":
+            (into / name).write_bytes((REPO_DIR / name).read_bytes())
+            continue
         shown = subprocess.run(["git", "-C", str(REPO_DIR), "show", f"{revision}:{name}"], capture_output=True)
         shown.check_returncode()
         (into / name).write_bytes(shown.stdout)
