@@ -4,6 +4,7 @@
     bench/.venv/bin/python bench/ab.py HEAD WORKTREE          # against the files as they are now
     bench/.venv/bin/python bench/ab.py HEAD WORKTREE --workload cpu       # bench/workloads.py's CPU-bound row
     bench/.venv/bin/python bench/ab.py HEAD WORKTREE --workload priority  # ... and its priority job under a backlog
+    bench/.venv/bin/python bench/ab.py HEAD WORKTREE --workload sleep --concurrency 32   # ... its 1 ms jobs
 
 On a shared 2-core machine two full benchmark runs can differ by 15 %, more than
 most single changes gain.  Here the two revisions run turn by turn, so both see
@@ -24,6 +25,8 @@ time per job (utime + stime, start-up included), the figure the machine's
 other load moves least.  With ``--workload priority``: workloads.py's priority
 row (a job of priority 100 every 10 ms while the worker drains 30,000 jobs of
 1 ms at concurrency 16), p50 and p99 from the enqueue call to the job's start.
+With ``--workload sleep``: N jobs of ``time.sleep(1 ms)`` at ``--concurrency``,
+workloads.py's sleep row without its peers.
 The producer and the filling are this checkout's; the worker is the revision's.
 """
 
@@ -84,7 +87,7 @@ def one_round(code: Path, scratch: Path, n: int, concurrency: int) -> dict[str, 
     return rates
 
 
-def workload_round(workload: str, code: Path, scratch: Path, n: int, loops: int) -> dict[str, float]:
+def workload_round(workload: str, code: Path, scratch: Path, n: int, loops: int, concurrency: int) -> dict[str, float]:
     """One revision's turn at a bench/workloads.py row: its worker processes run with its code first on the path."""
     import workloads  # the bench venv's peers (psycopg) come with it: only for these workloads
 
@@ -102,6 +105,12 @@ def workload_round(workload: str, code: Path, scratch: Path, n: int, loops: int)
             cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
             figures[f"p{processes} cpu us/job"] = cpu / n * 1e6
         figures["p2 / p1"] = figures["p2"] / figures["p1"]
+    elif workload == "sleep":
+        db = str(Path(tempfile.mkdtemp(dir=scratch)) / "sleep.db")
+        run = workloads.ours(db, "sleep_ms", {"ms": 1}, n, concurrency)
+        if not run["ok"]:
+            raise SystemExit(f"{code}: the 1 ms drain failed: {run}")
+        figures["jobs/s"] = run["rate"]
     else:
         results: dict[str, Any] = {}
         where = Path(tempfile.mkdtemp(dir=scratch))
@@ -118,12 +127,13 @@ def compare_workload(args: argparse.Namespace, code: dict[str, Path], scratch: P
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in code}
     for number in range(args.rounds):
         for name, path in code.items() if number % 2 == 0 else reversed(code.items()):
-            runs[name].append(workload_round(args.workload, path, scratch, args.n, loops))
+            runs[name].append(workload_round(args.workload, path, scratch, args.n, loops, args.concurrency))
             shown = ", ".join(f"{k} {v:,.2f}" for k, v in runs[name][-1].items())
             print(f"round {number + 1}/{args.rounds} {name}: {shown}", file=sys.stderr, flush=True)
     print(
         f"--workload {args.workload}"
         + (f", {args.n:,} jobs of {loops} loops" if loops else "")
+        + (f", {args.n:,} jobs at concurrency {args.concurrency}" if args.workload == "sleep" else "")
         + f", medians of {args.rounds} rounds (load {os.getloadavg()[0]:.2f} at the end)"
     )
     print(f"  {'':24}{args.a:>14}{args.b:>14}{'b / a':>9}")
@@ -139,7 +149,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--n", type=int, default=10_000, help="jobs enqueued each way per round (default 10,000)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--workload", choices=("noop", "cpu", "priority"), default="noop")
+    parser.add_argument("--workload", choices=("noop", "cpu", "priority", "sleep"), default="noop")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="worker-ab-") as scratch_dir:
         scratch = Path(scratch_dir)
