@@ -4495,10 +4495,7 @@ class Worker:
             # A job whose worker died may have killed it: an idle worker runs it
             # alone, so it takes no innocent job down with it (and the deaths it
             # adds up are its own).
-            suspect, unreadable = store.claim(self.owner, self.name, now, lease_until, 1, types, self._running,
-                                              suspect=True)  # fmt: skip
-            for job, why in unreadable:
-                self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
+            suspect = self._claim_of(types, 1, now, lease_until, [], suspect=True)
             if suspect:
                 self._alone = suspect[0].id
                 self._last_claim_full = True
@@ -4524,7 +4521,7 @@ class Worker:
                 full = full or len(got) == kind_limit
                 jobs += got
         if len(jobs) > 1:  # RETURNING gives no order: start them in claim order
-            jobs.sort(key=lambda j: (-j.priority, j.due, j.id))
+            jobs.sort(key=claim_order)
         self._last_claim_full = full
         if not full:
             due_types = kinds[0][0] if len(kinds) == 1 else self._types_json  # of the kinds with room
@@ -4540,10 +4537,14 @@ class Worker:
             )
         return jobs
 
-    def _claim_of(self, types: str, limit: int, now: int, lease_until: int, claimed: list[Job]) -> list[Job]:
-        """Claim up to ``limit`` jobs of ``types`` (a JSON array), beside ``claimed`` in this step."""
+    def _claim_of(
+        self, types: str, limit: int, now: int, lease_until: int, claimed: list[Job], *, suspect: bool = False
+    ) -> list[Job]:
+        """Claim up to ``limit`` jobs of ``types`` (a JSON array), beside ``claimed`` in this step; the unreadable
+        rows it met are failed in the same transaction."""
         held = {*self._running, *(job.id for job in claimed)} if claimed else self._running
-        got, unreadable = self._store.claim(self.owner, self.name, now, lease_until, limit, types, held)
+        got, unreadable = self._store.claim(self.owner, self.name, now, lease_until, limit, types, held,
+                                            suspect=suspect)  # fmt: skip
         for job, why in unreadable:
             self._claim_notes.append(self._recording.fail_unreadable(job, why, now))
         return got
@@ -4930,7 +4931,8 @@ class Worker:
         if not keep_one and not self._todo.empty() and time.monotonic() - self._progress_at > PREFETCH_PATIENCE:
             self._give_back_waiting("its worker's threads are all busy with longer jobs")
         if self._async_types_json is not None and (waiting := self._async.take_waiting(PREFETCH_PATIENCE)):
-            self._give_back_waiting("its worker's async slots are all busy with longer jobs", waiting)
+            self._give_back_claimed_ahead(waiting, "its worker's async slots are all busy with longer jobs",
+                                          self._async.start)  # fmt: skip
         busy = self._stopping.is_set() or self._alone in self._running  # nothing beside a job run alone
         free, async_free = (0, 0) if busy else self._free_slots()
         room = free > 0 or async_free > 0
@@ -5110,23 +5112,21 @@ class Worker:
             if job is not None:
                 waiting.append(job)
 
-    def _give_back_waiting(self, why: str, awaited: list[Job] | None = None) -> None:
-        """Return the jobs claimed ahead that no thread has started (or these the job loop has not begun), so
-        that other workers may take them."""
-        if awaited is None:
-            self._ahead.stop()
-        waiting = self._take_waiting() if awaited is None else awaited
+    def _give_back_waiting(self, why: str) -> None:
+        """Return the jobs claimed ahead that no thread has started, so that other workers may take them."""
+        self._ahead.stop()
+        self._give_back_claimed_ahead(self._take_waiting(), why, self._queue_for_threads)
+
+    def _give_back_claimed_ahead(self, waiting: list[Job], why: str, keep: Callable[[list[Job]], None]) -> None:
+        """Give back jobs claimed ahead that were taken back unstarted (from the job threads or the job loop);
+        if the database refuses, ``keep`` hands them back to where they waited."""
         if not waiting:
             return
         try:
             self.give_back(waiting, f"not started: {why}", logging.INFO)
         except DatabaseError as e:
             logger.warning("could not give back %d job(s) claimed ahead (%s); they stay claimed", len(waiting), e)
-            if awaited is None:
-                for job in waiting:
-                    self._todo.put(job)
-            else:
-                self._async.start(waiting)
+            keep(waiting)
             return
         for job in waiting:
             del self._running[job.id]
