@@ -321,6 +321,32 @@ def test_a_follow_up_is_committed_in_the_transaction_that_records_the_success(
     assert counts_of(db, "type = 'child' AND status = 'pending' AND tag = 'child-of-parent'") == 1
 
 
+def test_a_follow_up_needs_no_connection_of_its_own(
+    db: str, make_worker: Callable[..., worker.Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ctx.enqueue only builds the row, which the worker writes on its own connection: a job whose follow-up
+    came while no new connection could be made (a server restarting, every connection just terminated) succeeds.
+    """
+
+    def refuse(*args: Any, **kwargs: Any) -> worker.Store:
+        raise worker.DatabaseUnavailable("the server is restarting")
+
+    @worker.job
+    def parent(ctx: worker.JobContext) -> None:
+        monkeypatch.setattr(worker, "open_store", refuse)
+        ctx.enqueue("child", {"n": 1})
+
+    @worker.job
+    def child(ctx: worker.JobContext, n: int) -> int:
+        return n
+
+    with Queue(db) as queue:
+        queue.enqueue("parent")
+    make_worker().work()
+    assert counts_of(db, "type = 'parent' AND status = 'succeeded'") == 1
+    assert counts_of(db, "type = 'child' AND status = 'pending'") == 1
+
+
 def test_follow_up_with_invalid_input_fails_its_job_at_once(db: str, make_worker: Callable[..., worker.Worker]) -> None:
     @worker.job
     def parent(ctx: worker.JobContext) -> None:

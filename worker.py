@@ -891,6 +891,14 @@ class Queue:
         """A Queue on WORKER_DB (or DATABASE_URL, or ./worker.db)."""
         return cls(resolve_db_path(), **options)
 
+    @classmethod
+    def _unopened(cls, path: str) -> Queue:
+        """A Queue on a database known to be usable (the worker's own), that connects at its first write, not now:
+        a follow-up job only builds its row with it."""
+        queue = cls.__new__(cls)
+        queue.check_types, queue.path, queue._caller_store, queue._local = True, path, None, threading.local()
+        return queue
+
     def _store(self) -> Store:
         """The store on this thread's own connection, or on the caller's (where its transaction is a savepoint)."""
         if self._caller_store is not None:
@@ -4365,13 +4373,13 @@ class Worker:
         """The Queue that jobs' ``ctx.enqueue_now`` writes through (a connection per job thread that does).
 
         The worker's own threads only build rows with it (cron sync, follow-ups)
-        and write them through the store: so the connection that Queue opens
-        to check the database is closed again, not held for the worker's life
-        (on PostgreSQL, a third connection per worker process).
+        and write them through the store, so it connects only when a job calls
+        enqueue_now: a follow-up never fails for a connection that a dropped
+        server or a restart took away (it did when this Queue checked the
+        database as it was made, in the job's ctx.enqueue).
         """
         if self._producer is None:
-            self._producer = Queue(self.db)
-            self._producer.close()
+            self._producer = Queue._unopened(database_target(self.db))
         return self._producer
 
     def now(self) -> int:
