@@ -750,8 +750,8 @@ def test_jobs_of_a_claim_the_worker_was_told_had_failed_are_given_back_and_run_o
 def test_a_job_runs_though_the_producer_cannot_connect_as_it_starts(
     make_worker: Any, queue: worker.Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """execute() never raises: a database out of reach when a job thread first needs the producer Queue
-    (its connection) fails only a job that enqueues, and as that job's error; it killed the thread before."""
+    """execute() never raises: a database out of reach when a job's enqueue_now first needs a connection of
+    its own fails only that job, and as its error; it killed the thread before."""
 
     @worker.job
     def plain(ctx: worker.JobContext) -> int:
@@ -761,14 +761,14 @@ def test_a_job_runs_though_the_producer_cannot_connect_as_it_starts(
     def enqueuer(ctx: worker.JobContext) -> None:
         ctx.enqueue_now("plain")
 
-    def unreachable(self: worker.Queue, *args: Any, **kwargs: Any) -> None:
+    def unreachable(*args: Any, **kwargs: Any) -> worker.Store:
         raise worker.DatabaseUnavailable("out of reach")
 
     queue.enqueue("plain")
     queue.enqueue("enqueuer")
     runner = make_worker()
     claimed = runner.claim(2)
-    monkeypatch.setattr(worker.Queue, "__init__", unreachable)
+    monkeypatch.setattr(worker, "open_store", unreachable)  # the worker's own store is open already
     outcomes = [runner.execute(job) for job in claimed]
     assert [(o.job.type, o.succeeded) for o in outcomes] == [("plain", True), ("enqueuer", False)]
     assert "DatabaseUnavailable: out of reach" in (outcomes[1].error or "")
