@@ -11,8 +11,12 @@ import asyncio
 import contextlib
 import http.server
 import json
+import os
+import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,7 +26,7 @@ from typing import Any
 import pytest
 
 import worker
-from conftest import Processes, WorkerProcess, rows, wait_for
+from conftest import HERE, Processes, WorkerProcess, rows, wait_for
 from test_examples import environment, example, run, succeeded
 from worker import ConfigError, JobContext, Queue, Worker
 
@@ -347,6 +351,72 @@ def test_follow_ups_and_enqueue_async_from_an_async_job(db: str, queue: Queue) -
     children = {json.loads(r["result"]) for r in rows(db, "type = 'child' AND status = 'succeeded'")}
     assert children == {"follow-up", "enqueue_async"}
     assert json.loads(row(db, first.id)["result"]) in {r["id"] for r in rows(db, "type = 'child'")}
+
+
+def newer_pythons() -> list[str]:
+    """Python 3.12+ interpreters on this machine (pyenv's, or on PATH): the job loop starts tasks eagerly there."""
+    on_path = (shutil.which(f"python3.{minor}") for minor in range(12, 20))
+    found = {os.path.realpath(path) for path in on_path if path and "/shims/" not in path}
+    found |= {os.path.realpath(path) for path in Path("/root/.pyenv/versions").glob("3.1[2-9]*/bin/python3")}
+    return sorted(found)
+
+
+EAGER_SCRIPT = """
+import asyncio, json, sys
+import worker
+
+@worker.job
+async def at_once(ctx):  # never waits: it ends inside its first step
+    return "ended in its first step"
+
+@worker.job
+async def waits(ctx):
+    await asyncio.sleep(0.01)
+    return asyncio.current_task().get_name()
+
+@worker.job(timeout=0.1)
+async def too_long(ctx):
+    try:
+        await asyncio.sleep(30)
+    finally:
+        print("finally ran", flush=True)
+
+@worker.job
+async def eager(ctx):
+    return asyncio.get_running_loop().get_task_factory() is asyncio.eager_task_factory
+
+with worker.Queue(sys.argv[1]) as queue:
+    ids = [queue.enqueue(name).id for name in ("at_once", "waits", "too_long", "eager")]
+    worker.Worker(sys.argv[1], burst=True, cron=False, async_concurrency=2).run()
+    print(json.dumps([(queue.get(i).status, queue.get(i).result, (queue.get(i).error or "")[:30]) for i in ids]))
+"""
+
+
+@pytest.mark.stores("sqlite")
+@pytest.mark.parametrize("python", newer_pythons() or [None])
+def test_on_python_3_12_and_later_jobs_start_eagerly_and_end_as_they_do_on_3_11(
+    python: str | None, tmp_path: Path
+) -> None:
+    """There a job's first step runs as the loop begins it (an idle async job waited a loop turn more than a
+    sync one): a job that never waits, one that waits, and one that times out (its finally runs) all end as
+    anywhere else."""
+    if python is None:
+        pytest.skip("no Python 3.12 or later on this machine")
+    script = tmp_path / "eager.py"
+    script.write_text(EAGER_SCRIPT)
+    # The repository's worker.py first; croniter (pure Python) from this interpreter's own packages.
+    path = os.pathsep.join([str(HERE), *(p for p in sys.path if p.endswith("site-packages"))])
+    done = subprocess.run([python, str(script), str(tmp_path / "jobs.db")], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": path})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.splitlines()
+    assert printed[0] == "finally ran"
+    assert json.loads(printed[-1]) == [
+        ["succeeded", "ended in its first step", ""],
+        ["succeeded", "job 2", ""],
+        ["failed", None, "timed out after 0.1 s"],
+        ["succeeded", True, ""],
+    ]
 
 
 # --- Hooks ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python bench/async_jobs.py            # 10,000 jobs, 3 rounds each: about 2 minutes
     python bench/async_jobs.py --quick    # 1 round
     python bench/async_jobs.py --skip drain --latency 300   # only the idle latency, 300 jobs of each kind
+    python bench/async_jobs.py --python /tmp/py312/bin/python   # our worker on another Python (3.12+: eager tasks)
 
 Like run.py it re-runs itself in bench/.venv (arq is installed only there).
 
@@ -57,8 +58,11 @@ ARQ_QUEUE = "bench:async"
 # --- Ours ---------------------------------------------------------------------------
 
 
+WORKER_PYTHON = sys.executable  # --python: the interpreter that runs our worker (croniter, psycopg installed)
+
+
 def worker_command(db: str, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "worker_cli", "run", "--db", db, "--jobs", str(JOBS), "--no-cron", *flags]
+    return [WORKER_PYTHON, "-m", "worker_cli", "run", "--db", db, "--jobs", str(JOBS), "--no-cron", *flags]
 
 
 def fill(db: str, n: int, job_type: str = "nap") -> None:
@@ -251,11 +255,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="rounds of each system (default 3, 1 with --quick)")
     parser.add_argument("--latency", type=int, default=100, help="jobs of each kind for the idle latency")
     parser.add_argument("--skip", default="", help="parts to leave out: drain, latency")
+    parser.add_argument("--python", help="the interpreter that runs our worker, e.g. a Python 3.12 venv's (default: "
+                        "bench/.venv's); it needs croniter, and psycopg for the PostgreSQL rows")  # fmt: skip
     args = parser.parse_args()
     if args.mode == "arq-worker":
         print(json.dumps(arq_worker()))
         return
     ensure_venv(THIS)
+    global WORKER_PYTHON
+    WORKER_PYTHON = args.python or WORKER_PYTHON
     rounds = args.rounds or (1 if args.quick else 3)
     work = Path(tempfile.mkdtemp(prefix="bench_async_"))
     log = work / "log.txt"
