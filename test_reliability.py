@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import random
@@ -1310,10 +1311,19 @@ def _node_client_ready() -> str | None:
 def node_client() -> Path:
     """clients/node with better-sqlite3 12.x installed from the npm registry (npm ci, once per session).
 
-    There is no prebuilt binary to download here, so npm compiles it (about a minute).
+    There is no prebuilt binary to download here, so npm compiles it (a minute
+    or two): `make test` starts that first, in the background
+    (.ci/node-client.sh), and this waits for it under the same lock.
     """
     if not shutil.which("node") or not shutil.which("npm"):
         pytest.skip("Node.js and npm are needed for the Node client scenario (apt-get install nodejs npm)")
+    with (NODE_CLIENT / ".install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # `make test` may be compiling it already (.ci/node-client.sh): wait
+        return _node_client_installed()
+
+
+def _node_client_installed() -> Path:
+    """clients/node, its better-sqlite3 installed by npm ci unless it is already (holding the install lock)."""
     version = _node_client_ready()
     if version is None or not version.startswith("12."):
         installed = subprocess.run(
