@@ -214,8 +214,12 @@ class Snooze(Exception):
     def __init__(self, seconds: Seconds) -> None:
         delay_ms = _optional_ms(seconds, "a snooze")
         assert delay_ms is not None
-        super().__init__(f"snoozed for {delay_ms / 1000:g} s")
+        super().__init__(self.message(delay_ms))
         self.delay_ms = delay_ms
+
+    @staticmethod
+    def message(delay_ms: int) -> str:
+        return f"snoozed for {delay_ms / 1000:g} s"
 
 
 # --- Time -------------------------------------------------------------------------
@@ -3760,9 +3764,12 @@ class _Write:
         return conn
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        committed = False
         try:
             self.transaction.__exit__(kind, error, trace)
+            committed = kind is None
         finally:
+            self.worker._recording.progress.settled(committed)
             self._restore_switch_interval()
 
     def _restore_switch_interval(self) -> None:
@@ -3923,14 +3930,19 @@ class CancelRequests:
                                    (job_id, by), {"action": "cancel", "job_id": job_id}))  # fmt: skip
         return notes
 
-    def outcome(self, outcome: Outcome) -> Outcome:
-        """The outcome a job's row ends with: ``cancelled`` if the request reached it first, beside what it
-        returned or raised; else its own."""
+    def outcome(self, outcome: Outcome) -> None:
+        """Make ``outcome`` the one its job's row ends with: ``cancelled`` if the request reached it first, beside
+        what it returned or raised; else left as it is.
+
+        Changed in place: the request is used up here, before the transaction
+        that records the outcome commits, and if that fails the worker records
+        the same outcome again (a copy made it succeed then, with its follow-ups).
+        """
         job_id = outcome.job.id
         self._events.pop(job_id, None)
         asked = self._asked.pop(job_id, None)
         if asked is None or outcome.kind in ("timeout", "unrecordable"):
-            return outcome
+            return
         request = f"cancelled while running (asked by {asked[1] or 'someone'} at {iso_time(asked[0])})"
         if outcome.kind == "not started":
             error = request.replace("while running", "before it started")
@@ -3938,8 +3950,7 @@ class CancelRequests:
             error = f"{request}; it then returned (its result is kept)"
         else:
             error = f"{request}; it then {'snoozed' if outcome.kind == 'snoozed' else 'raised'}:\n{outcome.error}"
-        return dataclasses.replace(outcome, succeeded=False, result=outcome.result, error=error, kind="cancelled",
-                                   follow_ups=[])  # fmt: skip
+        outcome.succeeded, outcome.error, outcome.kind, outcome.follow_ups = False, error, "cancelled", []
 
 
 PROGRESS_INTERVAL_MS = 1000  # a job's progress is written at most this often, however often it reports
@@ -3953,6 +3964,8 @@ class ProgressReports:
 
     def __init__(self) -> None:
         self._latest: dict[int, str] = {}  # job id -> its progress as JSON, not written yet
+        # Written by the worker's transaction under way: reported again should that fail (see settled).
+        self._unsettled: dict[int, str] = {}
         self._next_write = 0
 
     def report(self, job_id: int, done: float, total: float | None, message: str | None, now: int) -> None:
@@ -3984,6 +3997,15 @@ class ProgressReports:
         reports = [(job_id, text) for job_id in ids if (text := self._latest.pop(job_id, None)) is not None]
         if reports:
             store.write_progress_if_owned(owner, reports)
+            self._unsettled.update(reports)
+
+    def settled(self, committed: bool) -> None:
+        """The worker's transaction ended (its _Write): what it wrote is in the rows, or, if it failed, waits to be
+        written again (a job's last report, written with its outcome, was lost with the transaction)."""
+        if not committed:
+            for job_id, text in self._unsettled.items():
+                self._latest.setdefault(job_id, text)  # unless the job has reported since
+        self._unsettled.clear()
 
 
 def progress_text(text: str | None) -> str:
@@ -4034,7 +4056,8 @@ class Recording:
     def record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
         """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
         if self.cancels.any():
-            outcomes = [self.cancels.outcome(outcome) for outcome in outcomes]
+            for outcome in outcomes:
+                self.cancels.outcome(outcome)
         self.progress.write(self.store, self.owner, now, only=[outcome.job.id for outcome in outcomes])
         for outcome in outcomes:
             if outcome.kind == "snoozed":
@@ -4056,11 +4079,14 @@ class Recording:
             return
         due = min(now + outcome.snooze_ms, MAX_TIME_MS)
         next_id = self.store.schedule_snooze_if_owned(job.id, self.owner, due=due, now=now)
+        # From the Snooze's own message, not outcome.error: a transaction that failed after this (the outcome
+        # kept, recorded again) added to that already.
+        said = Snooze.message(outcome.snooze_ms)
         if next_id is None:
-            outcome.error = f"{outcome.error}: not run again (a newer pending job holds its tag, or it was rescued)"
+            outcome.error = f"{said}: not run again (a newer pending job holds its tag, or it was rescued)"
         else:
             self.scheduled(due)
-            outcome.error = f"{outcome.error}: job {next_id} runs it then"
+            outcome.error = f"{said}: job {next_id} runs it then"
 
     def keep_ms(self, outcome: Outcome) -> int:
         keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms

@@ -1,0 +1,120 @@
+"""A transient database error never costs a job: on every store, what a worker was writing when the database
+failed it (a connection lost mid-transaction, a commit whose reply never came) is written in full by a later
+transaction, never half, twice, or not at all.
+
+The worker keeps what it could not write (outcomes, give-backs, claims in
+doubt) and writes it once the database answers again.  These tests fail one
+transaction of a worker on the fake clock, and hold the table to what the
+same steps write when nothing fails.  The faults: on PostgreSQL the server
+terminates the worker's session in the middle of a transaction (for real,
+pg_terminate_backend); SQLite has no session to lose, so there the store's
+verb raises what SQLite's I/O error becomes.  A commit whose reply was lost
+is a transaction that commits and then raises, as test_reliability's
+RELIABILITY_LOSE_CLAIM_REPLY does in real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import worker
+from conftest import FakeClock, at, rows
+from worker import Queue, job
+
+pytestmark = pytest.mark.stores("sqlite", "postgres")
+
+
+def lose_connection_at(monkeypatch: pytest.MonkeyPatch, runner: worker.Worker, verb: str) -> None:
+    """The worker's connection is lost at its next call of the store's ``verb``, in the middle of the transaction
+    it is part of (once)."""
+    store = runner.store
+    original = getattr(store, verb)
+
+    def lost(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(store, verb, original)
+        if not worker.is_postgres(runner.db):
+            raise worker.DatabaseUnavailable("disk I/O error (the test's)")
+        import psycopg
+
+        with psycopg.connect(runner.db, autocommit=True) as other:  # waits until the session is gone
+            other.execute("SELECT pg_terminate_backend(%s, 5000)", (store.conn.info.backend_pid,))  # type: ignore[attr-defined]
+        return original(*args, **kwargs)  # fails for real: the server has closed the connection
+
+    monkeypatch.setattr(store, verb, lost)
+
+
+def recorded_after_a_lost_connection(
+    monkeypatch: pytest.MonkeyPatch, runner: worker.Worker, outcomes: list[worker.Outcome]
+) -> None:
+    """Record ``outcomes`` as the worker's loop does when the first transaction fails half-way: it keeps them,
+    and records the same outcomes again at its next step."""
+    lose_connection_at(monkeypatch, runner, "finish_many_if_owned")
+    with pytest.raises(worker.DatabaseUnavailable):
+        runner.record(outcomes)
+    runner.record(outcomes)
+
+
+# --- Recording outcomes -------------------------------------------------------------------------
+
+
+def test_a_job_asked_to_cancel_ends_cancelled_though_the_first_record_of_its_outcome_failed(
+    queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    @job(max_attempts=3)
+    def patient(ctx: worker.JobContext) -> str:
+        ctx.cancelled.wait(10)
+        ctx.enqueue("patient")  # a follow-up goes with a success only
+        return "stopped early"
+
+    queue.enqueue("patient", now=at(clock))
+    runner = make_worker()
+    (claimed,) = runner.claim(1)
+    ended: list[worker.Outcome] = []
+    thread = threading.Thread(target=lambda: ended.append(runner.execute(claimed)), daemon=True)
+    thread.start()
+    assert queue.cancel(claimed.id, by="ops", now=at(clock))
+    worker._emit(runner._recording.cancels.look(runner.store, runner.owner, {claimed.id}, at(clock)))
+    thread.join(timeout=10)
+    recorded_after_a_lost_connection(monkeypatch, runner, ended)
+    (row,) = rows(db)  # no follow-up, no retry
+    assert row["status"] == "cancelled"
+    assert row["error"].startswith("cancelled while running (asked by ops at ")
+
+
+def test_a_snooze_whose_first_record_failed_names_the_one_row_that_runs_it(
+    queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    @job
+    def later(ctx: worker.JobContext) -> None:
+        raise worker.Snooze(30)
+
+    queue.enqueue("later", now=at(clock))
+    runner = make_worker()
+    (claimed,) = runner.claim(1)
+    recorded_after_a_lost_connection(monkeypatch, runner, [runner.execute(claimed)])
+    ended, next_row = rows(db)
+    assert (ended["status"], ended["error"]) == ("cancelled", f"snoozed for 30 s: job {next_row['id']} runs it then")
+    assert (next_row["status"], next_row["due"]) == ("pending", at(clock, 30))
+
+
+def test_the_last_progress_of_a_job_is_written_though_the_first_record_of_its_outcome_failed(
+    queue: Queue, make_worker: Callable[..., worker.Worker], db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @job
+    def reporting(ctx: worker.JobContext) -> None:
+        ctx.progress(3, 3, "all rows")
+
+    queue.enqueue("reporting")
+    runner = make_worker()
+    (claimed,) = runner.claim(1)
+    recorded_after_a_lost_connection(monkeypatch, runner, [runner.execute(claimed)])
+    (row,) = rows(db)
+    assert row["status"] == "succeeded"
+    assert json.loads(row["progress"] or "{}").get("message") == "all rows"
