@@ -15,15 +15,17 @@ RELIABILITY_LOSE_CLAIM_REPLY does in real processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import pytest
 
 import worker
-from conftest import FakeClock, at, rows
+from conftest import FakeClock, at, rows, wait_for
 from worker import Queue, job
 
 pytestmark = pytest.mark.stores("sqlite", "postgres")
@@ -118,3 +120,95 @@ def test_the_last_progress_of_a_job_is_written_though_the_first_record_of_its_ou
     (row,) = rows(db)
     assert row["status"] == "succeeded"
     assert json.loads(row["progress"] or "{}").get("message") == "all rows"
+
+
+# --- Commits whose reply was lost: claims and give-backs in doubt ----------------------------------
+
+
+def lose_the_reply_to_the_next_commit(monkeypatch: pytest.MonkeyPatch, runner: worker.Worker) -> None:
+    """The worker's next transaction commits, and the worker is told it failed (the connection dropped before the
+    reply to COMMIT came)."""
+    store = runner.store
+    original = store.transaction
+
+    @contextlib.contextmanager
+    def committed_then_lost() -> Iterator[Any]:
+        monkeypatch.setattr(store, "transaction", original)
+        with original() as conn:
+            yield conn
+        raise worker.DatabaseUnavailable("the reply to COMMIT was lost (the test's)")
+
+    monkeypatch.setattr(store, "transaction", committed_then_lost)
+
+
+@pytest.fixture
+def noop(registry: dict[str, worker.JobType]) -> None:
+    @job
+    def noop(ctx: worker.JobContext) -> None:
+        return None
+
+
+def claimed_in_doubt(
+    monkeypatch: pytest.MonkeyPatch, runner: worker.Worker, queue: Queue, clock: FakeClock
+) -> worker.Job:
+    """An idle worker, woken by another writer's commit, claims the one job it made due; the claim commits and the
+    worker is told it failed.  Nothing else is due, and no other commit comes."""
+    runner.start_up()
+    runner._wake_up.start(lambda: None)  # PostgreSQL's LISTEN (SQLite's data_version is read in any case)
+    runner._tick()  # nothing due: idle, it looks again when another writer commits
+    runner._wake_up.changed()  # what other writers committed until now is seen
+    enqueued = queue.enqueue("noop", now=at(clock))
+    if worker.is_postgres(runner.db):
+        wake_up = cast(Any, runner._wake_up)
+        wait_for(wake_up._notified.is_set, 5, "the notification of that commit")
+    lose_the_reply_to_the_next_commit(monkeypatch, runner)
+    runner._tick()
+    assert not runner._running and rows(runner.db)[0]["status"] == "running", "claimed, unknown to its worker"
+    return enqueued
+
+
+def test_a_claim_in_doubt_is_given_back_at_the_next_step_though_nothing_else_wakes_the_worker(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    runner = make_worker()
+    try:
+        enqueued = claimed_in_doubt(monkeypatch, runner, queue, clock)
+        runner._tick()
+        assert rows(db)[0]["status"] == "pending", "given back: else its heartbeat renews a lease no one runs"
+        runner._tick()
+        assert list(runner._running) == [enqueued.id], "claimed again, due at once"
+    finally:
+        runner._wake_up.stop()
+
+
+def test_a_worker_stopping_with_a_claim_in_doubt_gives_its_rows_back(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    runner = make_worker()
+    claimed_in_doubt(monkeypatch, runner, queue, clock)
+    runner._wake_up.stop()  # run() starts it again
+    runner.stop()
+    runner.run()
+    (row,) = rows(db)
+    assert (row["status"], row["deaths"]) == ("pending", 0), "not left for a rescue, a lease later, as a death"
+
+
+def test_jobs_claimed_ahead_whose_give_back_may_have_committed_are_not_run_by_their_old_worker(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Given back, their rows are pending, where any worker may claim and run them: the worker told the give-back
+    failed runs none of them, unless a claim of its own takes them again."""
+    queue.enqueue_many([("noop", None)] * 3, now=at(clock))
+    runner = make_worker(concurrency=1)
+    runner.start_up()
+    runner._ahead.jobs = 4  # room for 5: the claim takes all 3
+    runner._tick()
+    runner._progress_at = time.monotonic() - 1  # no thread has started a job for a second
+    lose_the_reply_to_the_next_commit(monkeypatch, runner)
+    runner._tick()  # gives the 3 back (none had started), and claims what its free thread may take
+    held = sorted(job.id for job in runner._take_waiting())
+    assert held == sorted(runner._running)
+    assert held == [row["id"] for row in rows(db) if (row["status"], row["owner"]) == ("running", runner.owner)]

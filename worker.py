@@ -4973,7 +4973,9 @@ class Worker:
         want_claim = room and (self._maybe_due(now) or self._room_again(free, async_free))
         claimed: list[Job] = []
         kept = None
-        if self._to_record or want_claim:
+        # A claim in doubt is settled at the next step that can write, whether or not it claims: its rows
+        # would else wait, their leases renewed, for a commit by another writer or a row due.
+        if self._to_record or want_claim or self._claim_in_doubt:
             try:
                 with self._write():
                     notes = self._recording.record(self._to_record, now)
@@ -5159,9 +5161,16 @@ class Worker:
         try:
             self.give_back(waiting, f"not started: {why}", logging.INFO)
         except DatabaseError as e:
-            logger.warning("could not give back %d job(s) claimed ahead (%s); they stay claimed", len(waiting), e)
-            keep(waiting)
-            return
+            if isinstance(e, DatabaseBusy) or not isinstance(e, DatabaseUnavailable):  # surely not written
+                logger.warning("could not give back %d job(s) claimed ahead (%s); they stay claimed", len(waiting), e)
+                keep(waiting)
+                return
+            # The connection was lost: the give-back may have committed all the same, and a job run here
+            # while its row is pending may run beside the worker that claims it next.  In doubt, as a claim
+            # is: the next step gives back those still this worker's (_give_back_unknown).
+            logger.warning("giving back %d job(s) claimed ahead failed (%s); given back at the next step, unless "
+                           "they were already", len(waiting), e)  # fmt: skip
+            self._claim_in_doubt = True
         for job in waiting:
             del self._running[job.id]
         # Pending and due again: no commit by another process says so (the
@@ -5259,6 +5268,11 @@ class Worker:
                 if self._running:
                     self.give_back(list(self._running.values()))
                     self._running.clear()
+                if self._claim_in_doubt:  # rows running under this worker, unknown to it: no one else renews them
+                    with self.store.transaction():
+                        notes = self._give_back_unknown()
+                    self._claim_in_doubt = False
+                    _emit(notes)
                 break
             except DatabaseError as e:
                 logger.warning("could not write at shutdown (%s); retrying", e)
