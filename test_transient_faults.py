@@ -212,3 +212,56 @@ def test_jobs_claimed_ahead_whose_give_back_may_have_committed_are_not_run_by_th
     held = sorted(job.id for job in runner._take_waiting())
     assert held == sorted(runner._running)
     assert held == [row["id"] for row in rows(db) if (row["status"], row["owner"]) == ("running", runner.owner)]
+
+
+# --- PostgreSQL: a connection the server ended is made again ------------------------------------------
+
+
+def terminate_the_session_of(conn: Any, db: str) -> None:
+    """The server ends this connection's session, as a restart or a failover would (and waits until it has)."""
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s, 5000)", (conn.info.backend_pid,))
+
+
+@pytest.mark.stores("postgres")
+def test_a_queue_whose_connection_the_server_ended_works_again_from_the_call_after_the_one_that_found_it_gone(
+    noop: None, queue: Queue, db: str
+) -> None:
+    """The call that finds the connection gone fails (a statement sent on it may have run or not: it is not
+    sent again); every later one connects again, an INSERT outside a transaction as well as the rest."""
+    queue.enqueue("noop")
+    terminate_the_session_of(queue._store().conn, db)  # type: ignore[attr-defined]
+    with pytest.raises(worker.DatabaseUnavailable):
+        queue.enqueue("noop")
+    assert queue.enqueue("noop").id == 2
+    terminate_the_session_of(queue._store().conn, db)  # type: ignore[attr-defined]
+    with pytest.raises(worker.DatabaseUnavailable):
+        queue.get(2)
+    assert queue.get(2) is not None
+
+
+@pytest.mark.stores("postgres")
+def test_jobs_enqueuing_at_once_fail_no_longer_than_the_call_that_found_the_servers_restart(
+    queue: Queue, make_worker: Callable[..., worker.Worker], db: str
+) -> None:
+    """ctx.enqueue_now is the job's own write, on its thread's connection: one job fails when the server has
+    ended that connection (its write may have run or not), and the next ones on the thread succeed."""
+
+    @job
+    def spawner(ctx: worker.JobContext) -> None:
+        ctx.enqueue_now("child")
+
+    @job
+    def child(ctx: worker.JobContext) -> None:
+        return None
+
+    runner = make_worker(concurrency=1)
+    spawners = [queue.enqueue("spawner") for _ in range(3)]
+    assert runner.work() == 1
+    terminate_the_session_of(runner.producer._store().conn, db)  # type: ignore[attr-defined]
+    assert runner.work() == 1
+    assert runner.work() == 1
+    statuses = {row["id"]: row["status"] for row in rows(db, "type = 'spawner'")}
+    assert [statuses[each.id] for each in spawners] == ["succeeded", "failed", "succeeded"]

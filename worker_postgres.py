@@ -491,6 +491,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     ) -> None:
         self.conn = conn
         self.url = url  # to connect again once the connection is lost
+        self._in_transaction = False  # inside transaction(): a lost connection is not made again there
         self._pooled = pooler() == "transaction"  # then each transaction sets what a session would (SET LOCAL)
         self._pid = worker._process_id  # the process the connection belongs to
         self._clock = clock
@@ -534,10 +535,8 @@ class PostgresStore(OperatingReads, worker.QueueControls):
             raise worker.ForkedConnection(
                 f"PostgreSQL connection opened in process {self._pid} used in process {worker._process_id}"
             )
-        if self.conn.closed:
-            self.conn = connect(self.url)
-            if self._clock is None:
-                self.refresh_clock()
+        self._connected_again_if_lost()
+        outer, self._in_transaction = self._in_transaction, True
         try:
             with self.conn.transaction():
                 if self._pooled:
@@ -545,6 +544,14 @@ class PostgresStore(OperatingReads, worker.QueueControls):
                 yield self.conn
         except psycopg.Error as e:  # BEGIN, COMMIT, or the caller's own statement on this connection
             raise _engine_error(self.url, self.conn, e) from e
+        finally:
+            self._in_transaction = outer
+
+    def _connected_again_if_lost(self) -> None:
+        if self.conn.closed:
+            self.conn = connect(self.url)
+            if self._clock is None:
+                self.refresh_clock()
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[psycopg.Connection[Any]]:
@@ -556,7 +563,14 @@ class PostgresStore(OperatingReads, worker.QueueControls):
             raise _engine_error(self.url, self.conn, e) from e
 
     def _execute(self, sql: str, params: Mapping[str, Any] | tuple[Any, ...] | None = None) -> psycopg.Cursor[Any]:
-        """Run one statement; the engine's errors for psycopg's.  Its rows are fetched already (a client cursor)."""
+        """Run one statement; the engine's errors for psycopg's.  Its rows are fetched already (a client cursor).
+
+        Outside a transaction a lost connection is made again first, as
+        transaction() does: a Queue's untagged enqueue is one INSERT of its own,
+        and failed at every call, for good, once its connection had been lost.
+        """
+        if not self._in_transaction:
+            self._connected_again_if_lost()
         try:
             return self.conn.execute(sql, params)
         except psycopg.Error as e:
