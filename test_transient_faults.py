@@ -265,3 +265,27 @@ def test_jobs_enqueuing_at_once_fail_no_longer_than_the_call_that_found_the_serv
     assert runner.work() == 1
     statuses = {row["id"]: row["status"] for row in rows(db, "type = 'spawner'")}
     assert [statuses[each.id] for each in spawners] == ["succeeded", "failed", "succeeded"]
+
+
+@pytest.mark.stores("postgres")
+def test_outcomes_are_kept_while_the_server_refuses_writes_as_in_a_failover_and_recorded_once_it_takes_them(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str
+) -> None:
+    """A session that reaches a standby (a failover under way: the old primary, read-only now, or a replica the
+    name still points to) is refused every write for a while: as for a server out of reach, the worker keeps
+    its outcomes and backs off; it records none as unrecordable, and sets none aside."""
+    queue.enqueue("noop", now=at(clock))
+    runner = make_worker()
+    runner.start_up()
+    runner._tick()  # claims it
+    claimed = runner._todo.get_nowait()
+    assert claimed is not None
+    runner._hand_over(runner.execute(claimed))
+    session = runner.store.conn  # type: ignore[attr-defined]
+    session.execute("SET default_transaction_read_only = on")  # every transaction of this session refused writes
+    runner._tick()
+    assert [outcome.job.id for outcome in runner._to_record] == [claimed.id], "kept"
+    assert rows(db)[0]["status"] == "running"
+    session.execute("SET default_transaction_read_only = off")
+    runner._tick()
+    assert rows(db)[0]["status"] == "succeeded"

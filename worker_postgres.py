@@ -183,8 +183,12 @@ def session_settings(scope: str = "") -> str:
 def _engine_error(url: str, conn: psycopg.Connection[Any] | None, error: psycopg.Error) -> worker.DatabaseError:
     """The engine's error for a psycopg one: retry later (DatabaseUnavailable), or DatabaseError."""
     # OperationalError covers a lost connection, an admin shutdown, serialization
-    # failures, deadlocks, lock and statement timeouts, a full disk.
-    if isinstance(error, psycopg.OperationalError) or (conn is not None and conn.closed):
+    # failures, deadlocks, lock and statement timeouts, a full disk.  A write
+    # refused as read-only is a standby's answer while a failover is under way
+    # (the old primary demoted, a name not yet moved to the new one): retried
+    # later too, it keeps the outcomes, where an error set them aside for good.
+    transient = (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction)
+    if isinstance(error, transient) or (conn is not None and conn.closed):
         return worker.DatabaseUnavailable(f"database {redacted(url)} unavailable: {_first_line(error)}")
     return worker.DatabaseError(f"database {redacted(url)}: {_first_line(error)}")
 
