@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -289,3 +290,37 @@ def test_outcomes_are_kept_while_the_server_refuses_writes_as_in_a_failover_and_
     session.execute("SET default_transaction_read_only = off")
     runner._tick()
     assert rows(db)[0]["status"] == "succeeded"
+
+
+# --- SQLite: a lost race for the WAL's locks ----------------------------------------------------------
+
+
+@pytest.mark.stores("sqlite")
+def test_a_write_that_lost_the_wal_lock_race_is_waited_out_as_busy_and_fails_no_job(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """SQLITE_PROTOCOL: a transaction that lost the race for the WAL's locks dozens of times over seconds, among
+    many writers, gives up as it begins, having written nothing.  It passes, as busy does."""
+    queue.enqueue("noop", now=at(clock))
+    runner = make_worker()
+    runner.start_up()
+    runner._tick()  # claims it
+    claimed = runner._todo.get_nowait()
+    assert claimed is not None
+    runner._hand_over(runner.execute(claimed))
+    begin, lost = worker.immediate, [2]  # the next two transactions lose the race
+
+    def losing(conn: Any) -> Any:
+        if lost[0]:
+            lost[0] -= 1
+            error = sqlite3.OperationalError("locking protocol")
+            error.sqlite_errorcode = 15  # type: ignore[attr-defined]  # SQLITE_PROTOCOL
+            raise error
+        return begin(conn)
+
+    monkeypatch.setattr(worker, "immediate", losing)
+    for _ in range(3):
+        runner._tick()
+    (row,) = rows(db)
+    assert (row["status"], row["error"]) == ("succeeded", None)

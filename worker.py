@@ -1864,7 +1864,9 @@ def _open(target: str, *, uri: bool) -> sqlite3.Connection:
 
 
 # SQLite's primary result codes that mean "try again later", not "this is wrong".
-LOCKED_ERRORS = {5: "busy", 6: "locked"}
+# PROTOCOL: a transaction that lost the race for the WAL's locks again and again, among many writers, gives up
+# as it begins, having written nothing (SQLite's docs): busy, as far as the worker is concerned.
+LOCKED_ERRORS = {5: "busy", 6: "locked", 15: "protocol"}
 TRANSIENT_ERRORS = {**LOCKED_ERRORS, 10: "I/O error", 13: "disk full"}
 
 
