@@ -761,14 +761,14 @@ def test_a_job_runs_though_the_producer_cannot_connect_as_it_starts(
     def enqueuer(ctx: worker.JobContext) -> None:
         ctx.enqueue_now("plain")
 
-    def unreachable(self: worker.Queue, *args: Any, **kwargs: Any) -> None:
+    def unreachable(*args: Any, **kwargs: Any) -> worker.Store:
         raise worker.DatabaseUnavailable("out of reach")
 
     queue.enqueue("plain")
     queue.enqueue("enqueuer")
     runner = make_worker()
     claimed = runner.claim(2)
-    monkeypatch.setattr(worker.Queue, "__init__", unreachable)
+    monkeypatch.setattr(worker, "open_store", unreachable)  # the worker's own connection is open already
     outcomes = [runner.execute(job) for job in claimed]
     assert [(o.job.type, o.succeeded) for o in outcomes] == [("plain", True), ("enqueuer", False)]
     assert "DatabaseUnavailable: out of reach" in (outcomes[1].error or "")
