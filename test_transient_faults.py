@@ -227,28 +227,40 @@ def terminate_the_session_of(conn: Any, db: str) -> None:
 
 
 @pytest.mark.stores("postgres")
-def test_a_queue_whose_connection_the_server_ended_works_again_from_the_call_after_the_one_that_found_it_gone(
+def test_a_queue_whose_idle_session_the_server_ended_connects_again_at_its_next_call(
     noop: None, queue: Queue, db: str
 ) -> None:
-    """The call that finds the connection gone fails (a statement sent on it may have run or not: it is not
-    sent again); every later one connects again, an INSERT outside a transaction as well as the rest."""
+    """The server's goodbye waits on the socket of a session it ended while idle: the next call reads it and
+    connects again before it sends anything, an INSERT outside a transaction as well as the rest."""
     queue.enqueue("noop")
     terminate_the_session_of(queue._store().conn, db)  # type: ignore[attr-defined]
-    with pytest.raises(worker.DatabaseUnavailable):
-        queue.enqueue("noop")
     assert queue.enqueue("noop").id == 2
     terminate_the_session_of(queue._store().conn, db)  # type: ignore[attr-defined]
-    with pytest.raises(worker.DatabaseUnavailable):
-        queue.get(2)
     assert queue.get(2) is not None
 
 
 @pytest.mark.stores("postgres")
-def test_jobs_enqueuing_at_once_fail_no_longer_than_the_call_that_found_the_servers_restart(
+def test_a_connection_lost_inside_a_transaction_fails_it_and_the_next_call_outside_one_connects_again(
+    noop: None, queue: Queue, db: str
+) -> None:
+    """Inside a transaction the connection is never made again (the rest would run outside it, its writes
+    lost); once it has failed, every later call connects again, an INSERT of its own too (it failed at every
+    call, for good)."""
+    store = queue._store()
+    with pytest.raises(worker.DatabaseUnavailable), store.transaction():
+        queue.enqueue("noop")  # its own, a savepoint: part of this transaction
+        terminate_the_session_of(store.conn, db)  # type: ignore[attr-defined]
+        store.get(1)
+    assert queue.enqueue("noop").id == 2, "the first insert went with its transaction"
+    assert [row["id"] for row in rows(db)] == [2]
+
+
+@pytest.mark.stores("postgres")
+def test_a_jobs_enqueue_now_after_the_server_ended_its_threads_session_succeeds(
     queue: Queue, make_worker: Callable[..., worker.Worker], db: str
 ) -> None:
-    """ctx.enqueue_now is the job's own write, on its thread's connection: one job fails when the server has
-    ended that connection (its write may have run or not), and the next ones on the thread succeed."""
+    """ctx.enqueue_now writes on its job thread's own connection: a session the server ended since (a restart,
+    a failover) fails no job once the server is back."""
 
     @job
     def spawner(ctx: worker.JobContext) -> None:
@@ -259,13 +271,14 @@ def test_jobs_enqueuing_at_once_fail_no_longer_than_the_call_that_found_the_serv
         return None
 
     runner = make_worker(concurrency=1)
-    spawners = [queue.enqueue("spawner") for _ in range(3)]
+    for _ in range(2):
+        queue.enqueue("spawner")
     assert runner.work() == 1
     terminate_the_session_of(runner.producer._store().conn, db)  # type: ignore[attr-defined]
+    terminate_the_session_of(runner.store.conn, db)  # type: ignore[attr-defined]  # and the worker's own
     assert runner.work() == 1
-    assert runner.work() == 1
-    statuses = {row["id"]: row["status"] for row in rows(db, "type = 'spawner'")}
-    assert [statuses[each.id] for each in spawners] == ["succeeded", "failed", "succeeded"]
+    assert [row["status"] for row in rows(db, "type = 'spawner'")] == ["succeeded", "succeeded"]
+    assert len(rows(db, "type = 'child'")) == 2
 
 
 @pytest.mark.stores("postgres")

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import select
 import threading
 import time
 from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping
@@ -283,6 +284,34 @@ def open_store(url: str, queues: list[str] | None = None, clock: Callable[[], in
         conn.close()
         raise
     return PostgresStore(conn, url, queues, clock=clock)
+
+
+def _ended_by_the_server(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server has ended this idle session (a restart, pg_terminate_backend, a pooler's idle timeout).
+
+    Its goodbye and the end of the stream wait unread on the socket, and
+    psycopg learns of them only as the next statement's error: the first
+    transaction after a restart failed, and so did a job's first
+    ctx.enqueue_now, though the server was back.  Read here, they close the
+    connection, to be made again before anything is sent on it.  One poll of
+    the socket when nothing waits (an idle session is sent nothing else).
+    """
+    try:
+        for _ in range(3):  # the goodbye, then the end of the stream
+            if not _readable(conn.fileno()):
+                break
+            conn.pgconn.consume_input()
+    except (OSError, ValueError, psycopg.Error):
+        pass  # the stream ended, or cannot be looked at: conn.closed says which
+    return conn.closed
+
+
+def _readable(fd: int) -> bool:
+    if not hasattr(select, "poll"):  # Windows
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()  # not select(): a web app's process may hold descriptors past FD_SETSIZE
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 # --- The store ------------------------------------------------------------------
@@ -552,7 +581,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
             self._in_transaction = outer
 
     def _connected_again_if_lost(self) -> None:
-        if self.conn.closed:
+        if self.conn.closed or _ended_by_the_server(self.conn):
             self.conn = connect(self.url)
             if self._clock is None:
                 self.refresh_clock()
