@@ -851,7 +851,10 @@ def test_a_worker_process_restarted_while_its_server_is_down_is_restarted_until_
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: "exited with 3" in supervisor.log(), 15, "the restarted worker to find no server")
     own_server.start()
-    wait_for(lambda: supervisor.log().count(" started: ") == 3, 20, "the restarted worker to start")
+    try:
+        wait_for(lambda: supervisor.log().count(" started: ") >= 3, 30, "the restarted worker to start")
+    except AssertionError as e:
+        raise AssertionError(f"{e}:\n{supervisor.log()}") from None
     assert supervisor.popen.poll() is None, supervisor.log()
     processes.adopt(child_pids(supervisor.pid))
     with worker.Queue(own_server.url, check_types=False) as queue:

@@ -581,7 +581,8 @@ class PostgresStore(OperatingReads, worker.QueueControls):
             self._in_transaction = outer
 
     def _connected_again_if_lost(self) -> None:
-        if self.conn.closed or _ended_by_the_server(self.conn):
+        # Never read a socket inherited across fork(): what waits on it is the parent's.
+        if self.conn.closed or (worker._process_id == self._pid and _ended_by_the_server(self.conn)):
             self.conn = connect(self.url)
             if self._clock is None:
                 self.refresh_clock()
