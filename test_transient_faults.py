@@ -11,6 +11,11 @@ pg_terminate_backend); SQLite has no session to lose, so there the store's
 verb raises what SQLite's I/O error becomes.  A commit whose reply was lost
 is a transaction that commits and then raises, as test_reliability's
 RELIABILITY_LOSE_CLAIM_REPLY does in real processes.
+
+Then what each store counts as transient: on PostgreSQL a session the server
+ended (idle, or inside a transaction) and a standby's refusal to write; on
+SQLite a lost race for the WAL's locks.  A worker process restarted while its
+server is down is test_postgres_reliability.py's (real processes).
 """
 
 from __future__ import annotations
