@@ -50,7 +50,7 @@ import pytest
 
 import test_reliability
 import worker
-from conftest import POSTGRES_SERVER, Processes, WorkerProcess, process_state, wait_for
+from conftest import POSTGRES_SERVER, Processes, WorkerProcess, child_pids, process_state, wait_for
 from test_reliability import Report, assert_clean_log, check_table, clean_env, ids, pid_of, read_ledger, work
 
 psycopg = pytest.importorskip("psycopg")
@@ -832,3 +832,36 @@ def test_an_unknown_pooler_or_listen_setting_is_exit_2_in_one_line(url: str, job
     assert result.stderr.strip() == f"worker: invalid {variable}='session'" + (
         " (use none, or transaction)" if variable == "WORKER_PG_POOLER" else " (use 1, or 0 to poll)"
     )
+
+
+@pytest.mark.slow
+def test_a_worker_process_restarted_while_its_server_is_down_is_restarted_until_the_server_is_back(
+    run_worker: Callable[..., WorkerProcess], processes: Processes, own_server: OwnServer
+) -> None:
+    """Under --processes, a worker that dies (a job's fault, the OOM killer) while its server is down is
+    restarted, exits 3 as any worker that cannot reach its server at start does, and is restarted again, with
+    the backoff, until the server is back: the supervisor stops every worker only for a database it cannot use.
+    """
+    supervisor = run_worker("--processes", "2", "--concurrency", "1", name="supervisor", database=own_server.url)
+    wait_for(lambda: len(child_pids(supervisor.pid)) == 2, 10, "the supervisor to start 2 workers")
+    wait_for(lambda: supervisor.log().count(" started: ") == 2, 15, "both workers to start")
+    first, second = sorted(child_pids(supervisor.pid))
+    processes.adopt({first, second})
+    own_server.stop()
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: "exited with 3" in supervisor.log(), 15, "the restarted worker to find no server")
+    own_server.start()
+    try:
+        wait_for(lambda: supervisor.log().count(" started: ") >= 3, 30, "the restarted worker to start")
+    except AssertionError as e:
+        raise AssertionError(f"{e}:\n{supervisor.log()}") from None
+    assert supervisor.popen.poll() is None, supervisor.log()
+    processes.adopt(child_pids(supervisor.pid))
+    with worker.Queue(own_server.url, check_types=False) as queue:
+        enqueued = queue.enqueue("work")
+    table = Table(own_server.url)
+    try:
+        wait_for(lambda: table.row(enqueued.id)["status"] == "succeeded", 15, "a job to run")
+    finally:
+        table.close()
+    assert supervisor.stop() == 0

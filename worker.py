@@ -214,8 +214,12 @@ class Snooze(Exception):
     def __init__(self, seconds: Seconds) -> None:
         delay_ms = _optional_ms(seconds, "a snooze")
         assert delay_ms is not None
-        super().__init__(f"snoozed for {delay_ms / 1000:g} s")
+        super().__init__(self.message(delay_ms))
         self.delay_ms = delay_ms
+
+    @staticmethod
+    def message(delay_ms: int) -> str:
+        return f"snoozed for {delay_ms / 1000:g} s"
 
 
 # --- Time -------------------------------------------------------------------------
@@ -1860,7 +1864,9 @@ def _open(target: str, *, uri: bool) -> sqlite3.Connection:
 
 
 # SQLite's primary result codes that mean "try again later", not "this is wrong".
-LOCKED_ERRORS = {5: "busy", 6: "locked"}
+# PROTOCOL: a transaction that lost the race for the WAL's locks again and again, among many writers, gives up
+# as it begins, having written nothing (SQLite's docs): busy, as far as the worker is concerned.
+LOCKED_ERRORS = {5: "busy", 6: "locked", 15: "protocol"}
 TRANSIENT_ERRORS = {**LOCKED_ERRORS, 10: "I/O error", 13: "disk full"}
 
 
@@ -3767,9 +3773,12 @@ class _Write:
         return conn
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        committed = False
         try:
             self.transaction.__exit__(kind, error, trace)
+            committed = kind is None
         finally:
+            self.worker._recording.progress.settled(committed)
             self._restore_switch_interval()
 
     def _restore_switch_interval(self) -> None:
@@ -3930,14 +3939,19 @@ class CancelRequests:
                                    (job_id, by), {"action": "cancel", "job_id": job_id}))  # fmt: skip
         return notes
 
-    def outcome(self, outcome: Outcome) -> Outcome:
-        """The outcome a job's row ends with: ``cancelled`` if the request reached it first, beside what it
-        returned or raised; else its own."""
+    def outcome(self, outcome: Outcome) -> None:
+        """Make ``outcome`` the one its job's row ends with: ``cancelled`` if the request reached it first, beside
+        what it returned or raised; else left as it is.
+
+        Changed in place: the request is used up here, before the transaction
+        that records the outcome commits, and if that fails the worker records
+        the same outcome again (a copy made it succeed then, with its follow-ups).
+        """
         job_id = outcome.job.id
         self._events.pop(job_id, None)
         asked = self._asked.pop(job_id, None)
         if asked is None or outcome.kind in ("timeout", "unrecordable"):
-            return outcome
+            return
         request = f"cancelled while running (asked by {asked[1] or 'someone'} at {iso_time(asked[0])})"
         if outcome.kind == "not started":
             error = request.replace("while running", "before it started")
@@ -3945,8 +3959,7 @@ class CancelRequests:
             error = f"{request}; it then returned (its result is kept)"
         else:
             error = f"{request}; it then {'snoozed' if outcome.kind == 'snoozed' else 'raised'}:\n{outcome.error}"
-        return dataclasses.replace(outcome, succeeded=False, result=outcome.result, error=error, kind="cancelled",
-                                   follow_ups=[])  # fmt: skip
+        outcome.succeeded, outcome.error, outcome.kind, outcome.follow_ups = False, error, "cancelled", []
 
 
 PROGRESS_INTERVAL_MS = 1000  # a job's progress is written at most this often, however often it reports
@@ -3960,6 +3973,8 @@ class ProgressReports:
 
     def __init__(self) -> None:
         self._latest: dict[int, str] = {}  # job id -> its progress as JSON, not written yet
+        # Written by the worker's transaction under way: reported again should that fail (see settled).
+        self._unsettled: dict[int, str] = {}
         self._next_write = 0
 
     def report(self, job_id: int, done: float, total: float | None, message: str | None, now: int) -> None:
@@ -3991,6 +4006,15 @@ class ProgressReports:
         reports = [(job_id, text) for job_id in ids if (text := self._latest.pop(job_id, None)) is not None]
         if reports:
             store.write_progress_if_owned(owner, reports)
+            self._unsettled.update(reports)
+
+    def settled(self, committed: bool) -> None:
+        """The worker's transaction ended (its _Write): what it wrote is in the rows, or, if it failed, waits to be
+        written again (a job's last report, written with its outcome, was lost with the transaction)."""
+        if not committed:
+            for job_id, text in self._unsettled.items():
+                self._latest.setdefault(job_id, text)  # unless the job has reported since
+        self._unsettled.clear()
 
 
 def progress_text(text: str | None) -> str:
@@ -4041,7 +4065,8 @@ class Recording:
     def record(self, outcomes: list[Outcome], now: int) -> list[_Note]:
         """End the rows of ``outcomes`` (one batch, fenced on this worker's ownership), then what follows each."""
         if self.cancels.any():
-            outcomes = [self.cancels.outcome(outcome) for outcome in outcomes]
+            for outcome in outcomes:
+                self.cancels.outcome(outcome)
         self.progress.write(self.store, self.owner, now, only=[outcome.job.id for outcome in outcomes])
         for outcome in outcomes:
             if outcome.kind == "snoozed":
@@ -4063,11 +4088,14 @@ class Recording:
             return
         due = min(now + outcome.snooze_ms, MAX_TIME_MS)
         next_id = self.store.schedule_snooze_if_owned(job.id, self.owner, due=due, now=now)
+        # From the Snooze's own message, not outcome.error: a transaction that failed after this (the outcome
+        # kept, recorded again) added to that already.
+        said = Snooze.message(outcome.snooze_ms)
         if next_id is None:
-            outcome.error = f"{outcome.error}: not run again (a newer pending job holds its tag, or it was rescued)"
+            outcome.error = f"{said}: not run again (a newer pending job holds its tag, or it was rescued)"
         else:
             self.scheduled(due)
-            outcome.error = f"{outcome.error}: job {next_id} runs it then"
+            outcome.error = f"{said}: job {next_id} runs it then"
 
     def keep_ms(self, outcome: Outcome) -> int:
         keep_default = self.keep_succeeded_ms if outcome.succeeded else self.keep_failed_ms
@@ -4954,7 +4982,9 @@ class Worker:
         want_claim = room and (self._maybe_due(now) or self._room_again(free, async_free))
         claimed: list[Job] = []
         kept = None
-        if self._to_record or want_claim:
+        # A claim in doubt is settled at the next step that can write, whether or not it claims: its rows
+        # would else wait, their leases renewed, for a commit by another writer or a row due.
+        if self._to_record or want_claim or self._claim_in_doubt:
             try:
                 with self._write():
                     notes = self._recording.record(self._to_record, now)
@@ -5140,9 +5170,16 @@ class Worker:
         try:
             self.give_back(waiting, f"not started: {why}", logging.INFO)
         except DatabaseError as e:
-            logger.warning("could not give back %d job(s) claimed ahead (%s); they stay claimed", len(waiting), e)
-            keep(waiting)
-            return
+            if isinstance(e, DatabaseBusy) or not isinstance(e, DatabaseUnavailable):  # surely not written
+                logger.warning("could not give back %d job(s) claimed ahead (%s); they stay claimed", len(waiting), e)
+                keep(waiting)
+                return
+            # The connection was lost: the give-back may have committed all the same, and a job run here
+            # while its row is pending may run beside the worker that claims it next.  In doubt, as a claim
+            # is: the next step gives back those still this worker's (_give_back_unknown).
+            logger.warning("giving back %d job(s) claimed ahead failed (%s); given back at the next step, unless "
+                           "they were already", len(waiting), e)  # fmt: skip
+            self._claim_in_doubt = True
         for job in waiting:
             del self._running[job.id]
         # Pending and due again: no commit by another process says so (the
@@ -5240,6 +5277,11 @@ class Worker:
                 if self._running:
                     self.give_back(list(self._running.values()))
                     self._running.clear()
+                if self._claim_in_doubt:  # rows running under this worker, unknown to it: no one else renews them
+                    with self.store.transaction():
+                        notes = self._give_back_unknown()
+                    self._claim_in_doubt = False
+                    _emit(notes)
                 break
             except DatabaseError as e:
                 logger.warning("could not write at shutdown (%s); retrying", e)

@@ -180,6 +180,23 @@ def _json_block(value: Any) -> str:
 PR_SET_PDEATHSIG = 1  # prctl(2), Linux
 
 
+def _unusable_now(child_args: list[str]) -> bool:
+    """Whether the database a worker process exited 3 on is one it cannot use, as the supervisor finds it now.
+
+    A worker restarted while its server was out of reach (restarting, say)
+    exits 3 too, as any worker that cannot reach its database at start does:
+    that one is restarted like any other, with the same backoff, rather than
+    stopping every worker (the supervisor checked the database as it started).
+    """
+    try:
+        open_store(child_args[child_args.index("--db") + 1]).close()
+    except DatabaseUnusable:
+        return True
+    except DatabaseError:
+        pass  # out of reach now: it may not be by the next start
+    return False
+
+
 def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *, burst: bool = False) -> int:
     """Run ``processes`` worker processes and restart any that dies; returns the exit code.
 
@@ -235,7 +252,7 @@ def supervise(child_args: list[str], processes: int, shutdown_timeout: float, *,
             if burst and code == EXIT_OK:
                 finished.add(index)
                 continue
-            if code in (EXIT_USAGE, EXIT_DATABASE):
+            if code == EXIT_USAGE or (code == EXIT_DATABASE and _unusable_now(child_args)):
                 logger.error("worker process %d exited with %d (configuration or database); stopping", child.pid, code)
                 exit_code = code
                 stopping.set()

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import select
 import threading
 import time
 from collections.abc import Callable, Container, Generator, Iterable, Iterator, Mapping
@@ -183,8 +184,12 @@ def session_settings(scope: str = "") -> str:
 def _engine_error(url: str, conn: psycopg.Connection[Any] | None, error: psycopg.Error) -> worker.DatabaseError:
     """The engine's error for a psycopg one: retry later (DatabaseUnavailable), or DatabaseError."""
     # OperationalError covers a lost connection, an admin shutdown, serialization
-    # failures, deadlocks, lock and statement timeouts, a full disk.
-    if isinstance(error, psycopg.OperationalError) or (conn is not None and conn.closed):
+    # failures, deadlocks, lock and statement timeouts, a full disk.  A write
+    # refused as read-only is a standby's answer while a failover is under way
+    # (the old primary demoted, a name not yet moved to the new one): retried
+    # later too, it keeps the outcomes, where an error set them aside for good.
+    transient = (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction)
+    if isinstance(error, transient) or (conn is not None and conn.closed):
         return worker.DatabaseUnavailable(f"database {redacted(url)} unavailable: {_first_line(error)}")
     return worker.DatabaseError(f"database {redacted(url)}: {_first_line(error)}")
 
@@ -279,6 +284,34 @@ def open_store(url: str, queues: list[str] | None = None, clock: Callable[[], in
         conn.close()
         raise
     return PostgresStore(conn, url, queues, clock=clock)
+
+
+def _ended_by_the_server(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server has ended this idle session (a restart, pg_terminate_backend, a pooler's idle timeout).
+
+    Its goodbye and the end of the stream wait unread on the socket, and
+    psycopg learns of them only as the next statement's error: the first
+    transaction after a restart failed, and so did a job's first
+    ctx.enqueue_now, though the server was back.  Read here, they close the
+    connection, to be made again before anything is sent on it.  One poll of
+    the socket when nothing waits (an idle session is sent nothing else).
+    """
+    try:
+        for _ in range(3):  # the goodbye, then the end of the stream
+            if not _readable(conn.fileno()):
+                break
+            conn.pgconn.consume_input()
+    except (OSError, ValueError, psycopg.Error):
+        pass  # the stream ended, or cannot be looked at: conn.closed says which
+    return conn.closed
+
+
+def _readable(fd: int) -> bool:
+    if not hasattr(select, "poll"):  # Windows
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()  # not select(): a web app's process may hold descriptors past FD_SETSIZE
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 # --- The store ------------------------------------------------------------------
@@ -491,6 +524,7 @@ class PostgresStore(OperatingReads, worker.QueueControls):
     ) -> None:
         self.conn = conn
         self.url = url  # to connect again once the connection is lost
+        self._in_transaction = False  # inside transaction(): a lost connection is not made again there
         self._pooled = pooler() == "transaction"  # then each transaction sets what a session would (SET LOCAL)
         self._pid = worker._process_id  # the process the connection belongs to
         self._clock = clock
@@ -534,10 +568,8 @@ class PostgresStore(OperatingReads, worker.QueueControls):
             raise worker.ForkedConnection(
                 f"PostgreSQL connection opened in process {self._pid} used in process {worker._process_id}"
             )
-        if self.conn.closed:
-            self.conn = connect(self.url)
-            if self._clock is None:
-                self.refresh_clock()
+        self._connected_again_if_lost()
+        outer, self._in_transaction = self._in_transaction, True
         try:
             with self.conn.transaction():
                 if self._pooled:
@@ -545,6 +577,15 @@ class PostgresStore(OperatingReads, worker.QueueControls):
                 yield self.conn
         except psycopg.Error as e:  # BEGIN, COMMIT, or the caller's own statement on this connection
             raise _engine_error(self.url, self.conn, e) from e
+        finally:
+            self._in_transaction = outer
+
+    def _connected_again_if_lost(self) -> None:
+        # Never read a socket inherited across fork(): what waits on it is the parent's.
+        if self.conn.closed or (worker._process_id == self._pid and _ended_by_the_server(self.conn)):
+            self.conn = connect(self.url)
+            if self._clock is None:
+                self.refresh_clock()
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[psycopg.Connection[Any]]:
@@ -556,7 +597,14 @@ class PostgresStore(OperatingReads, worker.QueueControls):
             raise _engine_error(self.url, self.conn, e) from e
 
     def _execute(self, sql: str, params: Mapping[str, Any] | tuple[Any, ...] | None = None) -> psycopg.Cursor[Any]:
-        """Run one statement; the engine's errors for psycopg's.  Its rows are fetched already (a client cursor)."""
+        """Run one statement; the engine's errors for psycopg's.  Its rows are fetched already (a client cursor).
+
+        Outside a transaction a lost connection is made again first, as
+        transaction() does: a Queue's untagged enqueue is one INSERT of its own,
+        and failed at every call, for good, once its connection had been lost.
+        """
+        if not self._in_transaction:
+            self._connected_again_if_lost()
         try:
             return self.conn.execute(sql, params)
         except psycopg.Error as e:
