@@ -439,6 +439,37 @@ def test_job_at_the_end_of_a_chain_longer_than_the_chain_reach_has_its_page(
     assert f"<h1>Job {runs} <code>tick</code>" in answer.text
 
 
+class BusyStore:
+    """A reader whose every query finds the database busy, as a long write lock or a server restart makes it."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise worker.DatabaseBusy("database is locked")
+
+        return refuse
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_database_busy_for_now_is_a_503_to_try_again_not_a_500(
+    prepared: dict[str, int], serve: Callable[..., DashboardServer], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """The page says to try again, and the log has one line, not a traceback; then it serves again."""
+    server = serve()
+    with monkeypatch.context() as patched:
+        patched.setattr(worker, "open_reader", lambda target: BusyStore())
+        answer = request(server.url)
+    assert (answer.status, answer.headers["Retry-After"]) == (503, "1")
+    assert "database is locked; try again in a moment" in answer.text
+    assert [r.getMessage() for r in caplog.records if "dashboard" in r.getMessage()] == [
+        "dashboard request /: database is locked"
+    ]
+    assert not any(r.exc_info for r in caplog.records)
+    assert request(server.url).status == 200
+
+
 def test_unknown_job_and_unknown_page_are_404(prepared: dict[str, int], serve: Callable[..., DashboardServer]) -> None:
     server = serve()
     assert request(f"{server.url}jobs/999999").status == 404

@@ -792,7 +792,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
                 return write(producer)
         except worker.DatabaseUnusable as error:
             self._message(HTTPStatus.SERVICE_UNAVAILABLE, str(error))
-        except Exception as error:  # a busy database, say: say so rather than drop the connection
+        except worker.DatabaseUnavailable as error:
+            self._try_again(what, error)
+        except Exception as error:  # say so rather than drop the connection
             logger.exception("dashboard %s failed", what)
             self._message(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {error}")
         return _FAILED
@@ -870,6 +872,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
             return
         try:
             respond(conn)
+        except worker.DatabaseUnavailable as error:
+            self._try_again(f"request {self.path}", error)
         except Exception as error:  # one bad request must not take the page down
             logger.exception("dashboard request %s failed", self.path)
             self._message(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {error}")
@@ -895,8 +899,14 @@ class DashboardHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _message(self, status: HTTPStatus, text: str) -> None:
-        self._send(status, message_page(status, text, nonce=self.nonce))
+    def _message(self, status: HTTPStatus, text: str, headers: dict[str, str] | None = None) -> None:
+        self._send(status, message_page(status, text, nonce=self.nonce), headers=headers)
+
+    def _try_again(self, what: str, error: worker.DatabaseUnavailable) -> None:
+        """A database busy or out of reach for now (a long write lock, a server restarting): 503, try again soon;
+        one line in the log, not a traceback, as the worker logs it."""
+        logger.warning("dashboard %s: %s", what, error)
+        self._message(HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; try again in a moment", {"Retry-After": "1"})
 
     def _redirect(self, location: str, headers: dict[str, str] | None = None) -> None:
         self._send(HTTPStatus.SEE_OTHER, "", headers={"Location": location, **(headers or {})})
