@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -218,6 +219,35 @@ def test_jobs_claimed_ahead_whose_give_back_may_have_committed_are_not_run_by_th
     held = sorted(job.id for job in runner._take_waiting())
     assert held == sorted(runner._running)
     assert held == [row["id"] for row in rows(db) if (row["status"], row["owner"]) == ("running", runner.owner)]
+
+
+def test_an_outcome_whose_commit_landed_though_its_reply_was_lost_is_not_called_discarded(
+    registry: dict[str, worker.JobType], queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Recorded again, its row is no longer running under the worker: it was the worker's own commit, not a
+    rescue, and the log says so (it said "rescued after its lease expired", a false alarm at every blip)."""
+
+    @job
+    def ok(ctx: worker.JobContext) -> str:
+        return "done"
+
+    @job
+    def bad(ctx: worker.JobContext) -> None:
+        raise RuntimeError("boom")
+
+    caplog.set_level(logging.INFO, logger="worker")
+    queue.enqueue_many([("ok", None), ("bad", None)], now=at(clock))
+    runner = make_worker()
+    outcomes = [runner.execute(claimed) for claimed in runner.claim(2)]
+    lose_the_reply_to_the_next_commit(monkeypatch, runner)
+    with pytest.raises(worker.DatabaseUnavailable):
+        runner.record(outcomes)
+    runner.record(outcomes)
+    said = [r.getMessage() for r in caplog.records if "already" in r.getMessage() or "discarded" in r.getMessage()]
+    assert said == ["job 1 ok: recorded already, by the commit whose reply was lost",
+                    "job 2 bad: recorded already, by the commit whose reply was lost"]  # fmt: skip
+    assert [row["status"] for row in rows(runner.db)] == ["succeeded", "failed"]
 
 
 # --- PostgreSQL: a connection the server ended is made again ------------------------------------------

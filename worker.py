@@ -4107,8 +4107,7 @@ class Recording:
         job = outcome.job
         status = _ended_as(outcome)
         if not owned:
-            message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
-            return [_Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)]
+            return [self.not_owned(outcome, status)]
         finished.append((max(now, outcome.started or 0), job.queue, status))  # as finish_if_owned wrote them
         if outcome.kind == "snoozed":  # its next row is the rest of this run: no retry, no next cron run
             return [_Note.about(job, "snoozed", logging.INFO, "job %d %s %s", job.id, job.type, outcome.error)]
@@ -4136,6 +4135,27 @@ class Recording:
         notes = [_Note.about(job, "failed", level, message, job.id, job.type, job.attempt, summary, then,
                              outcome.error)]  # fmt: skip
         return notes + ([] if retry or unrecordable else self.schedule_next_cron_run(job, now))
+
+    def not_owned(self, outcome: Outcome, status: str) -> _Note:
+        """The note of an outcome whose row this worker no longer held: ended already by its own commit whose
+        reply was lost (the outcome was kept and recorded again), or rescued after its lease expired."""
+        job = outcome.job
+        try:
+            row = self.store.get(job.id)
+        except DatabaseUnavailable:
+            raise
+        except (DatabaseError, ValueError, RecursionError):  # a row another program made unreadable since
+            row = None
+        # A rescue leaves the owner too, but fails the row with an error of its own.
+        if (
+            row is not None
+            and (row.owner, row.status) == (self.owner, status)
+            and (status != Status.FAILED.value or row.error == outcome.error)
+        ):
+            message = "job %d %s: recorded already, by the commit whose reply was lost"
+            return _Note.about(job, "recorded", logging.INFO, message, job.id, job.type)
+        message = "job %d %s: result discarded: this worker no longer holds it (rescued after its lease expired)"
+        return _Note.about(job, "discarded", logging.WARNING, message, job.id, job.type)
 
     def schedule_next_cron_run(self, job: Job, now: int) -> list[_Note]:
         """After the last attempt of a recurring job's run: insert the run for the next slot."""
