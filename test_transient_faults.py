@@ -250,6 +250,40 @@ def test_an_outcome_whose_commit_landed_though_its_reply_was_lost_is_not_called_
     assert [row["status"] for row in rows(runner.db)] == ["succeeded", "failed"]
 
 
+def test_a_stopping_worker_isolates_an_outcome_the_database_refuses_and_records_the_rest(
+    registry: dict[str, worker.JobType], queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A refusal that waiting will not end (not busy, not out of reach) is met as a step meets it, one outcome at
+    a time, not retried unchanged until the shutdown timeout while the other jobs' outcomes wait with it."""
+
+    @job
+    def ok(ctx: worker.JobContext) -> str:
+        return "done"
+
+    queue.enqueue_many([("ok", None), ("ok", None)], now=at(clock))
+    runner = make_worker()
+    runner.shutdown_timeout = 30
+    outcomes = [runner.execute(claimed) for claimed in runner.claim(2)]
+    refused = outcomes[1].job.id
+    finish_many = runner.store.finish_many_if_owned
+
+    def refusing(owner: str, now: int, ended: Any) -> set[int]:
+        ended = list(ended)
+        if refused in [outcome[0] for outcome in ended]:
+            raise worker.DatabaseError("CHECK constraint failed (the test's)")
+        return finish_many(owner, now, ended)
+
+    monkeypatch.setattr(runner.store, "finish_many_if_owned", refusing)
+    runner._running.clear()
+    runner._to_record = outcomes  # as the loop keeps them when its step could not write
+    runner.stop()
+    began = time.monotonic()
+    runner.run()
+    assert time.monotonic() - began < 10, "waited for the shutdown timeout"
+    assert [row["status"] for row in rows(runner.db)] == ["succeeded", "running"]  # the refused one set aside
+
+
 # --- PostgreSQL: a connection the server ended is made again ------------------------------------------
 
 

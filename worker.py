@@ -131,6 +131,7 @@ PREFETCH_PATIENCE = 0.02  # jobs waiting this long behind busy threads are given
 # would do on average; the second absorbs a slow commit or a late wake-up.
 PREFETCH_ROUND_TRIPS = 2
 ASYNC_PREFETCH_JOB_SECONDS = 0.1  # an async job that runs longer stops the job loop's claiming ahead
+SHUTDOWN_WARN_EVERY = 5.0  # seconds between the warnings of a stopping worker that cannot write yet
 CANCELLED_JOB_GRACE = 5.0  # how long a stopping worker waits for its cancelled async jobs' finally blocks
 
 
@@ -5289,6 +5290,7 @@ class Worker:
         self._take_waiting()  # still in _running: given back below, and no thread may start them now
         self._async.cancel_all(grace=CANCELLED_JOB_GRACE)  # their rows too: given back below
         self._collect_outcomes(self.now())
+        warned_at: float | None = None
         while time.monotonic() < deadline:
             try:
                 if self._to_record:
@@ -5303,9 +5305,17 @@ class Worker:
                     self._claim_in_doubt = False
                     _emit(notes)
                 break
-            except DatabaseError as e:
-                logger.warning("could not write at shutdown (%s); retrying", e)
+            except DatabaseUnavailable as e:
+                if warned_at is None or time.monotonic() - warned_at >= SHUTDOWN_WARN_EVERY:
+                    warned_at = time.monotonic()
+                    logger.warning("could not write at shutdown (%s); retrying until %.0f s from now", e,
+                                   deadline - warned_at)  # fmt: skip
                 time.sleep(0.2)
+            except DatabaseError as e:  # not to be waited out
+                if not self._to_record:  # the give-back failed: its rows are rescued once their lease expires
+                    logger.error("could not give back the running jobs at shutdown: %s", e)
+                    break
+                self._record_one_by_one(e, self.now())  # the outcome that fails isolated, as a step does
         for _ in range(self.concurrency):
             self._todo.put(None)
         self._wake_up.stop()
