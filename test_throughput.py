@@ -65,6 +65,14 @@ def test_no_op_jobs_claim_up_to_the_prefetch_and_never_more() -> None:
     assert sized(concurrency=4, job_ms=1, round_trip_ms=1, limit=0) == 0
 
 
+def test_the_default_prefetch_grows_with_the_threads_on_sqlite_and_is_large_on_postgresql() -> None:
+    """32 threads of 1 ms jobs start one every 30 us: 32 on hand lasted under a millisecond, less than a step."""
+    assert [worker.default_prefetch("jobs.db", threads) for threads in (1, 4, 8, 16, 32)] == [32, 32, 32, 64, 128]
+    assert worker.default_prefetch("postgresql://db.example/jobs", 32) == worker.POSTGRES_PREFETCH
+    assert Worker("jobs.db", concurrency=16).prefetch == 64
+    assert Worker("jobs.db", concurrency=16, prefetch=8).prefetch == 8
+
+
 @pytest.mark.stores("sqlite")
 def test_jobs_that_free_a_thread_less_often_than_half_the_patience_claim_nothing_ahead() -> None:
     patience_ms = worker.PREFETCH_PATIENCE * 1000

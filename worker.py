@@ -120,9 +120,12 @@ MAX_BUSY_BACKOFF = 2.0
 LOCK_HELD_SWITCH_INTERVAL = 0.0002  # seconds: how soon the GIL comes back to a thread holding the write lock
 MAX_SNOOZES = 100  # per chain: a job that always says "not yet" ends failed, not pending for ever
 # Claiming ahead: while jobs are short, a claim takes up to DEFAULT_PREFETCH
-# jobs beyond the free slots, so that one commit records and claims a batch
-# (at concurrency 1 every job would otherwise need a commit of its own).
+# jobs beyond the free slots (PREFETCH_PER_THREAD per thread with more threads),
+# so that one commit records and claims a batch (at concurrency 1 every job
+# would otherwise need a commit of its own).  Many threads of jobs of 1 ms
+# need more than 32 on hand to last a step of the loop (bench/README.md).
 DEFAULT_PREFETCH = 32
+PREFETCH_PER_THREAD = 4
 # On PostgreSQL every step of the loop is a few round trips to the server and a
 # commit it waits for: claiming far more per step pays (bench/README.md).
 POSTGRES_PREFETCH = 512
@@ -3846,6 +3849,11 @@ class HousekeepingSchedule:
         return jumped_ms
 
 
+def default_prefetch(db: str, concurrency: int) -> int:
+    """The most jobs a worker claims ahead unless told: PostgreSQL's steps are round trips, and pay for far more."""
+    return POSTGRES_PREFETCH if is_postgres(db) else max(DEFAULT_PREFETCH, PREFETCH_PER_THREAD * concurrency)
+
+
 class ClaimAhead:
     """How many jobs a claim takes beyond the free slots: enough to keep every thread busy through a round trip.
 
@@ -4317,7 +4325,7 @@ class Worker:
         if max_deaths < 1:
             raise ConfigError("max_deaths must be at least 1")
         if prefetch is None:
-            prefetch = POSTGRES_PREFETCH if is_postgres(os.fspath(db)) else DEFAULT_PREFETCH
+            prefetch = default_prefetch(os.fspath(db), concurrency)
         if prefetch < 0:
             raise ConfigError("prefetch must be 0 or more")
         self.db = os.fspath(db)
@@ -5679,8 +5687,8 @@ ENVIRONMENT = {
     ),
     "prefetch": (
         "WORKER_PREFETCH",
-        "jobs claimed beyond the free threads while jobs run under 1 ms; 0: none "
-        f"(default {DEFAULT_PREFETCH}; {POSTGRES_PREFETCH} on PostgreSQL)",
+        "the most jobs claimed beyond the free threads, while jobs are short; 0: none (default "
+        f"{DEFAULT_PREFETCH} or {PREFETCH_PER_THREAD} a thread, whichever is more; {POSTGRES_PREFETCH} on PostgreSQL)",
     ),
     "no_cron": ("WORKER_NO_CRON", "do not create the pending rows of jobs declared with cron= (default: do)"),
     "keep_succeeded": ("WORKER_KEEP_SUCCEEDED", "seconds a succeeded row is kept before pruning (default 7 days)"),
