@@ -882,13 +882,15 @@ class Queue:
     so a job commits or rolls back together with the app's own writes.
     """
 
+    path: str | None  # the database this Queue opens connections of its own to, or None (the caller's)
+    _caller_store: Store | None
+    _local: threading.local
+
     def __init__(self, db: str | os.PathLike[str] | Any, *, check_types: bool = True) -> None:
         self.check_types = check_types
         db = _dbapi_connection(db)
         if isinstance(db, str | os.PathLike):
-            self.path: str | None = database_target(os.fspath(db))
-            self._caller_store: Store | None = None
-            self._local = threading.local()
+            self._on_own_connections(database_target(os.fspath(db)))
             self._store()  # fail now, not at the first enqueue, if the database is unusable
         else:
             self.path = None
@@ -904,8 +906,13 @@ class Queue:
         """A Queue on a database known to be usable (the worker's own), that connects at its first write, not now:
         a follow-up job only builds its row with it."""
         queue = cls.__new__(cls)
-        queue.check_types, queue.path, queue._caller_store, queue._local = True, path, None, threading.local()
+        queue.check_types = True
+        queue._on_own_connections(path)
         return queue
+
+    def _on_own_connections(self, path: str) -> None:
+        """Write to ``path`` on connections of this Queue's own, one per thread (and process), opened when needed."""
+        self.path, self._caller_store, self._local = path, None, threading.local()
 
     def _store(self) -> Store:
         """The store on this thread's own connection, or on the caller's (where its transaction is a savepoint)."""
@@ -5308,7 +5315,7 @@ class Worker:
                     self.give_back(list(self._running.values()))
                     self._running.clear()
                 if self._claim_in_doubt:  # rows running under this worker, unknown to it: no one else renews them
-                    with self.store.transaction():
+                    with self._write():
                         notes = self._give_back_unknown()
                     self._claim_in_doubt = False
                     _emit(notes)
