@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import random
@@ -1309,33 +1308,19 @@ def _node_client_ready() -> str | None:
 
 @pytest.fixture(scope="session")
 def node_client() -> Path:
-    """clients/node with better-sqlite3 12.x installed from the npm registry (npm ci, once per session).
+    """clients/node with better-sqlite3 12.x installed from the npm registry (once per session).
 
     There is no prebuilt binary to download here, so npm compiles it (a minute
-    or two): `make test` starts that first, in the background
-    (.ci/node-client.sh), and this waits for it under the same lock.
+    or two): `make test` starts .ci/node-client.sh first, in the background;
+    run again here, the script waits for that run under its lock, or installs.
     """
     if not shutil.which("node") or not shutil.which("npm"):
         pytest.skip("Node.js and npm are needed for the Node client scenario (apt-get install nodejs npm)")
-    with (NODE_CLIENT / ".install.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # `make test` may be compiling it already (.ci/node-client.sh): wait
-        return _node_client_installed()
-
-
-def _node_client_installed() -> Path:
-    """clients/node, its better-sqlite3 installed by npm ci unless it is already (holding the install lock)."""
+    installed = subprocess.run(
+        ["bash", str(HERE / ".ci" / "node-client.sh")], capture_output=True, text=True, timeout=900, check=False
+    )
+    assert installed.returncode == 0, f"npm ci in {NODE_CLIENT} failed:\n{installed.stderr[-3000:]}"
     version = _node_client_ready()
-    if version is None or not version.startswith("12."):
-        installed = subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_CLIENT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-        assert installed.returncode == 0, f"npm ci in {NODE_CLIENT} failed:\n{installed.stderr[-3000:]}"
-        version = _node_client_ready()
     assert version and version.startswith("12."), (
         f"better-sqlite3 {version} in {NODE_CLIENT}: 12.x is needed on Node 20"
     )

@@ -350,13 +350,10 @@ def test_a_jobs_enqueue_now_after_the_server_ended_its_threads_session_succeeds(
     assert len(rows(db, "type = 'child'")) == 2
 
 
-@pytest.mark.stores("postgres")
-def test_outcomes_are_kept_while_the_server_refuses_writes_as_in_a_failover_and_recorded_once_it_takes_them(
-    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str
-) -> None:
-    """A session that reaches a standby (a failover under way: the old primary, read-only now, or a replica the
-    name still points to) is refused every write for a while: as for a server out of reach, the worker keeps
-    its outcomes and backs off; it records none as unrecordable, and sets none aside."""
+def one_job_run_and_handed_over(
+    queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock
+) -> tuple[worker.Worker, worker.Job]:
+    """A worker whose step claimed the one job enqueued, whose thread ran it and handed its outcome over."""
     queue.enqueue("noop", now=at(clock))
     runner = make_worker()
     runner.start_up()
@@ -364,6 +361,17 @@ def test_outcomes_are_kept_while_the_server_refuses_writes_as_in_a_failover_and_
     claimed = runner._todo.get_nowait()
     assert claimed is not None
     runner._hand_over(runner.execute(claimed))
+    return runner, claimed
+
+
+@pytest.mark.stores("postgres")
+def test_outcomes_are_kept_while_the_server_refuses_writes_as_in_a_failover_and_recorded_once_it_takes_them(
+    noop: None, queue: Queue, make_worker: Callable[..., worker.Worker], clock: FakeClock, db: str
+) -> None:
+    """A session that reaches a standby (a failover under way: the old primary, read-only now, or a replica the
+    name still points to) is refused every write for a while: as for a server out of reach, the worker keeps
+    its outcomes and backs off; it records none as unrecordable, and sets none aside."""
+    runner, claimed = one_job_run_and_handed_over(queue, make_worker, clock)
     session = runner.store.conn  # type: ignore[attr-defined]
     session.execute("SET default_transaction_read_only = on")  # every transaction of this session refused writes
     runner._tick()
@@ -384,13 +392,7 @@ def test_a_write_that_lost_the_wal_lock_race_is_waited_out_as_busy_and_fails_no_
 ) -> None:  # fmt: skip
     """SQLITE_PROTOCOL: a transaction that lost the race for the WAL's locks dozens of times over seconds, among
     many writers, gives up as it begins, having written nothing.  It passes, as busy does."""
-    queue.enqueue("noop", now=at(clock))
-    runner = make_worker()
-    runner.start_up()
-    runner._tick()  # claims it
-    claimed = runner._todo.get_nowait()
-    assert claimed is not None
-    runner._hand_over(runner.execute(claimed))
+    runner, _ = one_job_run_and_handed_over(queue, make_worker, clock)
     begin, lost = worker.immediate, [2]  # the next two transactions lose the race
 
     def losing(conn: Any) -> Any:
